@@ -1,0 +1,119 @@
+"""The conflist entry, the pod's identity and its annotations.
+
+The runtime hands us our own conflist entry on stdin, with `cniVersion`,
+`name`, `prevResult` and `runtimeConfig` added. Our keys are validated
+strictly; keys we do not know are left alone (other tools annotate configs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InvalidConfig
+from .spec import DEFAULT_MAX_SET_ELEMENTS
+
+ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
+PLUGIN_TYPE = "cni-redirect"
+
+
+class PluginConf(BaseModel):
+    """Our conflist entry, as the admin wrote it plus what the runtime adds."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
+
+    cni_version: str = Field(alias="cniVersion")
+    name: str = ""
+    type: str = PLUGIN_TYPE
+    defaults: dict[str, str] = Field(default_factory=dict)
+    exclude_namespaces: list[str] = Field(default_factory=lambda: ["kube-system"])
+    annotation_policy: Literal["open", "restricted"] = "open"
+    allow_root_proxy_uid: bool = False
+    max_set_elements: int = Field(DEFAULT_MAX_SET_ELEMENTS, ge=1, le=1_000_000)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_file: str | None = None
+    prev_result: dict | None = Field(None, alias="prevResult")
+    runtime_config: dict = Field(default_factory=dict, alias="runtimeConfig")
+
+    @field_validator("defaults", mode="before")
+    @classmethod
+    def _stringify_defaults(cls, value: object) -> object:
+        """Accept JSON numbers and booleans for admins' convenience; the catalogue speaks strings."""
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for key, item in value.items():
+            if isinstance(item, bool):
+                out[key] = "true" if item else "false"
+            elif isinstance(item, int):
+                out[key] = str(item)
+            elif isinstance(item, str):
+                out[key] = item
+            else:
+                raise ValueError(f"defaults.{key} must be a string, got {type(item).__name__}")
+        return out
+
+    @field_validator("exclude_namespaces")
+    @classmethod
+    def _no_empty_namespace(cls, value: list[str]) -> list[str]:
+        if any(not ns for ns in value):
+            raise ValueError("must not contain an empty namespace")
+        return value
+
+    def annotations(self) -> dict[str, str]:
+        """The pod's annotations, if the runtime passed them (containerd, CRI-O do)."""
+        raw = self.runtime_config.get(ANNOTATIONS_CAPABILITY) or {}
+        if not isinstance(raw, dict):
+            raise InvalidConfig(f"runtimeConfig.{ANNOTATIONS_CAPABILITY} must be an object, got {type(raw).__name__}")
+        annotations = {}
+        for key, value in raw.items():
+            if not isinstance(value, str):
+                raise InvalidConfig(
+                    f"annotation {str(key)[:120]!r}: value must be a string, got {type(value).__name__}"
+                )
+            annotations[str(key)] = value
+        return annotations
+
+
+def parse_conf(raw: Mapping[str, object]) -> PluginConf:
+    """Validate our conflist entry; errors name the field and the value."""
+    try:
+        return PluginConf.model_validate(raw)
+    except ValidationError as exc:
+        messages = []
+        for error in exc.errors(include_url=False):
+            where = ".".join(str(part) for part in error["loc"]) or "config"
+            reason = str(error.get("ctx", {}).get("error", error["msg"]))
+            shown = repr(error.get("input"))
+            shown = shown if len(shown) <= 120 else shown[:120] + "..."
+            messages.append(f"conflist field {where}: invalid value {shown}: {reason}")
+        raise InvalidConfig(messages[0], "; ".join(messages[1:])) from None
+
+
+@dataclass(frozen=True)
+class PodRef:
+    """Who the sandbox belongs to, from CNI_ARGS; podman sends only a name."""
+
+    namespace: str | None
+    name: str | None
+    uid: str | None
+
+    def __str__(self) -> str:
+        return f"{self.namespace or '-'}/{self.name or '-'}"
+
+
+def parse_cni_args(text: str) -> dict[str, str]:
+    """Parse `K=V;K2=V2`; items without `=` are ignored, as libcni's own parser does."""
+    args = {}
+    for item in text.split(";"):
+        key, sep, value = item.partition("=")
+        if sep and key:
+            args[key.strip()] = value.strip()
+    return args
+
+
+def pod_ref(args: Mapping[str, str]) -> PodRef:
+    return PodRef(args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME"), args.get("K8S_POD_UID"))

@@ -1,0 +1,90 @@
+"""Entering a pod's network namespace safely, and leaving it again.
+
+Rules for this module, learned the hard way:
+- open the netns ourselves and check it *is* a network namespace and *is not*
+  the one we started in, before any setns: a plugin must never program the host;
+- setns through pyroute2 with an fd, so nothing can create a missing netns file;
+- return to the original netns on exit, so a long-lived caller (tests, the
+  node agent) is never left inside a pod.
+`setns` moves only the calling thread: callers stay single-threaded here.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .errors import InternalError, InvalidEnvironment
+
+NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs fd: which kind of namespace is this?
+CLONE_NEWNET = 0x40000000
+_OWN_NETNS = "/proc/thread-self/ns/net"
+
+
+class NetnsGone(InvalidEnvironment):
+    """CNI_NETNS does not exist (any more): fatal for ADD, fine for DEL."""
+
+
+class NotANetns(InvalidEnvironment):
+    """CNI_NETNS exists but is not a network namespace (e.g. an unmounted bind target)."""
+
+
+class HostNetns(InvalidEnvironment):
+    """CNI_NETNS is our own netns: refusing, we only ever program pods."""
+
+
+def open_netns(path: str) -> int:
+    """Open and vet a netns path; the caller owns the returned fd."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NetnsGone(f'CNI_NETNS "{path}" does not exist') from None
+    except OSError as exc:
+        raise InvalidEnvironment(f'CNI_NETNS "{path}" cannot be opened: {exc.strerror}') from None
+    try:
+        vet_netns_fd(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def vet_netns_fd(fd: int, label: str) -> None:
+    """Raise unless fd is a network namespace other than the caller's own."""
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EINVAL):
+            raise NotANetns(f'CNI_NETNS "{label}" is not a network namespace') from None
+        raise InvalidEnvironment(f'CNI_NETNS "{label}" cannot be inspected: {exc.strerror}') from None
+    if kind != CLONE_NEWNET:
+        raise NotANetns(f'CNI_NETNS "{label}" is a namespace, but not a network namespace')
+    target = os.fstat(fd)
+    own = os.stat(_OWN_NETNS)
+    if (target.st_dev, target.st_ino) == (own.st_dev, own.st_ino):
+        raise HostNetns(f'CNI_NETNS "{label}" is the host network namespace; refusing to touch it')
+
+
+@contextmanager
+def entered(netns_fd: int) -> Iterator[None]:
+    """Run the body inside the netns behind a vetted fd, then come back."""
+    from pyroute2.netns import setns  # heavy import: only on paths that enter a netns
+
+    home = os.open(_OWN_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            setns(netns_fd, flags=0)
+        except OSError as exc:
+            raise InternalError(f"setns into the pod network namespace failed: {exc}") from None
+        try:
+            yield
+        finally:
+            try:
+                setns(home, flags=0)
+            except OSError as exc:  # pragma: no cover - would mean the kernel took our own netns away
+                raise InternalError(f"could not return to the original network namespace: {exc}") from None
+    finally:
+        os.close(home)

@@ -1,0 +1,161 @@
+"""ADD, DEL, CHECK, STATUS and GC for the cni-redirect chained plugin.
+
+Each command reads straight down: parse the config, decide, do the one
+kernel operation through the backend, return. Everything that can be wrong
+with the input is found before the backend is called, so a failed ADD
+never leaves a partial table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from .backend import Backend, KernelBackend, normalize
+from .config import PluginConf, PodRef, parse_cni_args, parse_conf, pod_ref
+from .errors import CniError, InternalError, InvalidConfig
+from .logs import EventLog
+from .result import convert_result
+from .ruleset import FAMILY, TABLE, Ruleset, build_ruleset
+from .skel import Request
+from .spec import build_spec, is_enabled, merge_settings
+
+TABLE_NAME = f"table {FAMILY} {TABLE}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a pod gets: a ruleset, or None and the reason it is left alone."""
+
+    ruleset: Ruleset | None
+    reason: str
+
+
+def decide(conf: PluginConf, pod: PodRef, log: EventLog | None = None) -> Decision:
+    """Pure policy: from config, pod identity and annotations to a ruleset or a reason."""
+    if pod.namespace is None:
+        if log:
+            log.log("debug", "no K8S_POD_NAMESPACE in CNI_ARGS: exclude_namespaces does not apply")
+    elif pod.namespace in conf.exclude_namespaces:
+        return Decision(None, f"skipped: namespace {pod.namespace} is in exclude_namespaces")
+    settings, ignored = merge_settings(conf.defaults, conf.annotations(), conf.annotation_policy)
+    if ignored and log:
+        log.log("warning", f"annotation_policy restricted: ignored {', '.join(sorted(ignored))}")
+    if not is_enabled(settings):
+        return Decision(None, "skipped: not enabled")
+    spec = build_spec(
+        settings,
+        allow_root_proxy_uid=conf.allow_root_proxy_uid,
+        max_set_elements=conf.max_set_elements,
+    )
+    return Decision(build_ruleset(spec), "captured")
+
+
+class RedirectPlugin:
+    """The plugin's commands, over an injectable backend and log."""
+
+    def __init__(self, backend: Backend | None = None, log: EventLog | None = None) -> None:
+        self.backend: Backend = backend if backend is not None else KernelBackend()
+        self.log = log if log is not None else EventLog()
+        self._started = time.monotonic()
+        self._notes: dict[str, object] = {}
+
+    # --- commands ---
+
+    def add(self, request: Request) -> dict:
+        conf = self._conf(request)
+        if conf.prev_result is None:
+            raise InvalidConfig(
+                "prevResult is missing: cni-redirect must be called as a chained plugin, after the primary CNI plugin"
+            )
+        result = convert_result(conf.prev_result, request.cni_version)
+        pod = self._pod(request)
+        decision = decide(conf, pod, self.log)
+        if decision.ruleset is not None:
+            self.backend.apply(request.netns, decision.ruleset)
+        self._finish(request, decision.reason)
+        return result
+
+    def delete(self, request: Request) -> None:
+        try:
+            self._conf(request)
+        except InvalidConfig as error:  # a broken conflist must not block pod teardown
+            self.log.log("warning", f"DEL continues despite an invalid config: {error.msg}")
+        self._pod(request)
+        if not request.netns:
+            self._finish(request, "nothing to do: CNI_NETNS is empty")
+            return
+        removed = self.backend.remove(request.netns)
+        self._finish(request, "removed table" if removed else "nothing to do: no table")
+
+    def check(self, request: Request) -> None:
+        conf = self._conf(request)
+        if conf.prev_result is None:
+            raise InvalidConfig("prevResult is missing: CHECK needs the result of the ADD it checks")
+        decision = decide(conf, self._pod(request), self.log)
+        actual = self.backend.read(request.netns)
+        expected = None if decision.ruleset is None else normalize(decision.ruleset.objects())
+        if actual != expected:
+            raise InternalError(*_describe_drift(expected, actual, decision.reason))
+        self._finish(request, f"consistent: {decision.reason}")
+
+    def status(self, request: Request) -> None:
+        self._conf(request)
+        self.backend.status()
+        self._finish(request, "ready")
+
+    def gc(self, request: Request) -> None:
+        """Nothing to collect: every rule we make lives and dies with its pod netns."""
+        self._conf(request)
+        self._finish(request, "nothing to collect")
+
+    # --- bookkeeping ---
+
+    def _conf(self, request: Request) -> PluginConf:
+        raw = request.config
+        level, path = raw.get("log_level"), raw.get("log_file")
+        # Configure logging first, so even a config error reaches the admin's log file.
+        self.log.configure(level if isinstance(level, str) else "info", path if isinstance(path, str) else None)
+        return parse_conf(raw)
+
+    def _pod(self, request: Request) -> PodRef:
+        pod = pod_ref(parse_cni_args(request.args))
+        self._notes["pod"] = str(pod)
+        return pod
+
+    def _finish(self, request: Request, outcome: str) -> None:
+        self.log.event(
+            command=request.command,
+            container_id=request.container_id[:16],
+            pod=self._notes.get("pod"),
+            duration_ms=round((time.monotonic() - self._started) * 1000, 2),
+            outcome=outcome,
+        )
+
+    def report_failure(self, request: Request | None, error: CniError) -> None:
+        self.log.event(
+            command=request.command if request else None,
+            container_id=request.container_id[:16] if request else None,
+            pod=self._notes.get("pod"),
+            duration_ms=round((time.monotonic() - self._started) * 1000, 2),
+            outcome="error",
+            code=error.code,
+            msg=error.msg,
+        )
+
+
+def _describe_drift(expected: list[dict] | None, actual: list[dict] | None, reason: str) -> tuple[str, str]:
+    if actual is None:
+        return f"{TABLE_NAME} is missing from the pod network namespace", "the pod's annotations require it"
+    if expected is None:
+        return f"{TABLE_NAME} exists but the pod should not be captured ({reason})", ""
+    for index in range(max(len(expected), len(actual))):
+        want = expected[index] if index < len(expected) else None
+        have = actual[index] if index < len(actual) else None
+        if want != have:
+            return (
+                f"{TABLE_NAME} differs from what the pod's annotations require (object {index})",
+                f"expected {json.dumps(want)[:800]}; found {json.dumps(have)[:800]}",
+            )
+    return f"{TABLE_NAME} differs from what the pod's annotations require", ""  # pragma: no cover

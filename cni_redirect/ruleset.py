@@ -1,0 +1,405 @@
+"""The pod's nftables ruleset as data, built from a CaptureSpec by a pure function.
+
+`build_ruleset(spec)` returns a `Ruleset`; nothing here touches the kernel.
+The same value renders three ways:
+
+- `add_batch()` / `replace_batch()`: the libnftables JSON transaction we apply;
+- `objects()`: the table as `nft -j list table` prints it, minus handles, so
+  CHECK can compare the kernel's state with what the spec requires;
+- `to_text()`: an `nft -f` script, for `cni-redirect render` and the docs.
+
+Table contract (documented in the README): one `table inet cni_redirect`,
+base chains `output` (hook output) and `prerouting` (hook prerouting), both
+`type nat` at priority -100 (dstnat), every rule with a counter and a comment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Union
+
+from .spec import ALL, CaptureSpec, Network, PortRange, merge_ranges
+
+FAMILY = "inet"
+TABLE = "cni_redirect"
+NAT_PRIORITY = -100  # dstnat: the priority nat redirection belongs at
+DNS_PORT = 53
+PROXY_PASSTHROUGH_V4 = "127.0.0.6"
+PROXY_PASSTHROUGH_V6 = "::6"
+
+
+# --- values that can stand on the right of a match ---
+
+
+@dataclass(frozen=True)
+class Prefix:
+    addr: str
+    length: int
+
+
+@dataclass(frozen=True)
+class Range:
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class SetRef:
+    name: str
+
+
+@dataclass(frozen=True)
+class AnonSet:
+    items: tuple[int, ...]
+
+
+Value = Union[int, str, Prefix, Range, SetRef, AnonSet]
+
+
+@dataclass(frozen=True)
+class Selector:
+    """The left side of a match: how nft writes it and how its JSON reads."""
+
+    text: str
+    json: dict
+    quoted: bool = False  # string values are quoted in nft syntax (interface names)
+
+
+def _meta(key: str, quoted: bool = False, text: str | None = None) -> Selector:
+    return Selector(text or f"meta {key}", {"meta": {"key": key}}, quoted)
+
+
+def _payload(protocol: str, name: str) -> Selector:
+    return Selector(f"{protocol} {name}", {"payload": {"protocol": protocol, "field": name}})
+
+
+OIFNAME = _meta("oifname", quoted=True, text="oifname")
+IIFNAME = _meta("iifname", quoted=True, text="iifname")
+SKUID = _meta("skuid")
+SKGID = _meta("skgid")
+L4PROTO = _meta("l4proto")
+IP_SADDR = _payload("ip", "saddr")
+IP_DADDR = _payload("ip", "daddr")
+IP6_SADDR = _payload("ip6", "saddr")
+IP6_DADDR = _payload("ip6", "daddr")
+TCP_DPORT = _payload("tcp", "dport")
+UDP_DPORT = _payload("udp", "dport")
+
+
+@dataclass(frozen=True)
+class Match:
+    selector: Selector
+    value: Value
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class Redirect:
+    port: int
+
+
+RETURN = None  # the `return` verdict; a Redirect otherwise
+
+
+@dataclass(frozen=True)
+class Rule:
+    matches: tuple[Match, ...]
+    verdict: Redirect | None
+    comment: str
+
+
+@dataclass(frozen=True)
+class NamedSet:
+    name: str
+    type: str
+    interval: bool
+    elements: tuple[Value, ...]
+
+
+@dataclass(frozen=True)
+class Chain:
+    name: str
+    hook: str
+    rules: tuple[Rule, ...]
+    priority: int = NAT_PRIORITY
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    sets: tuple[NamedSet, ...]
+    chains: tuple[Chain, ...]
+    table: str = TABLE
+    family: str = FAMILY
+
+    # --- JSON, as libnftables takes and prints it ---
+
+    def objects(self) -> list[dict]:
+        """The table's objects in `nft -j list table` form, without handles."""
+        ident = {"family": self.family, "table": self.table}
+        objects: list[dict] = [{"table": {"family": self.family, "name": self.table}}]
+        for named in self.sets:
+            body: dict = {**ident, "name": named.name, "type": named.type}
+            if named.interval:
+                body["flags"] = ["interval"]
+            if named.elements:
+                body["elem"] = [_value_json(v) for v in named.elements]
+            objects.append({"set": body})
+        for chain in self.chains:
+            objects.append(
+                {
+                    "chain": {
+                        **ident,
+                        "name": chain.name,
+                        "type": "nat",
+                        "hook": chain.hook,
+                        "prio": chain.priority,
+                        "policy": "accept",
+                    }
+                }
+            )
+        for chain in self.chains:
+            for rule in chain.rules:
+                objects.append({"rule": {**ident, "chain": chain.name, **_rule_json(rule)}})
+        return objects
+
+    def add_batch(self) -> dict:
+        """One transaction creating the whole table; for a netns without it."""
+        return {"nftables": [{"add": obj} for obj in self.objects()]}
+
+    def replace_batch(self) -> dict:
+        """One transaction deleting and recreating the table: atomic replace."""
+        delete = {"delete": {"table": {"family": self.family, "name": self.table}}}
+        return {"nftables": [delete, *self.add_batch()["nftables"]]}
+
+    # --- nft syntax ---
+
+    def to_text(self) -> str:
+        lines = [f"table {self.family} {self.table} {{"]
+        blocks: list[list[str]] = []
+        for named in self.sets:
+            block = [f"\tset {named.name} {{", f"\t\ttype {named.type}"]
+            if named.interval:
+                block.append("\t\tflags interval")
+            if named.elements:
+                elements = ", ".join(_value_text(v, quoted=named.type == "ifname") for v in named.elements)
+                block.append(f"\t\telements = {{ {elements} }}")
+            block.append("\t}")
+            blocks.append(block)
+        for chain in self.chains:
+            block = [
+                f"\tchain {chain.name} {{",
+                f"\t\ttype nat hook {chain.hook} priority {chain.priority}; policy accept;",
+            ]
+            block += [f"\t\t{_rule_text(rule)}" for rule in chain.rules]
+            block.append("\t}")
+            blocks.append(block)
+        for index, block in enumerate(blocks):
+            if index:
+                lines.append("")
+            lines += block
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
+def _value_json(value: Value) -> object:
+    if isinstance(value, Prefix):
+        return {"prefix": {"addr": value.addr, "len": value.length}}
+    if isinstance(value, Range):
+        return {"range": [value.low, value.high]}
+    if isinstance(value, SetRef):
+        return f"@{value.name}"
+    if isinstance(value, AnonSet):
+        return {"set": list(value.items)}
+    return value
+
+
+def _value_text(value: Value, quoted: bool = False) -> str:
+    if isinstance(value, Prefix):
+        return f"{value.addr}/{value.length}"
+    if isinstance(value, Range):
+        return f"{value.low}-{value.high}"
+    if isinstance(value, SetRef):
+        return f"@{value.name}"
+    if isinstance(value, AnonSet):
+        return "{ " + ", ".join(str(item) for item in value.items) + " }"
+    if isinstance(value, str) and quoted:
+        return f'"{value}"'
+    return str(value)
+
+
+def _rule_json(rule: Rule) -> dict:
+    expr: list[dict] = [
+        {
+            "match": {
+                "op": "!=" if m.negate else "==",
+                "left": m.selector.json,
+                "right": _value_json(m.value),
+            }
+        }
+        for m in rule.matches
+    ]
+    expr.append({"counter": {"packets": 0, "bytes": 0}})
+    expr.append({"return": None} if rule.verdict is None else {"redirect": {"port": rule.verdict.port}})
+    return {"expr": expr, "comment": rule.comment}
+
+
+def _rule_text(rule: Rule) -> str:
+    parts = []
+    for m in rule.matches:
+        op = "!= " if m.negate else ""
+        parts.append(f"{m.selector.text} {op}{_value_text(m.value, m.selector.quoted)}")
+    parts.append("counter")
+    parts.append("return" if rule.verdict is None else f"redirect to :{rule.verdict.port}")
+    parts.append(f'comment "{rule.comment}"')
+    return " ".join(parts)
+
+
+# --- from spec to ruleset ---
+
+
+def _port_elements(ranges: Iterable[PortRange]) -> tuple[Value, ...]:
+    return tuple(low if low == high else Range(low, high) for low, high in ranges)
+
+
+def _network_elements(networks: Iterable[Network], version: int) -> tuple[Value, ...]:
+    elements: list[Value] = []
+    for net in networks:
+        if net.version != version:
+            continue
+        if net.prefixlen == net.max_prefixlen:
+            elements.append(str(net.network_address))
+        else:
+            elements.append(Prefix(str(net.network_address), net.prefixlen))
+    return tuple(elements)
+
+
+@dataclass
+class _Builder:
+    sets: list[NamedSet] = field(default_factory=list)
+
+    def named(self, name: str, type_: str, elements: tuple[Value, ...], interval: bool = True) -> SetRef | None:
+        """Declare a named set if it has elements; return a reference to it, or None."""
+        if not elements:
+            return None
+        self.sets.append(NamedSet(name, type_, interval, elements))
+        return SetRef(name)
+
+
+def _loopback(family: int) -> tuple[Selector, Value]:
+    if family == 4:
+        return IP_DADDR, Prefix("127.0.0.0", 8)
+    return IP6_DADDR, "::1"
+
+
+def build_ruleset(spec: CaptureSpec) -> Ruleset:
+    """Render a validated spec into the pod's table. Pure: same spec, same ruleset.
+
+    The order of rules follows docs in the README ("Rule order") and is the
+    order real sidecars rely on; the first matching rule wins.
+    """
+    b = _Builder()
+    ifaces = b.named("exclude_ifaces", "ifname", tuple(spec.exclude_interfaces), interval=False)
+    uids = b.named("exclude_uids", "uid", tuple(spec.exclude_uids), interval=False)
+    in_exclude = b.named(
+        "in_exclude_ports",
+        "inet_service",
+        _port_elements(merge_ranges([(p, p) for p in spec.proxy_ports] + list(spec.exclude_inbound_ports))),
+    )
+    in_include = (
+        None
+        if spec.include_inbound_ports == ALL
+        else b.named("in_include_ports", "inet_service", _port_elements(spec.include_inbound_ports))
+    )
+    out_exclude_ports = b.named("out_exclude_ports", "inet_service", _port_elements(spec.exclude_outbound_ports))
+    out_include_ports = (
+        None
+        if spec.include_outbound_ports == ALL
+        else b.named("out_include_ports", "inet_service", _port_elements(spec.include_outbound_ports))
+    )
+    out_exclude_v4 = b.named("out_exclude_v4", "ipv4_addr", _network_elements(spec.exclude_outbound_cidrs, 4))
+    out_exclude_v6 = b.named("out_exclude_v6", "ipv6_addr", _network_elements(spec.exclude_outbound_cidrs, 6))
+    include_cidrs = spec.include_outbound_cidrs
+    out_include_v4 = (
+        None if include_cidrs == ALL else b.named("out_include_v4", "ipv4_addr", _network_elements(include_cidrs, 4))
+    )
+    out_include_v6 = (
+        None if include_cidrs == ALL else b.named("out_include_v6", "ipv6_addr", _network_elements(include_cidrs, 6))
+    )
+
+    owners = [(SKUID, spec.proxy_uid, "proxy uid")]
+    if spec.proxy_gid is not None:
+        owners.append((SKGID, spec.proxy_gid, "proxy gid"))
+
+    out: list[Rule] = []
+    if ifaces:
+        out.append(Rule((Match(OIFNAME, ifaces),), RETURN, "excluded interface"))
+    out.append(Rule((Match(OIFNAME, "lo"), Match(IP_SADDR, PROXY_PASSTHROUGH_V4)), RETURN, "proxy inbound passthrough"))
+    out.append(
+        Rule((Match(OIFNAME, "lo"), Match(IP6_SADDR, PROXY_PASSTHROUGH_V6)), RETURN, "proxy inbound passthrough")
+    )
+    if spec.captures_inbound:
+        for selector, owner, label in owners:
+            for family in (4, 6):
+                daddr, loopback = _loopback(family)
+                matches = [
+                    Match(OIFNAME, "lo"),
+                    Match(daddr, loopback, negate=True),
+                    Match(selector, owner),
+                    Match(TCP_DPORT, DNS_PORT, negate=True),
+                    Match(TCP_DPORT, in_exclude, negate=True),
+                ]
+                if in_include:
+                    matches.append(Match(TCP_DPORT, in_include))
+                out.append(Rule(tuple(matches), Redirect(spec.inbound_port), f"pod to own ip via {label}: inbound"))
+    out.append(Rule((Match(OIFNAME, "lo"),), RETURN, "loopback interface"))
+    for selector, owner, label in owners:
+        out.append(Rule((Match(selector, owner),), RETURN, label))
+    if uids:
+        out.append(Rule((Match(SKUID, uids),), RETURN, "excluded uids"))
+    if spec.capture_dns:
+        out.append(Rule((Match(UDP_DPORT, DNS_PORT),), Redirect(spec.dns_port), "dns udp"))
+        out.append(Rule((Match(TCP_DPORT, DNS_PORT),), Redirect(spec.dns_port), "dns tcp"))
+    for family in (4, 6):
+        daddr, loopback = _loopback(family)
+        out.append(Rule((Match(daddr, loopback),), RETURN, "loopback destination"))
+    if out_exclude_v4:
+        out.append(Rule((Match(IP_DADDR, out_exclude_v4),), RETURN, "excluded ipv4 cidrs"))
+    if out_exclude_v6:
+        out.append(Rule((Match(IP6_DADDR, out_exclude_v6),), RETURN, "excluded ipv6 cidrs"))
+    if out_exclude_ports:
+        out.append(Rule((Match(TCP_DPORT, out_exclude_ports),), RETURN, "excluded outbound ports"))
+    out += _outbound_capture(spec, include_cidrs == ALL, out_include_v4, out_include_v6, out_include_ports)
+
+    chains = [Chain("output", "output", tuple(out))]
+    if spec.captures_inbound:
+        inbound: list[Rule] = []
+        if ifaces:
+            inbound.append(Rule((Match(IIFNAME, ifaces),), RETURN, "excluded interface"))
+        inbound.append(Rule((Match(TCP_DPORT, in_exclude),), RETURN, "proxy and excluded inbound ports"))
+        port_match = Match(TCP_DPORT, in_include) if in_include else Match(L4PROTO, "tcp")
+        inbound.append(Rule((port_match,), Redirect(spec.inbound_port), "capture inbound"))
+        chains.insert(0, Chain("prerouting", "prerouting", tuple(inbound)))
+    return Ruleset(tuple(b.sets), tuple(chains))
+
+
+def _outbound_capture(
+    spec: CaptureSpec,
+    all_cidrs: bool,
+    include_v4: SetRef | None,
+    include_v6: SetRef | None,
+    include_ports: SetRef | None,
+) -> list[Rule]:
+    """The final redirect rules: only TCP, only included ports and CIDRs."""
+    if spec.include_outbound_ports != ALL and include_ports is None:
+        return []  # include list is empty: no outbound capture
+    port_match = Match(TCP_DPORT, include_ports) if include_ports else Match(L4PROTO, "tcp")
+    redirect = Redirect(spec.outbound_port)
+    if all_cidrs:
+        return [Rule((port_match,), redirect, "capture outbound")]
+    rules = []
+    if include_v4:
+        rules.append(Rule((Match(IP_DADDR, include_v4), port_match), redirect, "capture outbound ipv4"))
+    if include_v6:
+        rules.append(Rule((Match(IP6_DADDR, include_v6), port_match), redirect, "capture outbound ipv6"))
+    return rules

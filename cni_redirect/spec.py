@@ -1,0 +1,360 @@
+"""The annotation catalogue and the validated capture spec.
+
+Every setting arrives as a string, from a pod annotation
+(`cni-redirect.io/<key>`) or from the conflist entry's `defaults` block
+(`<key>`), and the annotation wins. `merge_settings` decides which value
+applies and remembers where it came from, so that `build_spec` can name the
+exact annotation or conflist field in every error message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
+
+from .errors import InvalidConfig
+
+ANNOTATION_PREFIX = "cni-redirect.io/"
+ALL: Literal["*"] = "*"
+
+#: Every key, with the built-in default used when neither the pod nor the
+#: conflist sets it. Values are strings, exactly as an annotation would be.
+CATALOGUE: dict[str, str] = {
+    "enabled": "false",
+    "proxy-uid": "1337",
+    "proxy-gid": "",
+    "exclude-uids": "",
+    "outbound-port": "15001",
+    "inbound-port": "15006",
+    "include-outbound-ports": "*",
+    "exclude-outbound-ports": "",
+    "include-outbound-cidrs": "*",
+    "exclude-outbound-cidrs": "",
+    "include-inbound-ports": "*",
+    "exclude-inbound-ports": "",
+    "exclude-interfaces": "",
+    "capture-dns": "false",
+    "dns-port": "15053",
+}
+
+#: Keys a pod may not set for itself under `annotation_policy: restricted`:
+#: each one widens what escapes capture.
+RESTRICTED_KEYS = frozenset(key for key in CATALOGUE if key.startswith("exclude-"))
+
+DEFAULT_MAX_SET_ELEMENTS = 16384
+MAX_UID = 4294967294  # (uid_t)-1 means "no change" to the kernel, never a real UID
+_MAX_SHOWN = 120  # characters of an offending value echoed back in a message
+
+PortRange = tuple[int, int]
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One effective value and a human name for where it came from."""
+
+    value: str
+    source: str
+
+
+def annotation_name(key: str) -> str:
+    return f"annotation {ANNOTATION_PREFIX}{key}"
+
+
+def default_name(key: str) -> str:
+    return f"conflist defaults.{key}"
+
+
+def merge_settings(
+    defaults: Mapping[str, str],
+    annotations: Mapping[str, str],
+    policy: Literal["open", "restricted"] = "open",
+) -> tuple[dict[str, Setting], list[str]]:
+    """Overlay annotations on conflist defaults on the built-in catalogue.
+
+    Returns the settings and the annotation keys ignored by a restricted
+    policy (for the log). Unknown keys in either source are an error.
+    """
+    settings = {key: Setting(value, "built-in default") for key, value in CATALOGUE.items()}
+    for key, value in defaults.items():
+        if key not in CATALOGUE:
+            raise InvalidConfig(
+                f"{default_name(key)}: unknown key {_show(key)}",
+                f"known keys: {', '.join(CATALOGUE)}",
+            )
+        settings[key] = Setting(value, default_name(key))
+    ignored: list[str] = []
+    for name, value in annotations.items():
+        if not name.startswith(ANNOTATION_PREFIX):
+            continue
+        key = name[len(ANNOTATION_PREFIX) :]
+        if key not in CATALOGUE:
+            raise InvalidConfig(
+                f"annotation {_show(name)}: unknown cni-redirect annotation",
+                f"known keys: {', '.join(ANNOTATION_PREFIX + k for k in CATALOGUE)}",
+            )
+        if policy == "restricted" and key in RESTRICTED_KEYS:
+            ignored.append(name)
+            continue
+        settings[key] = Setting(value, annotation_name(key))
+    return settings, ignored
+
+
+def is_enabled(settings: Mapping[str, Setting]) -> bool:
+    """The opt-in decision alone, so pods that did not opt in cost nothing more."""
+    setting = settings["enabled"]
+    try:
+        return _parse_bool(setting.value)
+    except ValueError as exc:
+        raise InvalidConfig(f"{setting.source}: invalid value {_show(setting.value)}: {exc}") from None
+
+
+# --- value parsers: strings in, canonical values out, ValueError on bad input ---
+
+_INT = re.compile(r"[0-9]{1,10}")
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,14}")
+
+
+def _show(value: str) -> str:
+    """Quote a value for a message, cut short so hostile input cannot flood logs."""
+    text = value if len(value) <= _MAX_SHOWN else value[:_MAX_SHOWN] + "..."
+    return '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
+
+
+def _items(value: str) -> list[str]:
+    """Split a comma list; an empty string is an empty list, an empty item is an error."""
+    text = value.strip()
+    if not text:
+        return []
+    items = [item.strip() for item in text.split(",")]
+    if "" in items:
+        raise ValueError("empty item in comma list")
+    return items
+
+
+def _parse_bool(value: str) -> bool:
+    text = value.strip().lower()
+    if text == "true":
+        return True
+    if text == "false":
+        return False
+    raise ValueError('must be "true" or "false"')
+
+
+def _parse_int(text: str, what: str, low: int, high: int) -> int:
+    if not _INT.fullmatch(text):
+        raise ValueError(f"{_show(text)} is not {what} ({low}-{high})")
+    number = int(text)
+    if not low <= number <= high:
+        raise ValueError(f"{number} is out of range for {what} ({low}-{high})")
+    return number
+
+
+def _parse_port(value: str) -> int:
+    return _parse_int(value.strip(), "a port", 1, 65535)
+
+
+def _parse_uid(value: str) -> int:
+    return _parse_int(value.strip(), "a UID", 0, MAX_UID)
+
+
+def _parse_optional_gid(value: str) -> int | None:
+    text = value.strip()
+    return None if not text else _parse_int(text, "a GID", 0, MAX_UID)
+
+
+def _parse_uid_list(value: str) -> tuple[int, ...]:
+    return tuple(sorted({_parse_int(item, "a UID", 0, MAX_UID) for item in _items(value)}))
+
+
+def merge_ranges(ranges: Iterable[PortRange]) -> tuple[PortRange, ...]:
+    """Sort and merge overlapping or adjacent ranges: nft interval sets reject overlaps."""
+    merged: list[PortRange] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return tuple(merged)
+
+
+def _parse_port_ranges(value: str) -> tuple[PortRange, ...]:
+    ranges = []
+    for item in _items(value):
+        low_text, dash, high_text = item.partition("-")
+        try:
+            low = _parse_int(low_text.strip(), "a port", 1, 65535)
+            high = _parse_int(high_text.strip(), "a port", 1, 65535) if dash else low
+        except ValueError:
+            raise ValueError(f"{_show(item)} is not a port or port range (1-65535 or LOW-HIGH)") from None
+        if low > high:
+            raise ValueError(f"{_show(item)} is an empty range: {low} > {high}")
+        ranges.append((low, high))
+    return merge_ranges(ranges)
+
+
+def _parse_networks(value: str) -> tuple[Network, ...]:
+    networks: list[Network] = []
+    for item in _items(value):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{_show(item)} is not an IPv4 or IPv6 address or CIDR") from None
+    v4 = ipaddress.collapse_addresses(n for n in networks if n.version == 4)
+    v6 = ipaddress.collapse_addresses(n for n in networks if n.version == 6)
+    return (*v4, *v6)
+
+
+def _parse_interfaces(value: str) -> tuple[str, ...]:
+    names = set()
+    for item in _items(value):
+        if not _IFNAME.fullmatch(item) or item in (".", ".."):
+            raise ValueError(
+                f"{_show(item)} is not an interface name (1-15 of A-Z a-z 0-9 _ . @ + -, not starting with a symbol)"
+            )
+        names.add(item)
+    return tuple(sorted(names))
+
+
+def _selection(parse):
+    """Wrap a list parser so that a lone `*` means "everything"."""
+
+    def parse_selection(value: str):
+        if value.strip() == ALL:
+            return ALL
+        if ALL in _items(value):
+            raise ValueError('"*" cannot be combined with other items')
+        return parse(value)
+
+    return parse_selection
+
+
+def _no_wildcard(parse):
+    def parse_exclusion(value: str):
+        if ALL in _items(value):
+            raise ValueError('"*" is only accepted by include-* keys')
+        return parse(value)
+
+    return parse_exclusion
+
+
+def _strings_only(parse):
+    """Reject non-string input before parsing, so a JSON number in the wrong place is named."""
+
+    def parse_string(value: object):
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, got {type(value).__name__}")
+        return parse(value)
+
+    return parse_string
+
+
+Bool = Annotated[bool, BeforeValidator(_strings_only(_parse_bool))]
+Port = Annotated[int, BeforeValidator(_strings_only(_parse_port))]
+Uid = Annotated[int, BeforeValidator(_strings_only(_parse_uid))]
+OptionalGid = Annotated[Union[int, None], BeforeValidator(_strings_only(_parse_optional_gid))]
+UidList = Annotated[tuple[int, ...], BeforeValidator(_strings_only(_parse_uid_list))]
+PortList = Annotated[tuple[PortRange, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_port_ranges)))]
+PortSelection = Annotated[
+    Union[Literal["*"], tuple[PortRange, ...]], BeforeValidator(_strings_only(_selection(_parse_port_ranges)))
+]
+NetworkList = Annotated[tuple[Network, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_networks)))]
+NetworkSelection = Annotated[
+    Union[Literal["*"], tuple[Network, ...]], BeforeValidator(_strings_only(_selection(_parse_networks)))
+]
+InterfaceList = Annotated[tuple[str, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_interfaces)))]
+
+
+class CaptureSpec(BaseModel):
+    """What one pod's capture must do, fully validated and canonical.
+
+    Lists are sorted, de-duplicated and merged, so equal inputs give equal
+    specs and the rendered ruleset is stable.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    enabled: Bool
+    proxy_uid: Uid
+    proxy_gid: OptionalGid = None
+    exclude_uids: UidList = ()
+    outbound_port: Port = 15001
+    inbound_port: Port = 15006
+    include_outbound_ports: PortSelection = ALL
+    exclude_outbound_ports: PortList = ()
+    include_outbound_cidrs: NetworkSelection = ALL
+    exclude_outbound_cidrs: NetworkList = ()
+    include_inbound_ports: PortSelection = ALL
+    exclude_inbound_ports: PortList = ()
+    exclude_interfaces: InterfaceList = ()
+    capture_dns: Bool = False
+    dns_port: Port = 15053
+
+    @field_validator("proxy_uid", "proxy_gid", "exclude_uids")
+    @classmethod
+    def _root_needs_consent(cls, value, info: ValidationInfo):
+        ids = value if isinstance(value, tuple) else (value,)
+        if 0 in ids and not (info.context or {}).get("allow_root_proxy_uid", False):
+            raise ValueError(
+                "0 (root) would exempt every root process from capture; "
+                "set allow_root_proxy_uid: true in the conflist entry to allow it"
+            )
+        return value
+
+    @field_validator(
+        "exclude_uids",
+        "include_outbound_ports",
+        "exclude_outbound_ports",
+        "include_outbound_cidrs",
+        "exclude_outbound_cidrs",
+        "include_inbound_ports",
+        "exclude_inbound_ports",
+        "exclude_interfaces",
+    )
+    @classmethod
+    def _bounded(cls, value, info: ValidationInfo):
+        limit = (info.context or {}).get("max_set_elements", DEFAULT_MAX_SET_ELEMENTS)
+        if value != ALL and len(value) > limit:
+            raise ValueError(f"{len(value)} entries after merging exceed the limit of {limit} (max_set_elements)")
+        return value
+
+    @property
+    def captures_inbound(self) -> bool:
+        return self.include_inbound_ports == ALL or bool(self.include_inbound_ports)
+
+    @property
+    def proxy_ports(self) -> tuple[int, ...]:
+        return tuple(sorted({self.inbound_port, self.outbound_port, self.dns_port}))
+
+
+_FIELD_TO_KEY = {name: name.replace("_", "-") for name in CaptureSpec.model_fields}
+
+
+def build_spec(
+    settings: Mapping[str, Setting],
+    *,
+    allow_root_proxy_uid: bool = False,
+    max_set_elements: int = DEFAULT_MAX_SET_ELEMENTS,
+) -> CaptureSpec:
+    """Validate merged settings into a CaptureSpec; errors name the source and value."""
+    data = {key.replace("-", "_"): setting.value for key, setting in settings.items()}
+    context = {"allow_root_proxy_uid": allow_root_proxy_uid, "max_set_elements": max_set_elements}
+    try:
+        return CaptureSpec.model_validate(data, context=context)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            field = str(error["loc"][0]) if error["loc"] else ""
+            key = _FIELD_TO_KEY.get(field, field)
+            setting = settings.get(key)
+            reason = str(error.get("ctx", {}).get("error", error["msg"]))
+            if setting is None:
+                problems.append(f"{key}: {reason}")
+            else:
+                problems.append(f"{setting.source}: invalid value {_show(str(setting.value))}: {reason}")
+        raise InvalidConfig(problems[0], "; ".join(problems[1:])) from None

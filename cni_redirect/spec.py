@@ -84,7 +84,7 @@ def merge_settings(
     for key, value in defaults.items():
         if key not in CATALOGUE:
             raise InvalidConfig(
-                f"{default_name(key)}: unknown key {_show(key)}",
+                f"conflist defaults: unknown key {_show(key)}",
                 f"known keys: {', '.join(CATALOGUE)}",
             )
         settings[key] = Setting(value, default_name(key))

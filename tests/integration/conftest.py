@@ -1,0 +1,44 @@
+"""The real tier: root, network namespaces, the kernel's nftables. Missing any of them is a failure, never a skip."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from tests.support import PLUGIN, PodNetwork, Processes, host_ruleset
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_kernel_required():
+    assert os.geteuid() == 0, "the integration tier must run as root (network namespaces, nftables)"
+    for tool in ("ip", "nft"):
+        assert shutil.which(tool), f"'{tool}' is missing: run scripts/setup.sh (apt packages iproute2, nftables)"
+    assert PLUGIN.exists(), f"{PLUGIN} is missing: run scripts/setup.sh"
+    import nftables  # noqa: F401  - the bindings must import, or nothing below is real
+
+    before = host_ruleset()
+    yield
+    assert host_ruleset() == before, "the host ruleset changed during the integration tier"
+
+
+@pytest.fixture
+def host_unchanged():
+    before = host_ruleset()
+    yield
+    assert host_ruleset() == before, "the host ruleset changed"
+
+
+@pytest.fixture
+def net(host_unchanged):
+    network = PodNetwork.create()
+    yield network
+    network.delete()
+
+
+@pytest.fixture
+def procs():
+    processes = Processes()
+    yield processes
+    processes.stop()

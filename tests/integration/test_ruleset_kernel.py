@@ -1,0 +1,67 @@
+"""The kernel accepts every golden ruleset, and the preview text means exactly what the JSON batch does."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cni_redirect.backend import KernelBackend, normalize
+from tests.cases import CASES, GOLDEN_DIR
+from tests.support import Netns, sh
+from tests.test_ruleset import render
+
+
+@pytest.fixture
+def pod(host_unchanged):
+    ns = Netns.create("pod")
+    yield ns
+    ns.delete()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_json_and_text_program_the_same_table(pod, case):
+    ruleset = render(case)
+    backend = KernelBackend()
+    backend.apply(pod.path, ruleset)
+    from_json = backend.read(pod.path)
+    assert from_json == normalize(ruleset.objects())
+
+    backend.remove(pod.path)
+    assert backend.read(pod.path) is None
+    pod.run("nft", "-f", str(GOLDEN_DIR / f"{case}.nft"))
+    assert backend.read(pod.path) == from_json
+
+
+def test_applying_twice_is_identical_and_remove_leaves_nothing(pod):
+    ruleset = render("exclude-everything")
+    backend = KernelBackend()
+    backend.apply(pod.path, ruleset)
+    once = pod.ruleset()
+    backend.apply(pod.path, ruleset)
+    assert pod.ruleset() == once
+    assert backend.remove(pod.path) is True
+    assert pod.ruleset() == ""
+    assert backend.remove(pod.path) is False
+
+
+def test_backend_returns_to_the_callers_netns(pod):
+    before = os.stat("/proc/thread-self/ns/net").st_ino
+    KernelBackend().apply(pod.path, render("defaults"))
+    assert os.stat("/proc/thread-self/ns/net").st_ino == before
+
+
+def test_large_sets_apply_in_one_transaction(pod):
+    from cni_redirect.ruleset import build_ruleset
+    from cni_redirect.spec import build_spec, merge_settings
+
+    cidrs = ",".join(f"10.{i // 256}.{i % 256}.0/24" for i in range(0, 20000, 2))
+    ports = ",".join(str(p) for p in range(20000, 40000, 2))
+    settings, _ = merge_settings(
+        {"enabled": "true"},
+        {"cni-redirect.io/exclude-outbound-cidrs": cidrs, "cni-redirect.io/exclude-outbound-ports": ports},
+    )
+    ruleset = build_ruleset(build_spec(settings))
+    KernelBackend().apply(pod.path, ruleset)
+    listing = sh("ip", "netns", "exec", pod.name, "nft", "-j", "list", "set", "inet", "cni_redirect", "out_exclude_v4")
+    assert listing.stdout.count('"prefix"') == 10000

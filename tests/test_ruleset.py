@@ -1,0 +1,100 @@
+"""Golden files of the rendered ruleset (no root needed) and properties of the builder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from cni_redirect.config import PodRef, parse_conf
+from cni_redirect.plugin import decide
+from cni_redirect.ruleset import Ruleset, build_ruleset
+from cni_redirect.spec import build_spec, merge_settings
+from tests.cases import CASE_CONF, CASES, GOLDEN_DIR, annotations
+from tests.support import plugin_conf
+
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+
+
+def render(case: str) -> Ruleset:
+    conf = parse_conf(plugin_conf(annotations(case), **CASE_CONF.get(case, {})))
+    decision = decide(conf, PodRef("default", "p", None))
+    assert decision.ruleset is not None, decision.reason
+    return decision.ruleset
+
+
+def _golden(path, actual: str) -> None:
+    if UPDATE:
+        path.write_text(actual)
+    assert path.exists(), f"{path} is missing: run with UPDATE_GOLDEN=1 and review the diff"
+    assert actual == path.read_text(), f"{path.name} changed; if intended, UPDATE_GOLDEN=1 and review the diff"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rendered_text_matches_golden(case):
+    _golden(GOLDEN_DIR / f"{case}.nft", render(case).to_text())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_json_batch_matches_golden(case):
+    _golden(GOLDEN_DIR / f"{case}.json", json.dumps(render(case).add_batch(), indent=1) + "\n")
+
+
+def test_no_golden_file_is_orphaned():
+    names = {p.stem for p in GOLDEN_DIR.iterdir()}
+    assert names == set(CASES)
+
+
+def test_build_is_pure_and_order_independent():
+    key = "cni-redirect.io/exclude-outbound-ports"
+    a = merge_settings({}, {"cni-redirect.io/enabled": "true", key: "443,80"})[0]
+    b = merge_settings({}, {key: "80,443,80", "cni-redirect.io/enabled": "true"})[0]
+    assert build_ruleset(build_spec(a)) == build_ruleset(build_spec(b))
+
+
+def test_every_rule_has_a_counter_and_a_comment():
+    for case in CASES:
+        for obj in render(case).objects():
+            if "rule" in obj:
+                exprs = obj["rule"]["expr"]
+                assert any("counter" in e for e in exprs), (case, obj)
+                assert obj["rule"]["comment"], (case, obj)
+
+
+def test_replace_batch_deletes_then_adds_in_one_transaction():
+    batch = render("defaults").replace_batch()["nftables"]
+    assert batch[0] == {"delete": {"table": {"family": "inet", "name": "cni_redirect"}}}
+    assert batch[1] == {"add": {"table": {"family": "inet", "name": "cni_redirect"}}}
+    assert all("add" in cmd for cmd in batch[1:])
+
+
+def test_chains_are_nat_dstnat_base_chains():
+    chains = [o["chain"] for o in render("defaults").objects() if "chain" in o]
+    assert {(c["name"], c["hook"], c["type"], c["prio"]) for c in chains} == {
+        ("prerouting", "prerouting", "nat", -100),
+        ("output", "output", "nat", -100),
+    }
+
+
+def test_no_inbound_capture_means_no_prerouting_chain():
+    names = [o["chain"]["name"] for o in render("no-inbound").objects() if "chain" in o]
+    assert names == ["output"]
+
+
+def test_no_outbound_capture_means_no_outbound_redirect_to_outbound_port():
+    text = render("no-outbound").to_text()
+    assert "redirect to :15001" not in text
+    assert "redirect to :15006" in text  # inbound capture is independent
+
+
+def test_large_sets_render_as_one_set_each():
+    cidrs = ",".join(f"10.{i // 256}.{i % 256}.0/24" for i in range(0, 10000, 2))
+    settings = merge_settings({}, {"cni-redirect.io/enabled": "true", "cni-redirect.io/exclude-outbound-cidrs": cidrs})
+    ruleset = build_ruleset(build_spec(settings[0]))
+    (v4,) = [s for s in ruleset.sets if s.name == "out_exclude_v4"]
+    assert len(v4.elements) == 5000
+    assert (
+        sum(1 for o in ruleset.objects() if "rule" in o)
+        == sum(1 for o in render("defaults").objects() if "rule" in o) + 1
+    )

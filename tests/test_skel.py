@@ -1,0 +1,176 @@
+"""The dispatcher, driven with injected env, stdin and stdout over every CNI version."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from cni_redirect.backend import MemoryBackend
+from cni_redirect.logs import EventLog
+from cni_redirect.plugin import RedirectPlugin
+from cni_redirect.result import SUPPORTED_VERSIONS
+from cni_redirect.skel import dispatch
+from tests.support import enabled, plugin_conf
+
+NETNS = "/run/netns/fake"
+
+
+def call(command, conf, backend=None, **env_overrides):
+    env = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": "abc",
+        "CNI_NETNS": NETNS,
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": "/opt/cni/bin",
+        "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web",
+    }
+    env.update(env_overrides)
+    env = {k: v for k, v in env.items() if v is not None}
+    stdout, stderr = io.StringIO(), io.StringIO()
+    backend = backend or MemoryBackend()
+    stdin = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
+    plugin = RedirectPlugin(backend, EventLog(stderr))
+    rc = dispatch(plugin, env, stdin, stdout, stderr)
+    out = stdout.getvalue()
+    return rc, (json.loads(out) if out else None), backend, stderr.getvalue()
+
+
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_add_passes_prev_result_through_in_requested_version(version):
+    rc, out, backend, _ = call("ADD", plugin_conf(enabled(), version=version))
+    assert rc == 0
+    assert out["cniVersion"] == version and out["interfaces"][0]["name"] == "eth0"
+    assert backend.calls == [("apply", NETNS)]
+
+
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_not_opted_in_returns_fast_without_touching_the_kernel(version):
+    rc, out, backend, _ = call("ADD", plugin_conf({"unrelated": "x"}, version=version))
+    assert rc == 0 and out["cniVersion"] == version
+    assert backend.calls == []
+
+
+def test_excluded_namespace_is_left_alone_even_when_annotated():
+    rc, _, backend, err = call("ADD", plugin_conf(enabled()), CNI_ARGS="K8S_POD_NAMESPACE=kube-system")
+    assert rc == 0 and backend.calls == []
+    assert "exclude_namespaces" in err
+
+
+def test_excluded_namespace_skips_even_invalid_annotations():
+    rc, _, backend, _ = call("ADD", plugin_conf(enabled(proxy_uid="x")), CNI_ARGS="K8S_POD_NAMESPACE=kube-system")
+    assert rc == 0 and backend.calls == []
+
+
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_error_object_shape_and_version(version):
+    rc, out, backend, _ = call("ADD", plugin_conf(enabled(proxy_uid="x"), version=version))
+    assert rc == 1
+    assert set(out) == {"cniVersion", "code", "msg", "details"}
+    assert out["cniVersion"] == version and out["code"] == 7
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize(
+    ("stdin", "code"),
+    [
+        (b"{not json", 6),
+        (b"[1,2]", 6),
+        (b"", 6),
+        (b'{"type":"cni-redirect"}', 1),
+        (b'{"cniVersion":"0.2.0"}', 1),
+        (b'{"cniVersion":"9.9.9"}', 1),
+    ],
+)
+def test_undecodable_or_unsupported_config(stdin, code):
+    rc, out, _, _ = call("ADD", stdin)
+    assert rc == 1 and out["code"] == code
+    assert out["cniVersion"] == "1.1.0"
+
+
+@pytest.mark.parametrize(
+    ("command", "missing"),
+    [("ADD", "CNI_NETNS"), ("ADD", "CNI_CONTAINERID"), ("CHECK", "CNI_IFNAME"), ("DEL", "CNI_CONTAINERID")],
+)
+def test_required_env_per_command(command, missing):
+    rc, out, _, _ = call(command, plugin_conf(enabled()), **{missing: None})
+    assert rc == 1 and out["code"] == 4 and missing in out["msg"]
+
+
+def test_del_does_not_need_netns_or_prev_result():
+    rc, out, backend, _ = call("DEL", plugin_conf(enabled(), prev=False), CNI_NETNS=None)
+    assert (rc, out, backend.calls) == (0, None, [])
+
+
+def test_del_tolerates_a_broken_config_and_still_cleans_up():
+    backend = MemoryBackend()
+    call("ADD", plugin_conf(enabled()), backend)
+    rc, out, backend, err = call("DEL", plugin_conf(enabled(), log_level="loud"), backend)
+    assert (rc, out) == (0, None)
+    assert backend.tables == {} and "DEL continues" in err
+
+
+def test_unknown_command():
+    rc, out, _, _ = call("FROB", plugin_conf())
+    assert rc == 1 and out["code"] == 4 and "FROB" in out["msg"]
+
+
+@pytest.mark.parametrize("stdin", [b"", b"garbage", b'{"cniVersion":"0.4.0"}'])
+def test_version_answers_with_any_input(stdin):
+    rc, out, _, _ = call("VERSION", stdin, CNI_CONTAINERID="dummy", CNI_NETNS="dummy")
+    assert rc == 0 and out["supportedVersions"] == list(SUPPORTED_VERSIONS)
+
+
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_check_exists_from_0_4_0(version):
+    backend = MemoryBackend()
+    call("ADD", plugin_conf(enabled(), version=version), backend)
+    rc, out, _, _ = call("CHECK", plugin_conf(enabled(), version=version), backend)
+    if version in ("0.3.0", "0.3.1"):
+        assert rc == 1 and out["code"] == 1
+    else:
+        assert (rc, out) == (0, None)
+
+
+@pytest.mark.parametrize("command", ["STATUS", "GC"])
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_status_and_gc_exist_from_1_1_0(command, version):
+    rc, out, _, _ = call(command, plugin_conf(version=version, prev=False))
+    if version == "1.1.0":
+        assert (rc, out) == (0, None)
+    else:
+        assert rc == 1 and out["code"] == 1
+
+
+def test_status_reports_unavailable_backend():
+    from cni_redirect.errors import NotAvailable
+
+    class Broken(MemoryBackend):
+        def status(self):
+            raise NotAvailable("libnftables cannot be loaded: nope")
+
+    rc, out, _, _ = call("STATUS", plugin_conf(version="1.1.0", prev=False), Broken())
+    assert rc == 1 and out["code"] == 50 and "libnftables" in out["msg"]
+
+
+def test_unexpected_exception_becomes_code_999_with_traceback_on_stderr():
+    class Exploding(MemoryBackend):
+        def apply(self, netns, ruleset):
+            raise RuntimeError("boom")
+
+    rc, out, _, err = call("ADD", plugin_conf(enabled()), Exploding())
+    assert rc == 1 and out["code"] == 999 and "boom" in out["msg"]
+    assert "Traceback" in err
+
+
+def test_stdout_carries_only_the_result():
+    stdout = io.StringIO()
+    dispatch(
+        RedirectPlugin(MemoryBackend(), EventLog(io.StringIO(), level="debug")),
+        {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "a", "CNI_NETNS": NETNS, "CNI_IFNAME": "eth0"},
+        json.dumps(plugin_conf(enabled())).encode(),
+        stdout,
+        io.StringIO(),
+    )
+    json.loads(stdout.getvalue())  # exactly one JSON document, nothing else

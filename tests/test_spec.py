@@ -1,0 +1,187 @@
+"""Annotation and default parsing: values, merging, and every error message."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from cni_redirect.errors import InvalidConfig
+from cni_redirect.spec import ALL, CATALOGUE, build_spec, is_enabled, merge_settings
+
+P = "cni-redirect.io/"
+
+
+def spec_of(annotations=None, defaults=None, **kwargs):
+    settings, _ = merge_settings(defaults or {"enabled": "true"}, {P + k: v for k, v in (annotations or {}).items()})
+    return build_spec(settings, **kwargs)
+
+
+def error_of(annotations=None, defaults=None, **kwargs) -> InvalidConfig:
+    with pytest.raises(InvalidConfig) as info:
+        spec_of(annotations, defaults, **kwargs)
+    assert info.value.code == 7
+    return info.value
+
+
+def test_builtin_defaults():
+    spec = spec_of()
+    assert spec.proxy_uid == 1337 and spec.proxy_gid is None
+    assert (spec.outbound_port, spec.inbound_port, spec.dns_port) == (15001, 15006, 15053)
+    assert spec.include_outbound_ports == ALL and spec.include_outbound_cidrs == ALL
+    assert spec.include_inbound_ports == ALL and spec.captures_inbound
+    assert spec.capture_dns is False and spec.exclude_uids == ()
+
+
+def test_catalogue_is_exactly_the_documented_keys():
+    assert set(CATALOGUE) == {
+        "enabled", "proxy-uid", "proxy-gid", "exclude-uids", "outbound-port", "inbound-port",
+        "include-outbound-ports", "exclude-outbound-ports", "include-outbound-cidrs", "exclude-outbound-cidrs",
+        "include-inbound-ports", "exclude-inbound-ports", "exclude-interfaces", "capture-dns", "dns-port",
+    }  # fmt: skip
+
+
+def test_annotation_beats_conflist_default_beats_builtin():
+    settings, _ = merge_settings({"proxy-uid": "2000", "dns-port": "5353"}, {P + "proxy-uid": "3000"})
+    assert settings["proxy-uid"].value == "3000" and settings["proxy-uid"].source == f"annotation {P}proxy-uid"
+    assert settings["dns-port"].source == "conflist defaults.dns-port"
+    assert settings["inbound-port"].source == "built-in default"
+
+
+def test_foreign_annotations_are_ignored():
+    settings, _ = merge_settings({}, {"sidecar.istio.io/inject": "true", "cni-redirect.io": "x"})
+    assert not is_enabled(settings)
+
+
+def test_restricted_policy_ignores_exclusions_from_pods():
+    settings, ignored = merge_settings(
+        {"exclude-outbound-ports": "22"},
+        {P + "exclude-outbound-ports": "1-65535", P + "exclude-uids": "1000", P + "inbound-port": "9000"},
+        policy="restricted",
+    )
+    assert sorted(ignored) == [P + "exclude-outbound-ports", P + "exclude-uids"]
+    assert settings["exclude-outbound-ports"].value == "22"
+    assert settings["inbound-port"].value == "9000"
+
+
+@pytest.mark.parametrize("value", ["true", "TRUE", " True "])
+def test_enabled_true_spellings(value):
+    assert is_enabled(merge_settings({}, {P + "enabled": value})[0])
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("include-outbound-ports", "80,443,8000-8100,81"),
+        ("exclude-outbound-ports", " 22 , 23 "),
+        ("include-inbound-ports", "8080"),
+    ],
+)
+def test_port_lists_are_sorted_and_merged(key, value):
+    spec = spec_of({key: value})
+    got = getattr(spec, key.replace("-", "_"))
+    assert got == tuple(sorted(got))
+
+
+def test_overlapping_and_adjacent_ranges_merge():
+    spec = spec_of({"exclude-outbound-ports": "10-20,15-25,26,30,30-31"})
+    assert spec.exclude_outbound_ports == ((10, 26), (30, 31))
+
+
+def test_cidrs_collapse_per_family_and_accept_host_bits():
+    spec = spec_of({"exclude-outbound-cidrs": "10.1.2.3/8,10.0.0.0/9,fd00::1/8,192.0.2.1"})
+    assert spec.exclude_outbound_cidrs == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("192.0.2.1/32"),
+        ipaddress.ip_network("fd00::/8"),
+    )
+
+
+def test_empty_include_list_means_none():
+    spec = spec_of({"include-inbound-ports": "", "include-outbound-cidrs": " "})
+    assert spec.include_inbound_ports == () and not spec.captures_inbound
+    assert spec.include_outbound_cidrs == ()
+
+
+def test_root_allowed_only_with_conflist_consent():
+    assert spec_of({"proxy-uid": "0"}, allow_root_proxy_uid=True).proxy_uid == 0
+    for key in ("proxy-uid", "proxy-gid", "exclude-uids"):
+        error = error_of({key: "0"})
+        assert f"{P}{key}" in error.msg and "allow_root_proxy_uid" in error.msg
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("enabled", "yes", 'must be "true" or "false"'),
+        ("capture-dns", "1", 'must be "true" or "false"'),
+        ("proxy-uid", "abc", "is not a UID"),
+        ("proxy-uid", "-1", "is not a UID"),
+        ("proxy-uid", "4294967295", "out of range"),
+        ("proxy-gid", "1.5", "is not a GID"),
+        ("exclude-uids", "1000,,1001", "empty item"),
+        ("outbound-port", "0", "out of range"),
+        ("inbound-port", "65536", "out of range"),
+        ("dns-port", "0x35", "is not a port"),
+        ("include-outbound-ports", "80,http", "is not a port or port range"),
+        ("include-outbound-ports", "*,80", "cannot be combined"),
+        ("exclude-outbound-ports", "*", "only accepted by include-*"),
+        ("exclude-outbound-ports", "90-80", "empty range"),
+        ("exclude-inbound-ports", "70000", "is not a port or port range"),
+        ("include-outbound-cidrs", "10.0.0.0/33", "is not an IPv4 or IPv6 address or CIDR"),
+        ("exclude-outbound-cidrs", "fd00::/8,nope", "is not an IPv4 or IPv6"),
+        ("exclude-interfaces", "eth0,../../etc", "is not an interface name"),
+        ("exclude-interfaces", "a-very-long-interface-name", "is not an interface name"),
+        ("exclude-interfaces", 'eth0"; flush ruleset', "is not an interface name"),
+        ("include-inbound-ports", "80; flush ruleset", "is not a port or port range"),
+    ],
+)
+def test_errors_name_the_annotation_and_the_value(key, value, reason):
+    if key == "enabled":
+        settings, _ = merge_settings({}, {P + key: value})
+        with pytest.raises(InvalidConfig) as info:
+            is_enabled(settings)
+        error = info.value
+    else:
+        error = error_of({key: value})
+    assert error.msg.startswith(f"annotation {P}{key}: invalid value ")
+    assert reason in error.msg
+    shown = value if len(value) < 100 else value[:100]
+    assert shown.replace('"', '\\"') in error.msg
+
+
+def test_errors_in_defaults_name_the_conflist_field():
+    error = error_of(defaults={"enabled": "true", "outbound-port": "x"})
+    assert error.msg.startswith('conflist defaults.outbound-port: invalid value "x"')
+
+
+def test_unknown_keys_are_errors_in_both_sources():
+    with pytest.raises(InvalidConfig, match=r"annotation \"cni-redirect.io/proxy-port\": unknown"):
+        merge_settings({}, {P + "proxy-port": "1"})
+    with pytest.raises(InvalidConfig, match=r"conflist defaults: unknown key \"proxyUid\""):
+        merge_settings({"proxyUid": "1"}, {})
+
+
+def test_several_errors_are_all_reported():
+    error = error_of({"outbound-port": "x", "inbound-port": "y"})
+    assert "outbound-port" in error.msg and "inbound-port" in error.details
+
+
+def test_huge_and_hostile_values_are_cut_short_in_messages():
+    error = error_of({"exclude-uids": "x" * 100000})
+    assert len(error.msg) < 400
+    error = error_of({"exclude-interfaces": "eth\n0\x00"})
+    assert "\n" not in error.msg and "\x00" not in error.msg
+
+
+def test_set_size_limit():
+    ports = ",".join(str(p) for p in range(1000, 3000, 2))
+    assert len(spec_of({"exclude-outbound-ports": ports}).exclude_outbound_ports) == 1000
+    error = error_of({"exclude-outbound-ports": ports}, max_set_elements=999)
+    assert "exceed the limit of 999" in error.msg and "max_set_elements" in error.msg
+
+
+def test_spec_is_frozen():
+    spec = spec_of()
+    with pytest.raises(Exception):  # noqa: B017 - pydantic raises its own frozen error
+        spec.proxy_uid = 1

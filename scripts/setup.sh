@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian 12 machine: apt packages, then .venv with the plugin installed.
+# Run as root (the plugin and its tests program network namespaces).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  nftables python3-nftables python3-venv iproute2   # the plugin: libnftables + its official bindings
+  containerd runc containernetworking-plugins       # the end-to-end tier: a real CRI runtime and CNI chain
+  gcc libc6-dev                                     # the e2e tier builds its pause image from source
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The nftables bindings exist only as Debian's python3-nftables (they must match the host's
+# libnftables), so the venv is made from Debian's python with system site-packages visible.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import nftables" 2>/dev/null; then
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ] || [ ! -x .venv/bin/cni-redirect ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  rm -f .venv/.installed-* && touch "$stamp"
+fi
+echo "setup: ready (.venv/bin/cni-redirect)" >&2

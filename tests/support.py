@@ -34,27 +34,37 @@ def host_ruleset() -> str:
 
 @dataclass
 class Netns:
-    name: str
+    """A network namespace by path; `create` makes a named one under /run/netns that `delete` removes."""
 
-    @property
-    def path(self) -> str:
-        return f"/run/netns/{self.name}"
+    name: str
+    path: str
 
     @classmethod
     def create(cls, role: str) -> Netns:
-        ns = cls(f"cnir-{os.getpid()}-{next(_names)}-{role}")
-        sh("ip", "netns", "add", ns.name)
-        sh("ip", "-n", ns.name, "link", "set", "lo", "up")
+        name = f"cnir-{os.getpid()}-{next(_names)}-{role}"
+        sh("ip", "netns", "add", name)
+        ns = cls(name, f"/run/netns/{name}")
+        ns.run("ip", "link", "set", "lo", "up")
         return ns
 
+    @classmethod
+    def at(cls, path: str, name: str = "") -> Netns:
+        """An existing netns we did not create (a sandbox's, or our own)."""
+        return cls(name or path, path)
+
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        return sh("ip", "netns", "exec", self.name, *cmd, check=check)
+        return sh("nsenter", f"--net={self.path}", *cmd, check=check)
 
     def ruleset(self) -> str:
         return self.run("nft", "list", "ruleset").stdout
 
     def delete(self) -> None:
-        sh("ip", "netns", "delete", self.name, check=False)
+        if self.path == f"/run/netns/{self.name}":
+            sh("ip", "netns", "delete", self.name, check=False)
+
+
+#: The test process's own (host) netns, for listeners and clients "outside the pod".
+HOST = Netns.at("/proc/self/ns/net", "host")
 
 
 @dataclass

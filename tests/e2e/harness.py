@@ -1,0 +1,352 @@
+"""A private containerd driven over CRI, and a snapshot of the host to prove we left it as we found it.
+
+Everything containerd owns lives under one temp dir: root, state, sockets,
+runc root, CNI bin and conf dirs, host-local's leases. What containerd 1.6
+writes elsewhere regardless (libcni's result cache, shim sockets, cgroup
+dirs, the bridge link, ip_forward) is recorded before and restored after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from tests.e2e.image import build_pause_image
+from tests.support import PLUGIN, host_ruleset
+
+HERE = Path(__file__).resolve().parent
+PAUSE_IMAGE = "localhost/cnir-pause:e2e"
+NETWORK = "cnir-e2e"
+BRIDGE = "cnir-e2e0"
+SUBNET = "10.99.0.0/24"
+GATEWAY = "10.99.0.1"
+CNI_CACHE = Path("/var/lib/cni")
+SHIM_SOCKETS = Path("/run/containerd")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_PARENT = "cnir-e2e"
+
+
+def compile_cri(outdir: Path):
+    """Generate the CRI stubs from our cri.proto; return (messages, stubs) modules."""
+    from grpc_tools import protoc
+
+    rc = protoc.main(["protoc", f"-I{HERE}", f"--python_out={outdir}", f"--grpc_python_out={outdir}", "cri.proto"])
+    assert rc == 0, "protoc failed on tests/e2e/cri.proto"
+    sys.path.insert(0, str(outdir))
+    try:
+        return importlib.import_module("cri_pb2"), importlib.import_module("cri_pb2_grpc")
+    finally:
+        sys.path.remove(str(outdir))
+
+
+def _mounts_under(prefix: str) -> list[str]:
+    points = []
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            point = line.split()[4]
+            if point == prefix or point.startswith(prefix + "/"):
+                points.append(point)
+    return points
+
+
+def _links() -> set[str]:
+    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
+    return {link["ifname"] for link in json.loads(out)}
+
+
+def _cgroup_dirs() -> set[Path]:
+    return {p for p in CGROUP_ROOT.glob(f"*/{CGROUP_PARENT}*")} | {p for p in CGROUP_ROOT.glob("*/k8s.io")}
+
+
+@dataclass
+class HostSnapshot:
+    """What the e2e tier may disturb on the host, taken before it starts."""
+
+    ruleset: str
+    links: set[str]
+    ip_forward: str
+    cni_cache_existed: bool
+    cni_cache_files: set[Path]
+    run_containerd_existed: bool
+    cgroups: set[Path]
+
+    @classmethod
+    def take(cls) -> HostSnapshot:
+        return cls(
+            ruleset=host_ruleset(),
+            links=_links(),
+            ip_forward=Path("/proc/sys/net/ipv4/ip_forward").read_text().strip(),
+            cni_cache_existed=CNI_CACHE.exists(),
+            cni_cache_files=set(CNI_CACHE.rglob("*")) if CNI_CACHE.exists() else set(),
+            run_containerd_existed=SHIM_SOCKETS.exists(),
+            cgroups=_cgroup_dirs(),
+        )
+
+    def restore(self) -> None:
+        """Undo what containerd and the stock plugins leave behind, touching only what is new."""
+        for link in _links() - self.links:
+            subprocess.run(["ip", "link", "delete", link], capture_output=True)
+        Path("/proc/sys/net/ipv4/ip_forward").write_text(self.ip_forward)
+        if CNI_CACHE.exists():
+            for path in sorted(set(CNI_CACHE.rglob("*")) - self.cni_cache_files, reverse=True):
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+            if not self.cni_cache_existed:
+                shutil.rmtree(CNI_CACHE, ignore_errors=True)
+        if not self.run_containerd_existed and SHIM_SOCKETS.exists():
+            shutil.rmtree(SHIM_SOCKETS, ignore_errors=True)
+        for path in sorted(_cgroup_dirs() - self.cgroups, key=lambda p: len(p.parts), reverse=True):
+            for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if child.is_dir():
+                    child.rmdir()
+            path.rmdir()
+
+    def differences(self) -> list[str]:
+        now = HostSnapshot.take()
+        problems = []
+        if now.ruleset != self.ruleset:
+            problems.append("nft ruleset changed")
+        if now.links != self.links:
+            problems.append(f"links changed: {sorted(now.links ^ self.links)}")
+        if now.ip_forward != self.ip_forward:
+            problems.append("net.ipv4.ip_forward changed")
+        if now.cni_cache_files != self.cni_cache_files or now.cni_cache_existed != self.cni_cache_existed:
+            problems.append(f"/var/lib/cni changed: {sorted(map(str, now.cni_cache_files ^ self.cni_cache_files))}")
+        if now.run_containerd_existed != self.run_containerd_existed:
+            problems.append("/run/containerd left behind")
+        if now.cgroups != self.cgroups:
+            problems.append(f"cgroups changed: {sorted(map(str, now.cgroups ^ self.cgroups))}")
+        return problems
+
+
+def conflist(workdir: Path, with_plugin: bool = True, **entry: object) -> dict:
+    plugins: list[dict] = [
+        {
+            "type": "bridge",
+            "bridge": BRIDGE,
+            "isGateway": True,
+            "ipMasq": False,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": SUBNET, "gateway": GATEWAY}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": str(workdir / "ipam"),
+            },
+        },
+        {"type": "portmap", "capabilities": {"portMappings": True}},
+    ]
+    if with_plugin:
+        plugins.append(
+            {
+                "type": "cni-redirect",
+                "capabilities": {"io.kubernetes.cri.pod-annotations": True},
+                "log_file": str(workdir / "cni-redirect.log"),
+                **entry,
+            }
+        )
+    return {"cniVersion": "1.0.0", "name": NETWORK, "plugins": plugins}
+
+
+CONTAINERD_CONFIG = """\
+version = 2
+root = "{d}/root"
+state = "{d}/state"
+
+[grpc]
+  address = "{d}/containerd.sock"
+
+[ttrpc]
+  address = "{d}/containerd-ttrpc.sock"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{image}"
+  netns_mounts_under_state_dir = true
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "{d}/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni-bin"
+    conf_dir = "{d}/cni-conf"
+    max_conf_num = 1
+"""
+
+
+@dataclass
+class Containerd:
+    """A containerd we started, its CRI client, and the pods we made with it."""
+
+    workdir: Path
+    process: subprocess.Popen | None = None
+    pods: list[str] = field(default_factory=list)
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "containerd.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "cni-redirect.log"
+
+    def start(self) -> None:
+        binary = shutil.which("containerd")
+        assert binary, "containerd is missing: run scripts/setup.sh (apt package containerd)"
+        assert shutil.which("runc"), "runc is missing: run scripts/setup.sh (apt package runc)"
+        assert Path("/usr/lib/cni/bridge").exists(), "CNI plugins missing: apt package containernetworking-plugins"
+        d = self.workdir
+        bin_dir = d / "cni-bin"
+        bin_dir.mkdir()
+        (d / "cni-conf").mkdir()
+        for plugin in Path("/usr/lib/cni").iterdir():
+            (bin_dir / plugin.name).symlink_to(plugin)
+        (bin_dir / "cni-redirect").symlink_to(PLUGIN)
+        self.write_conflist(conflist(d))
+        config = d / "containerd.toml"
+        config.write_text(CONTAINERD_CONFIG.format(d=d, image=PAUSE_IMAGE))
+        log = (d / "containerd.log").open("w")
+        self.process = subprocess.Popen(
+            [binary, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self._wait_for_socket()
+        tar = build_pause_image(d, PAUSE_IMAGE)
+        subprocess.run(
+            ["ctr", "-a", str(self.socket), "-n", "k8s.io", "images", "import", str(tar)],
+            check=True,
+            capture_output=True,
+        )
+
+    def _wait_for_socket(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"containerd exited: {(self.workdir / 'containerd.log').read_text()[-3000:]}")
+            if self.socket.exists():
+                return
+            time.sleep(0.05)
+        raise RuntimeError("containerd did not open its socket within 30 s")
+
+    def connect(self, messages, stubs) -> CriClient:
+        channel = grpc.insecure_channel(f"unix://{self.socket}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        client = CriClient(messages, stubs.RuntimeServiceStub(channel), channel, self)
+        client.wait_network_ready()
+        return client
+
+    def write_conflist(self, document: dict) -> None:
+        """Replace the one conflist atomically; containerd reloads it live."""
+        target = self.workdir / "cni-conf" / "10-cnir-e2e.conflist"
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(document, indent=2))
+        os.replace(tmp, target)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self._kill_our_shims()
+        for point in sorted(_mounts_under(str(self.workdir)), key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+
+    def _kill_our_shims(self) -> None:
+        """Shims started by our containerd carry our socket path in their command line."""
+        marker = str(self.workdir).encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"containerd-shim" in cmdline and marker in cmdline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry.name), signal.SIGKILL)
+
+
+@dataclass
+class CriClient:
+    pb: object
+    stub: object
+    channel: object
+    runtime: Containerd
+
+    def wait_network_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.stub.Status(self.pb.StatusRequest())
+            conditions = {c.type: c.status for c in status.status.conditions}
+            if conditions.get("NetworkReady"):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"CRI network never became ready: {status}")
+
+    def run_pod(self, name: str, namespace: str = "default", annotations: dict[str, str] | None = None) -> str:
+        config = self.pb.PodSandboxConfig(
+            metadata=self.pb.PodSandboxMetadata(name=name, uid=str(uuid.uuid4()), namespace=namespace),
+            hostname=name,
+            log_directory=str(self.runtime.workdir / "pods" / name),
+            annotations=annotations or {},
+            linux=self.pb.LinuxPodSandboxConfig(cgroup_parent=f"/{CGROUP_PARENT}"),
+        )
+        response = self.stub.RunPodSandbox(self.pb.RunPodSandboxRequest(config=config), timeout=120)
+        self.runtime.pods.append(response.pod_sandbox_id)
+        return response.pod_sandbox_id
+
+    def status(self, pod_id: str):
+        return self.stub.PodSandboxStatus(self.pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
+
+    def netns(self, pod_id: str) -> str:
+        info = json.loads(self.status(pod_id).info["info"])
+        for ns in info["runtimeSpec"]["linux"]["namespaces"]:
+            if ns["type"] == "network":
+                return ns["path"]
+        raise AssertionError(f"sandbox {pod_id} has no network namespace")
+
+    def pod_ip(self, pod_id: str) -> str:
+        return self.status(pod_id).status.network.ip
+
+    def stop_pod(self, pod_id: str) -> None:
+        self.stub.StopPodSandbox(self.pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
+
+    def remove_pod(self, pod_id: str) -> None:
+        self.stub.RemovePodSandbox(self.pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
+        if pod_id in self.runtime.pods:
+            self.runtime.pods.remove(pod_id)
+
+    def list_pods(self) -> list:
+        return list(self.stub.ListPodSandbox(self.pb.ListPodSandboxRequest()).items)
+
+    def remove_all(self) -> None:
+        for pod in self.list_pods():
+            self.stop_pod(pod.id)
+            self.remove_pod(pod.id)
+
+
+def new_workdir() -> Path:
+    # Short path: unix socket paths are limited to 108 bytes.
+    return Path(tempfile.mkdtemp(prefix="cnir-e2e-", dir="/tmp"))

@@ -1,0 +1,160 @@
+"""Pods created by a real containerd through CRI get their capture (or not), end to end.
+
+The chain is bridge + host-local + portmap + cni-redirect; containerd passes
+the pod's annotations because our entry declares the capability.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from tests.e2e.harness import GATEWAY, conflist
+from tests.support import HOST, Netns, Processes, connect
+
+PROXY_UID = 1337
+APP_UID = 1000
+
+
+def annotated(**extra: str) -> dict[str, str]:
+    return {
+        "cni-redirect.io/enabled": "true",
+        **{f"cni-redirect.io/{k.replace('_', '-')}": v for k, v in extra.items()},
+    }
+
+
+def events(containerd, pod_id: str) -> list[dict]:
+    lines = containerd.runtime.log_path.read_text().splitlines() if containerd.runtime.log_path.exists() else []
+    return [e for e in map(json.loads, lines) if pod_id.startswith(e.get("container_id") or "-")]
+
+
+@pytest.fixture
+def procs():
+    processes = Processes()
+    yield processes
+    processes.stop()
+
+
+def test_annotated_pod_is_captured_both_ways(containerd, procs):
+    pod = containerd.run_pod("captured", annotations=annotated())
+    netns = Netns.at(containerd.netns(pod))
+    pod_ip = containerd.pod_ip(pod)
+    assert "table inet cni_redirect" in netns.ruleset()
+
+    procs.listen(netns, "proxy-out", 15001, uid=PROXY_UID)
+    procs.listen(netns, "proxy-in", 15006, uid=PROXY_UID)
+    procs.listen(HOST, "host-peer", 18080, bind=GATEWAY)
+
+    outbound = connect(netns, GATEWAY, 18080, uid=APP_UID)
+    assert (outbound["listener"], outbound["original_dst"]) == ("proxy-out", f"{GATEWAY}:18080")
+    assert connect(netns, GATEWAY, 18080, uid=PROXY_UID)["listener"] == "host-peer"
+
+    inbound = connect(HOST, pod_ip, 8080, uid=0)
+    assert (inbound["listener"], inbound["original_dst"]) == ("proxy-in", f"{pod_ip}:8080")
+    assert [e["outcome"] for e in events(containerd, pod) if e["command"] == "ADD"] == ["captured"]
+
+
+def test_pod_without_annotation_gets_no_table_and_direct_traffic(containerd, procs):
+    pod = containerd.run_pod("plain")
+    netns = Netns.at(containerd.netns(pod))
+    assert "cni_redirect" not in netns.ruleset()
+    procs.listen(HOST, "host-peer", 18081, bind=GATEWAY)
+    assert connect(netns, GATEWAY, 18081, uid=APP_UID)["listener"] == "host-peer"
+    assert [e["outcome"] for e in events(containerd, pod) if e["command"] == "ADD"] == ["skipped: not enabled"]
+
+
+def test_bad_annotation_fails_run_pod_sandbox_and_leaves_nothing(containerd):
+    before = {p.id for p in containerd.list_pods()}
+    with pytest.raises(grpc.RpcError) as info:
+        containerd.run_pod("broken", annotations=annotated(proxy_uid="nginx"))
+    message = info.value.details()
+    assert 'plugin type="cni-redirect" failed (add)' in message
+    assert 'annotation cni-redirect.io/proxy-uid: invalid value "nginx"' in message
+    assert {p.id for p in containerd.list_pods()} == before
+
+
+def test_stop_and_remove_run_del_twice_successfully(containerd):
+    pod = containerd.run_pod("lifecycle", annotations=annotated())
+    containerd.stop_pod(pod)
+    containerd.remove_pod(pod)
+    dels = [e for e in events(containerd, pod) if e["command"] == "DEL"]
+    assert [e["outcome"] for e in dels] == ["removed table", "nothing to do: CNI_NETNS is empty"]
+    assert all(e["level"] == "info" for e in dels)
+
+
+def test_excluded_namespace_is_not_touched(containerd):
+    pod = containerd.run_pod("system-pod", namespace="kube-system", annotations=annotated())
+    assert "cni_redirect" not in Netns.at(containerd.netns(pod)).ruleset()
+    (add,) = [e for e in events(containerd, pod) if e["command"] == "ADD"]
+    assert add["outcome"] == "skipped: namespace kube-system is in exclude_namespaces"
+
+
+def test_twenty_concurrent_pods_get_their_own_rules(containerd):
+    count = 20
+
+    def create(index: int) -> str:
+        return containerd.run_pod(f"burst-{index}", annotations=annotated(exclude_outbound_ports=str(20000 + index)))
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        pods = list(pool.map(create, range(count)))
+    elapsed = time.monotonic() - start
+    for index, pod in enumerate(pods):
+        listing = (
+            Netns.at(containerd.netns(pod))
+            .run("nft", "list", "set", "inet", "cni_redirect", "out_exclude_ports")
+            .stdout
+        )
+        assert f"elements = {{ {20000 + index} }}" in listing, (index, listing)
+    print(f"\n[e2e] {count} concurrent annotated RunPodSandbox: {elapsed:.2f} s wall")
+    for pod in pods:
+        containerd.stop_pod(pod)
+        containerd.remove_pod(pod)
+
+
+def test_run_pod_sandbox_time_with_and_without_the_plugin(containerd):
+    """Information, not an assertion: what our link in the chain costs a pod start."""
+    runtime = containerd.runtime
+
+    def timed(label: str, annotations: dict[str, str]) -> list[float]:
+        samples = []
+        for index in range(5):
+            start = time.monotonic()
+            pod = containerd.run_pod(f"timing-{label}-{index}", annotations=annotations)
+            samples.append(time.monotonic() - start)
+            containerd.stop_pod(pod)
+            containerd.remove_pod(pod)
+        return samples
+
+    with_plugin = timed("with", annotated())
+    runtime.write_conflist(conflist(runtime.workdir, with_plugin=False))
+    try:
+        _wait_for_reload(containerd, expect_plugin=False)
+        without_plugin = timed("without", {})
+    finally:
+        runtime.write_conflist(conflist(runtime.workdir))
+        _wait_for_reload(containerd, expect_plugin=True)
+    with_ms, without_ms = statistics.median(with_plugin) * 1000, statistics.median(without_plugin) * 1000
+    print(
+        f"\n[e2e] RunPodSandbox median of 5: {with_ms:.0f} ms with cni-redirect (captured pod), "
+        f"{without_ms:.0f} ms without it in the chain; ratio {with_ms / without_ms:.2f}"
+    )
+
+
+def _wait_for_reload(containerd, expect_plugin: bool, timeout: float = 20) -> None:
+    """containerd reloads the conflist asynchronously: probe with throwaway pods until it took effect."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pod = containerd.run_pod(f"probe-{time.monotonic_ns()}")
+        ran = bool(events(containerd, pod))
+        containerd.stop_pod(pod)
+        containerd.remove_pod(pod)
+        if ran == expect_plugin:
+            return
+        time.sleep(0.5)
+    raise AssertionError("containerd did not reload the conflist in time")

@@ -33,7 +33,7 @@ class PluginConf(BaseModel):
     annotation_policy: Literal["open", "restricted"] = "open"
     allow_root_proxy_uid: bool = False
     max_set_elements: int = Field(DEFAULT_MAX_SET_ELEMENTS, ge=1, le=1_000_000)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
     log_file: str | None = None
     prev_result: dict | None = Field(None, alias="prevResult")
     runtime_config: dict = Field(default_factory=dict, alias="runtimeConfig")

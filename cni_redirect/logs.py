@@ -1,8 +1,10 @@
 """Logging that never touches stdout: stdout belongs to the CNI result.
 
-Human lines go to stderr at or above `log_level`; if `log_file` is set, one
-JSON line per command goes there too (command, pod, duration, outcome). A log
-file that cannot be written never fails the pod: we say so on stderr instead.
+Human lines go to stderr at or above `log_level` (default `warning`: libcni
+passes a plugin's stderr to its caller, so podman would print every info line
+on the user's terminal). If `log_file` is set, every command appends one JSON
+line there whatever the level: command, pod, duration, outcome. A log file
+that cannot be written never fails the pod: we say so on stderr instead.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 class EventLog:
-    def __init__(self, stderr: TextIO | None = None, level: str = "info", path: str | None = None) -> None:
+    def __init__(self, stderr: TextIO | None = None, level: str = "warning", path: str | None = None) -> None:
         self.stderr = stderr if stderr is not None else sys.stderr
-        self.threshold = LEVELS.get(level, 20)
+        self.threshold = LEVELS.get(level, 30)
         self.path = path
 
     def configure(self, level: str, path: str | None) -> None:
-        self.threshold = LEVELS.get(level, 20)
+        self.threshold = LEVELS.get(level, 30)
         self.path = path
 
     def log(self, level: str, message: str) -> None:

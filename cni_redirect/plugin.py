@@ -22,6 +22,7 @@ from .skel import Request
 from .spec import build_spec, is_enabled, merge_settings
 
 TABLE_NAME = f"table {FAMILY} {TABLE}"
+NO_NAMESPACE_NOTE = "no K8S_POD_NAMESPACE in CNI_ARGS: exclude_namespaces does not apply"
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ def decide(conf: PluginConf, pod: PodRef, log: EventLog | None = None) -> Decisi
     """Pure policy: from config, pod identity and annotations to a ruleset or a reason."""
     if pod.namespace is None:
         if log:
-            log.log("debug", "no K8S_POD_NAMESPACE in CNI_ARGS: exclude_namespaces does not apply")
+            log.log("info", NO_NAMESPACE_NOTE)
     elif pod.namespace in conf.exclude_namespaces:
         return Decision(None, f"skipped: namespace {pod.namespace} is in exclude_namespaces")
     settings, ignored = merge_settings(conf.defaults, conf.annotations(), conf.annotation_policy)
@@ -116,12 +117,14 @@ class RedirectPlugin:
         raw = request.config
         level, path = raw.get("log_level"), raw.get("log_file")
         # Configure logging first, so even a config error reaches the admin's log file.
-        self.log.configure(level if isinstance(level, str) else "info", path if isinstance(path, str) else None)
+        self.log.configure(level if isinstance(level, str) else "warning", path if isinstance(path, str) else None)
         return parse_conf(raw)
 
     def _pod(self, request: Request) -> PodRef:
         pod = pod_ref(parse_cni_args(request.args))
         self._notes["pod"] = str(pod)
+        if pod.namespace is None:
+            self._notes["note"] = NO_NAMESPACE_NOTE
         return pod
 
     def _finish(self, request: Request, outcome: str) -> None:
@@ -131,6 +134,7 @@ class RedirectPlugin:
             pod=self._notes.get("pod"),
             duration_ms=round((time.monotonic() - self._started) * 1000, 2),
             outcome=outcome,
+            note=self._notes.get("note"),
         )
 
     def report_failure(self, request: Request | None, error: CniError) -> None:

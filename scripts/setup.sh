@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   nftables python3-nftables python3-venv iproute2   # the plugin: libnftables + its official bindings
   containerd runc containernetworking-plugins       # the end-to-end tier: a real CRI runtime and CNI chain
+  podman busybox-static                             # the end-to-end tier: libcni through podman's CNI backend
   gcc libc6-dev                                     # the e2e tier builds its pause image from source
 )
 

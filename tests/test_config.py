@@ -15,7 +15,7 @@ def test_contract_fields_and_their_defaults():
     assert conf.annotation_policy == "open"
     assert conf.allow_root_proxy_uid is False
     assert conf.defaults == {}
-    assert conf.log_file is None and conf.log_level == "info"
+    assert conf.log_file is None and conf.log_level == "warning"
 
 
 def test_unknown_top_level_keys_are_tolerated():

@@ -53,7 +53,8 @@ def test_not_opted_in_returns_fast_without_touching_the_kernel(version):
 
 
 def test_excluded_namespace_is_left_alone_even_when_annotated():
-    rc, _, backend, err = call("ADD", plugin_conf(enabled()), CNI_ARGS="K8S_POD_NAMESPACE=kube-system")
+    conf = plugin_conf(enabled(), log_level="info")
+    rc, _, backend, err = call("ADD", conf, CNI_ARGS="K8S_POD_NAMESPACE=kube-system")
     assert rc == 0 and backend.calls == []
     assert "exclude_namespaces" in err
 
@@ -174,3 +175,19 @@ def test_stdout_carries_only_the_result():
         io.StringIO(),
     )
     json.loads(stdout.getvalue())  # exactly one JSON document, nothing else
+
+
+def test_stderr_is_quiet_by_default_and_verbose_on_request():
+    _, _, _, quiet = call("ADD", plugin_conf(enabled()))
+    assert quiet == ""
+    _, _, _, verbose = call("ADD", plugin_conf(enabled(), log_level="info"))
+    assert "outcome=captured" in verbose
+
+
+def test_podman_style_args_note_the_missing_namespace(tmp_path):
+    log = tmp_path / "log"
+    conf = plugin_conf(None, defaults={"enabled": "true"}, log_file=str(log), exclude_namespaces=["default"])
+    rc, _, backend, _ = call("ADD", conf, CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAME=box")
+    assert rc == 0 and backend.calls == [("apply", NETNS)]
+    event = json.loads(log.read_text())
+    assert event["pod"] == "-/box" and "exclude_namespaces does not apply" in event["note"]

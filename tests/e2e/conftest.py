@@ -1,4 +1,8 @@
-"""The end-to-end tier: a real containerd over CRI runs the real CNI chain. Nothing here skips."""
+"""The end-to-end tier: real runtimes run the real CNI chain. Nothing here skips.
+
+Each runtime is module-scoped: its teardown restores the host before the next
+runtime starts, so one runtime's cleanup can never pull state from under another.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import shutil
 
 import pytest
 
-from tests.e2e.harness import Containerd, HostSnapshot, compile_cri, new_workdir
+from tests.e2e.harness import Containerd, compile_cri, new_workdir
+from tests.e2e.host import HostSnapshot
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +21,7 @@ def host_snapshot():
     return HostSnapshot.take()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def containerd(host_snapshot, tmp_path_factory):
     workdir = new_workdir()
     runtime = Containerd(workdir)
@@ -37,3 +42,20 @@ def containerd(host_snapshot, tmp_path_factory):
             shutil.rmtree(workdir, ignore_errors=True)
     problems = host_snapshot.differences()
     assert not problems, f"the e2e tier left the host changed: {problems}"
+
+
+@pytest.fixture(scope="module")
+def podman(host_snapshot):
+    from tests.e2e.podman import Podman
+
+    workdir = new_workdir()
+    runtime = Podman(workdir)
+    try:
+        runtime.start()
+        yield runtime
+    finally:
+        runtime.stop()
+        host_snapshot.restore()
+        shutil.rmtree(workdir, ignore_errors=True)
+    problems = host_snapshot.differences()
+    assert not problems, f"the podman tier left the host changed: {problems}"

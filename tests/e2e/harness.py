@@ -1,9 +1,9 @@
-"""A private containerd driven over CRI, and a snapshot of the host to prove we left it as we found it.
+"""A private containerd driven over CRI.
 
 Everything containerd owns lives under one temp dir: root, state, sockets,
 runc root, CNI bin and conf dirs, host-local's leases. What containerd 1.6
 writes elsewhere regardless (libcni's result cache, shim sockets, cgroup
-dirs, the bridge link, ip_forward) is recorded before and restored after.
+dirs, the bridge link, ip_forward) is left to `host.HostSnapshot`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 
 from tests.e2e.image import build_pause_image
-from tests.support import PLUGIN, host_ruleset
+from tests.support import PLUGIN
 
 HERE = Path(__file__).resolve().parent
 PAUSE_IMAGE = "localhost/cnir-pause:e2e"
@@ -33,9 +33,6 @@ NETWORK = "cnir-e2e"
 BRIDGE = "cnir-e2e0"
 SUBNET = "10.99.0.0/24"
 GATEWAY = "10.99.0.1"
-CNI_CACHE = Path("/var/lib/cni")
-SHIM_SOCKETS = Path("/run/containerd")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "cnir-e2e"
 
 
@@ -60,75 +57,6 @@ def _mounts_under(prefix: str) -> list[str]:
             if point == prefix or point.startswith(prefix + "/"):
                 points.append(point)
     return points
-
-
-def _links() -> set[str]:
-    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
-    return {link["ifname"] for link in json.loads(out)}
-
-
-def _cgroup_dirs() -> set[Path]:
-    return {p for p in CGROUP_ROOT.glob(f"*/{CGROUP_PARENT}*")} | {p for p in CGROUP_ROOT.glob("*/k8s.io")}
-
-
-@dataclass
-class HostSnapshot:
-    """What the e2e tier may disturb on the host, taken before it starts."""
-
-    ruleset: str
-    links: set[str]
-    ip_forward: str
-    cni_cache_existed: bool
-    cni_cache_files: set[Path]
-    run_containerd_existed: bool
-    cgroups: set[Path]
-
-    @classmethod
-    def take(cls) -> HostSnapshot:
-        return cls(
-            ruleset=host_ruleset(),
-            links=_links(),
-            ip_forward=Path("/proc/sys/net/ipv4/ip_forward").read_text().strip(),
-            cni_cache_existed=CNI_CACHE.exists(),
-            cni_cache_files=set(CNI_CACHE.rglob("*")) if CNI_CACHE.exists() else set(),
-            run_containerd_existed=SHIM_SOCKETS.exists(),
-            cgroups=_cgroup_dirs(),
-        )
-
-    def restore(self) -> None:
-        """Undo what containerd and the stock plugins leave behind, touching only what is new."""
-        for link in _links() - self.links:
-            subprocess.run(["ip", "link", "delete", link], capture_output=True)
-        Path("/proc/sys/net/ipv4/ip_forward").write_text(self.ip_forward)
-        if CNI_CACHE.exists():
-            for path in sorted(set(CNI_CACHE.rglob("*")) - self.cni_cache_files, reverse=True):
-                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
-            if not self.cni_cache_existed:
-                shutil.rmtree(CNI_CACHE, ignore_errors=True)
-        if not self.run_containerd_existed and SHIM_SOCKETS.exists():
-            shutil.rmtree(SHIM_SOCKETS, ignore_errors=True)
-        for path in sorted(_cgroup_dirs() - self.cgroups, key=lambda p: len(p.parts), reverse=True):
-            for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-                if child.is_dir():
-                    child.rmdir()
-            path.rmdir()
-
-    def differences(self) -> list[str]:
-        now = HostSnapshot.take()
-        problems = []
-        if now.ruleset != self.ruleset:
-            problems.append("nft ruleset changed")
-        if now.links != self.links:
-            problems.append(f"links changed: {sorted(now.links ^ self.links)}")
-        if now.ip_forward != self.ip_forward:
-            problems.append("net.ipv4.ip_forward changed")
-        if now.cni_cache_files != self.cni_cache_files or now.cni_cache_existed != self.cni_cache_existed:
-            problems.append(f"/var/lib/cni changed: {sorted(map(str, now.cni_cache_files ^ self.cni_cache_files))}")
-        if now.run_containerd_existed != self.run_containerd_existed:
-            problems.append("/run/containerd left behind")
-        if now.cgroups != self.cgroups:
-            problems.append(f"cgroups changed: {sorted(map(str, now.cgroups ^ self.cgroups))}")
-        return problems
 
 
 def conflist(workdir: Path, with_plugin: bool = True, **entry: object) -> dict:

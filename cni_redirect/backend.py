@@ -63,6 +63,10 @@ class Nft:
         except OSError as exc:
             raise NotAvailable(f"libnftables cannot be loaded: {exc}") from None
         self._nft.set_handle_output(False)
+        # Listings must not depend on the node's /etc (protocols, services, passwd): CHECK compares them.
+        self._nft.set_numeric_proto_output(True)
+        self._nft.set_service_output(False)
+        self._nft.set_guid_output(False)
 
     def run(self, batch: dict, what: str) -> list[dict]:
         rc, output, error = self._nft.json_cmd(batch)

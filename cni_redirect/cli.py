@@ -2,6 +2,7 @@
 
 CLI subcommands:
   render   print the exact table a pod would get, without applying anything
+  install  the node agent: install the plugin, chain it into the node's CNI config, keep it there
 """
 
 from __future__ import annotations
@@ -47,8 +48,63 @@ def run_cli(argv: Sequence[str]) -> int:
     )
     render.add_argument("--namespace", help="the pod's namespace, checked against exclude_namespaces")
     render.add_argument("--json", action="store_true", help="print the libnftables JSON batch instead of nft syntax")
+    _add_install_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "install":
+        return _install(args)
     return _render(args)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def _add_install_parser(commands) -> None:
+    install = commands.add_parser(
+        "install",
+        help="node agent: install the plugin and keep it chained (each flag also reads its UPPER_SNAKE env var)",
+    )
+    install.add_argument("--cni-bin-dir", default=_env("CNI_BIN_DIR", "/host/opt/cni/bin"))
+    install.add_argument("--cni-conf-dir", default=_env("CNI_CONF_DIR", "/host/etc/cni/net.d"))
+    install.add_argument("--conf-file", default=_env("CONF_FILE"), help="the primary conflist's file name")
+    install.add_argument(
+        "--plugin-source",
+        default=_env("PLUGIN_SOURCE", "/opt/cni-redirect/bundle/cni-redirect"),
+        help="the bundle folder (or a single executable) to install",
+    )
+    install.add_argument(
+        "--entry-file",
+        default=_env("ENTRY_FILE"),
+        help="JSON object with our conflist entry's settings (defaults, exclude_namespaces, ...)",
+    )
+    install.add_argument("--readiness-port", type=int, default=int(_env("READINESS_PORT", "0") or 0))
+    install.add_argument(
+        "--uninstall-on-exit",
+        choices=("true", "false"),
+        default=_env("UNINSTALL_ON_EXIT", "true"),
+        help="remove our entry and binary on SIGTERM (false keeps capture across agent upgrades)",
+    )
+    install.add_argument("--uninstall-grace", type=float, default=float(_env("UNINSTALL_GRACE", "2") or 2))
+    install.add_argument("--poll-interval", type=float, default=float(_env("POLL_INTERVAL", "0.2") or 0.2))
+
+
+def _install(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .installer import Options, run
+
+    options = Options(
+        cni_bin_dir=Path(args.cni_bin_dir),
+        cni_conf_dir=Path(args.cni_conf_dir),
+        conf_file=args.conf_file or None,
+        plugin_source=Path(args.plugin_source),
+        entry_file=Path(args.entry_file) if args.entry_file else None,
+        readiness_port=args.readiness_port,
+        poll_interval=args.poll_interval,
+        uninstall_on_exit=args.uninstall_on_exit == "true",
+        uninstall_grace=args.uninstall_grace,
+    )
+    return run(options)
 
 
 def _load_entry(path: str | None) -> dict:

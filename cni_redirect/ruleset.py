@@ -54,7 +54,18 @@ class AnonSet:
     items: tuple[int, ...]
 
 
-Value = Union[int, str, Prefix, Range, SetRef, AnonSet]
+@dataclass(frozen=True)
+class Symbol:
+    """A number nft can print by name. JSON carries the number: a node without
+    /etc/protocols (a bare bundle) lists `6`, never `tcp`, so CHECK compares numbers."""
+
+    number: int
+    name: str
+
+
+TCP = Symbol(6, "tcp")
+
+Value = Union[int, str, Prefix, Range, SetRef, AnonSet, Symbol]
 
 
 @dataclass(frozen=True)
@@ -211,6 +222,8 @@ def _value_json(value: Value) -> object:
         return f"@{value.name}"
     if isinstance(value, AnonSet):
         return {"set": list(value.items)}
+    if isinstance(value, Symbol):
+        return value.number
     return value
 
 
@@ -223,6 +236,8 @@ def _value_text(value: Value, quoted: bool = False) -> str:
         return f"@{value.name}"
     if isinstance(value, AnonSet):
         return "{ " + ", ".join(str(item) for item in value.items) + " }"
+    if isinstance(value, Symbol):
+        return value.name
     if isinstance(value, str) and quoted:
         return f'"{value}"'
     return str(value)
@@ -377,7 +392,7 @@ def build_ruleset(spec: CaptureSpec) -> Ruleset:
         if ifaces:
             inbound.append(Rule((Match(IIFNAME, ifaces),), RETURN, "excluded interface"))
         inbound.append(Rule((Match(TCP_DPORT, in_exclude),), RETURN, "proxy and excluded inbound ports"))
-        port_match = Match(TCP_DPORT, in_include) if in_include else Match(L4PROTO, "tcp")
+        port_match = Match(TCP_DPORT, in_include) if in_include else Match(L4PROTO, TCP)
         inbound.append(Rule((port_match,), Redirect(spec.inbound_port), "capture inbound"))
         chains.insert(0, Chain("prerouting", "prerouting", tuple(inbound)))
     return Ruleset(tuple(b.sets), tuple(chains))
@@ -393,7 +408,7 @@ def _outbound_capture(
     """The final redirect rules: only TCP, only included ports and CIDRs."""
     if spec.include_outbound_ports != ALL and include_ports is None:
         return []  # include list is empty: no outbound capture
-    port_match = Match(TCP_DPORT, include_ports) if include_ports else Match(L4PROTO, "tcp")
+    port_match = Match(TCP_DPORT, include_ports) if include_ports else Match(L4PROTO, TCP)
     redirect = Redirect(spec.outbound_port)
     if all_cidrs:
         return [Rule((port_match,), redirect, "capture outbound")]

@@ -42,7 +42,7 @@ def test_json_batch_matches_golden(case):
 
 
 def test_no_golden_file_is_orphaned():
-    names = {p.stem for p in GOLDEN_DIR.iterdir()}
+    names = {p.stem for p in GOLDEN_DIR.iterdir() if p.is_file()}
     assert names == set(CASES)
 
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Build the self-contained plugin bundle (PyInstaller one-folder, never one-file: one-file
+# unpacks itself to /tmp on every run). Output: <out>/cni-redirect/ with the executable
+# `cni-redirect`, its `_internal/` (interpreter, our code, pyroute2, pydantic, the nftables
+# bindings, libnftables.so.1 and the libraries it links) and `LICENSES/`.
+# The node needs only the kernel and glibc >= the build machine's (2.36 on Debian 12).
+# Usage: install/build-bundle.sh [out-dir]   (default build/bundle)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT=$(realpath -m "${1:-build/bundle}")
+WORK=$(realpath -m build/pyinstaller)
+
+# No early exit in awk: with pipefail, ldconfig's SIGPIPE would fail the build.
+lib=$(/sbin/ldconfig -p | awk '/libnftables\.so\.1 / && !found {print $NF; found = 1}')
+[ -f "$lib" ] || { echo "build-bundle: libnftables.so.1 not found (apt package libnftables1)" >&2; exit 1; }
+# Copy under its soname: ctypes asks for libnftables.so.1, not the versioned file it points to.
+mkdir -p "$WORK/libs" && cp -L "$lib" "$WORK/libs/libnftables.so.1"
+
+"$PY" -m PyInstaller --version >/dev/null 2>&1 || "$PY" -m pip install -q --disable-pip-version-check "pyinstaller>=6,<7"
+
+rm -rf "$OUT/cni-redirect"
+"$PY" -m PyInstaller --noconfirm --clean --log-level WARN --onedir --name cni-redirect \
+  --distpath "$OUT" --workpath "$WORK" --specpath "$WORK" \
+  --add-binary "$WORK/libs/libnftables.so.1:." \
+  --hidden-import nftables \
+  --exclude-module pytest --exclude-module hypothesis --exclude-module jsonschema \
+  --exclude-module setuptools --exclude-module pyroute2.fixtures --exclude-module grpc \
+  --exclude-module readline --exclude-module tkinter \
+  "$PWD/install/bundle_entry.py"
+
+# libnftables is GPL-2.0: ship its license and where its source is, with those of every
+# shared library the bundle carries from the build machine's packages.
+licenses="$OUT/cni-redirect/LICENSES"
+mkdir -p "$licenses"
+find "$OUT/cni-redirect/_internal" -maxdepth 1 -name 'lib*.so*' -printf '%f\n' | while read -r so; do
+  pkg=$(dpkg -S "*/$so" 2>/dev/null | awk -F: 'NR == 1 {print $1}') || true
+  if [ -n "$pkg" ] && [ -f "/usr/share/doc/$pkg/copyright" ]; then
+    cp "/usr/share/doc/$pkg/copyright" "$licenses/$pkg.copyright"
+  fi
+done
+cat > "$licenses/README" <<TXT
+This bundle contains libnftables.so.1 from Debian package libnftables1 $(dpkg-query -W -f='${Version}' libnftables1),
+licensed GPL-2.0 (see libnftables1.copyright). Its complete source is the Debian source package
+"nftables" of that version (apt-get source nftables), and upstream at https://netfilter.org/projects/nftables/.
+The other *.copyright files cover the shared libraries shipped next to it. The Python interpreter
+is covered by the Python Software Foundation License; pyroute2 (Apache-2.0/GPL-2.0+ dual), pydantic
+(MIT) and the nftables Python bindings (GPL-2.0) are included as Python modules.
+TXT
+echo "build-bundle: $OUT/cni-redirect ($(du -sh "$OUT/cni-redirect" | cut -f1))" >&2

@@ -21,10 +21,9 @@ def host_snapshot():
     return HostSnapshot.take()
 
 
-@pytest.fixture(scope="module")
-def containerd(host_snapshot, tmp_path_factory):
+def _containerd(host_snapshot, tmp_path_factory, with_plugin: bool):
     workdir = new_workdir()
-    runtime = Containerd(workdir)
+    runtime = Containerd(workdir, with_plugin=with_plugin)
     client = None
     try:
         runtime.start()
@@ -42,6 +41,18 @@ def containerd(host_snapshot, tmp_path_factory):
             shutil.rmtree(workdir, ignore_errors=True)
     problems = host_snapshot.differences()
     assert not problems, f"the e2e tier left the host changed: {problems}"
+
+
+@pytest.fixture(scope="module")
+def containerd(host_snapshot, tmp_path_factory):
+    """containerd whose chain already ends with cni-redirect (the venv's plugin)."""
+    yield from _containerd(host_snapshot, tmp_path_factory, with_plugin=True)
+
+
+@pytest.fixture(scope="module")
+def bare_containerd(host_snapshot, tmp_path_factory):
+    """containerd on a node where cni-redirect is not installed yet."""
+    yield from _containerd(host_snapshot, tmp_path_factory, with_plugin=False)
 
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,7 @@ class Containerd:
     """A containerd we started, its CRI client, and the pods we made with it."""
 
     workdir: Path
+    with_plugin: bool = True  # False: a node before cni-redirect is installed
     process: subprocess.Popen | None = None
     pods: list[str] = field(default_factory=list)
 
@@ -136,6 +137,22 @@ class Containerd:
     @property
     def log_path(self) -> Path:
         return self.workdir / "cni-redirect.log"
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.workdir / "cni-bin"
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.workdir / "cni-conf"
+
+    def events(self, pod_id: str | None = None) -> list[dict]:
+        """What our plugin logged, optionally for one sandbox."""
+        lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
+        found = [json.loads(line) for line in lines]
+        if pod_id is None:
+            return found
+        return [e for e in found if pod_id.startswith(e.get("container_id") or "-")]
 
     def start(self) -> None:
         binary = shutil.which("containerd")
@@ -148,8 +165,9 @@ class Containerd:
         (d / "cni-conf").mkdir()
         for plugin in Path("/usr/lib/cni").iterdir():
             (bin_dir / plugin.name).symlink_to(plugin)
-        (bin_dir / "cni-redirect").symlink_to(PLUGIN)
-        self.write_conflist(conflist(d))
+        if self.with_plugin:
+            (bin_dir / "cni-redirect").symlink_to(PLUGIN)
+        self.write_conflist(conflist(d, with_plugin=self.with_plugin))
         config = d / "containerd.toml"
         config.write_text(CONTAINERD_CONFIG.format(d=d, image=PAUSE_IMAGE))
         log = (d / "containerd.log").open("w")
@@ -265,6 +283,19 @@ class CriClient:
         self.stub.RemovePodSandbox(self.pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
         if pod_id in self.runtime.pods:
             self.runtime.pods.remove(pod_id)
+
+    def wait_for_reload(self, expect_plugin: bool, timeout: float = 20) -> None:
+        """containerd reloads its conflist asynchronously: probe with throwaway pods until it took effect."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pod = self.run_pod(f"probe-{time.monotonic_ns()}")
+            ran = bool(self.runtime.events(pod))
+            self.stop_pod(pod)
+            self.remove_pod(pod)
+            if ran == expect_plugin:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"containerd did not reload its conflist (expecting plugin={expect_plugin})")
 
     def list_pods(self) -> list:
         return list(self.stub.ListPodSandbox(self.pb.ListPodSandboxRequest()).items)

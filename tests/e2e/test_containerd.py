@@ -6,7 +6,6 @@ the pod's annotations because our entry declares the capability.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +28,7 @@ def annotated(**extra: str) -> dict[str, str]:
 
 
 def events(containerd, pod_id: str) -> list[dict]:
-    lines = containerd.runtime.log_path.read_text().splitlines() if containerd.runtime.log_path.exists() else []
-    return [e for e in map(json.loads, lines) if pod_id.startswith(e.get("container_id") or "-")]
+    return containerd.runtime.events(pod_id)
 
 
 @pytest.fixture
@@ -134,27 +132,13 @@ def test_run_pod_sandbox_time_with_and_without_the_plugin(containerd):
     with_plugin = timed("with", annotated())
     runtime.write_conflist(conflist(runtime.workdir, with_plugin=False))
     try:
-        _wait_for_reload(containerd, expect_plugin=False)
+        containerd.wait_for_reload(expect_plugin=False)
         without_plugin = timed("without", {})
     finally:
         runtime.write_conflist(conflist(runtime.workdir))
-        _wait_for_reload(containerd, expect_plugin=True)
+        containerd.wait_for_reload(expect_plugin=True)
     with_ms, without_ms = statistics.median(with_plugin) * 1000, statistics.median(without_plugin) * 1000
     print(
         f"\n[e2e] RunPodSandbox median of 5: {with_ms:.0f} ms with cni-redirect (captured pod), "
         f"{without_ms:.0f} ms without it in the chain; ratio {with_ms / without_ms:.2f}"
     )
-
-
-def _wait_for_reload(containerd, expect_plugin: bool, timeout: float = 20) -> None:
-    """containerd reloads the conflist asynchronously: probe with throwaway pods until it took effect."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pod = containerd.run_pod(f"probe-{time.monotonic_ns()}")
-        ran = bool(events(containerd, pod))
-        containerd.stop_pod(pod)
-        containerd.remove_pod(pod)
-        if ran == expect_plugin:
-            return
-        time.sleep(0.5)
-    raise AssertionError("containerd did not reload the conflist in time")

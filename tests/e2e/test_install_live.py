@@ -1,0 +1,91 @@
+"""The node agent live: installed against containerd's own dirs, then SIGTERMed.
+
+This is what the DaemonSet does on a node, minus Kubernetes: the agent is the
+bundle's own executable (as in the image), the node's CNI config starts
+without us, and containerd reloads it live.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+from tests.support import Netns
+
+READINESS_PORT = 18498
+
+
+def readiness() -> int:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{READINESS_PORT}/readyz", timeout=2).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def test_agent_installs_into_containerd_and_uninstalls_on_sigterm(bare_containerd, bundle, tmp_path):
+    runtime = bare_containerd.runtime
+    (conflist_path,) = runtime.conf_dir.glob("*.conflist")
+    original = conflist_path.read_bytes()
+    entry_file = tmp_path / "entry.json"
+    entry_file.write_text(json.dumps({"log_file": str(runtime.log_path), "exclude_namespaces": ["kube-system"]}))
+
+    before = bare_containerd.run_pod("before-install", annotations={"cni-redirect.io/enabled": "true"})
+    assert "cni_redirect" not in Netns.at(bare_containerd.netns(before)).ruleset()
+
+    agent_log = (tmp_path / "agent.log").open("w")
+    agent = subprocess.Popen(
+        [
+            str(bundle / "cni-redirect"),
+            "install",
+            f"--cni-bin-dir={runtime.bin_dir}",
+            f"--cni-conf-dir={runtime.conf_dir}",
+            f"--plugin-source={bundle}",
+            f"--entry-file={entry_file}",
+            f"--readiness-port={READINESS_PORT}",
+            "--uninstall-grace=1",
+        ],
+        stdout=agent_log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: readiness() == 200)
+        document = json.loads(conflist_path.read_text())
+        assert [p["type"] for p in document["plugins"]][-1] == "cni-redirect"
+        assert (runtime.bin_dir / "cni-redirect").resolve().is_file()
+
+        bare_containerd.wait_for_reload(expect_plugin=True)
+        captured = bare_containerd.run_pod("after-install", annotations={"cni-redirect.io/enabled": "true"})
+        assert "table inet cni_redirect" in Netns.at(bare_containerd.netns(captured)).ruleset()
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        rc = agent.wait(timeout=30)
+        agent_log.close()
+    lines = [json.loads(line) for line in (tmp_path / "agent.log").read_text().splitlines()]
+    assert rc == 0, lines[-5:]
+    assert conflist_path.read_bytes() == original, "the primary's file is back to its exact bytes"
+    assert not (runtime.bin_dir / "cni-redirect").exists()
+    assert not list(runtime.bin_dir.glob("cni-redirect-bundle-*"))
+    assert any(line["msg"] == "agent stopped" for line in lines)
+
+    bare_containerd.wait_for_reload(expect_plugin=False)
+    after = bare_containerd.run_pod("after-uninstall", annotations={"cni-redirect.io/enabled": "true"})
+    assert "cni_redirect" not in Netns.at(bare_containerd.netns(after)).ruleset()
+
+    # The pod captured while the agent ran still tears down cleanly.
+    bare_containerd.stop_pod(captured)
+    bare_containerd.remove_pod(captured)

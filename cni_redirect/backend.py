@@ -102,9 +102,13 @@ class Nft:
 class KernelBackend:
     """Real kernel access: vet the netns, enter it, then create the nft context."""
 
+    def _open(self, netns: str) -> int:
+        """A vetted fd for the pod netns; raises before any nft call if it is wrong."""
+        return open_netns(netns)
+
     @contextmanager
     def _inside(self, netns: str) -> Iterator[Nft]:
-        fd = open_netns(netns)  # raises before any nft call if the netns is wrong
+        fd = self._open(netns)
         try:
             with entered(fd):
                 yield Nft()  # created after setns, so its socket lives in the pod netns

@@ -188,6 +188,20 @@ class Installer:
         # No CNI suffix at the end: libcni loads hidden files too, and would take a backup for a config.
         return self.options.cni_conf_dir / f"{BACKUP_PREFIX}{original_name}.bak"
 
+    def _real(self, name: str) -> Path:
+        """A config's real path. A symlink is followed only inside the conf dir: writing through a
+        link to elsewhere (a mounted ConfigMap, another component's file) is not ours to do."""
+        path = self.options.cni_conf_dir / name
+        if not path.is_symlink():
+            return path
+        real = path.resolve()
+        if not real.is_relative_to(self.options.cni_conf_dir.resolve()) or not real.is_file():
+            raise conflists.ConfError(
+                f"{name}: a symlink to {real}, outside --cni-conf-dir or not a file; left untouched "
+                "(set --conf-file to a real file)"
+            )
+        return real
+
     def reconcile(self) -> bool:
         """One pass: make sure our binary and entry are in place. Returns readiness."""
         if not self.binary_present():
@@ -206,12 +220,12 @@ class Installer:
                 wanted = self.options.conf_file or "any .conflist/.conf"
                 self.log("info", "waiting for the primary CNI config", conf_dir=str(conf_dir), wanted=wanted)
             return self._not_ready("no primary CNI config yet")
-        path = conf_dir / name
         try:
+            path = self._real(name)
             data = path.read_bytes()
             document, single = conflists.parse(name, data)
         except OSError as exc:
-            return self._not_ready(f"cannot read {path}: {exc.strerror}")
+            return self._not_ready(f"cannot read {conf_dir / name}: {exc.strerror}")
         except conflists.ConfError as exc:
             return self._not_ready(f"primary config left untouched: {exc}")
         desired = conflists.with_entry(document, self.entry)
@@ -245,14 +259,15 @@ class Installer:
         """Write our entry in; returns the file that now holds it."""
         conf_dir = self.options.cni_conf_dir
         rendered = conflists.render(desired)
-        mode = (conf_dir / name).stat().st_mode & 0o777
+        source = self._real(name)
+        mode = source.stat().st_mode & 0o777
         target = conflists.conflist_name(name) if single else name
         ours_already = self.managed is not None and self.managed.name == name and data == self.managed.written
         # The primary's own bytes: what is there now, unless what is there is our earlier write.
         original = self.managed.original if ours_already else data
         original_name = self.managed.original_name if ours_already else name
         write_atomic(self._backup(original_name), original, mode=0o600)
-        write_atomic(conf_dir / target, rendered, mode=mode)
+        write_atomic(conf_dir / target if single else source, rendered, mode=mode)
         if single:
             (conf_dir / name).unlink()
             self.log("info", "converted single-plugin config and added our entry", source=name, path=target)
@@ -266,14 +281,15 @@ class Installer:
         conf_dir = self.options.cni_conf_dir
         managed = self.managed
         if managed is not None:
-            path = conf_dir / managed.name
             try:
+                path = self._real(managed.name)
                 current = path.read_bytes()
-            except FileNotFoundError:
-                current = None
+            except (FileNotFoundError, conflists.ConfError):
+                path, current = conf_dir / managed.name, None
             if current is not None and current == managed.written:
                 mode = path.stat().st_mode & 0o777
-                write_atomic(conf_dir / managed.original_name, managed.original, mode=mode)
+                restore_to = path if managed.original_name == managed.name else conf_dir / managed.original_name
+                write_atomic(restore_to, managed.original, mode=mode)
                 if managed.original_name != managed.name:
                     path.unlink()
                     self.log("info", "restored the original single-plugin config", path=managed.original_name)

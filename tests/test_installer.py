@@ -379,3 +379,30 @@ def test_full_conf_dir_gives_a_clear_error_and_no_truncated_file(host, mounted):
     assert "No space left on device" in installer.ready_reason
     assert sorted(os.listdir(full)) == ["10-calico.conflist", "filler"]
     assert (full / "10-calico.conflist").read_bytes() == original
+
+
+def test_symlinked_primary_inside_conf_dir_is_edited_through_the_link(host):
+    real = host.conf / "..data"
+    real.mkdir()
+    original = (PRIMARY_DIR / "10-calico.conflist").read_bytes()
+    (real / "10-calico.conflist").write_bytes(original)
+    (host.conf / "10-calico.conflist").symlink_to("..data/10-calico.conflist")
+    installer = host.installer()
+    installer.install_binary()
+    assert installer.reconcile()
+    assert (host.conf / "10-calico.conflist").is_symlink(), "the link is kept"
+    assert host.entries("10-calico.conflist")
+    installer.uninstall()
+    assert (host.conf / "10-calico.conflist").is_symlink()
+    assert (real / "10-calico.conflist").read_bytes() == original
+
+
+def test_symlinked_primary_pointing_outside_is_left_untouched(host, tmp_path):
+    outside = tmp_path / "elsewhere.conflist"
+    original = outside.write_bytes((PRIMARY_DIR / "10-flannel.conflist").read_bytes()) and outside.read_bytes()
+    (host.conf / "10-flannel.conflist").symlink_to(outside)
+    installer = host.installer()
+    installer.install_binary()
+    assert not installer.reconcile()
+    assert "outside --cni-conf-dir" in installer.ready_reason
+    assert outside.read_bytes() == original and (host.conf / "10-flannel.conflist").is_symlink()

@@ -1,0 +1,155 @@
+"""Faults against the real kernel: vanishing netns, rejected batches, SIGKILL mid-ADD, bad log paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cni_redirect.backend import KernelBackend, normalize
+from cni_redirect.errors import CniError, InternalError
+from cni_redirect.ruleset import TCP_DPORT, Chain, Match, Rule, Ruleset, SetRef
+from tests.support import PLUGIN, Netns, enabled, plugin_conf, run_plugin
+from tests.test_hostile_input import INJECTIONS
+from tests.test_ruleset import render
+
+
+@pytest.fixture
+def pod(host_unchanged):
+    ns = Netns.create("pod")
+    yield ns
+    ns.delete()
+
+
+def test_netns_vanishing_between_open_and_transaction(pod):
+    """Our fd keeps the namespace alive: the ADD completes there, and nothing reaches the host."""
+
+    class RuntimeDeletesNetnsMidAdd(KernelBackend):
+        def _open(self, netns: str) -> int:
+            fd = super()._open(netns)
+            pod.delete()  # the sandbox is torn down right after we opened it
+            assert not os.path.exists(netns)
+            return fd
+
+    RuntimeDeletesNetnsMidAdd().apply(pod.path, render("defaults"))
+    # The netns is gone from the filesystem: a later ADD fails cleanly, a later DEL succeeds.
+    run = run_plugin("ADD", pod.path, plugin_conf(enabled()))
+    assert run.rc == 1 and run.json["code"] == 4 and "does not exist" in run.json["msg"]
+    assert run_plugin("DEL", pod.path, plugin_conf(enabled())).rc == 0
+
+
+def test_rejected_batch_is_a_clear_error_and_the_previous_table_survives(pod):
+    backend = KernelBackend()
+    good = render("exclude-everything")
+    backend.apply(pod.path, good)
+    before = backend.read(pod.path)
+    # A rule referencing a set that does not exist: libnftables rejects the whole transaction.
+    prerouting, output = good.chains
+    bad = Ruleset(good.sets, (prerouting, Chain("output", "output", (*output.rules, _broken_rule()))))
+    with pytest.raises(InternalError) as info:
+        backend.apply(pod.path, bad)
+    assert "nftables rejected the apply transaction" in info.value.msg
+    assert "missing_set" in info.value.details or "No such file" in info.value.details
+    assert backend.read(pod.path) == before, "a failed replace is all-or-nothing"
+
+
+def _broken_rule() -> Rule:
+    return Rule((Match(TCP_DPORT, SetRef("missing_set")),), None, "refers to a set that does not exist")
+
+
+def test_sigkill_mid_add_then_add_again_is_consistent(pod):
+    conf = json.dumps(plugin_conf(enabled(exclude_outbound_cidrs="10.0.0.0/8", exclude_outbound_ports="22")))
+    env = {
+        "PATH": os.environ["PATH"],
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "kill-test",
+        "CNI_NETNS": pod.path,
+        "CNI_IFNAME": "eth0",
+    }
+    rng = random.Random(7)
+    outcomes = []
+    for _ in range(12):
+        pod.run("nft", "delete", "table", "inet", "cni_redirect", check=False)  # each attempt starts fresh
+        proc = subprocess.Popen(
+            [str(PLUGIN)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        )
+        proc.stdin.write(conf.encode())
+        proc.stdin.close()
+        time.sleep(rng.uniform(0.2, 0.6))  # around the moment the transaction is sent
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        listing = pod.ruleset()
+        outcomes.append("table" if "cni_redirect" in listing else "none")
+        # Killed at any instant, the kernel holds the whole table or none of it.
+        assert listing.count("table inet cni_redirect") <= 1
+        if "cni_redirect" in listing:
+            assert "elements = { 22 }" in listing and "10.0.0.0/8" in listing
+    run = run_plugin("ADD", pod.path, json.loads(conf))
+    assert run.rc == 0
+    assert run_plugin("CHECK", pod.path, json.loads(conf)).rc == 0
+    print(f"\n[faults] SIGKILL outcomes: {outcomes}")
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "a-directory", "read-only-mount"])
+def test_unwritable_log_file_does_not_fail_the_pod(pod, tmp_path, where):
+    if where == "missing-dir":
+        path = tmp_path / "nope" / "log"
+    elif where == "a-directory":
+        path = tmp_path
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=16k", "tmpfs", str(ro)], check=True)
+        path = ro / "log"
+    try:
+        run = run_plugin("ADD", pod.path, plugin_conf(enabled(), log_file=str(path)))
+    finally:
+        if where == "read-only-mount":
+            subprocess.run(["umount", str(tmp_path / "ro")], check=True)
+    assert run.rc == 0, run.stdout + run.stderr
+    assert "cannot write log_file" in run.stderr
+    assert "table inet cni_redirect" in pod.ruleset()
+
+
+keys = st.sampled_from(
+    ["exclude-outbound-ports", "include-outbound-ports", "exclude-outbound-cidrs", "exclude-interfaces", "proxy-uid"]
+)
+values = st.one_of(
+    st.sampled_from(INJECTIONS[:10]),
+    st.lists(st.integers(1, 65535), min_size=1, max_size=40).map(lambda xs: ",".join(map(str, xs))),
+    st.lists(
+        st.tuples(st.ip_addresses(v=4), st.integers(0, 32)).map(lambda t: f"{t[0]}/{t[1]}"), min_size=1, max_size=20
+    ).map(",".join),
+    st.text(max_size=10),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.dictionaries(keys, values, max_size=3))
+def test_real_kernel_holds_the_expected_table_or_the_previous_one(annotations):
+    from cni_redirect.config import PodRef, parse_conf
+    from cni_redirect.plugin import decide
+
+    ns = Netns.create("prop")
+    try:
+        backend = KernelBackend()
+        previous = render("defaults")
+        backend.apply(ns.path, previous)
+        conf = plugin_conf(enabled(**{k.replace("-", "_"): v for k, v in annotations.items()}))
+        try:
+            decision = decide(parse_conf(conf), PodRef("default", "p", None))
+            backend.apply(ns.path, decision.ruleset)
+            expected = decision.ruleset
+        except CniError as error:
+            assert error.code in (7,), error.msg
+            expected = previous
+        assert backend.read(ns.path) == normalize(expected.objects())
+    finally:
+        ns.delete()

@@ -187,3 +187,10 @@ def test_nginx_and_envoy_with_distinct_uids(net, procs):
     assert (outbound["listener"], outbound["original_dst"]) == ("envoy", f"{PEER_V4}:80")
     # envoy's upstream call goes straight out
     assert connect(net.pod, PEER_V4, 80, uid=envoy)["listener"] == "peer"
+
+
+def test_restricted_policy_keeps_pods_from_widening_their_exclusions(mesh):
+    conf_entry = {"annotation_policy": "restricted", "defaults": {"exclude-outbound-ports": "81"}}
+    add(mesh, enabled(exclude_outbound_ports="80", exclude_uids="1000"), **conf_entry)
+    assert connect(mesh.pod, PEER_V4, 80, uid=APP_UID)["listener"] == "proxy-out", "the pod's exclusion is ignored"
+    assert connect(mesh.pod, PEER_V4, 81, uid=APP_UID)["listener"] == "peer", "the admin's exclusion applies"

@@ -1,0 +1,30 @@
+"""The plugin and the agent run as root on every node: neither ever runs a shell or another program."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "cni_redirect"
+FORBIDDEN_MODULES = {"subprocess", "pty", "pexpect", "shlex"}
+FORBIDDEN_CALLS = {"system", "popen", "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "spawnv",
+                   "spawnve", "posix_spawn", "posix_spawnp", "fork", "forkpty"}  # fmt: skip
+
+
+def test_no_module_imports_a_process_launcher_or_calls_exec():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names = {(node.module or "").split(".")[0]}
+            elif isinstance(node, ast.Attribute) and node.attr in FORBIDDEN_CALLS:
+                offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
+                continue
+            else:
+                continue
+            if names & FORBIDDEN_MODULES:
+                offenders.append(f"{path.name}:{node.lineno} imports {sorted(names & FORBIDDEN_MODULES)}")
+    assert not offenders, offenders

@@ -3,6 +3,7 @@
 CLI subcommands:
   render   print the exact table a pod would get, without applying anything
   install  the node agent: install the plugin, chain it into the node's CNI config, keep it there
+  agent    serve CNI requests from the thin front on a UNIX socket, without installing anything
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(sys.argv[1:] if argv is None else argv)
 
 
-def run_cni() -> int:
+def run_cni(stdin: bytes | None = None) -> int:
+    """Do the CNI command in this process (no agent configured, or DEL without one)."""
     from .plugin import RedirectPlugin
     from .skel import dispatch
 
-    stdin = sys.stdin.buffer.read()
-    return dispatch(RedirectPlugin(), os.environ, stdin, sys.stdout, sys.stderr)
+    data = sys.stdin.buffer.read() if stdin is None else stdin
+    code = dispatch(RedirectPlugin(), os.environ, data, sys.stdout, sys.stderr)
+    sys.stdout.flush()
+    return code
 
 
 def run_cli(argv: Sequence[str]) -> int:
@@ -52,6 +56,8 @@ def run_cli(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.command == "install":
         return _install(args)
+    if args.command == "agent":
+        return _agent(args)
     return _render(args)
 
 
@@ -86,6 +92,13 @@ def _add_install_parser(commands) -> None:
     )
     install.add_argument("--uninstall-grace", type=float, default=float(_env("UNINSTALL_GRACE", "2") or 2))
     install.add_argument("--poll-interval", type=float, default=float(_env("POLL_INTERVAL", "0.2") or 0.2))
+    install.add_argument(
+        "--agent-socket",
+        default=_env("AGENT_SOCKET"),
+        help="also serve CNI requests on this UNIX socket (e.g. /run/cni-redirect/agent.sock): the fast path",
+    )
+    agent = commands.add_parser("agent", help="serve CNI requests for the thin front on a UNIX socket (no installing)")
+    agent.add_argument("--socket", default=_env("AGENT_SOCKET", "/run/cni-redirect/agent.sock"))
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -103,8 +116,34 @@ def _install(args: argparse.Namespace) -> int:
         poll_interval=args.poll_interval,
         uninstall_on_exit=args.uninstall_on_exit == "true",
         uninstall_grace=args.uninstall_grace,
+        agent_socket=Path(args.agent_socket) if args.agent_socket else None,
     )
     return run(options)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from pathlib import Path
+
+    from .agent import AgentServer
+    from .installer import JsonLog, check_agent_socket
+
+    log = JsonLog()
+    try:
+        check_agent_socket(args.socket)
+    except ValueError as exc:
+        log("error", str(exc))
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server = AgentServer(Path(args.socket), log)
+    server.start()
+    stop.wait()
+    server.stop()
+    log("info", "agent stopped", served=server.served, failed=server.failed)
+    return 0
 
 
 def _load_entry(path: str | None) -> dict:

@@ -51,6 +51,7 @@ class Options:
     wait_log_interval: float = 5.0
     uninstall_on_exit: bool = True
     uninstall_grace: float = 2.0
+    agent_socket: Path | None = None  # serve CNI requests here (the warm fast path)
 
 
 class JsonLog:
@@ -328,6 +329,15 @@ class Installer:
         return False
 
 
+def check_agent_socket(path: str) -> str:
+    """The front only talks to sockets it can trust: root's directory, a plain path."""
+    from .front import SOCKET_DIRS
+
+    if not path.startswith(SOCKET_DIRS) or "/../" in path or not path.endswith(".sock") or '"' in path:
+        raise ValueError(f"--agent-socket {path!r} must be a .sock path under {' or '.join(SOCKET_DIRS)}")
+    return path
+
+
 def load_entry(path: Path | None) -> dict:
     """The admin's entry settings (ConfigMap), validated as the plugin will validate them."""
     from .config import parse_conf
@@ -371,11 +381,19 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
     stop = stop or threading.Event()
     try:
         ours = load_entry(options.entry_file)
+        if options.agent_socket is not None:
+            ours["agent_socket"] = check_agent_socket(str(options.agent_socket))
     except Exception as exc:
         message = getattr(exc, "msg", None) or str(exc)
         log("error", "invalid plugin settings; nothing installed", entry_file=str(options.entry_file), error=message)
         return 2
     installer = Installer(options, log, ours)
+    agent = None
+    if options.agent_socket is not None:
+        from .agent import AgentServer
+
+        agent = AgentServer(options.agent_socket, log)
+        agent.start()  # before our entry names it: the first ADD must find it listening
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
@@ -393,7 +411,9 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
     finally:
         if options.uninstall_on_exit:
             log("info", "stopping: uninstalling")
-            installer.uninstall()
+            installer.uninstall()  # the agent keeps serving through the grace period
+        if agent is not None:
+            agent.stop()
         if server:
             server.shutdown()
         log("info", "agent stopped")

@@ -1,7 +1,7 @@
-"""Entry point frozen into the bundle: the same `main` as the `cni-redirect` console script."""
+"""Entry point frozen into the bundle: the same thin front as the `cni-redirect` console script."""
 
 import sys
 
-from cni_redirect.cli import main
+from cni_redirect.front import main
 
 sys.exit(main())

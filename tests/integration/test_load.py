@@ -11,6 +11,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
+from cni_redirect.agent import AgentServer
 from cni_redirect.backend import KernelBackend
 from cni_redirect.logs import EventLog
 from cni_redirect.plugin import RedirectPlugin
@@ -18,6 +21,17 @@ from cni_redirect.skel import dispatch
 from tests.support import PLUGIN, Netns, enabled, plugin_conf, run_plugin
 
 PODS = 100
+
+
+def _open_fds() -> dict[str, str]:
+    """This process's open fds and what they point at (the listing's own dir fd excluded)."""
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue  # the dir fd of the listing itself, closed by now
+    return fds
 
 
 def _our_plugin_processes() -> list[int]:
@@ -32,12 +46,25 @@ def _our_plugin_processes() -> list[int]:
     return found
 
 
-def test_hundred_concurrent_adds_then_dels(host_unchanged):
+@pytest.fixture(params=["in-process", "agent"])
+def mode(request, host_unchanged):
+    """Every ADD a fresh plugin process; with "agent", the front forwards to a warm agent."""
+    if request.param == "in-process":
+        yield {}
+        return
+    server = AgentServer(Path(f"/run/cni-redirect/load-{os.getpid()}.sock"), lambda *a, **k: None)
+    server.start()
+    yield {"agent_socket": str(server.path), "_server": server}
+    server.stop()
+
+
+def test_hundred_concurrent_adds_then_dels(mode):
     netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    fds_before = len(os.listdir("/proc/self/fd"))
+    fds_before = _open_fds()
     pods = [Netns.create(f"load{i}") for i in range(PODS)]
     try:
-        confs = [plugin_conf(enabled(exclude_outbound_ports=str(30000 + i))) for i in range(PODS)]
+        entry = {k: v for k, v in mode.items() if not k.startswith("_")}
+        confs = [plugin_conf(enabled(exclude_outbound_ports=str(30000 + i)), **entry) for i in range(PODS)]
 
         def add(i: int):
             return run_plugin("ADD", pods[i].path, confs[i], container_id=f"load-{i}")
@@ -71,13 +98,17 @@ def test_hundred_concurrent_adds_then_dels(host_unchanged):
             pod.delete()
     latencies = sorted(r.seconds * 1000 for r in adds)
     p50, p99 = statistics.median(latencies), latencies[int(0.99 * len(latencies)) - 1]
+    label = "agent" if mode else "in-process"
     print(
-        f"\n[load] {PODS} parallel ADD: wall {add_wall:.1f} s, per-ADD p50 {p50:.0f} ms, p99 {p99:.0f} ms, "
+        f"\n[load:{label}] {PODS} parallel ADD: wall {add_wall:.1f} s, per-ADD p50 {p50:.0f} ms, p99 {p99:.0f} ms, "
         f"failures 0; {PODS} parallel DEL: wall {del_wall:.1f} s"
     )
     assert not _our_plugin_processes(), "plugin processes left running"
     assert (set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()) == netns_before
-    assert len(os.listdir("/proc/self/fd")) == fds_before
+    if mode:
+        server = mode["_server"]
+        assert (server.served, server.failed) == (2 * PODS, 0)
+    assert _open_fds() == fds_before
 
 
 def _rss_kb() -> int:

@@ -20,14 +20,8 @@ mkdir -p "$WORK/libs" && cp -L "$lib" "$WORK/libs/libnftables.so.1"
 "$PY" -m PyInstaller --version >/dev/null 2>&1 || "$PY" -m pip install -q --disable-pip-version-check "pyinstaller>=6,<7"
 
 rm -rf "$OUT/cni-redirect"
-"$PY" -m PyInstaller --noconfirm --clean --log-level WARN --onedir --name cni-redirect \
-  --distpath "$OUT" --workpath "$WORK" --specpath "$WORK" \
-  --add-binary "$WORK/libs/libnftables.so.1:." \
-  --hidden-import nftables \
-  --exclude-module pytest --exclude-module hypothesis --exclude-module jsonschema \
-  --exclude-module setuptools --exclude-module pyroute2.fixtures --exclude-module grpc \
-  --exclude-module readline --exclude-module tkinter \
-  "$PWD/install/bundle_entry.py"
+CNIR_LIBNFTABLES="$WORK/libs/libnftables.so.1" "$PY" -m PyInstaller --noconfirm --clean --log-level WARN \
+  --distpath "$OUT" --workpath "$WORK" install/cni-redirect.spec
 
 # libnftables is GPL-2.0: ship its license and where its source is, with those of every
 # shared library the bundle carries from the build machine's packages.

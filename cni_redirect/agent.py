@@ -18,6 +18,7 @@ import io
 import os
 import socket
 import stat
+import sys
 import threading
 from collections.abc import Callable
 from contextlib import suppress
@@ -156,7 +157,7 @@ class AgentServer:
 
 def _peer_uid(conn: socket.socket) -> int:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    return int.from_bytes(creds[4:8], "little")
+    return int.from_bytes(creds[4:8], sys.byteorder)
 
 
 def _read_request(conn: socket.socket) -> tuple[dict[str, str], bytes, list[int]]:

@@ -1,0 +1,382 @@
+"""Benchmarks with their baselines, in one run: ./scripts/bench.sh  ->  docs/benchmarks.md, docs/benchmarks.svg
+
+Every figure is measured in the same process run as its baseline and reported
+with p50/p95/p99 and as a ratio to that baseline. Nothing here asserts a time.
+
+1. ADD latency of the installed plugin (the bundle), fresh process, real netns,
+   full ruleset: through the agent and in-process; baselines: the bundle's bare
+   start (VERSION), Debian's Go portmap pass-through, nsenter + iptables-restore.
+2. ADD's share of a real containerd RunPodSandbox.
+3. A burst of 100 concurrent ADDs through the agent.
+4. Datapath: connections/s and throughput through capture with 1, 100, 10 000
+   excluded CIDRs and ports, nft sets against the same lists as linear iptables rules.
+5. Peak RSS of the plugin process and the agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cni_redirect.backend import KernelBackend  # noqa: E402
+from cni_redirect.config import PodRef, parse_conf  # noqa: E402
+from cni_redirect.plugin import decide  # noqa: E402
+from tests.support import PEER_V4, Netns, PodNetwork, enabled, plugin_conf  # noqa: E402
+
+TOOLS = REPO / "bench" / "tools.py"
+PORTMAP = "/usr/lib/cni/portmap"
+FULL = enabled(
+    exclude_outbound_cidrs="10.96.0.0/12,169.254.169.254",
+    exclude_outbound_ports="22,6443",
+    exclude_inbound_ports="15090,15021",
+    exclude_uids="1000",
+    proxy_gid="1337",
+    capture_dns="true",
+)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(values: list[float]) -> dict:
+    return {"n": len(values), "p50": pct(values, 50), "p95": pct(values, 95), "p99": pct(values, 99)}
+
+
+def spawn(argv: list[str], env: dict[str, str], stdin: bytes) -> tuple[float, int, int]:
+    """Run one process; return wall seconds, exit status and its peak RSS (KB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.stdin.write(stdin)
+    proc.stdin.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return elapsed, proc.returncode, usage.ru_maxrss
+
+
+def cni_env(command: str, netns: str) -> dict[str, str]:
+    return {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": "bench",
+        "CNI_NETNS": netns,
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": "/usr/lib/cni",
+        "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=bench",
+    }
+
+
+def iptables_rules(exclude_cidrs: list[str], exclude_ports: list[int]) -> str:
+    """The init-container approach: roughly what our table does, as linear iptables nat rules."""
+    lines = ["*nat", ":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]", ":CAPTURE_OUT - [0:0]", ":CAPTURE_IN - [0:0]"]
+    lines += ["-A OUTPUT -p tcp -j CAPTURE_OUT", "-A PREROUTING -p tcp -j CAPTURE_IN"]
+    lines += [
+        "-A CAPTURE_IN -p tcp --dport 15001 -j RETURN",
+        "-A CAPTURE_IN -p tcp --dport 15006 -j RETURN",
+        "-A CAPTURE_IN -p tcp -j REDIRECT --to-ports 15006",
+        "-A CAPTURE_OUT -o lo -s 127.0.0.6/32 -j RETURN",
+        "-A CAPTURE_OUT -o lo -j RETURN",
+        "-A CAPTURE_OUT -m owner --uid-owner 1337 -j RETURN",
+        "-A CAPTURE_OUT -d 127.0.0.0/8 -j RETURN",
+    ]
+    lines += [f"-A CAPTURE_OUT -d {cidr} -j RETURN" for cidr in exclude_cidrs]
+    lines += [f"-A CAPTURE_OUT -p tcp --dport {port} -j RETURN" for port in exclude_ports]
+    lines += ["-A CAPTURE_OUT -p tcp -j REDIRECT --to-ports 15001", "COMMIT", ""]
+    return "\n".join(lines)
+
+
+class Agent:
+    """The bundle's own agent process, warm, as the DaemonSet runs it."""
+
+    def __init__(self, bundle: Path) -> None:
+        self.path = Path(f"/run/cni-redirect/bench-{os.getpid()}.sock")
+        self.proc = subprocess.Popen(
+            [str(bundle), "agent", "--socket", str(self.path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 30
+        while not self.path.exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("the agent did not start")
+            time.sleep(0.05)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=10)
+
+
+def bench_add(bundle: Path, agent: Agent, runs: int) -> dict:
+    launcher = REPO / "bench" / "front_launcher.py"
+    via_agent = json.dumps(plugin_conf(FULL, agent_socket=str(agent.path))).encode()
+    in_process = json.dumps(plugin_conf(FULL)).encode()
+    portmap_conf = json.dumps(
+        {**plugin_conf(None), "type": "portmap", "capabilities": {"portMappings": True}, "snat": True}
+    ).encode()
+    spec = decide(parse_conf(plugin_conf(FULL)), PodRef("default", "bench", None)).ruleset
+    v4_excludes = ["10.96.0.0/12", "169.254.169.254/32"]
+    restore = iptables_rules(v4_excludes, [22, 6443]).encode()
+    variants = {
+        "bundle: bare start (VERSION)": ([str(bundle)], "VERSION", b'{"cniVersion":"1.0.0"}'),
+        "bundle: ADD via agent": ([str(bundle)], "ADD", via_agent),
+        "bundle: ADD in-process": ([str(bundle)], "ADD", in_process),
+        "python3 -I -S: bare start (VERSION)": (["/usr/bin/python3", "-I", "-S", str(launcher)], "VERSION", b"{}"),
+        "python3 -I -S: ADD via agent": (["/usr/bin/python3", "-I", "-S", str(launcher)], "ADD", via_agent),
+        "venv console script: ADD via agent": ([str(REPO / ".venv/bin/cni-redirect")], "ADD", via_agent),
+        "Go portmap: pass-through ADD": ([PORTMAP], "ADD", portmap_conf),
+        "init-container way: nsenter + iptables-restore": (None, "ADD", restore),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    rss: dict[str, int] = dict.fromkeys(variants, 0)
+    failures: dict[str, int] = dict.fromkeys(variants, 0)
+    names = list(variants)
+    for index in range(runs):
+        random.Random(index).shuffle(names)  # interleaved, in a different order each round
+        for name in names:
+            argv, command, stdin = variants[name]
+            ns = Netns.create("b")
+            try:
+                if argv is None:
+                    argv = ["nsenter", f"--net={ns.path}", "iptables-restore"]
+                seconds, code, peak = spawn(argv, cni_env(command, ns.path), stdin)
+                ok = code == 0
+                ours = name.endswith(("ADD via agent", "ADD in-process"))
+                if ok and ours and KernelBackend().read(ns.path) != _normalized(spec):
+                    ok = False  # a fast wrong answer is no answer
+                samples[name].append(seconds * 1000)
+                rss[name] = max(rss[name], peak)
+                failures[name] += 0 if ok else 1
+            finally:
+                ns.delete()
+    floor = statistics.median(samples["bundle: bare start (VERSION)"])
+    return {
+        name: {
+            **summary(values),
+            "ratio_to_bundle_start": statistics.median(values) / floor,
+            "peak_rss_kb": rss[name],
+            "failures": failures[name],
+        }
+        for name, values in samples.items()
+    }
+
+
+def _normalized(ruleset):
+    from cni_redirect.backend import normalize
+
+    return normalize(ruleset.objects())
+
+
+def bench_burst(bundle: Path, agent: Agent, pods: int = 100) -> dict:
+    namespaces = [Netns.create(f"burst{i}") for i in range(pods)]
+    try:
+        confs = [
+            json.dumps(
+                plugin_conf(enabled(exclude_outbound_ports=str(30000 + i)), agent_socket=str(agent.path))
+            ).encode()
+            for i in range(pods)
+        ]
+        cpu_before = agent.cpu_seconds()
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=pods) as pool:
+            results = list(
+                pool.map(lambda i: spawn([str(bundle)], cni_env("ADD", namespaces[i].path), confs[i]), range(pods))
+            )
+        wall = time.perf_counter() - start
+        cpu = agent.cpu_seconds() - cpu_before
+        failures = sum(1 for _, code, _ in results if code != 0)
+        wrong = 0
+        for i, ns in enumerate(namespaces):
+            listing = KernelBackend().read(ns.path) or []
+            sets = [o["set"] for o in listing if "set" in o and o["set"]["name"] == "out_exclude_ports"]
+            wrong += 0 if sets and sets[0]["elem"] == [30000 + i] else 1
+    finally:
+        for ns in namespaces:
+            ns.delete()
+    latencies = [seconds * 1000 for seconds, _, _ in results]
+    return {
+        "pods": pods,
+        "wall_s": wall,
+        **summary(latencies),
+        "failures": failures,
+        "wrong_tables": wrong,
+        "agent_cpu_s": cpu,
+        "agent_peak_rss_kb": agent.peak_rss_kb(),
+    }
+
+
+def bench_datapath(seconds: float, sizes: tuple[int, ...]) -> list[dict]:
+    net = PodNetwork.create()
+    procs = []
+    rows = []
+
+    def helper(*args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, str(TOOLS), *args], stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        return proc
+
+    def measure(label: str, mechanism: str, size: int) -> None:
+        rates = []
+        for _ in range(3):
+            out = subprocess.run(
+                [sys.executable, str(TOOLS), "connect", net.pod.path, "1000", PEER_V4, "8080", str(seconds)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rates.append(float(out.stdout))
+        mbps = float(
+            subprocess.run(
+                [sys.executable, str(TOOLS), "stream", net.pod.path, "1000", PEER_V4, "8080", "512"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        rows.append(
+            {
+                "config": label,
+                "mechanism": mechanism,
+                "excluded": size,
+                "conn_per_s": statistics.median(rates),
+                "conn_samples": rates,
+                "throughput_mb_s": mbps,
+            }
+        )
+
+    try:
+        for ns, uid in ((net.pod, "1337"), (net.peer, "0")):
+            port = "15001" if ns is net.pod else "8080"
+            proc = helper("sink", ns.path, uid, port)
+            assert proc.stdout.readline().strip() == "ready"
+        measure("direct, no capture", "none", 0)
+        backend = KernelBackend()
+        for size in sizes:
+            cidrs = [f"172.{16 + (2 * i) // 65536}.{((2 * i) // 256) % 256}.{(2 * i) % 256}/32" for i in range(size)]
+            ports = [20000 + 2 * i for i in range(size)]
+            conf = plugin_conf(
+                enabled(exclude_outbound_cidrs=",".join(cidrs), exclude_outbound_ports=",".join(map(str, ports)))
+            )
+            ruleset = decide(parse_conf(conf), PodRef("default", "b", None)).ruleset
+            backend.apply(net.pod.path, ruleset)
+            measure(f"nft sets, {size} CIDRs + {size} ports excluded", "nft", size)
+            backend.remove(net.pod.path)
+            restore = iptables_rules(cidrs, ports)
+            subprocess.run(
+                ["nsenter", f"--net={net.pod.path}", "iptables-restore"], input=restore, text=True, check=True
+            )
+            measure(f"iptables linear, {size} CIDRs + {size} ports excluded", "iptables", size)
+            subprocess.run(["nsenter", f"--net={net.pod.path}", "iptables", "-t", "nat", "-F"], check=True)
+            subprocess.run(["nsenter", f"--net={net.pod.path}", "iptables", "-t", "nat", "-X"], check=True)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        net.delete()
+    return rows
+
+
+def bench_run_pod_sandbox(bundle: Path, runs: int) -> dict:
+    from tests.e2e.harness import Containerd, compile_cri, conflist, new_workdir
+    from tests.e2e.host import HostSnapshot
+
+    snapshot = HostSnapshot.take()
+    workdir = new_workdir()
+    runtime = Containerd(workdir)
+    agent = None
+    client = None
+    results: dict[str, list[float]] = {}
+    try:
+        runtime.start()
+        link = runtime.bin_dir / "cni-redirect"
+        link.unlink()
+        link.symlink_to(bundle)  # the installed plugin is the bundle
+        client = runtime.connect(*compile_cri(Path(tempfile.mkdtemp(prefix="cri-"))))
+        agent = Agent(bundle)
+        annotations = FULL
+
+        def timed(label: str, entry: dict | None) -> None:
+            runtime.write_conflist(conflist(workdir, with_plugin=entry is not None, **(entry or {})))
+            time.sleep(2)
+            client.wait_for_reload(expect_plugin=entry is not None)
+            samples = []
+            for index in range(runs):
+                start = time.perf_counter()
+                pod = client.run_pod(f"bench-{label}-{index}", annotations=annotations)
+                samples.append((time.perf_counter() - start) * 1000)
+                client.stop_pod(pod)
+                client.remove_pod(pod)
+            results[label] = samples
+
+        timed("without cni-redirect", None)
+        timed("cni-redirect via agent", {"agent_socket": str(agent.path)})
+        timed("cni-redirect in-process", {})
+    finally:
+        if agent:
+            agent.stop()
+        if client:
+            client.remove_all()
+        runtime.stop()
+        snapshot.restore()
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    base = statistics.median(results["without cni-redirect"])
+    return {label: {**summary(v), "ratio": statistics.median(v) / base} for label, v in results.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bundle", type=Path, default=REPO / "build" / "bundle" / "cni-redirect" / "cni-redirect")
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--pod-runs", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, default=REPO / "docs")
+    args = parser.parse_args()
+    assert os.geteuid() == 0, "benchmarks need root"
+    results: dict = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release}}
+    agent = Agent(args.bundle)
+    try:
+        print("ADD latency ...", flush=True)
+        results["add"] = bench_add(args.bundle, agent, args.runs)
+        print("burst ...", flush=True)
+        results["burst"] = bench_burst(args.bundle, agent)
+    finally:
+        agent.stop()
+    print("RunPodSandbox ...", flush=True)
+    results["run_pod_sandbox"] = bench_run_pod_sandbox(args.bundle, args.pod_runs)
+    print("datapath ...", flush=True)
+    results["datapath"] = bench_datapath(args.seconds, (1, 100, 10000))
+    args.out.mkdir(exist_ok=True)
+    (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))
+    from bench.report import write_report
+
+    write_report(results, args.out)
+    print(f"wrote {args.out / 'benchmarks.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Benchmarks (not part of CI): builds the bundle, then writes docs/benchmarks.md, .svg and .json.
+# Extra args go to bench/bench.py (e.g. --runs 50 for a quick look). Takes about 10 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" -eq 0 ] || { echo "bench: must run as root" >&2; exit 1; }
+scripts/setup.sh
+.venv/bin/python -c "import matplotlib" 2>/dev/null || .venv/bin/python -m pip install -q --disable-pip-version-check matplotlib
+install/build-bundle.sh build/bundle
+exec .venv/bin/python bench/bench.py "$@"

@@ -57,16 +57,17 @@ def summary(values: list[float]) -> dict:
     return {"n": len(values), "p50": pct(values, 50), "p95": pct(values, 95), "p99": pct(values, 99)}
 
 
-def spawn(argv: list[str], env: dict[str, str], stdin: bytes) -> tuple[float, int, int]:
-    """Run one process; return wall seconds, exit status and its peak RSS (KB)."""
+def spawn(argv: list[str], env: dict[str, str], stdin: bytes) -> tuple[float, int]:
+    """Run one process; return wall seconds and exit status."""
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc.stdin.write(stdin)
-    proc.stdin.close()
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return elapsed, proc.returncode, usage.ru_maxrss
+    proc = subprocess.run(argv, env=env, input=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start, proc.returncode
+
+
+def peak_rss_kb(argv: list[str], env: dict[str, str], stdin: bytes) -> int:
+    """Peak RSS of the exec'd program itself, as GNU time reports it (wait4 from a small parent)."""
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *argv], env=env, input=stdin, capture_output=True)
+    return int(proc.stderr.decode().strip().splitlines()[-1])
 
 
 def cni_env(command: str, netns: str) -> dict[str, str]:
@@ -161,14 +162,15 @@ def bench_add(bundle: Path, agent: Agent, runs: int) -> dict:
             try:
                 if argv is None:
                     argv = ["nsenter", f"--net={ns.path}", "iptables-restore"]
-                seconds, code, peak = spawn(argv, cni_env(command, ns.path), stdin)
+                seconds, code = spawn(argv, cni_env(command, ns.path), stdin)
                 ok = code == 0
                 ours = name.endswith(("ADD via agent", "ADD in-process"))
                 if ok and ours and KernelBackend().read(ns.path) != _normalized(spec):
                     ok = False  # a fast wrong answer is no answer
                 samples[name].append(seconds * 1000)
-                rss[name] = max(rss[name], peak)
                 failures[name] += 0 if ok else 1
+                if index < 3:
+                    rss[name] = max(rss[name], peak_rss_kb(argv, cni_env(command, ns.path), stdin))
             finally:
                 ns.delete()
     floor = statistics.median(samples["bundle: bare start (VERSION)"])
@@ -206,7 +208,7 @@ def bench_burst(bundle: Path, agent: Agent, pods: int = 100) -> dict:
             )
         wall = time.perf_counter() - start
         cpu = agent.cpu_seconds() - cpu_before
-        failures = sum(1 for _, code, _ in results if code != 0)
+        failures = sum(1 for _, code in results if code != 0)
         wrong = 0
         for i, ns in enumerate(namespaces):
             listing = KernelBackend().read(ns.path) or []
@@ -215,7 +217,7 @@ def bench_burst(bundle: Path, agent: Agent, pods: int = 100) -> dict:
     finally:
         for ns in namespaces:
             ns.delete()
-    latencies = [seconds * 1000 for seconds, _, _ in results]
+    latencies = [seconds * 1000 for seconds, _ in results]
     return {
         "pods": pods,
         "wall_s": wall,
@@ -271,6 +273,8 @@ def bench_datapath(seconds: float, sizes: tuple[int, ...]) -> list[dict]:
             port = "15001" if ns is net.pod else "8080"
             proc = helper("sink", ns.path, uid, port)
             assert proc.stdout.readline().strip() == "ready"
+        measure("warm-up (discarded)", "none", 0)
+        rows.clear()
         measure("direct, no capture", "none", 0)
         backend = KernelBackend()
         for size in sizes:
@@ -347,6 +351,34 @@ def bench_run_pod_sandbox(bundle: Path, runs: int) -> dict:
     return {label: {**summary(v), "ratio": statistics.median(v) / base} for label, v in results.items()}
 
 
+def profile_front(agent: Agent) -> dict:
+    """Where a via-agent ADD spends its time: interpreter start, our imports (-X importtime), the rest."""
+    launcher = REPO / "bench" / "front_launcher.py"
+    ns = Netns.create("prof")
+    try:
+        conf = json.dumps(plugin_conf(FULL, agent_socket=str(agent.path))).encode()
+        proc = subprocess.run(
+            ["/usr/bin/python3", "-I", "-S", "-X", "importtime", str(launcher)],
+            env=cni_env("ADD", ns.path),
+            input=conf,
+            capture_output=True,
+        )
+    finally:
+        ns.delete()
+    rows = [line for line in proc.stderr.decode().splitlines() if line.startswith("import time:")]
+    parsed = []
+    for line in rows[1:]:  # the first line is the header
+        first, cumulative_us, name = line.split("|")
+        parsed.append((int(cumulative_us), int(first.rsplit(":", 1)[1]), name.strip()))
+    total_imports = sum(self_us for _, self_us, _ in parsed)
+    bare = [spawn(["/usr/bin/python3", "-I", "-S", "-c", "pass"], {}, b"")[0] * 1000 for _ in range(50)]
+    return {
+        "python_bare_start_ms": statistics.median(bare),
+        "all_imports_ms": total_imports / 1000,
+        "top_imports": sorted(parsed, reverse=True)[:8],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bundle", type=Path, default=REPO / "build" / "bundle" / "cni-redirect" / "cni-redirect")
@@ -363,6 +395,7 @@ def main() -> int:
         results["add"] = bench_add(args.bundle, agent, args.runs)
         print("burst ...", flush=True)
         results["burst"] = bench_burst(args.bundle, agent)
+        results["profile"] = profile_front(agent)
     finally:
         agent.stop()
     print("RunPodSandbox ...", flush=True)

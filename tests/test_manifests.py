@@ -57,7 +57,7 @@ def test_least_privilege():
     assert security["capabilities"] == {"drop": ["ALL"]}, "no NET_ADMIN: the agent touches files, not networks"
     assert security["readOnlyRootFilesystem"] is True
     host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
-    assert host_paths == {"cni-bin": "/opt/cni/bin", "cni-conf": "/etc/cni/net.d"}
+    assert host_paths == {"cni-bin": "/opt/cni/bin", "cni-conf": "/etc/cni/net.d", "log": "/var/log/cni-redirect"}
 
 
 def test_runs_on_every_node_early_and_reports_readiness():
@@ -81,27 +81,63 @@ def test_configmap_entry_is_valid_plugin_settings(tmp_path):
     assert "cni-redirect" in json.loads(entry)["exclude_namespaces"]
 
 
-def _merge_volumes(target: dict, patch: dict) -> dict:
-    """The strategic merge kustomize does for these patches: volumes merge by name."""
-    merged = copy.deepcopy(target)
-    volumes = {v["name"]: v for v in merged["spec"]["template"]["spec"]["volumes"]}
-    for volume in patch["spec"]["template"]["spec"]["volumes"]:
-        assert volume["name"] in volumes, f"patch names a volume the DaemonSet lacks: {volume['name']}"
-        volumes[volume["name"]].update(volume)
-    return merged
+def strategic_merge(target, patch):
+    """The part of kustomize's strategic merge these patches use: maps merge, named lists merge by name."""
+    if isinstance(target, dict) and isinstance(patch, dict):
+        return {**target, **{k: strategic_merge(target[k], v) if k in target else v for k, v in patch.items()}}
+    if isinstance(target, list) and isinstance(patch, list) and all(isinstance(i, dict) and "name" in i for i in patch):
+        merged = {item["name"]: item for item in target}
+        for item in patch:
+            merged[item["name"]] = strategic_merge(merged[item["name"]], item) if item["name"] in merged else item
+        return list(merged.values())
+    return copy.deepcopy(patch)
 
 
-@pytest.mark.parametrize("overlay", sorted(p.name for p in (K8S / "overlays").iterdir()))
-def test_overlays_patch_only_host_paths_and_stay_valid(overlay):
+PATH_OVERLAYS = ["gke", "k3s", "openshift"]
+
+
+def overlay_daemonset(overlay: str) -> dict:
     directory = K8S / "overlays" / overlay
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     assert kustomization["resources"] == ["../.."]
+    merged = daemonset()
     for entry in kustomization["patches"]:
         (patch,) = documents(directory / entry["path"])
-        assert (patch["kind"], patch["metadata"]["name"]) == ("DaemonSet", daemonset()["metadata"]["name"])
-        merged = _merge_volumes(daemonset(), patch)
-        kubernetes_validate.validate(merged, KUBERNETES_VERSIONS[-1], strict=True)
-        paths = {
-            v["name"]: v["hostPath"]["path"] for v in merged["spec"]["template"]["spec"]["volumes"] if "hostPath" in v
-        }
-        assert paths != {"cni-bin": "/opt/cni/bin", "cni-conf": "/etc/cni/net.d"}
+        assert (patch["kind"], patch["metadata"]["name"]) == ("DaemonSet", merged["metadata"]["name"])
+        merged = strategic_merge(merged, patch)
+    return merged
+
+
+def test_every_overlay_is_tested():
+    assert sorted(p.name for p in (K8S / "overlays").iterdir()) == sorted([*PATH_OVERLAYS, "agent"])
+
+
+@pytest.mark.parametrize("overlay", PATH_OVERLAYS)
+def test_path_overlays_patch_only_host_paths_and_stay_valid(overlay):
+    merged = overlay_daemonset(overlay)
+    kubernetes_validate.validate(merged, KUBERNETES_VERSIONS[-1], strict=True)
+    spec = merged["spec"]["template"]["spec"]
+    assert spec["containers"] == daemonset()["spec"]["template"]["spec"]["containers"]
+    paths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    assert paths["cni-bin"] != "/opt/cni/bin" or paths["cni-conf"] != "/etc/cni/net.d"
+
+
+def test_agent_overlay_adds_exactly_what_serving_requests_needs():
+    merged = overlay_daemonset("agent")
+    kubernetes_validate.validate(merged, KUBERNETES_VERSIONS[-1], strict=True)
+    (container,) = merged["spec"]["template"]["spec"]["containers"]
+    security = container["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN"]}
+    assert security["privileged"] is False and security["allowPrivilegeEscalation"] is False
+    env = {e["name"]: e["value"] for e in container["env"]}
+    socket_dir = env["AGENT_SOCKET"].rsplit("/", 1)[0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["agent-socket"] == socket_dir
+    host_paths = {
+        v["name"]: v["hostPath"]["path"] for v in merged["spec"]["template"]["spec"]["volumes"] if "hostPath" in v
+    }
+    assert host_paths["agent-socket"] == socket_dir
+    assert "hostPID" not in merged["spec"]["template"]["spec"], "the netns arrives as an fd: no hostPID"
+    from cni_redirect.installer import check_agent_socket
+
+    check_agent_socket(env["AGENT_SOCKET"])

@@ -406,3 +406,23 @@ def test_symlinked_primary_pointing_outside_is_left_untouched(host, tmp_path):
     assert not installer.reconcile()
     assert "outside --cni-conf-dir" in installer.ready_reason
     assert outside.read_bytes() == original and (host.conf / "10-flannel.conflist").is_symlink()
+
+
+def test_agent_socket_is_served_and_named_in_the_entry(host):
+    socket_path = Path(f"/run/cni-redirect/installer-{os.getpid()}.sock")
+    host.put("10-calico.conflist")
+    agent = Agent(host, agent_socket=socket_path)
+    try:
+        wait_for(lambda: bool(host.entries("10-calico.conflist")))
+        (entry,) = host.entries("10-calico.conflist")
+        assert entry["agent_socket"] == str(socket_path)
+        assert socket_path.is_socket() and (socket_path.stat().st_mode & 0o777) == 0o600
+    finally:
+        assert agent.terminate() == 0
+    assert not socket_path.exists()
+
+
+def test_agent_socket_outside_the_trusted_dir_is_refused(host):
+    agent = Agent(host, agent_socket=Path("/tmp/agent.sock"))
+    assert agent.terminate() == 2
+    assert any("--agent-socket" in e.get("error", "") for e in host.events())

@@ -1,18 +1,21 @@
 """The node agent live: installed against containerd's own dirs, then SIGTERMed.
 
 This is what the DaemonSet does on a node, minus Kubernetes: the agent is the
-bundle's own executable (as in the image), the node's CNI config starts
-without us, and containerd reloads it live.
+bundle's own executable (as in the image), serving requests on its socket as
+with the `agent` overlay; the node's CNI config starts without us, and
+containerd reloads it live.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from tests.support import Netns
 
@@ -47,6 +50,7 @@ def test_agent_installs_into_containerd_and_uninstalls_on_sigterm(bare_container
     before = bare_containerd.run_pod("before-install", annotations={"cni-redirect.io/enabled": "true"})
     assert "cni_redirect" not in Netns.at(bare_containerd.netns(before)).ruleset()
 
+    agent_socket = Path(f"/run/cni-redirect/live-{os.getpid()}.sock")
     agent_log = (tmp_path / "agent.log").open("w")
     agent = subprocess.Popen(
         [
@@ -58,6 +62,7 @@ def test_agent_installs_into_containerd_and_uninstalls_on_sigterm(bare_container
             f"--entry-file={entry_file}",
             f"--readiness-port={READINESS_PORT}",
             "--uninstall-grace=1",
+            f"--agent-socket={agent_socket}",
         ],
         stdout=agent_log,
         stderr=subprocess.STDOUT,
@@ -67,6 +72,7 @@ def test_agent_installs_into_containerd_and_uninstalls_on_sigterm(bare_container
         document = json.loads(conflist_path.read_text())
         assert [p["type"] for p in document["plugins"]][-1] == "cni-redirect"
         assert (runtime.bin_dir / "cni-redirect").resolve().is_file()
+        assert document["plugins"][-1]["agent_socket"] == str(agent_socket), "pods go through the warm agent"
 
         bare_containerd.wait_for_reload(expect_plugin=True)
         captured = bare_containerd.run_pod("after-install", annotations={"cni-redirect.io/enabled": "true"})
@@ -81,6 +87,8 @@ def test_agent_installs_into_containerd_and_uninstalls_on_sigterm(bare_container
     assert not (runtime.bin_dir / "cni-redirect").exists()
     assert not list(runtime.bin_dir.glob("cni-redirect-bundle-*"))
     assert any(line["msg"] == "agent stopped" for line in lines)
+    assert any(line["msg"] == "agent serving CNI requests" for line in lines)
+    assert not agent_socket.exists()
 
     bare_containerd.wait_for_reload(expect_plugin=False)
     after = bare_containerd.run_pod("after-uninstall", annotations={"cni-redirect.io/enabled": "true"})

@@ -21,6 +21,15 @@ def host_snapshot():
     return HostSnapshot.take()
 
 
+def _tear_down(runtime, host_snapshot: HostSnapshot, workdir) -> None:
+    """Stop the runtime, undo what it left on the host, and prove the host is as it was."""
+    runtime.stop()
+    host_snapshot.restore()
+    shutil.rmtree(workdir, ignore_errors=True)
+    problems = host_snapshot.differences()
+    assert not problems, f"{type(runtime).__name__} left the host changed: {problems}"
+
+
 def _containerd(host_snapshot, tmp_path_factory, with_plugin: bool):
     workdir = new_workdir()
     runtime = Containerd(workdir, with_plugin=with_plugin)
@@ -36,11 +45,7 @@ def _containerd(host_snapshot, tmp_path_factory, with_plugin: bool):
                 client.remove_all()
                 client.channel.close()
         finally:
-            runtime.stop()
-            host_snapshot.restore()
-            shutil.rmtree(workdir, ignore_errors=True)
-    problems = host_snapshot.differences()
-    assert not problems, f"the e2e tier left the host changed: {problems}"
+            _tear_down(runtime, host_snapshot, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +70,4 @@ def podman(host_snapshot):
         runtime.start()
         yield runtime
     finally:
-        runtime.stop()
-        host_snapshot.restore()
-        shutil.rmtree(workdir, ignore_errors=True)
-    problems = host_snapshot.differences()
-    assert not problems, f"the podman tier left the host changed: {problems}"
+        _tear_down(runtime, host_snapshot, workdir)

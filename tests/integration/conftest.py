@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.support import PLUGIN, PodNetwork, Processes, host_ruleset
+from tests.support import PLUGIN, Netns, PodNetwork, Processes, host_ruleset
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,6 +28,14 @@ def host_unchanged():
     before = host_ruleset()
     yield
     assert host_ruleset() == before, "the host ruleset changed"
+
+
+@pytest.fixture
+def pod(host_unchanged):
+    """A bare pod netns (lo only), removed afterwards."""
+    ns = Netns.create("pod")
+    yield ns
+    ns.delete()
 
 
 @pytest.fixture

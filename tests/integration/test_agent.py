@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cni_redirect.agent import AgentServer
-from tests.support import PEER_V4, Netns, connect, enabled, plugin_conf, run_plugin
+from tests.support import PEER_V4, connect, enabled, plugin_conf, run_plugin
 
 
 class Log:
@@ -36,13 +36,6 @@ def agent(host_unchanged):
 
 def via(agent, annotations=None, **entry):
     return plugin_conf(annotations, agent_socket=str(agent.path), **entry)
-
-
-@pytest.fixture
-def pod(host_unchanged):
-    ns = Netns.create("pod")
-    yield ns
-    ns.delete()
 
 
 def test_socket_is_root_only(agent):

@@ -21,13 +21,6 @@ from tests.test_hostile_input import INJECTIONS
 from tests.test_ruleset import render
 
 
-@pytest.fixture
-def pod(host_unchanged):
-    ns = Netns.create("pod")
-    yield ns
-    ns.delete()
-
-
 def test_netns_vanishing_between_open_and_transaction(pod):
     """Our fd keeps the namespace alive: the ADD completes there, and nothing reaches the host."""
 

@@ -8,16 +8,9 @@ import os
 import pytest
 
 from cni_redirect.result import SUPPORTED_VERSIONS
-from tests.support import POD_V4, Netns, enabled, plugin_conf, run_plugin
+from tests.support import POD_V4, enabled, plugin_conf, run_plugin
 
 TABLE_LINE = "table inet cni_redirect"
-
-
-@pytest.fixture
-def pod(host_unchanged):
-    ns = Netns.create("pod")
-    yield ns
-    ns.delete()
 
 
 @pytest.mark.parametrize("version", SUPPORTED_VERSIONS)

@@ -8,15 +8,8 @@ import pytest
 
 from cni_redirect.backend import KernelBackend, normalize
 from tests.cases import CASES, GOLDEN_DIR
-from tests.support import Netns, sh
+from tests.support import sh
 from tests.test_ruleset import render
-
-
-@pytest.fixture
-def pod(host_unchanged):
-    ns = Netns.create("pod")
-    yield ns
-    ns.delete()
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -127,6 +127,10 @@ def _profile_lines(results: dict, floor: float, agent: dict) -> list[str]:
         f"{agent['p50'] - floor:.1f} ms over the bundle's start, {py - prof['python_bare_start_ms']:.1f} ms over "
         "python's.",
         "",
+        "- inside the bundle (a one-off `-X importtime` build, by hand): PyInstaller's bootstrap imports",
+        "  `ctypes` for its ctypes hook (3.9 ms) before our code runs; the rest of the bundle's start is",
+        "  the bootloader loading and initialising libpython.",
+        "",
         "So the interpreter start dominates. The 15 % pod-start target would need the front to start in",
         "a few milliseconds, which only a compiled front (like Debian's Go portmap, 4 ms) does; the work",
         "itself is already a few ms in the agent.",

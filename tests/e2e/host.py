@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,30 @@ def _tree(path: Path) -> set[Path] | None:
     return ({path} | set(path.rglob("*"))) if path.exists() else None
 
 
+RUNTIME_COMMANDS = {"containerd", "containerd-shim", "containerd-shim-runc-v2", "conmon", "runc", "pause", "podman",
+                    "sleep", "catatonit"}  # fmt: skip
+
+
+def _mounts() -> set[str]:
+    with open("/proc/self/mountinfo") as handle:
+        return {line.split()[4] for line in handle}
+
+
+def _runtime_processes() -> set[tuple[int, str]]:
+    """Processes a runtime tier could have left: (pid, command) of runtime-ish commands."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                comm = (entry / "comm").read_text().strip()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if comm in RUNTIME_COMMANDS and state != "Z":  # a zombie is dead, waiting for its reaper
+                found.add((int(entry.name), comm))
+    return found
+
+
 def _cgroups() -> set[Path]:
     return {p for p in CGROUP_ROOT.glob("*/*") if p.is_dir()}
 
@@ -60,6 +85,8 @@ class HostSnapshot:
     ip_forward: str
     trees: dict[Path, set[Path] | None]
     cgroups: set[Path]
+    mounts: set[str]
+    processes: set[tuple[int, str]]
 
     @classmethod
     def take(cls) -> HostSnapshot:
@@ -70,6 +97,8 @@ class HostSnapshot:
             ip_forward=IP_FORWARD.read_text().strip(),
             trees={path: _tree(path) for path in WATCHED_PATHS},
             cgroups=_cgroups(),
+            mounts=_mounts(),
+            processes=_runtime_processes(),
         )
 
     def restore(self) -> None:
@@ -94,7 +123,11 @@ class HostSnapshot:
         for path in sorted(_cgroups() - self.cgroups):
             _remove_cgroup(path)
 
-    def differences(self) -> list[str]:
+    def differences(self, settle: float = 10.0) -> list[str]:
+        # Shims and conmon exit on their own shortly after their sandbox is removed: give them a moment.
+        deadline = time.monotonic() + settle
+        while _runtime_processes() - self.processes and time.monotonic() < deadline:
+            time.sleep(0.1)
         now = HostSnapshot.take()
         problems = []
         if now.ruleset != self.ruleset:
@@ -109,4 +142,8 @@ class HostSnapshot:
                 problems.append(f"{path} changed: {sorted(map(str, changed))[:5]}")
         if now.cgroups != self.cgroups:
             problems.append(f"cgroups changed: {sorted(map(str, now.cgroups ^ self.cgroups))[:5]}")
+        if now.mounts != self.mounts:
+            problems.append(f"mounts changed: {sorted(now.mounts ^ self.mounts)[:5]}")
+        if now.processes - self.processes:
+            problems.append(f"runtime processes left running: {sorted(now.processes - self.processes)[:5]}")
         return problems

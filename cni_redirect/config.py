@@ -28,6 +28,7 @@ class PluginConf(BaseModel):
     cni_version: str = Field(alias="cniVersion")
     name: str = ""
     type: str = PLUGIN_TYPE
+    capabilities: dict[str, bool] = Field(default_factory=dict)
     defaults: dict[str, str] = Field(default_factory=dict)
     exclude_namespaces: list[str] = Field(default_factory=lambda: ["kube-system"])
     annotation_policy: Literal["open", "restricted"] = "open"

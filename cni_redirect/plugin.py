@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from .backend import Backend, KernelBackend, normalize
-from .config import PluginConf, PodRef, parse_cni_args, parse_conf, pod_ref
+from .config import ANNOTATIONS_CAPABILITY, PluginConf, PodRef, parse_cni_args, parse_conf, pod_ref
 from .errors import CniError, InternalError, InvalidConfig
 from .logs import EventLog
 from .result import convert_result
@@ -40,6 +40,12 @@ def decide(conf: PluginConf, pod: PodRef, log: EventLog | None = None) -> Decisi
             log.log("info", NO_NAMESPACE_NOTE)
     elif pod.namespace in conf.exclude_namespaces:
         return Decision(None, f"skipped: namespace {pod.namespace} is in exclude_namespaces")
+    if log and not conf.capabilities.get(ANNOTATIONS_CAPABILITY):
+        log.log(
+            "warning",
+            f'conflist entry lacks "capabilities": {{"{ANNOTATIONS_CAPABILITY}": true}}: '
+            "the runtime passes no pod annotations, only defaults apply",
+        )
     settings, ignored = merge_settings(conf.defaults, conf.annotations(), conf.annotation_policy)
     if ignored and log:
         log.log("warning", f"annotation_policy restricted: ignored {', '.join(sorted(ignored))}")

@@ -191,3 +191,13 @@ def test_podman_style_args_note_the_missing_namespace(tmp_path):
     assert rc == 0 and backend.calls == [("apply", NETNS)]
     event = json.loads(log.read_text())
     assert event["pod"] == "-/box" and "exclude_namespaces does not apply" in event["note"]
+
+
+def test_missing_annotations_capability_is_warned_about():
+    conf = plugin_conf(None, defaults={"enabled": "true"})
+    del conf["capabilities"]
+    rc, _, backend, err = call("ADD", conf)
+    assert rc == 0 and backend.calls == [("apply", NETNS)]
+    assert "lacks" in err and "io.kubernetes.cri.pod-annotations" in err
+    _, _, _, quiet = call("ADD", plugin_conf(None, defaults={"enabled": "true"}))
+    assert "lacks" not in quiet

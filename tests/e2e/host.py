@@ -43,8 +43,10 @@ def _tree(path: Path) -> set[Path] | None:
     return ({path} | set(path.rglob("*"))) if path.exists() else None
 
 
+# Commands only a runtime tier starts here. A container's own process (busybox `sleep`) is not
+# listed: any shell on the host may run a `sleep`; its conmon and its cgroup are checked instead.
 RUNTIME_COMMANDS = {"containerd", "containerd-shim", "containerd-shim-runc-v2", "conmon", "runc", "pause", "podman",
-                    "sleep", "catatonit"}  # fmt: skip
+                    "catatonit"}  # fmt: skip
 
 
 def _mounts() -> set[str]:

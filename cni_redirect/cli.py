@@ -1,4 +1,4 @@
-"""`cni-redirect`: a CNI plugin when CNI_COMMAND is set, a small CLI otherwise.
+"""`cni-redirect` commands, and the in-process CNI path; `front.main` decides which runs.
 
 CLI subcommands:
   render   print the exact table a pod would get, without applying anything
@@ -15,25 +15,20 @@ import sys
 from collections.abc import Sequence
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    if "CNI_COMMAND" in os.environ:
-        return run_cni()
-    return run_cli(sys.argv[1:] if argv is None else argv)
-
-
-def run_cni(stdin: bytes | None = None) -> int:
+def run_cni(stdin: bytes) -> int:
     """Do the CNI command in this process (no agent configured, or DEL without one)."""
     from .plugin import RedirectPlugin
     from .skel import dispatch
 
-    data = sys.stdin.buffer.read() if stdin is None else stdin
-    code = dispatch(RedirectPlugin(), os.environ, data, sys.stdout, sys.stderr)
+    code = dispatch(RedirectPlugin(), os.environ, stdin, sys.stdout, sys.stderr)
     sys.stdout.flush()
     return code
 
 
 def run_cli(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cni-redirect", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="cni-redirect", description="cni-redirect: preview, install and serve transparent sidecar capture"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     render = commands.add_parser("render", help="print the nftables table a pod would get, applying nothing")
     render.add_argument(
@@ -189,7 +184,3 @@ def _render(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(decision.ruleset.to_text())
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

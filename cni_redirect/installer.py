@@ -68,8 +68,12 @@ class JsonLog:
             self.stream.flush()
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write beside the target, fsync, rename: readers see the old file or the new one, never half."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, expect: bytes | None = None) -> bool:
+    """Write beside the target, fsync, rename: readers see the old file or the new one, never half.
+
+    With `expect`, the rename happens only if the target still holds those bytes, so an edit
+    the primary CNI made since we read the file is not overwritten; returns whether it wrote.
+    """
     tmp = path.with_name(f".{path.name}.cni-redirect-tmp-{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
@@ -81,7 +85,11 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         finally:
             os.close(fd)
         os.chmod(tmp, mode)  # not subject to umask
+        if expect is not None and path.read_bytes() != expect:
+            tmp.unlink()
+            return False
         os.replace(tmp, path)
+        return True
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -238,7 +246,7 @@ class Installer:
             target = self._write(name, data, desired, single)
         except OSError as exc:
             return self._not_ready(f"cannot write into --cni-conf-dir {conf_dir}: {exc.strerror}")
-        return self._ready(target)
+        return self._ready(target) if target else False
 
     def _adopt(self, name: str, data: bytes, document: dict) -> None:
         """Our entry is already there (an agent restart): find the primary's bytes to restore later."""
@@ -256,8 +264,8 @@ class Installer:
                 continue
         self.managed = Managed(name, name, conflists.render(primary), data)
 
-    def _write(self, name: str, data: bytes, desired: dict, single: bool) -> str:
-        """Write our entry in; returns the file that now holds it."""
+    def _write(self, name: str, data: bytes, desired: dict, single: bool) -> str | None:
+        """Write our entry in; returns the file that now holds it, or None if the primary changed it meanwhile."""
         conf_dir = self.options.cni_conf_dir
         rendered = conflists.render(desired)
         source = self._real(name)
@@ -268,12 +276,14 @@ class Installer:
         original = self.managed.original if ours_already else data
         original_name = self.managed.original_name if ours_already else name
         write_atomic(self._backup(original_name), original, mode=0o600)
-        write_atomic(conf_dir / target if single else source, rendered, mode=mode)
         if single:
+            write_atomic(conf_dir / target, rendered, mode=mode)
             (conf_dir / name).unlink()
             self.log("info", "converted single-plugin config and added our entry", source=name, path=target)
-        else:
+        elif write_atomic(source, rendered, mode=mode, expect=data):
             self.log("info", "added our entry to the primary CNI config", path=name)
+        else:
+            return None  # the primary rewrote its file since we read it: the next pass reads the new one
         self.managed = Managed(target, original_name, original, rendered)
         return target
 

@@ -278,12 +278,15 @@ def test_agent_waits_for_primary_then_keeps_entry_through_50_rewrites(host, tmp_
         final = json.loads((host.conf / "10-calico.conflist").read_text())
         assert len([p for p in final["plugins"] if p["type"] == "cni-redirect"]) == 1
         assert final["plugins"][0]["mtu"] == 49, "the primary's last write is kept"
-        writes = [e for e in host.events() if e["msg"] == "added our entry to the primary CNI config"]
         print(f"\n[installer] re-insert latency over 50 rewrites: max {max(latencies) * 1000:.0f} ms")
+
+        def writes() -> int:
+            return sum(1 for e in host.events() if e["msg"] == "added our entry to the primary CNI config")
+
+        # One write for the first insert and one per rewrite; the log line follows the rename, so wait for it.
+        wait_for(lambda: writes() == 51)
         time.sleep(0.3)
-        assert len([e for e in host.events() if e["msg"] == "added our entry to the primary CNI config"]) == len(
-            writes
-        ), "no rewrite when nothing changed"
+        assert writes() == 51, "no rewrite when nothing changed"
     finally:
         assert agent.terminate() == 0
     last = json.loads(original)
@@ -426,3 +429,28 @@ def test_agent_socket_outside_the_trusted_dir_is_refused(host):
     agent = Agent(host, agent_socket=Path("/tmp/agent.sock"))
     assert agent.terminate() == 2
     assert any("--agent-socket" in e.get("error", "") for e in host.events())
+
+
+def test_an_edit_the_primary_makes_while_we_write_is_not_overwritten(host, monkeypatch):
+    from cni_redirect import installer as installer_module
+
+    original = host.put("10-calico.conflist")
+    installer = host.installer()
+    installer.install_binary()
+    edited = original.replace(b'"mtu": 0', b'"mtu": 1450')
+    real_write = installer_module.write_atomic
+
+    def primary_edits_first(path, data, mode=0o644, expect=None):
+        if expect is not None:  # just before our rename of the primary's file
+            (host.conf / "10-calico.conflist").write_bytes(edited)
+        return real_write(path, data, mode, expect)
+
+    monkeypatch.setattr(installer_module, "write_atomic", primary_edits_first)
+    assert not installer.reconcile(), "the pass that lost the race does not claim readiness"
+    assert (host.conf / "10-calico.conflist").read_bytes() == edited
+    monkeypatch.setattr(installer_module, "write_atomic", real_write)
+    assert installer.reconcile()
+    document = json.loads((host.conf / "10-calico.conflist").read_text())
+    assert document["plugins"][0]["mtu"] == 1450 and host.entries("10-calico.conflist")
+    installer.uninstall()
+    assert (host.conf / "10-calico.conflist").read_bytes() == edited

@@ -23,18 +23,16 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from cni_redirect.backend import KernelBackend  # noqa: E402
 from cni_redirect.config import PodRef, parse_conf  # noqa: E402
 from cni_redirect.plugin import decide  # noqa: E402
-from tests.support import PEER_V4, Netns, PodNetwork, enabled, plugin_conf  # noqa: E402
+from cni_redirect.testing.netlab import PEER_V4, Netns, PodNetwork, enabled, plugin_conf  # noqa: E402
 
 TOOLS = REPO / "bench" / "tools.py"
 PORTMAP = "/usr/lib/cni/portmap"
@@ -303,8 +301,8 @@ def bench_datapath(seconds: float, sizes: tuple[int, ...]) -> list[dict]:
 
 
 def bench_run_pod_sandbox(bundle: Path, runs: int) -> dict:
-    from tests.e2e.harness import Containerd, compile_cri, conflist, new_workdir
-    from tests.e2e.host import HostSnapshot
+    from cni_redirect.testing.containerd import Containerd, conflist, new_workdir
+    from cni_redirect.testing.host import HostSnapshot
 
     snapshot = HostSnapshot.take()
     workdir = new_workdir()
@@ -317,7 +315,7 @@ def bench_run_pod_sandbox(bundle: Path, runs: int) -> dict:
         link = runtime.bin_dir / "cni-redirect"
         link.unlink()
         link.symlink_to(bundle)  # the installed plugin is the bundle
-        client = runtime.connect(*compile_cri(Path(tempfile.mkdtemp(prefix="cri-"))))
+        client = runtime.connect()
         agent = Agent(bundle)
         annotations = FULL
 

@@ -1,20 +1,27 @@
-"""The only module that talks to the kernel: apply, read and remove our table.
+"""Programming our table: the `Backend` protocol, and the only code that talks to the kernel.
 
-`Backend` is the interface the plugin logic uses; `KernelBackend` is the real
-thing (pyroute2 setns + libnftables JSON in the pod netns), `MemoryBackend` a
-fake for logic tests. Every kernel change is one libnftables transaction.
+`Backend` is what the plugin logic uses. Both implementations run the same
+table operations (`TableOps`) over a libnftables-like `Nft`:
+
+- `KernelBackend`: vets and enters the pod netns, then opens a real
+  libnftables context there. How it reaches the netns (a CNI_NETNS path, or
+  an fd the front handed over) is a constructor argument;
+- `fake.MemoryBackend`: the same operations over a fake that runs each
+  transaction the way the kernel would, for logic tests.
+
+Every change is one libnftables transaction.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
-from .errors import InternalError, NotAvailable, TryAgainLater
-from .netns import NetnsGone, NotANetns, entered, open_netns
+from .errors import InternalError, NetnsGone, NotANetns, NotAvailable, TryAgainLater
+from .netns import NetnsOpener, entered, open_netns
 from .ruleset import FAMILY, TABLE, Ruleset
 
 _TRANSIENT = ("Device or resource busy", "Resource temporarily unavailable", "Interrupted system call")
@@ -34,6 +41,12 @@ class Backend(Protocol):
         """Raise NotAvailable if the backend cannot work on this node."""
 
 
+class Nft(Protocol):
+    """The one call of libnftables we use: run a JSON batch, get (rc, output, error)."""
+
+    def json_cmd(self, batch: dict) -> tuple[int, object, str]: ...
+
+
 def normalize(objects: list[dict]) -> list[dict]:
     """Make a listing comparable: no handles, counters zeroed, hash-set elements sorted."""
     out = []
@@ -50,108 +63,95 @@ def normalize(objects: list[dict]) -> list[dict]:
     return out
 
 
-class Nft:
-    """A libnftables context. Construct it only inside the target netns."""
+class TableOps:
+    """Our table's operations, over a real or fake libnftables context."""
 
-    def __init__(self) -> None:
-        try:
-            import nftables
-        except ImportError as exc:
-            raise NotAvailable(f"the nftables Python bindings cannot be imported: {exc}") from None
-        try:
-            self._nft = nftables.Nftables()
-        except OSError as exc:
-            raise NotAvailable(f"libnftables cannot be loaded: {exc}") from None
-        self._nft.set_handle_output(False)
-        # Listings must not depend on the node's /etc (protocols, services, passwd): CHECK compares them.
-        self._nft.set_numeric_proto_output(True)
-        self._nft.set_service_output(False)
-        self._nft.set_guid_output(False)
+    def __init__(self, nft: Nft) -> None:
+        self.nft = nft
 
     def run(self, batch: dict, what: str) -> list[dict]:
-        rc, output, error = self._nft.json_cmd(batch)
+        rc, output, error = self.nft.json_cmd(batch)
         if rc != 0:
             error = (error or "").strip()
             kind = TryAgainLater if any(marker in error for marker in _TRANSIENT) else InternalError
             raise kind(f"nftables rejected the {what} transaction", error[:2000])
         return output.get("nftables", []) if isinstance(output, dict) else []
 
-    def table_exists(self) -> bool:
+    def exists(self) -> bool:
         tables = self.run({"nftables": [{"list": {"tables": None}}]}, "list tables")
         return any(
             t.get("table", {}).get("family") == FAMILY and t.get("table", {}).get("name") == TABLE for t in tables
         )
 
     def apply(self, ruleset: Ruleset) -> None:
-        batch = ruleset.replace_batch() if self.table_exists() else ruleset.add_batch()
+        batch = ruleset.replace_batch() if self.exists() else ruleset.add_batch()
         self.run(batch, "apply")
 
     def remove(self) -> bool:
-        if not self.table_exists():
+        if not self.exists():
             return False
         self.run({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]}, "delete")
         return True
 
     def read(self) -> list[dict] | None:
-        if not self.table_exists():
+        if not self.exists():
             return None
         listing = self.run({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]}, "list")
         return normalize(listing)
 
 
-class KernelBackend:
-    """Real kernel access: vet the netns, enter it, then create the nft context."""
+def libnftables() -> Nft:
+    """A libnftables context. Create it only inside the target netns: its socket opens here."""
+    try:
+        import nftables
+    except ImportError as exc:
+        raise NotAvailable(f"the nftables Python bindings cannot be imported: {exc}") from None
+    try:
+        nft = nftables.Nftables()
+    except OSError as exc:
+        raise NotAvailable(f"libnftables cannot be loaded: {exc}") from None
+    nft.set_handle_output(False)
+    # Listings must not depend on the node's /etc (protocols, services, passwd): CHECK compares them.
+    nft.set_numeric_proto_output(True)
+    nft.set_service_output(False)
+    nft.set_guid_output(False)
+    return nft
 
-    def _open(self, netns: str) -> int:
-        """A vetted fd for the pod netns; raises before any nft call if it is wrong."""
-        return open_netns(netns)
+
+class KernelBackend:
+    """Real kernel access: vet the netns, enter it, then create the nft context.
+
+    `reach` turns CNI_NETNS into a vetted fd (a path opened here, or an fd the
+    front handed over); `context` makes the libnftables context once inside.
+    """
+
+    def __init__(self, reach: NetnsOpener = open_netns, context: Callable[[], Nft] | None = None) -> None:
+        self.reach = reach
+        self.context = context or libnftables
 
     @contextmanager
-    def _inside(self, netns: str) -> Iterator[Nft]:
-        fd = self._open(netns)
+    def _inside(self, netns: str) -> Iterator[TableOps]:
+        fd = self.reach(netns)  # raises before any nft call if the netns is wrong
         try:
             with entered(fd):
-                yield Nft()  # created after setns, so its socket lives in the pod netns
+                yield TableOps(self.context())  # created after setns, so its socket lives in the pod netns
         finally:
             os.close(fd)
 
     def apply(self, netns: str, ruleset: Ruleset) -> None:
-        with self._inside(netns) as nft:
-            nft.apply(ruleset)
+        with self._inside(netns) as table:
+            table.apply(ruleset)
 
     def remove(self, netns: str) -> bool:
         try:
-            with self._inside(netns) as nft:
-                return nft.remove()
+            with self._inside(netns) as table:
+                return table.remove()
         except (NetnsGone, NotANetns):
             return False  # the sandbox is gone, and our table with it
 
     def read(self, netns: str) -> list[dict] | None:
-        with self._inside(netns) as nft:
-            return nft.read()
+        with self._inside(netns) as table:
+            return table.read()
 
     def status(self) -> None:
-        Nft()  # loads the bindings and libnftables; runs no command
-
-
-class MemoryBackend:
-    """An in-memory kernel for logic tests: netns path -> table objects."""
-
-    def __init__(self) -> None:
-        self.tables: dict[str, list[dict]] = {}
-        self.calls: list[tuple[str, str]] = []
-
-    def apply(self, netns: str, ruleset: Ruleset) -> None:
-        self.calls.append(("apply", netns))
-        self.tables[netns] = normalize(ruleset.objects())
-
-    def remove(self, netns: str) -> bool:
-        self.calls.append(("remove", netns))
-        return self.tables.pop(netns, None) is not None
-
-    def read(self, netns: str) -> list[dict] | None:
-        self.calls.append(("read", netns))
-        return self.tables.get(netns)
-
-    def status(self) -> None:
-        return None
+        self.context()  # loads the bindings and libnftables; runs no command

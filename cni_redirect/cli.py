@@ -1,9 +1,9 @@
-"""`cni-redirect` commands, and the in-process CNI path; `front.main` decides which runs.
+"""The `cni-redirect` command line; `front.main` runs it when the process is not a CNI call.
 
 CLI subcommands:
   render   print the exact table a pod would get, without applying anything
   install  the node agent: install the plugin, chain it into the node's CNI config, keep it there
-  agent    serve CNI requests from the thin front on a UNIX socket, without installing anything
+  agent    run the CNI server alone: serve the thin front's requests on a UNIX socket, install nothing
 """
 
 from __future__ import annotations
@@ -13,16 +13,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-
-
-def run_cni(stdin: bytes) -> int:
-    """Do the CNI command in this process (no agent configured, or DEL without one)."""
-    from .plugin import RedirectPlugin
-    from .skel import dispatch
-
-    code = dispatch(RedirectPlugin(), os.environ, stdin, sys.stdout, sys.stderr)
-    sys.stdout.flush()
-    return code
 
 
 def run_cli(argv: Sequence[str]) -> int:
@@ -92,14 +82,14 @@ def _add_install_parser(commands) -> None:
         default=_env("AGENT_SOCKET"),
         help="also serve CNI requests on this UNIX socket (e.g. /run/cni-redirect/agent.sock): the fast path",
     )
-    agent = commands.add_parser("agent", help="serve CNI requests for the thin front on a UNIX socket (no installing)")
+    agent = commands.add_parser("agent", help="run the CNI server alone: serve the thin front on a UNIX socket")
     agent.add_argument("--socket", default=_env("AGENT_SOCKET", "/run/cni-redirect/agent.sock"))
 
 
 def _install(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .installer import Options, run
+    from .node.daemon import Options, run
 
     options = Options(
         cni_bin_dir=Path(args.cni_bin_dir),
@@ -121,8 +111,9 @@ def _agent(args: argparse.Namespace) -> int:
     import threading
     from pathlib import Path
 
-    from .agent import AgentServer
-    from .installer import JsonLog, check_agent_socket
+    from .cniserver import CniServer
+    from .logs import JsonLog
+    from .node.daemon import check_agent_socket
 
     log = JsonLog()
     try:
@@ -133,7 +124,7 @@ def _agent(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    server = AgentServer(Path(args.socket), log)
+    server = CniServer(Path(args.socket), log)
     server.start()
     stop.wait()
     server.stop()

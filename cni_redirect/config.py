@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidConfig
-from .spec import DEFAULT_MAX_SET_ELEMENTS
+from .spec import DEFAULT_MAX_SET_ELEMENTS, invalid_config
 
 ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
 PLUGIN_TYPE = "cni-redirect"
@@ -84,14 +84,9 @@ def parse_conf(raw: Mapping[str, object]) -> PluginConf:
     try:
         return PluginConf.model_validate(raw)
     except ValidationError as exc:
-        messages = []
-        for error in exc.errors(include_url=False):
-            where = ".".join(str(part) for part in error["loc"]) or "config"
-            reason = str(error.get("ctx", {}).get("error", error["msg"]))
-            shown = repr(error.get("input"))
-            shown = shown if len(shown) <= 120 else shown[:120] + "..."
-            messages.append(f"conflist field {where}: invalid value {shown}: {reason}")
-        raise InvalidConfig(messages[0], "; ".join(messages[1:])) from None
+        raise invalid_config(
+            exc, lambda loc, value: ("conflist field " + (".".join(map(str, loc)) or "config"), value)
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -1,28 +1,39 @@
-"""The plugin's error tree. Every failure the runtime sees is one of these.
+"""Every error cni-redirect raises, in one tree.
 
-    CniError                  (code carried by each subclass)
-    ├── IncompatibleVersion   1   cniVersion we do not speak
-    ├── UnsupportedField      2   a field valid in general but not here
-    ├── InvalidEnvironment    4   a required CNI_* variable is missing or bad
-    ├── DecodeError           6   stdin is not the JSON object we expect
-    ├── InvalidConfig         7   a conflist field or pod annotation is wrong
-    ├── TryAgainLater        11   a transient condition (netns busy, agent down)
-    ├── NotAvailable         50   STATUS: the plugin cannot do its job now
-    └── InternalError       999   a bug or an unexpected kernel answer
+    CniRedirectError
+    ├── CniError                  reported to the runtime as a CNI error object; code per class
+    │   ├── IncompatibleVersion   1   cniVersion we do not speak
+    │   ├── UnsupportedField      2   a field valid in general but not here
+    │   ├── InvalidEnvironment    4   a required CNI_* variable is missing or bad
+    │   │   ├── NetnsGone             CNI_NETNS does not exist (any more): fatal for ADD, fine for DEL
+    │   │   ├── NotANetns             CNI_NETNS exists but is not a network namespace
+    │   │   └── HostNetns             CNI_NETNS is our own netns: we only ever program pods
+    │   ├── DecodeError           6   stdin is not the JSON object we expect
+    │   ├── InvalidConfig         7   a conflist field or pod annotation is wrong
+    │   ├── TryAgainLater        11   a transient condition (netns busy, kernel busy)
+    │   ├── NotAvailable         50   STATUS: the plugin cannot do its job now
+    │   └── InternalError       999   a bug, an unexpected kernel answer, or CHECK drift
+    ├── WireError                 the front <-> CNI server protocol: unreachable, malformed, too large
+    └── NodeError                 the node agent (`cni-redirect install`)
+        ├── ConfError             a CNI config file we cannot work with
+        └── SettingsError         the admin's flags or entry settings are invalid
 
-Messages name the field or annotation and the offending value so the
-operator can fix the pod spec without reading our source.
+Messages name the field, annotation or file and the offending value, so the
+operator can fix it without reading our source. This module imports nothing:
+the thin front and the wire protocol use it too.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+
+class CniRedirectError(Exception):
+    """Base of everything cni-redirect raises on purpose."""
 
 
-class CniError(Exception):
-    """Base of all errors reported to the runtime as a CNI error object."""
+class CniError(CniRedirectError):
+    """An error the runtime sees as a CNI error object (`code`, `msg`, `details`)."""
 
-    code: ClassVar[int] = 999
+    code: int = 999
 
     def __init__(self, msg: str, details: str = "") -> None:
         super().__init__(msg)
@@ -50,6 +61,18 @@ class InvalidEnvironment(CniError):
     code = 4
 
 
+class NetnsGone(InvalidEnvironment):
+    """CNI_NETNS does not exist (any more): fatal for ADD, fine for DEL."""
+
+
+class NotANetns(InvalidEnvironment):
+    """CNI_NETNS exists but is not a network namespace (e.g. an unmounted bind target)."""
+
+
+class HostNetns(InvalidEnvironment):
+    """CNI_NETNS is our own netns: refusing, we only ever program pods."""
+
+
 class DecodeError(CniError):
     code = 6
 
@@ -68,3 +91,19 @@ class NotAvailable(CniError):
 
 class InternalError(CniError):
     code = 999
+
+
+class WireError(CniRedirectError):
+    """The front and the CNI server could not complete an exchange."""
+
+
+class NodeError(CniRedirectError):
+    """The node agent cannot do what it was asked."""
+
+
+class ConfError(NodeError, ValueError):
+    """A CNI config we cannot work with; the message names the file and why."""
+
+
+class SettingsError(NodeError, ValueError):
+    """The admin's flags or entry settings are invalid; the message names the flag or field."""

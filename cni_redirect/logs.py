@@ -1,5 +1,6 @@
-"""Logging that never touches stdout: stdout belongs to the CNI result.
+"""Logging, for the plugin (`EventLog`) and for the node agent (`JsonLog`).
 
+The plugin's logging never touches stdout: stdout belongs to the CNI result.
 Human lines go to stderr at or above `log_level` (default `warning`: libcni
 passes a plugin's stderr to its caller, so podman would print every info line
 on the user's terminal). If `log_file` is set, every command appends one JSON
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -48,3 +50,20 @@ class EventLog:
                 os.close(fd)
         except OSError as exc:
             self.stderr.write(f"cni-redirect warning: cannot write log_file {self.path!r}: {exc.strerror}\n")
+
+
+class JsonLog:
+    """The node agent's log: one JSON object per line on stdout (the container log), thread-safe.
+
+    Called as `log(level, msg, **fields)`; anything that logs in the node agent takes such a callable.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.lock = threading.Lock()
+
+    def __call__(self, level: str, msg: str, **fields: object) -> None:
+        line = json.dumps({"ts": round(time.time(), 3), "level": level, "msg": msg, **fields}, default=str)
+        with self.lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()

@@ -14,26 +14,23 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from .errors import InternalError, InvalidEnvironment
+from .errors import HostNetns, InternalError, InvalidEnvironment, NetnsGone, NotANetns
 
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs fd: which kind of namespace is this?
 CLONE_NEWNET = 0x40000000
 _OWN_NETNS = "/proc/thread-self/ns/net"
 
-
-class NetnsGone(InvalidEnvironment):
-    """CNI_NETNS does not exist (any more): fatal for ADD, fine for DEL."""
-
-
-class NotANetns(InvalidEnvironment):
-    """CNI_NETNS exists but is not a network namespace (e.g. an unmounted bind target)."""
+#: How a backend reaches a pod netns: from CNI_NETNS to a vetted fd the caller closes.
+NetnsOpener = Callable[[str], int]
 
 
-class HostNetns(InvalidEnvironment):
-    """CNI_NETNS is our own netns: refusing, we only ever program pods."""
+def own_netns() -> tuple[int, int]:
+    """(device, inode) of the calling thread's netns: the host's, for the plugin and the agent."""
+    st = os.stat(_OWN_NETNS)
+    return st.st_dev, st.st_ino
 
 
 def open_netns(path: str) -> int:
@@ -63,9 +60,25 @@ def vet_netns_fd(fd: int, label: str) -> None:
     if kind != CLONE_NEWNET:
         raise NotANetns(f'CNI_NETNS "{label}" is a namespace, but not a network namespace')
     target = os.fstat(fd)
-    own = os.stat(_OWN_NETNS)
-    if (target.st_dev, target.st_ino) == (own.st_dev, own.st_ino):
+    if (target.st_dev, target.st_ino) == own_netns():
         raise HostNetns(f'CNI_NETNS "{label}" is the host network namespace; refusing to touch it')
+
+
+def received_fd(netns_fd: int | None) -> NetnsOpener:
+    """An opener for a netns handed over as an fd (the CNI server's case): dup it, vet it."""
+
+    def open_received(label: str) -> int:
+        if netns_fd is None:
+            raise NetnsGone(f'CNI_NETNS "{label}" could not be opened by the plugin')
+        fd = os.dup(netns_fd)
+        try:
+            vet_netns_fd(fd, label)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    return open_received
 
 
 @contextmanager

@@ -9,6 +9,8 @@ never leaves a partial table.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ from .errors import CniError, InternalError, InvalidConfig
 from .logs import EventLog
 from .result import convert_result
 from .ruleset import FAMILY, TABLE, Ruleset, build_ruleset
-from .skel import Request
+from .skel import Request, dispatch
 from .spec import build_spec, is_enabled, merge_settings
 
 TABLE_NAME = f"table {FAMILY} {TABLE}"
@@ -169,3 +171,10 @@ def _describe_drift(expected: list[dict] | None, actual: list[dict] | None, reas
                 f"expected {json.dumps(want)[:800]}; found {json.dumps(have)[:800]}",
             )
     return f"{TABLE_NAME} differs from what the pod's annotations require", ""  # pragma: no cover
+
+
+def run_in_process(stdin: bytes) -> int:
+    """Do the CNI command in this process: no CNI server configured, or DEL without one."""
+    code = dispatch(RedirectPlugin(), os.environ, stdin, sys.stdout, sys.stderr)
+    sys.stdout.flush()
+    return code

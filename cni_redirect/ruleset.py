@@ -64,29 +64,28 @@ class Symbol:
 
 
 TCP = Symbol(6, "tcp")
+PROTOCOL_NAMES = {6: "tcp", 17: "udp"}
 
 Value = Union[int, str, Prefix, Range, SetRef, AnonSet, Symbol]
 
 
 @dataclass(frozen=True)
 class Selector:
-    """The left side of a match: how nft writes it and how its JSON reads."""
+    """The left side of a match, as libnftables JSON writes it."""
 
-    text: str
     json: dict
-    quoted: bool = False  # string values are quoted in nft syntax (interface names)
 
 
-def _meta(key: str, quoted: bool = False, text: str | None = None) -> Selector:
-    return Selector(text or f"meta {key}", {"meta": {"key": key}}, quoted)
+def _meta(key: str) -> Selector:
+    return Selector({"meta": {"key": key}})
 
 
 def _payload(protocol: str, name: str) -> Selector:
-    return Selector(f"{protocol} {name}", {"payload": {"protocol": protocol, "field": name}})
+    return Selector({"payload": {"protocol": protocol, "field": name}})
 
 
-OIFNAME = _meta("oifname", quoted=True, text="oifname")
-IIFNAME = _meta("iifname", quoted=True, text="iifname")
+OIFNAME = _meta("oifname")
+IIFNAME = _meta("iifname")
 SKUID = _meta("skuid")
 SKGID = _meta("skgid")
 L4PROTO = _meta("l4proto")
@@ -186,31 +185,8 @@ class Ruleset:
     # --- nft syntax ---
 
     def to_text(self) -> str:
-        lines = [f"table {self.family} {self.table} {{"]
-        blocks: list[list[str]] = []
-        for named in self.sets:
-            block = [f"\tset {named.name} {{", f"\t\ttype {named.type}"]
-            if named.interval:
-                block.append("\t\tflags interval")
-            if named.elements:
-                elements = ", ".join(_value_text(v, quoted=named.type == "ifname") for v in named.elements)
-                block.append(f"\t\telements = {{ {elements} }}")
-            block.append("\t}")
-            blocks.append(block)
-        for chain in self.chains:
-            block = [
-                f"\tchain {chain.name} {{",
-                f"\t\ttype nat hook {chain.hook} priority {chain.priority}; policy accept;",
-            ]
-            block += [f"\t\t{_rule_text(rule)}" for rule in chain.rules]
-            block.append("\t}")
-            blocks.append(block)
-        for index, block in enumerate(blocks):
-            if index:
-                lines.append("")
-            lines += block
-        lines.append("}")
-        return "\n".join(lines) + "\n"
+        """An `nft -f` script that programs exactly what `add_batch()` does."""
+        return nft_text(self.objects())
 
 
 def _value_json(value: Value) -> object:
@@ -225,22 +201,6 @@ def _value_json(value: Value) -> object:
     if isinstance(value, Symbol):
         return value.number
     return value
-
-
-def _value_text(value: Value, quoted: bool = False) -> str:
-    if isinstance(value, Prefix):
-        return f"{value.addr}/{value.length}"
-    if isinstance(value, Range):
-        return f"{value.low}-{value.high}"
-    if isinstance(value, SetRef):
-        return f"@{value.name}"
-    if isinstance(value, AnonSet):
-        return "{ " + ", ".join(str(item) for item in value.items) + " }"
-    if isinstance(value, Symbol):
-        return value.name
-    if isinstance(value, str) and quoted:
-        return f'"{value}"'
-    return str(value)
 
 
 def _rule_json(rule: Rule) -> dict:
@@ -259,15 +219,94 @@ def _rule_json(rule: Rule) -> dict:
     return {"expr": expr, "comment": rule.comment}
 
 
-def _rule_text(rule: Rule) -> str:
-    parts = []
-    for m in rule.matches:
-        op = "!= " if m.negate else ""
-        parts.append(f"{m.selector.text} {op}{_value_text(m.value, m.selector.quoted)}")
-    parts.append("counter")
-    parts.append("return" if rule.verdict is None else f"redirect to :{rule.verdict.port}")
-    parts.append(f'comment "{rule.comment}"')
-    return " ".join(parts)
+# --- nft syntax, from the JSON objects: one renderer for `render`, the docs and the fake's dump ---
+
+
+def _selector_text(left: dict) -> str:
+    if "meta" in left:
+        key = left["meta"]["key"]
+        return key if key in ("iifname", "oifname") else f"meta {key}"
+    payload = left["payload"]
+    return f"{payload['protocol']} {payload['field']}"
+
+
+def _json_value_text(value: object, quoted: bool = False, protocol: bool = False) -> str:
+    if isinstance(value, dict):
+        if "prefix" in value:
+            return f"{value['prefix']['addr']}/{value['prefix']['len']}"
+        if "range" in value:
+            low, high = value["range"]
+            return f"{low}-{high}"
+        if "set" in value:
+            return "{ " + ", ".join(_json_value_text(item) for item in value["set"]) + " }"
+        raise ValueError(f"no nft syntax for value {value!r}")
+    if isinstance(value, str):
+        return f'"{value}"' if quoted and not value.startswith("@") else value
+    if protocol and value in PROTOCOL_NAMES:
+        return PROTOCOL_NAMES[value]
+    return str(value)
+
+
+def _statement_text(expr: dict) -> str:
+    ((kind, body),) = expr.items()
+    if kind == "match":
+        left = body["left"]
+        quoted = left.get("meta", {}).get("key") in ("iifname", "oifname")
+        protocol = left.get("meta", {}).get("key") == "l4proto"
+        op = "" if body["op"] == "==" else f"{body['op']} "
+        return f"{_selector_text(left)} {op}{_json_value_text(body['right'], quoted, protocol)}"
+    if kind == "counter":
+        return "counter"
+    if kind == "return":
+        return "return"
+    if kind == "redirect":
+        return f"redirect to :{body['port']}"
+    raise ValueError(f"no nft syntax for statement {expr!r}")
+
+
+def nft_text(objects: list[dict]) -> str:
+    """Render a table's objects (`Ruleset.objects()` or a listing of the same shape) as an nft script."""
+    blocks: list[list[str]] = []
+    rules: dict[str, list[str]] = {}
+    header = ""
+    for obj in objects:
+        ((kind, body),) = obj.items()
+        if kind == "table":
+            header = f"table {body['family']} {body['name']} {{"
+        elif kind == "set":
+            block = [f"\tset {body['name']} {{", f"\t\ttype {body['type']}"]
+            if "interval" in body.get("flags", ()):
+                block.append("\t\tflags interval")
+            if body.get("elem"):
+                quoted = body["type"] == "ifname"
+                block.append("\t\telements = { " + ", ".join(_json_value_text(e, quoted) for e in body["elem"]) + " }")
+            block.append("\t}")
+            blocks.append(block)
+        elif kind == "chain":
+            rules[body["name"]] = []
+            blocks.append(
+                [
+                    f"\tchain {body['name']} {{",
+                    f"\t\ttype {body['type']} hook {body['hook']} priority {body['prio']}; policy {body['policy']};",
+                ]
+            )
+        elif kind == "rule":
+            text = " ".join(_statement_text(expr) for expr in body["expr"])
+            if body.get("comment"):
+                text += f' comment "{body["comment"]}"'
+            rules[body["chain"]].append(f"\t\t{text}")
+    for block in blocks:
+        if block[0].startswith("\tchain "):
+            name = block[0].split()[1]
+            block += rules[name]
+            block.append("\t}")
+    lines = [header]
+    for index, block in enumerate(blocks):
+        if index:
+            lines.append("")
+        lines += block
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 # --- from spec to ruleset ---

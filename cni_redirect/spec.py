@@ -5,46 +5,28 @@ Every setting arrives as a string, from a pod annotation
 (`<key>`), and the annotation wins. `merge_settings` decides which value
 applies and remembers where it came from, so that `build_spec` can name the
 exact annotation or conflist field in every error message.
+
+`CaptureSpec` is the one source of truth for the catalogue: each field's
+alias is its key, its default (a string, parsed like any annotation) is the
+built-in default, and its metadata says whether it is a list and whether a
+restricted policy keeps it from pods. `CATALOGUE`, `LIST_KEYS` and
+`RESTRICTED_KEYS` are derived from it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import InvalidConfig
 
 ANNOTATION_PREFIX = "cni-redirect.io/"
 ALL: Literal["*"] = "*"
-
-#: Every key, with the built-in default used when neither the pod nor the
-#: conflist sets it. Values are strings, exactly as an annotation would be.
-CATALOGUE: dict[str, str] = {
-    "enabled": "false",
-    "proxy-uid": "1337",
-    "proxy-gid": "",
-    "exclude-uids": "",
-    "outbound-port": "15001",
-    "inbound-port": "15006",
-    "include-outbound-ports": "*",
-    "exclude-outbound-ports": "",
-    "include-outbound-cidrs": "*",
-    "exclude-outbound-cidrs": "",
-    "include-inbound-ports": "*",
-    "exclude-inbound-ports": "",
-    "exclude-interfaces": "",
-    "capture-dns": "false",
-    "dns-port": "15053",
-}
-
-#: Keys a pod may not set for itself under `annotation_policy: restricted`:
-#: each one widens what escapes capture.
-RESTRICTED_KEYS = frozenset(key for key in CATALOGUE if key.startswith("exclude-"))
 
 DEFAULT_MAX_SET_ELEMENTS = 16384
 MAX_UID = 4294967294  # (uid_t)-1 means "no change" to the kernel, never a real UID
@@ -84,7 +66,7 @@ def merge_settings(
     for key, value in defaults.items():
         if key not in CATALOGUE:
             raise InvalidConfig(
-                f"conflist defaults: unknown key {_show(key)}",
+                f"conflist defaults: unknown key {show(key)}",
                 f"known keys: {', '.join(CATALOGUE)}",
             )
         settings[key] = Setting(value, default_name(key))
@@ -95,7 +77,7 @@ def merge_settings(
         key = name[len(ANNOTATION_PREFIX) :]
         if key not in CATALOGUE:
             raise InvalidConfig(
-                f"annotation {_show(name)}: unknown cni-redirect annotation",
+                f"annotation {show(name)}: unknown cni-redirect annotation",
                 f"known keys: {', '.join(ANNOTATION_PREFIX + k for k in CATALOGUE)}",
             )
         if policy == "restricted" and key in RESTRICTED_KEYS:
@@ -111,7 +93,7 @@ def is_enabled(settings: Mapping[str, Setting]) -> bool:
     try:
         return _parse_bool(setting.value)
     except ValueError as exc:
-        raise InvalidConfig(f"{setting.source}: invalid value {_show(setting.value)}: {exc}") from None
+        raise InvalidConfig(f"{setting.source}: invalid value {show(setting.value)}: {exc}") from None
 
 
 # --- value parsers: strings in, canonical values out, ValueError on bad input ---
@@ -120,9 +102,15 @@ _INT = re.compile(r"[0-9]{1,10}")
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,14}")
 
 
-def _show(value: str) -> str:
-    """Quote a value for a message, cut short so hostile input cannot flood logs."""
-    text = value if len(value) <= _MAX_SHOWN else value[:_MAX_SHOWN] + "..."
+def show(value: object) -> str:
+    """Quote a value for a message, cut short so hostile input cannot flood logs.
+
+    Strings are shown in double quotes; anything else (a JSON number or list in the wrong place) as its repr.
+    """
+    text = value if isinstance(value, str) else repr(value)
+    text = text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
+    if not isinstance(value, str):
+        return text.encode("unicode_escape").decode("ascii")
     return '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
 
 
@@ -148,7 +136,7 @@ def _parse_bool(value: str) -> bool:
 
 def _parse_int(text: str, what: str, low: int, high: int) -> int:
     if not _INT.fullmatch(text):
-        raise ValueError(f"{_show(text)} is not {what} ({low}-{high})")
+        raise ValueError(f"{show(text)} is not {what} ({low}-{high})")
     number = int(text)
     if not low <= number <= high:
         raise ValueError(f"{number} is out of range for {what} ({low}-{high})")
@@ -191,9 +179,9 @@ def _parse_port_ranges(value: str) -> tuple[PortRange, ...]:
             low = _parse_int(low_text.strip(), "a port", 1, 65535)
             high = _parse_int(high_text.strip(), "a port", 1, 65535) if dash else low
         except ValueError:
-            raise ValueError(f"{_show(item)} is not a port or port range (1-65535 or LOW-HIGH)") from None
+            raise ValueError(f"{show(item)} is not a port or port range (1-65535 or LOW-HIGH)") from None
         if low > high:
-            raise ValueError(f"{_show(item)} is an empty range: {low} > {high}")
+            raise ValueError(f"{show(item)} is an empty range: {low} > {high}")
         ranges.append((low, high))
     return merge_ranges(ranges)
 
@@ -204,7 +192,7 @@ def _parse_networks(value: str) -> tuple[Network, ...]:
         try:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
-            raise ValueError(f"{_show(item)} is not an IPv4 or IPv6 address or CIDR") from None
+            raise ValueError(f"{show(item)} is not an IPv4 or IPv6 address or CIDR") from None
     v4 = ipaddress.collapse_addresses(n for n in networks if n.version == 4)
     v6 = ipaddress.collapse_addresses(n for n in networks if n.version == 6)
     return (*v4, *v6)
@@ -215,7 +203,7 @@ def _parse_interfaces(value: str) -> tuple[str, ...]:
     for item in _items(value):
         if not _IFNAME.fullmatch(item) or item in (".", ".."):
             raise ValueError(
-                f"{_show(item)} is not an interface name (1-15 of A-Z a-z 0-9 _ . @ + -, not starting with a symbol)"
+                f"{show(item)} is not an interface name (1-15 of A-Z a-z 0-9 _ . @ + -, not starting with a symbol)"
             )
         names.add(item)
     return tuple(sorted(names))
@@ -270,30 +258,37 @@ NetworkSelection = Annotated[
 InterfaceList = Annotated[tuple[str, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_interfaces)))]
 
 
+def _key(text: str, *, list_: bool = False, restricted: bool = False):
+    """A catalogue entry: the built-in default as an annotation would spell it, and what kind of key it is."""
+    return Field(text, validate_default=True, json_schema_extra={"list": list_, "restricted": restricted})
+
+
 class CaptureSpec(BaseModel):
     """What one pod's capture must do, fully validated and canonical.
 
     Lists are sorted, de-duplicated and merged, so equal inputs give equal
-    specs and the rendered ruleset is stable.
+    specs and the rendered ruleset is stable. Field order is catalogue order.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, alias_generator=lambda name: name.replace("_", "-")
+    )
 
-    enabled: Bool
-    proxy_uid: Uid
-    proxy_gid: OptionalGid = None
-    exclude_uids: UidList = ()
-    outbound_port: Port = 15001
-    inbound_port: Port = 15006
-    include_outbound_ports: PortSelection = ALL
-    exclude_outbound_ports: PortList = ()
-    include_outbound_cidrs: NetworkSelection = ALL
-    exclude_outbound_cidrs: NetworkList = ()
-    include_inbound_ports: PortSelection = ALL
-    exclude_inbound_ports: PortList = ()
-    exclude_interfaces: InterfaceList = ()
-    capture_dns: Bool = False
-    dns_port: Port = 15053
+    enabled: Bool = _key("false")
+    proxy_uid: Uid = _key("1337")
+    proxy_gid: OptionalGid = _key("")
+    exclude_uids: UidList = _key("", list_=True, restricted=True)
+    outbound_port: Port = _key("15001")
+    inbound_port: Port = _key("15006")
+    include_outbound_ports: PortSelection = _key("*", list_=True)
+    exclude_outbound_ports: PortList = _key("", list_=True, restricted=True)
+    include_outbound_cidrs: NetworkSelection = _key("*", list_=True)
+    exclude_outbound_cidrs: NetworkList = _key("", list_=True, restricted=True)
+    include_inbound_ports: PortSelection = _key("*", list_=True)
+    exclude_inbound_ports: PortList = _key("", list_=True, restricted=True)
+    exclude_interfaces: InterfaceList = _key("", list_=True, restricted=True)
+    capture_dns: Bool = _key("false")
+    dns_port: Port = _key("15053")
 
     @field_validator("proxy_uid", "proxy_gid", "exclude_uids")
     @classmethod
@@ -332,7 +327,32 @@ class CaptureSpec(BaseModel):
         return tuple(sorted({self.inbound_port, self.outbound_port, self.dns_port}))
 
 
-_FIELD_TO_KEY = {name: name.replace("_", "-") for name in CaptureSpec.model_fields}
+def _catalogue_where(flag: str) -> frozenset[str]:
+    return frozenset(
+        str(info.alias) for info in CaptureSpec.model_fields.values() if (info.json_schema_extra or {}).get(flag)
+    )
+
+
+#: Every key, with the built-in default used when neither the pod nor the conflist sets it.
+CATALOGUE: dict[str, str] = {str(info.alias): str(info.default) for info in CaptureSpec.model_fields.values()}
+#: Keys whose value is a comma list (or `*`).
+LIST_KEYS = _catalogue_where("list")
+#: Keys a pod may not set for itself under `annotation_policy: restricted`: each one widens what escapes capture.
+RESTRICTED_KEYS = _catalogue_where("restricted")
+
+
+def invalid_config(exc: ValidationError, where: Callable[[tuple, object], tuple[str, object]]) -> InvalidConfig:
+    """One InvalidConfig from a pydantic error, naming the field and value of each problem.
+
+    `where(loc, input)` names the field (annotation, conflist default, conflist field) and the value
+    to show; the entry (config.py) and the annotations (here) both come through this.
+    """
+    problems = []
+    for error in exc.errors(include_url=False):
+        name, value = where(tuple(error["loc"]), error.get("input"))
+        reason = str(error.get("ctx", {}).get("error", error["msg"]))
+        problems.append(f"{name}: invalid value {show(value)}: {reason}" if value is not None else f"{name}: {reason}")
+    return InvalidConfig(problems[0], "; ".join(problems[1:]))
 
 
 def build_spec(
@@ -342,19 +362,15 @@ def build_spec(
     max_set_elements: int = DEFAULT_MAX_SET_ELEMENTS,
 ) -> CaptureSpec:
     """Validate merged settings into a CaptureSpec; errors name the source and value."""
-    data = {key.replace("-", "_"): setting.value for key, setting in settings.items()}
+    data = {key: setting.value for key, setting in settings.items()}
     context = {"allow_root_proxy_uid": allow_root_proxy_uid, "max_set_elements": max_set_elements}
+
+    def where(loc: tuple, _input: object) -> tuple[str, object]:
+        key = str(loc[0]) if loc else ""
+        setting = settings.get(key)
+        return (key, None) if setting is None else (setting.source, setting.value)
+
     try:
         return CaptureSpec.model_validate(data, context=context)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors(include_url=False):
-            field = str(error["loc"][0]) if error["loc"] else ""
-            key = _FIELD_TO_KEY.get(field, field)
-            setting = settings.get(key)
-            reason = str(error.get("ctx", {}).get("error", error["msg"]))
-            if setting is None:
-                problems.append(f"{key}: {reason}")
-            else:
-                problems.append(f"{setting.source}: invalid value {_show(str(setting.value))}: {reason}")
-        raise InvalidConfig(problems[0], "; ".join(problems[1:])) from None
+        raise invalid_config(exc, where) from None

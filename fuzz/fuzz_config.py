@@ -16,7 +16,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from cni_redirect.backend import MemoryBackend
+    from cni_redirect.fake import MemoryBackend
     from cni_redirect.logs import EventLog
     from cni_redirect.plugin import RedirectPlugin
     from cni_redirect.skel import dispatch

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.support import (
+from cni_redirect.testing.netlab import (
     PEER_V4,
     PLUGIN,
     PodNetwork,

@@ -1,14 +1,39 @@
+"""Fixtures and markers for every tier.
+
+Markers follow the directories: everything under `integration/` is marked
+`root` (network namespaces, the kernel's nftables), everything under `e2e/`
+`root` and `e2e` (a real container runtime), so `pytest -m "not root"` runs
+the unit tier, which needs nothing, in seconds.
+"""
+
+from __future__ import annotations
+
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-# tests/ is importable as a package (tests.support); make sure the repo root is on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from cni_redirect.testing.netlab import Processes
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+MARKERS = {"integration": ("root",), "e2e": ("root", "e2e")}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
+        for marker in MARKERS.get(tier, ()):
+            item.add_marker(getattr(pytest.mark, marker))
+
+
+@pytest.fixture
+def procs():
+    """Background helpers (listeners) started by a test; stopped by PID afterwards."""
+    processes = Processes()
+    yield processes
+    processes.stop()
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +46,11 @@ def bundle(tmp_path_factory) -> Path:
     )
     assert proc.returncode == 0, f"install/build-bundle.sh failed:\n{proc.stdout}\n{proc.stderr}"
     return out / "cni-redirect"
+
+
+@pytest.fixture
+def host(tmp_path):
+    """A temp node for the node agent: CNI bin and conf dirs, a bundle to install."""
+    from tests.support import NodeHost
+
+    return NodeHost(tmp_path)

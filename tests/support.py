@@ -1,207 +1,253 @@
-"""Shared test machinery: network namespaces, listeners, and invoking the plugin as a runtime would.
+"""Test-only harnesses, builders and data; the lab they share with the demo and benchmarks is
+`cni_redirect.testing`.
 
-Everything here is created by the test run itself and removed by it: netns
-names carry our PID, processes are killed by the PIDs we started.
+- `call`: the CNI dispatcher driven in-process with injected env, stdin and
+  stdout over the fake kernel: the one dispatch harness of the unit tier;
+- `wait_for`: poll a condition with a deadline;
+- the golden cases (`CASES`, `render`) and hostile strings (`INJECTIONS`).
 """
 
 from __future__ import annotations
 
-import itertools
+import io
 import json
-import os
-import subprocess
-import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-NETTOOLS = REPO / "tests" / "nettools.py"
-PLUGIN = Path(sys.executable).parent / "cni-redirect"
-POD_V4, PEER_V4 = "10.77.0.2", "10.77.0.1"
-POD_V6, PEER_V6 = "fd77::2", "fd77::1"
-ANNOTATIONS_KEY = "io.kubernetes.cri.pod-annotations"
-_names = itertools.count()
+from cni_redirect.config import PodRef, parse_conf
+from cni_redirect.fake import MemoryBackend
+from cni_redirect.logs import EventLog, JsonLog
+from cni_redirect.node import conflists
+from cni_redirect.node.daemon import NodeAgent, Options, run
+from cni_redirect.plugin import RedirectPlugin, decide
+from cni_redirect.ruleset import Ruleset
+from cni_redirect.skel import dispatch
+from cni_redirect.testing.netlab import enabled, plugin_conf
 
-
-def sh(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kwargs)
-
-
-def host_ruleset() -> str:
-    return sh("nft", "list", "ruleset").stdout
-
-
-@dataclass
-class Netns:
-    """A network namespace by path; `create` makes a named one under /run/netns that `delete` removes."""
-
-    name: str
-    path: str
-
-    @classmethod
-    def create(cls, role: str) -> Netns:
-        name = f"cnir-{os.getpid()}-{next(_names)}-{role}"
-        sh("ip", "netns", "add", name)
-        ns = cls(name, f"/run/netns/{name}")
-        ns.run("ip", "link", "set", "lo", "up")
-        return ns
-
-    @classmethod
-    def at(cls, path: str, name: str = "") -> Netns:
-        """An existing netns we did not create (a sandbox's, or our own)."""
-        return cls(name or path, path)
-
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        return sh("nsenter", f"--net={self.path}", *cmd, check=check)
-
-    def ruleset(self) -> str:
-        return self.run("nft", "list", "ruleset").stdout
-
-    def delete(self) -> None:
-        if self.path == f"/run/netns/{self.name}":
-            sh("ip", "netns", "delete", self.name, check=False)
-
-
-#: The test process's own (host) netns, for listeners and clients "outside the pod".
-HOST = Netns.at("/proc/self/ns/net", "host")
+TESTS = Path(__file__).resolve().parent
+GOLDEN_DIR = TESTS / "golden"
+FAKE_NETNS = "/run/netns/fake"
+DEFAULT_ENV = {
+    "CNI_COMMAND": "ADD",
+    "CNI_CONTAINERID": "abc",
+    "CNI_NETNS": FAKE_NETNS,
+    "CNI_IFNAME": "eth0",
+    "CNI_PATH": "/opt/cni/bin",
+    "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web",
+}
 
 
 @dataclass
-class PodNetwork:
-    """A pod netns and a peer netns joined by a veth pair, IPv4 and IPv6."""
-
-    pod: Netns
-    peer: Netns
-
-    @classmethod
-    def create(cls) -> PodNetwork:
-        pod, peer = Netns.create("pod"), Netns.create("peer")
-        sh("ip", "-n", pod.name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer.name)
-        for ns, v4, v6 in ((pod, POD_V4, POD_V6), (peer, PEER_V4, PEER_V6)):
-            sh("ip", "-n", ns.name, "addr", "add", f"{v4}/24", "dev", "eth0")
-            sh("ip", "-n", ns.name, "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
-            sh("ip", "-n", ns.name, "link", "set", "eth0", "up")
-        # apps like nginx bind :80 without root inside a pod; this sysctl is per netns
-        pod.run("sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0")
-        return cls(pod, peer)
-
-    def delete(self) -> None:
-        self.pod.delete()
-        self.peer.delete()
-
-
-@dataclass
-class Processes:
-    """Background helpers we started; stopped by PID, never by name."""
-
-    running: list[subprocess.Popen] = field(default_factory=list)
-
-    def listen(self, netns: Netns, name: str, port: int, uid: int = 0, udp: bool = False, bind: str = "any") -> None:
-        cmd = [sys.executable, str(NETTOOLS), "--netns", netns.path, "--uid", str(uid)]
-        cmd += ["listen", name, str(port), "--bind", bind] + (["--udp"] if udp else [])
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.running.append(proc)
-        line = proc.stdout.readline()
-        if line.strip() != "ready":
-            detail = proc.stderr.read() if proc.poll() is not None else ""
-            raise RuntimeError(f"listener {name} did not start: {detail}")
-
-    def stop(self) -> None:
-        for proc in self.running:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=5)
-            proc.stdout.close()
-            proc.stderr.close()
-        self.running.clear()
-
-
-def connect(netns: Netns, host: str, port: int, uid: int = 1000, udp: bool = False, source: str | None = None) -> dict:
-    """Connect from inside netns as uid; return the answering listener's JSON (or an error dict)."""
-    cmd = [sys.executable, str(NETTOOLS), "--netns", netns.path, "--uid", str(uid), "connect", host, str(port)]
-    cmd += (["--udp"] if udp else []) + (["--source", source] if source else [])
-    out = sh(*cmd).stdout.strip()
-    return json.loads(out) if out else {"error": "no answer"}
-
-
-def prev_result(version: str) -> dict:
-    ips = [
-        {"address": f"{POD_V4}/24", "gateway": PEER_V4, "interface": 0},
-        {"address": f"{POD_V6}/64", "interface": 0},
-    ]
-    if version < "1.0.0":
-        for ip, fam in zip(ips, ("4", "6"), strict=True):
-            ip["version"] = fam
-    return {
-        "cniVersion": version,
-        "interfaces": [{"name": "eth0", "mac": "0a:58:0a:4d:00:02", "sandbox": "/run/netns/x"}],
-        "ips": ips,
-        "routes": [{"dst": "0.0.0.0/0"}],
-        "dns": {},
-    }
-
-
-def plugin_conf(
-    annotations: dict[str, str] | None = None,
-    version: str = "1.0.0",
-    prev: bool = True,
-    **entry: object,
-) -> dict:
-    conf: dict = {
-        "cniVersion": version,
-        "name": "test-net",
-        "type": "cni-redirect",
-        "capabilities": {ANNOTATIONS_KEY: True},
-        **entry,
-    }
-    if annotations is not None:
-        conf["runtimeConfig"] = {ANNOTATIONS_KEY: annotations}
-    if prev:
-        conf["prevResult"] = prev_result(version)
-    return conf
-
-
-def enabled(**annotations: str) -> dict[str, str]:
-    """Annotations for an opted-in pod; keyword names use _ for - ."""
-    out = {"cni-redirect.io/enabled": "true"}
-    out.update({f"cni-redirect.io/{key.replace('_', '-')}": value for key, value in annotations.items()})
-    return out
-
-
-@dataclass
-class PluginRun:
+class Call:
     rc: int
     stdout: str
     stderr: str
-    seconds: float
+    backend: MemoryBackend
 
     @property
-    def json(self) -> dict:
-        return json.loads(self.stdout)
+    def out(self) -> dict | None:
+        return json.loads(self.stdout) if self.stdout else None
 
 
-def run_plugin(
-    command: str,
-    netns: str,
-    conf: dict | bytes,
-    cni_args: str = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=demo;K8S_POD_UID=u-1",
-    container_id: str = "c0ffee",
-    extra_env: dict[str, str] | None = None,
-    plugin: Path = PLUGIN,
-) -> PluginRun:
-    """Exec the installed plugin exactly as a runtime does: CNI_* env, config on stdin."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": container_id,
-        "CNI_NETNS": netns,
-        "CNI_IFNAME": "eth0",
-        "CNI_PATH": "/opt/cni/bin",
-        "CNI_ARGS": cni_args,
-        **(extra_env or {}),
-    }
-    data = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
+def call(command: str, conf: dict | bytes, backend: MemoryBackend | None = None, **env: str | None) -> Call:
+    """Run one CNI command through the dispatcher; an env value of None removes the variable."""
+    environment = {k: v for k, v in {**DEFAULT_ENV, "CNI_COMMAND": command, **env}.items() if v is not None}
+    stdout, stderr = io.StringIO(), io.StringIO()
+    backend = backend if backend is not None else MemoryBackend()
+    stdin = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
+    rc = dispatch(RedirectPlugin(backend, EventLog(stderr)), environment, stdin, stdout, stderr)
+    return Call(rc, stdout.getvalue(), stderr.getvalue(), backend)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.005) -> float:
+    """Poll until predicate() is true; return how long it took. Fails the test at the deadline."""
     start = time.monotonic()
-    proc = subprocess.run([str(plugin)], input=data, env=env, capture_output=True, timeout=60)
-    return PluginRun(proc.returncode, proc.stdout.decode(), proc.stderr.decode(), time.monotonic() - start)
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(interval)
+    raise AssertionError(f"condition not reached within {timeout} s")
+
+
+# --- the golden cases: annotation sets whose rendered rulesets are kept under tests/golden ---
+
+CASES: dict[str, dict[str, str]] = {
+    "defaults": {},
+    "include-ports": {"include-outbound-ports": "80,443,8000-8100", "include-inbound-ports": "8080"},
+    "exclude-everything": {
+        "exclude-outbound-ports": "22,6000-6999,6500",
+        "exclude-outbound-cidrs": "10.0.0.0/8,10.1.0.0/16,169.254.169.254,fd00::/8,2001:db8::1",
+        "exclude-inbound-ports": "15090,15021",
+        "exclude-uids": "0,1000",
+        "exclude-interfaces": "eth1,wg0",
+    },
+    "include-cidrs-v4-only": {"include-outbound-cidrs": "10.96.0.0/12,192.168.0.0/16"},
+    "dns-and-gid": {"capture-dns": "true", "dns-port": "15054", "proxy-gid": "1337"},
+    "no-inbound": {"include-inbound-ports": ""},
+    "no-outbound": {"include-outbound-ports": ""},
+    "custom-proxy": {"proxy-uid": "101", "outbound-port": "10000", "inbound-port": "10000"},
+}
+
+#: Entries of the conflist that some cases need.
+CASE_CONF: dict[str, dict] = {"exclude-everything": {"allow_root_proxy_uid": True}}
+
+
+def case_annotations(case: str) -> dict[str, str]:
+    return enabled(**CASES[case])
+
+
+def render(case: str) -> Ruleset:
+    """The ruleset a golden case renders to, through the same decision ADD makes."""
+    conf = parse_conf(plugin_conf(case_annotations(case), **CASE_CONF.get(case, {})))
+    decision = decide(conf, PodRef("default", "p", None))
+    assert decision.ruleset is not None, decision.reason
+    return decision.ruleset
+
+
+#: Strings an attacker would try in an annotation value.
+INJECTIONS = [
+    "80; flush ruleset",
+    '" } ; table ip x {',
+    "22\nflush ruleset\n",
+    "add table ip evil",
+    "../../etc/passwd",
+    "eth0/../../lo",
+    "$(reboot)",
+    "`id`",
+    "10.0.0.0/8\x00,1.1.1.1",
+    "@in_exclude_ports",
+    "{ 1, 2 }",
+    "lo",
+    "\u202e80",
+    "\uff18\uff10",  # full-width digits
+    "1" * 5000,
+    ",".join(["80"] * 1000),
+]
+
+
+# --- the node agent against a temp "host" ---
+
+PRIMARY_DIR = TESTS.parent / "conflist" / "primary"
+NODE_SETTINGS = {"defaults": {"proxy-uid": "1337"}, "exclude_namespaces": ["kube-system", "istio-system"]}
+
+
+class NodeHost:
+    """A temp node: CNI bin and conf dirs, and a plugin bundle to install."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.bin = root / "opt-cni-bin"
+        self.conf = root / "etc-cni-net.d"
+        self.bundle = root / "bundle" / "cni-redirect"
+        for path in (self.bin, self.conf, self.bundle / "_internal"):
+            path.mkdir(parents=True)
+        (self.bin / "bridge").write_text("#!/bin/sh\n")
+        self.set_bundle_version("v1")
+        self.log = io.StringIO()
+
+    def set_bundle_version(self, version: str) -> None:
+        exe = self.bundle / "cni-redirect"
+        exe.write_text(f"#!/bin/sh\necho {version}\n")
+        exe.chmod(0o755)
+        (self.bundle / "_internal" / "lib.txt").write_text(version)
+
+    def options(self, **overrides) -> Options:
+        base = dict(
+            cni_bin_dir=self.bin,
+            cni_conf_dir=self.conf,
+            plugin_source=self.bundle,
+            poll_interval=0.02,
+            uninstall_grace=0.0,
+            wait_log_interval=0.1,
+        )
+        return Options(**{**base, **overrides})
+
+    def agent(self, **overrides) -> NodeAgent:
+        return NodeAgent(self.options(**overrides), JsonLog(self.log), conflists.entry(NODE_SETTINGS))
+
+    def put(self, name: str, data: bytes | None = None) -> bytes:
+        data = data if data is not None else (PRIMARY_DIR / name).read_bytes()
+        (self.conf / name).write_bytes(data)
+        return data
+
+    def entries(self, name: str) -> list[dict]:
+        document = json.loads((self.conf / name).read_text())
+        return [p for p in document["plugins"] if p["type"] == "cni-redirect"]
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.getvalue().splitlines()]
+
+
+class AgentThread:
+    """`run()` in a thread, as the DaemonSet runs it, stopped like SIGTERM would."""
+
+    def __init__(self, host: NodeHost, **overrides) -> None:
+        self.stop = threading.Event()
+        self.rc: int | None = None
+        self.thread = threading.Thread(target=self._run, args=(host.options(**overrides), JsonLog(host.log)))
+        self.thread.start()
+
+    def _run(self, options: Options, log: JsonLog) -> None:
+        self.rc = run(options, log, self.stop)
+
+    def terminate(self) -> int:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        return self.rc
+
+
+# --- batches the kernel refuses: the fake must refuse each too (tests/test_fake.py, and the kernel tier) ---
+
+_T = {"family": "inet", "table": "cni_redirect"}
+_TABLE = {"family": "inet", "name": "cni_redirect"}
+
+
+def _rule(chain: str, *expr: dict) -> dict:
+    return {"add": {"rule": {**_T, "chain": chain, "expr": [*expr, {"counter": None}, {"return": None}]}}}
+
+
+def _match(left: dict, right: object) -> dict:
+    return {"match": {"op": "==", "left": left, "right": right}}
+
+
+_TCP_DPORT = {"payload": {"protocol": "tcp", "field": "dport"}}
+_IP_DADDR = {"payload": {"protocol": "ip", "field": "daddr"}}
+
+#: Each: a command the kernel refuses after `render("defaults")` is in place.
+REFUSED: dict[str, dict] = {
+    "create-existing-table": {"create": {"table": _TABLE}},
+    "delete-absent-table": {"delete": {"table": {"family": "inet", "name": "absent"}}},
+    "rule-in-absent-chain": _rule("nochain", _match(_TCP_DPORT, 22)),
+    "rule-uses-absent-set": _rule("output", _match(_TCP_DPORT, "@nosuchset")),
+    "set-type-mismatch": _rule("output", _match(_IP_DADDR, "@in_exclude_ports")),
+    "set-in-absent-table": {"add": {"set": {"family": "inet", "table": "absent", "name": "s", "type": "uid"}}},
+    "prefix-without-interval": {
+        "add": {"set": {**_T, "name": "s", "type": "ipv4_addr", "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}}]}}
+    },
+    "overlapping-intervals": {
+        "add": {
+            "set": {
+                **_T,
+                "name": "s",
+                "type": "inet_service",
+                "flags": ["interval"],
+                "elem": [{"range": [10, 20]}, {"range": [15, 25]}],
+            }
+        }
+    },
+    "port-out-of-range": {"add": {"set": {**_T, "name": "s", "type": "inet_service", "elem": [70000]}}},
+    "wrong-family-address": {"add": {"set": {**_T, "name": "s", "type": "ipv4_addr", "elem": ["fd00::1"]}}},
+    "redirect-in-filter-chain": {
+        "add": {"chain": {**_T, "name": "f", "type": "filter", "hook": "output", "prio": 0, "policy": "accept"}}
+    },
+    "nat-chain-on-forward": {
+        "add": {"chain": {**_T, "name": "n", "type": "nat", "hook": "forward", "prio": -100, "policy": "accept"}}
+    },
+}
+#: Commands that must follow a REFUSED entry for it to be refused (the chain exists, the redirect does not fit).
+REFUSED_FOLLOW_UP: dict[str, list[dict]] = {
+    "redirect-in-filter-chain": [{"add": {"rule": {**_T, "chain": "f", "expr": [{"redirect": {"port": 15001}}]}}}],
+}

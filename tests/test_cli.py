@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from cni_redirect.cli import run_cli
-from tests.cases import GOLDEN_DIR
+from tests.support import GOLDEN_DIR
 
 
 def test_render_matches_the_golden_file(capsys):

@@ -6,7 +6,7 @@ import pytest
 
 from cni_redirect.config import parse_cni_args, parse_conf, pod_ref
 from cni_redirect.errors import InvalidConfig
-from tests.support import plugin_conf
+from cni_redirect.testing.netlab import plugin_conf
 
 
 def test_contract_fields_and_their_defaults():

@@ -7,71 +7,92 @@ the real kernel.
 
 from __future__ import annotations
 
-import io
+import ipaddress
 import json
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cni_redirect.backend import MemoryBackend, normalize
-from cni_redirect.config import PodRef, parse_conf
-from cni_redirect.logs import EventLog
-from cni_redirect.plugin import RedirectPlugin, decide
 from cni_redirect.result import SUPPORTED_VERSIONS
-from cni_redirect.skel import dispatch
 from cni_redirect.spec import ANNOTATION_PREFIX, CATALOGUE
-from tests.support import plugin_conf
+from cni_redirect.testing.netlab import plugin_conf
+from tests.support import DEFAULT_ENV, FAKE_NETNS, INJECTIONS, call
 
 CLEAN_CODES = {1, 4, 6, 7, 11}
-NETNS = "/run/netns/fuzz"
-ENV = {
-    "CNI_COMMAND": "ADD",
-    "CNI_CONTAINERID": "c",
-    "CNI_NETNS": NETNS,
-    "CNI_IFNAME": "eth0",
-    "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=p",
-}
-INJECTIONS = [
-    "80; flush ruleset",
-    '" } ; table ip x {',
-    "22\nflush ruleset\n",
-    "add table ip evil",
-    "../../etc/passwd",
-    "eth0/../../lo",
-    "$(reboot)",
-    "`id`",
-    "10.0.0.0/8\x00,1.1.1.1",
-    "@in_exclude_ports",
-    "{ 1, 2 }",
-    "lo",
-    "\u202e80",
-    "\uff18\uff10",  # full-width digits
-    "1" * 5000,
-    ",".join(["80"] * 1000),
-]
+NETNS = FAKE_NETNS
+ENV = {**DEFAULT_ENV, "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=p"}
 
 settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci")
 
 
 def run_add(stdin: bytes, env: dict[str, str] = ENV):
-    backend = MemoryBackend()
-    stdout, stderr = io.StringIO(), io.StringIO()
-    rc = dispatch(RedirectPlugin(backend, EventLog(stderr)), env, stdin, stdout, stderr)
-    return rc, stdout.getvalue(), stderr.getvalue(), backend
+    run = call("ADD", stdin, **{k: env.get(k) for k in DEFAULT_ENV})
+    return run.rc, run.stdout, run.stderr, run.backend
+
+
+# --- an oracle that does not reuse the code under test: what the settings asked for, read off the table ---
+
+
+def _set_members(listing: list[dict], name: str) -> list[tuple[int, int]]:
+    """A set's elements as numeric intervals, from the fake kernel's listing."""
+    for obj in listing:
+        body = obj.get("set")
+        if body and body["name"] == name:
+            spans = []
+            for element in body.get("elem", []):
+                if isinstance(element, dict) and "range" in element:
+                    spans.append(tuple(element["range"]))
+                elif isinstance(element, dict) and "prefix" in element:
+                    net = ipaddress.ip_network(f"{element['prefix']['addr']}/{element['prefix']['len']}")
+                    spans.append((int(net.network_address), int(net.broadcast_address)))
+                elif isinstance(element, str):
+                    spans.append((int(ipaddress.ip_address(element)),) * 2)
+                else:
+                    spans.append((element, element))
+            return spans
+    return []
+
+
+def _covered(spans: list[tuple[int, int]], low: int, high: int) -> bool:
+    return any(a <= low and high <= b for a, b in spans)
+
+
+def _effective(stdin: bytes) -> dict[str, str]:
+    """The catalogue values that applied: built-in, then conflist defaults, then annotations."""
+    conf = json.loads(stdin)
+    values = dict(CATALOGUE)
+    values.update(conf.get("defaults") or {})
+    annotations = (conf.get("runtimeConfig") or {}).get("io.kubernetes.cri.pod-annotations") or {}
+    values.update({k[len(ANNOTATION_PREFIX) :]: v for k, v in annotations.items() if k.startswith(ANNOTATION_PREFIX)})
+    return values
+
+
+def assert_table_honours_settings(stdin: bytes, listing: list[dict] | None, dump: str) -> None:
+    values = _effective(stdin)
+    assert (listing is not None) == (values["enabled"].strip().lower() == "true")
+    if listing is None:
+        return
+    assert f"meta skuid {int(values['proxy-uid'])} counter return" in dump
+    for item in filter(None, (i.strip() for i in values["exclude-outbound-ports"].split(","))):
+        low, _, high = item.partition("-")
+        assert _covered(_set_members(listing, "out_exclude_ports"), int(low), int(high or low)), item
+    for item in filter(None, (i.strip() for i in values["exclude-outbound-cidrs"].split(","))):
+        net = ipaddress.ip_network(item, strict=False)
+        name = "out_exclude_v4" if net.version == 4 else "out_exclude_v6"
+        assert _covered(_set_members(listing, name), int(net.network_address), int(net.broadcast_address)), item
+    if values["include-outbound-ports"].strip() == "*" and values["include-outbound-cidrs"].strip() == "*":
+        assert f"redirect to :{int(values['outbound-port'])}" in dump
 
 
 def assert_clean_outcome(stdin: bytes, env: dict[str, str] = ENV) -> int:
-    """Success with exactly the expected table, or a clean CNI error and no table at all."""
+    """Success with a table that does what the settings say, or a clean CNI error and no table at all."""
     rc, out, err, backend = run_add(stdin, env)
     assert "Traceback" not in err, err
     result = json.loads(out)
     if rc == 0:
-        conf = parse_conf(json.loads(stdin))
-        decision = decide(conf, PodRef("default", "p", None))
-        expected = {NETNS: normalize(decision.ruleset.objects())} if decision.ruleset else {}
-        assert backend.tables == expected
         assert "code" not in result
+        assert_table_honours_settings(stdin, backend.tables.get(NETNS), backend.dump(NETNS))
     else:
         assert rc == 1
         assert set(result) == {"cniVersion", "code", "msg", "details"}
@@ -196,5 +217,5 @@ def test_overlapping_duplicate_and_mixed_family_lists_are_canonical():
     )
     rc, _, _, backend = run_add(json.dumps(messy).encode())
     assert rc == 0
-    text = json.dumps(backend.tables[NETNS])
-    assert '{"range": [70, 101]}' in text and '"10.1.0.0"' not in text and "fd00:1::" not in text
+    text = backend.dump(NETNS)
+    assert "70-101" in text and "10.1.0.0" not in text and "fd00:1::" not in text

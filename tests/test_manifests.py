@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cni_redirect.installer import load_entry
+from cni_redirect.node.chain import load_entry
 
 K8S = Path(__file__).resolve().parents[1] / "install" / "kubernetes"
 KUBERNETES_VERSIONS = ["1.28.0", "1.33.0"]
@@ -138,6 +138,6 @@ def test_agent_overlay_adds_exactly_what_serving_requests_needs():
     }
     assert host_paths["agent-socket"] == socket_dir
     assert "hostPID" not in merged["spec"]["template"]["spec"], "the netns arrives as an fd: no hostPID"
-    from cni_redirect.installer import check_agent_socket
+    from cni_redirect.node.daemon import check_agent_socket
 
     check_agent_socket(env["AGENT_SOCKET"])

@@ -6,15 +6,23 @@ import io
 
 import pytest
 
-from cni_redirect.backend import MemoryBackend, normalize
+from cni_redirect.backend import normalize
 from cni_redirect.config import PodRef, parse_conf
 from cni_redirect.errors import InternalError, InvalidConfig
+from cni_redirect.fake import MemoryBackend
 from cni_redirect.logs import EventLog
 from cni_redirect.plugin import RedirectPlugin, decide
 from cni_redirect.skel import Request
-from tests.support import enabled, plugin_conf
+from cni_redirect.testing.netlab import enabled, plugin_conf
+from tests.support import FAKE_NETNS as NETNS
 
-NETNS = "/run/netns/fake"
+TABLE = {"family": "inet", "table": "cni_redirect"}
+
+
+def tamper(plugin, *commands: dict) -> None:
+    """Change the pod's table behind the plugin's back, as `nft` by hand would."""
+    rc, _, error = plugin.backend.kernels[NETNS].json_cmd({"nftables": list(commands)})
+    assert rc == 0, error
 
 
 def request(command, conf, args="K8S_POD_NAMESPACE=default;K8S_POD_NAME=web"):
@@ -29,8 +37,7 @@ def plugin():
 def test_conflist_defaults_enable_capture_without_annotations(plugin):
     conf = plugin_conf(None, defaults={"enabled": "true", "proxy-uid": "1500"})
     plugin.add(request("ADD", conf))
-    (table,) = plugin.backend.tables.values()
-    assert any("1500" in str(obj) for obj in table)
+    assert "meta skuid 1500 counter return" in plugin.backend.dump(NETNS)
 
 
 def test_annotation_can_opt_out_of_a_default_on_open_policy(plugin):
@@ -48,15 +55,12 @@ def test_check_passes_then_detects_each_kind_of_drift(plugin):
     conf = plugin_conf(enabled(exclude_outbound_ports="22"))
     plugin.add(request("ADD", conf))
     plugin.check(request("CHECK", conf))
-    good = plugin.backend.tables[NETNS]
 
-    broken = [dict(o) for o in good]
-    broken.pop()  # a rule went missing
-    plugin.backend.tables[NETNS] = broken
+    tamper(plugin, {"add": {"rule": {**TABLE, "chain": "output", "expr": [{"return": None}]}}})  # an extra rule
     with pytest.raises(InternalError, match="differs"):
         plugin.check(request("CHECK", conf))
 
-    del plugin.backend.tables[NETNS]
+    tamper(plugin, {"delete": {"table": {"family": "inet", "name": "cni_redirect"}}})
     with pytest.raises(InternalError, match="missing"):
         plugin.check(request("CHECK", conf))
 
@@ -64,7 +68,7 @@ def test_check_passes_then_detects_each_kind_of_drift(plugin):
 def test_check_of_a_pod_not_captured_wants_no_table(plugin):
     conf = plugin_conf({})
     plugin.check(request("CHECK", conf))
-    plugin.backend.tables[NETNS] = [{"table": {}}]
+    tamper(plugin, {"add": {"table": {"family": "inet", "name": "cni_redirect"}}})
     with pytest.raises(InternalError, match="should not be captured"):
         plugin.check(request("CHECK", conf))
 
@@ -87,8 +91,8 @@ def test_restricted_policy_keeps_admin_exclusions(plugin):
         defaults={"exclude-outbound-cidrs": "169.254.169.254"},
     )
     plugin.add(request("ADD", conf))
-    text = str(plugin.backend.tables[NETNS])
-    assert "169.254.169.254" in text and "0.0.0.0" not in text
+    text = plugin.backend.dump(NETNS)
+    assert "elements = { 169.254.169.254 }" in text and "0.0.0.0" not in text
 
 
 def test_normalize_ignores_handles_counters_and_hash_order():

@@ -6,7 +6,7 @@ import pytest
 
 from cni_redirect.errors import DecodeError, IncompatibleVersion
 from cni_redirect.result import SUPPORTED_VERSIONS, convert_result, require_supported
-from tests.support import prev_result
+from cni_redirect.testing.netlab import prev_result
 
 
 @pytest.mark.parametrize("source", SUPPORTED_VERSIONS)

@@ -7,21 +7,12 @@ import os
 
 import pytest
 
-from cni_redirect.config import PodRef, parse_conf
-from cni_redirect.plugin import decide
-from cni_redirect.ruleset import Ruleset, build_ruleset
+from cni_redirect.fake import MemoryBackend
+from cni_redirect.ruleset import build_ruleset
 from cni_redirect.spec import build_spec, merge_settings
-from tests.cases import CASE_CONF, CASES, GOLDEN_DIR, annotations
-from tests.support import plugin_conf
+from tests.support import CASES, GOLDEN_DIR, render
 
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
-
-
-def render(case: str) -> Ruleset:
-    conf = parse_conf(plugin_conf(annotations(case), **CASE_CONF.get(case, {})))
-    decision = decide(conf, PodRef("default", "p", None))
-    assert decision.ruleset is not None, decision.reason
-    return decision.ruleset
 
 
 def _golden(path, actual: str) -> None:
@@ -44,6 +35,13 @@ def test_json_batch_matches_golden(case):
 def test_no_golden_file_is_orphaned():
     names = {p.stem for p in GOLDEN_DIR.iterdir() if p.is_file()}
     assert names == set(CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_fake_kernel_accepts_every_golden_and_holds_exactly_it(case):
+    backend = MemoryBackend()
+    backend.apply("/run/netns/golden", render(case))
+    assert backend.dump("/run/netns/golden") == (GOLDEN_DIR / f"{case}.nft").read_text()
 
 
 def test_build_is_pure_and_order_independent():

@@ -11,8 +11,8 @@ import shutil
 
 import pytest
 
-from tests.e2e.harness import Containerd, compile_cri, new_workdir
-from tests.e2e.host import HostSnapshot
+from cni_redirect.testing.containerd import Containerd, new_workdir
+from cni_redirect.testing.host import HostSnapshot
 
 
 @pytest.fixture(scope="session")
@@ -36,14 +36,13 @@ def _containerd(host_snapshot, tmp_path_factory, with_plugin: bool):
     client = None
     try:
         runtime.start()
-        messages, stubs = compile_cri(tmp_path_factory.mktemp("cri"))
-        client = runtime.connect(messages, stubs)
+        client = runtime.connect()
         yield client
     finally:
         try:
             if client is not None:
                 client.remove_all()
-                client.channel.close()
+                client.close()
         finally:
             _tear_down(runtime, host_snapshot, workdir)
 

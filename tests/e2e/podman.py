@@ -16,7 +16,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import PLUGIN
+from cni_redirect.testing.netlab import PLUGIN
 
 IMAGE = "localhost/cnir-busybox:e2e"
 BUSYBOX_APPLETS = ("sh", "sleep", "true", "cat", "ls", "echo")

@@ -15,34 +15,20 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cni_redirect.agent import AgentServer
-from tests.e2e.harness import GATEWAY, conflist
-from tests.support import HOST, Netns, Processes, connect
+from cni_redirect.cniserver import CniServer
+from cni_redirect.testing.containerd import GATEWAY, conflist
+from cni_redirect.testing.netlab import HOST, Netns, connect, enabled
 
 PROXY_UID = 1337
 APP_UID = 1000
-
-
-def annotated(**extra: str) -> dict[str, str]:
-    return {
-        "cni-redirect.io/enabled": "true",
-        **{f"cni-redirect.io/{k.replace('_', '-')}": v for k, v in extra.items()},
-    }
 
 
 def events(containerd, pod_id: str) -> list[dict]:
     return containerd.runtime.events(pod_id)
 
 
-@pytest.fixture
-def procs():
-    processes = Processes()
-    yield processes
-    processes.stop()
-
-
 def test_annotated_pod_is_captured_both_ways(containerd, procs):
-    pod = containerd.run_pod("captured", annotations=annotated())
+    pod = containerd.run_pod("captured", annotations=enabled())
     netns = Netns.at(containerd.netns(pod))
     pod_ip = containerd.pod_ip(pod)
     assert "table inet cni_redirect" in netns.ruleset()
@@ -70,17 +56,17 @@ def test_pod_without_annotation_gets_no_table_and_direct_traffic(containerd, pro
 
 
 def test_bad_annotation_fails_run_pod_sandbox_and_leaves_nothing(containerd):
-    before = {p.id for p in containerd.list_pods()}
+    before = {p.id for p in containerd.list_sandboxes()}
     with pytest.raises(grpc.RpcError) as info:
-        containerd.run_pod("broken", annotations=annotated(proxy_uid="nginx"))
+        containerd.run_pod("broken", annotations=enabled(proxy_uid="nginx"))
     message = info.value.details()
     assert 'plugin type="cni-redirect" failed (add)' in message
     assert 'annotation cni-redirect.io/proxy-uid: invalid value "nginx"' in message
-    assert {p.id for p in containerd.list_pods()} == before
+    assert {p.id for p in containerd.list_sandboxes()} == before
 
 
 def test_stop_and_remove_run_del_twice_successfully(containerd):
-    pod = containerd.run_pod("lifecycle", annotations=annotated())
+    pod = containerd.run_pod("lifecycle", annotations=enabled())
     containerd.stop_pod(pod)
     containerd.remove_pod(pod)
     dels = [e for e in events(containerd, pod) if e["command"] == "DEL"]
@@ -89,7 +75,7 @@ def test_stop_and_remove_run_del_twice_successfully(containerd):
 
 
 def test_excluded_namespace_is_not_touched(containerd):
-    pod = containerd.run_pod("system-pod", namespace="kube-system", annotations=annotated())
+    pod = containerd.run_pod("system-pod", namespace="kube-system", annotations=enabled())
     assert "cni_redirect" not in Netns.at(containerd.netns(pod)).ruleset()
     (add,) = [e for e in events(containerd, pod) if e["command"] == "ADD"]
     assert add["outcome"] == "skipped: namespace kube-system is in exclude_namespaces"
@@ -99,7 +85,7 @@ def test_twenty_concurrent_pods_get_their_own_rules(containerd):
     count = 20
 
     def create(index: int) -> str:
-        return containerd.run_pod(f"burst-{index}", annotations=annotated(exclude_outbound_ports=str(20000 + index)))
+        return containerd.run_pod(f"burst-{index}", annotations=enabled(exclude_outbound_ports=str(20000 + index)))
 
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=count) as pool:
@@ -132,13 +118,13 @@ def test_run_pod_sandbox_time_with_and_without_the_plugin(containerd):
             containerd.remove_pod(pod)
         return statistics.median(samples) * 1000
 
-    in_process = timed("in-process", annotated())
-    agent = AgentServer(Path(f"/run/cni-redirect/e2e-{os.getpid()}.sock"), lambda *a, **k: None)
+    in_process = timed("in-process", enabled())
+    agent = CniServer(Path(f"/run/cni-redirect/e2e-{os.getpid()}.sock"), lambda *a, **k: None)
     agent.start()
     try:
         runtime.write_conflist(conflist(runtime.workdir, agent_socket=str(agent.path)))
         time.sleep(2)  # containerd reloads asynchronously; the plugin runs in both configs
-        via_agent = timed("agent", annotated())
+        via_agent = timed("agent", enabled())
         assert agent.served >= 5, "the pods went through the agent"
         runtime.write_conflist(conflist(runtime.workdir, with_plugin=False))
         containerd.wait_for_reload(expect_plugin=False)

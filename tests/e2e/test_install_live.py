@@ -12,12 +12,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.support import Netns
+from cni_redirect.testing.netlab import Netns
+from tests.support import wait_for
 
 READINESS_PORT = 18498
 
@@ -29,15 +29,6 @@ def readiness() -> int:
         return exc.code
     except OSError:
         return 0
-
-
-def wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 def test_agent_installs_into_containerd_and_uninstalls_on_sigterm(bare_containerd, bundle, tmp_path):
@@ -68,7 +59,7 @@ def test_agent_installs_into_containerd_and_uninstalls_on_sigterm(bare_container
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: readiness() == 200)
+        wait_for(lambda: readiness() == 200, timeout=30)
         document = json.loads(conflist_path.read_text())
         assert [p["type"] for p in document["plugins"]][-1] == "cni-redirect"
         assert (runtime.bin_dir / "cni-redirect").resolve().is_file()

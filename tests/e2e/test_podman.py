@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from tests.support import HOST, Netns, Processes, connect
+from cni_redirect.testing.netlab import HOST, Netns, connect
 
 PROXY_UID = 1337
 APP_UID = 1000
@@ -22,13 +22,6 @@ def network(podman, cni_version: str | None = None, **entry) -> tuple[str, str]:
 
 def run_container(podman, net: str, name: str) -> str:
     return podman.podman("run", "-d", "--name", name, "--network", net, "localhost/cnir-busybox:e2e", "sleep", "600")
-
-
-@pytest.fixture
-def procs():
-    processes = Processes()
-    yield processes
-    processes.stop()
 
 
 @pytest.mark.parametrize("cni_version", ["0.4.0", "1.0.0"])

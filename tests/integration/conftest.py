@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.support import PLUGIN, Netns, PodNetwork, Processes, host_ruleset
+from cni_redirect.testing.netlab import PLUGIN, Netns, PodNetwork, host_ruleset
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,10 +43,3 @@ def net(host_unchanged):
     network = PodNetwork.create()
     yield network
     network.delete()
-
-
-@pytest.fixture
-def procs():
-    processes = Processes()
-    yield processes
-    processes.stop()

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.support import Netns, enabled, plugin_conf
+from cni_redirect.testing.netlab import Netns, enabled, plugin_conf
 
 GLIBC_AND_ZLIB = re.compile(r"^(ld-linux.*|libc|libm|libdl|libpthread|librt|libz)\.so(\.\d+)*$")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import (
+from cni_redirect.testing.netlab import (
     PEER_V4,
     PEER_V6,
     POD_V4,

@@ -15,23 +15,22 @@ from hypothesis import strategies as st
 
 from cni_redirect.backend import KernelBackend, normalize
 from cni_redirect.errors import CniError, InternalError
+from cni_redirect.netns import open_netns
 from cni_redirect.ruleset import TCP_DPORT, Chain, Match, Rule, Ruleset, SetRef
-from tests.support import PLUGIN, Netns, enabled, plugin_conf, run_plugin
-from tests.test_hostile_input import INJECTIONS
-from tests.test_ruleset import render
+from cni_redirect.testing.netlab import PLUGIN, Netns, enabled, plugin_conf, run_plugin
+from tests.support import INJECTIONS, render
 
 
 def test_netns_vanishing_between_open_and_transaction(pod):
     """Our fd keeps the namespace alive: the ADD completes there, and nothing reaches the host."""
 
-    class RuntimeDeletesNetnsMidAdd(KernelBackend):
-        def _open(self, netns: str) -> int:
-            fd = super()._open(netns)
-            pod.delete()  # the sandbox is torn down right after we opened it
-            assert not os.path.exists(netns)
-            return fd
+    def open_then_runtime_deletes(netns: str) -> int:
+        fd = open_netns(netns)
+        pod.delete()  # the sandbox is torn down right after we opened it
+        assert not os.path.exists(netns)
+        return fd
 
-    RuntimeDeletesNetnsMidAdd().apply(pod.path, render("defaults"))
+    KernelBackend(reach=open_then_runtime_deletes).apply(pod.path, render("defaults"))
     # The netns is gone from the filesystem: a later ADD fails cleanly, a later DEL succeeds.
     run = run_plugin("ADD", pod.path, plugin_conf(enabled()))
     assert run.rc == 1 and run.json["code"] == 4 and "does not exist" in run.json["msg"]

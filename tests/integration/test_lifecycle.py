@@ -8,7 +8,7 @@ import os
 import pytest
 
 from cni_redirect.result import SUPPORTED_VERSIONS
-from tests.support import POD_V4, enabled, plugin_conf, run_plugin
+from cni_redirect.testing.netlab import POD_V4, enabled, plugin_conf, run_plugin
 
 TABLE_LINE = "table inet cni_redirect"
 

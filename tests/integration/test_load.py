@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from cni_redirect.agent import AgentServer
 from cni_redirect.backend import KernelBackend
+from cni_redirect.cniserver import CniServer
 from cni_redirect.logs import EventLog
 from cni_redirect.plugin import RedirectPlugin
 from cni_redirect.skel import dispatch
-from tests.support import PLUGIN, Netns, enabled, plugin_conf, run_plugin
+from cni_redirect.testing.netlab import PLUGIN, Netns, enabled, plugin_conf, run_plugin
 
 PODS = 100
 
@@ -52,7 +52,7 @@ def mode(request, host_unchanged):
     if request.param == "in-process":
         yield {}
         return
-    server = AgentServer(Path(f"/run/cni-redirect/load-{os.getpid()}.sock"), lambda *a, **k: None)
+    server = CniServer(Path(f"/run/cni-redirect/load-{os.getpid()}.sock"), lambda *a, **k: None)
     server.start()
     yield {"agent_socket": str(server.path), "_server": server}
     server.stop()

@@ -7,9 +7,8 @@ import os
 import pytest
 
 from cni_redirect.backend import KernelBackend, normalize
-from tests.cases import CASES, GOLDEN_DIR
-from tests.support import sh
-from tests.test_ruleset import render
+from cni_redirect.testing.netlab import sh
+from tests.support import CASES, GOLDEN_DIR, render
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -9,13 +9,10 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from .config import ANNOTATIONS_CAPABILITY, PLUGIN_TYPE
+from ..config import ANNOTATIONS_CAPABILITY, PLUGIN_TYPE
+from ..errors import ConfError
 
 CONF_SUFFIXES = (".conflist", ".conf", ".json")  # what libcni loads, in its own words
-
-
-class ConfError(ValueError):
-    """A primary config we cannot work with; the message names the file and why."""
 
 
 def pick_primary(names: Iterable[str], conf_file: str | None = None) -> str | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cni_redirect import conflists
+from cni_redirect.errors import ConfError
+from cni_redirect.node import conflists
 
 
 def test_pick_primary_follows_libcni_order_and_suffixes():
@@ -49,6 +50,6 @@ def test_single_plugin_config_is_lifted():
     ],
 )
 def test_unusable_configs_are_named(name, data, reason):
-    with pytest.raises(conflists.ConfError, match=reason) as info:
+    with pytest.raises(ConfError, match=reason) as info:
         conflists.parse(name, data)
     assert str(info.value).startswith(name)

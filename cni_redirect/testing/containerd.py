@@ -9,44 +9,27 @@ dirs, the bridge link, ip_forward) is left to `host.HostSnapshot`.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
+from ..cri import CriClient, sandbox_netns
+from .images import build_pause_image
+from .netlab import PLUGIN
 
-from tests.e2e.image import build_pause_image
-from tests.support import PLUGIN
-
-HERE = Path(__file__).resolve().parent
 PAUSE_IMAGE = "localhost/cnir-pause:e2e"
 NETWORK = "cnir-e2e"
 BRIDGE = "cnir-e2e0"
 SUBNET = "10.99.0.0/24"
 GATEWAY = "10.99.0.1"
 CGROUP_PARENT = "cnir-e2e"
-
-
-def compile_cri(outdir: Path):
-    """Generate the CRI stubs from our cri.proto; return (messages, stubs) modules."""
-    from grpc_tools import protoc
-
-    rc = protoc.main(["protoc", f"-I{HERE}", f"--python_out={outdir}", f"--grpc_python_out={outdir}", "cri.proto"])
-    assert rc == 0, "protoc failed on tests/e2e/cri.proto"
-    sys.path.insert(0, str(outdir))
-    try:
-        return importlib.import_module("cri_pb2"), importlib.import_module("cri_pb2_grpc")
-    finally:
-        sys.path.remove(str(outdir))
 
 
 def _mounts_under(prefix: str) -> list[str]:
@@ -193,10 +176,9 @@ class Containerd:
             time.sleep(0.05)
         raise RuntimeError("containerd did not open its socket within 30 s")
 
-    def connect(self, messages, stubs) -> CriClient:
-        channel = grpc.insecure_channel(f"unix://{self.socket}")
-        grpc.channel_ready_future(channel).result(timeout=30)
-        client = CriClient(messages, stubs.RuntimeServiceStub(channel), channel, self)
+    def connect(self) -> PodClient:
+        client = PodClient(self)
+        client.wait_ready()
         client.wait_network_ready()
         return client
 
@@ -234,12 +216,12 @@ class Containerd:
                     os.kill(int(entry.name), signal.SIGKILL)
 
 
-@dataclass
-class CriClient:
-    pb: object
-    stub: object
-    channel: object
-    runtime: Containerd
+class PodClient(CriClient):
+    """The CRI client, plus what kubelet does with it: run, stop and remove pods of our containerd."""
+
+    def __init__(self, runtime: Containerd) -> None:
+        super().__init__(str(runtime.socket), timeout=120)
+        self.runtime = runtime
 
     def wait_network_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -263,18 +245,13 @@ class CriClient:
         self.runtime.pods.append(response.pod_sandbox_id)
         return response.pod_sandbox_id
 
-    def status(self, pod_id: str):
-        return self.stub.PodSandboxStatus(self.pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
-
     def netns(self, pod_id: str) -> str:
-        info = json.loads(self.status(pod_id).info["info"])
-        for ns in info["runtimeSpec"]["linux"]["namespaces"]:
-            if ns["type"] == "network":
-                return ns["path"]
-        raise AssertionError(f"sandbox {pod_id} has no network namespace")
+        path = sandbox_netns(self.sandbox_status(pod_id))
+        assert path, f"sandbox {pod_id} has no network namespace"
+        return path
 
     def pod_ip(self, pod_id: str) -> str:
-        return self.status(pod_id).status.network.ip
+        return self.sandbox_status(pod_id).status.network.ip
 
     def stop_pod(self, pod_id: str) -> None:
         self.stub.StopPodSandbox(self.pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
@@ -297,11 +274,8 @@ class CriClient:
             time.sleep(0.5)
         raise AssertionError(f"containerd did not reload its conflist (expecting plugin={expect_plugin})")
 
-    def list_pods(self) -> list:
-        return list(self.stub.ListPodSandbox(self.pb.ListPodSandboxRequest()).items)
-
     def remove_all(self) -> None:
-        for pod in self.list_pods():
+        for pod in self.list_sandboxes():
             self.stop_pod(pod.id)
             self.remove_pod(pod.id)
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import host_ruleset
+from .netlab import host_ruleset
 
 #: Paths runtimes create whatever their config says. New entries are removed on restore.
 WATCHED_PATHS = (
@@ -110,6 +110,11 @@ class HostSnapshot:
         for link in _links() - self.links:
             subprocess.run(["ip", "link", "delete", link], capture_output=True)
         IP_FORWARD.write_text(self.ip_forward)
+        # podman bind-mounts /run/netns onto itself (shared propagation) the first time it makes a netns.
+        watched = tuple(str(path) for path in WATCHED_PATHS)
+        for point in sorted(_mounts() - self.mounts, key=len, reverse=True):
+            if point.startswith(watched):
+                subprocess.run(["umount", "-l", point], capture_output=True)
         for path, before in self.trees.items():
             now = _tree(path)
             if now is None:

@@ -1,0 +1,321 @@
+"""A fake libnftables that runs each transaction the way the kernel would, for logic tests.
+
+Like knftables' Fake: the whole batch is applied to a copy of the netns's
+ruleset and committed only if every command succeeds, and what the kernel
+would refuse is refused here too, with the kernel's words:
+
+- a table created twice (`create`), a table deleted or listed that is absent;
+- a set, chain or rule in a table or chain that does not exist;
+- a rule that references a set that does not exist, or one whose type does
+  not fit the selector (`ip daddr @ports`);
+- a set element of the wrong type or out of range, a prefix or range in a set
+  without `flags interval`, overlapping intervals, a host name where an
+  address belongs (the kernel would resolve it);
+- `redirect` outside a nat chain, a base chain on a hook its type does not
+  allow, a rule comment of 254 bytes or more (libnftables 1.0.6 aborts the
+  whole process on one: "netlink_linearize.c: Memory allocation failure").
+
+`MemoryBackend` is the `Backend` over it, one fake per netns path, with
+`dump()` for assertions in nft syntax.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import itertools
+from dataclasses import dataclass, field
+
+from .backend import TableOps
+from .ruleset import FAMILY, TABLE, Ruleset, nft_text
+
+ENOENT = "No such file or directory"
+EEXIST = "File exists"
+EOPNOTSUPP = "Operation not supported"
+EINVAL = "Invalid argument"
+
+#: Which selector takes which element type, and what a value of that type looks like.
+SELECTOR_TYPES = {
+    ("meta", "oifname"): "ifname",
+    ("meta", "iifname"): "ifname",
+    ("meta", "skuid"): "uid",
+    ("meta", "skgid"): "gid",
+    ("meta", "l4proto"): "inet_proto",
+    ("meta", "mark"): "mark",
+    ("ip", "saddr"): "ipv4_addr",
+    ("ip", "daddr"): "ipv4_addr",
+    ("ip6", "saddr"): "ipv6_addr",
+    ("ip6", "daddr"): "ipv6_addr",
+    ("tcp", "dport"): "inet_service",
+    ("tcp", "sport"): "inet_service",
+    ("udp", "dport"): "inet_service",
+    ("udp", "sport"): "inet_service",
+}
+SET_TYPES = {"ipv4_addr", "ipv6_addr", "inet_service", "uid", "gid", "ifname", "mark"}
+CHAIN_HOOKS = {
+    "nat": {"prerouting", "input", "output", "postrouting"},
+    "filter": {"prerouting", "input", "forward", "output", "postrouting"},
+    "route": {"output"},
+}
+MAX_COMMENT = 253
+
+
+class Rejected(Exception):
+    """What libnftables would print for a command the kernel refuses."""
+
+
+def _check_scalar(kind: str, value: object) -> None:
+    """One value of an element type, or raise Rejected as the kernel (or nft's parser) would."""
+    if kind in ("ipv4_addr", "ipv6_addr"):
+        if not isinstance(value, str):
+            raise Rejected(f"{value!r} is not an address")
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            raise Rejected(f"Could not resolve hostname: {value}") from None  # the real one would try DNS
+        if "%" in value or address.version != (4 if kind == "ipv4_addr" else 6):
+            raise Rejected(f"datatype mismatch, expected {kind}, got {value!r}")
+    elif kind == "inet_service":
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+            raise Rejected(f"{value!r} is not a port (0-65535)")
+    elif kind in ("uid", "gid", "mark"):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFFFFFF:
+            raise Rejected(f"{value!r} is not a 32-bit {kind}")
+    elif kind == "ifname":
+        if not isinstance(value, str) or not 0 < len(value.encode()) < 16:
+            raise Rejected(f"{value!r} is not an interface name")
+    elif kind == "inet_proto":
+        if not isinstance(value, int) or not 0 <= value <= 255:
+            raise Rejected(f"{value!r} is not a protocol number")
+    else:
+        raise Rejected(f"unknown datatype {kind}")
+
+
+def _interval(kind: str, element: object) -> tuple[int, int] | None:
+    """The numeric interval an element covers (prefix or range), None for a single value."""
+    if isinstance(element, dict) and "prefix" in element:
+        prefix = element["prefix"]
+        _check_scalar(kind, prefix.get("addr"))
+        try:
+            network = ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}", strict=True)
+        except (ValueError, TypeError):
+            raise Rejected(f"{prefix!r} is not a valid prefix") from None
+        return int(network.network_address), int(network.broadcast_address)
+    if isinstance(element, dict) and "range" in element:
+        low, high = element["range"]
+        _check_scalar(kind, low)
+        _check_scalar(kind, high)
+        low_n, high_n = (int(ipaddress.ip_address(v)) if isinstance(v, str) else v for v in (low, high))
+        if low_n > high_n:
+            raise Rejected(f"range {low}-{high} is empty")
+        return low_n, high_n
+    _check_scalar(kind, element)
+    return None
+
+
+def _check_elements(body: dict) -> None:
+    kind, interval = body["type"], "interval" in body.get("flags", ())
+    spans = []
+    for element in body.get("elem", ()):
+        span = _interval(kind, element)
+        if span is not None and not interval:
+            raise Rejected(f"set {body['name']}: a range or prefix needs flags interval")
+        if interval:
+            if span is None:
+                number = element if isinstance(element, int) else int(ipaddress.ip_address(element))
+                span = (number, number)
+            spans.append(span)
+    spans.sort()
+    for (_, high), (low, _) in itertools.pairwise(spans):
+        if low <= high:
+            raise Rejected(f"set {body['name']}: conflicting intervals specified")
+
+
+@dataclass
+class _Table:
+    sets: dict[str, dict] = field(default_factory=dict)
+    chains: dict[str, dict] = field(default_factory=dict)
+    rules: dict[str, list[dict]] = field(default_factory=dict)
+
+
+@dataclass
+class FakeNft:
+    """One network namespace's nftables, in memory. Speaks `json_cmd` like the bindings."""
+
+    tables: dict[tuple[str, str], _Table] = field(default_factory=dict)
+    transactions: int = 0
+
+    def json_cmd(self, batch: dict) -> tuple[int, object, str]:
+        work = copy.deepcopy(self.tables)
+        output: list[dict] = [{"metainfo": {"json_schema_version": 1}}]
+        try:
+            commands = batch["nftables"]
+            for command in commands:
+                ((verb, spec),) = command.items()
+                ((kind, body),) = spec.items()
+                output += getattr(self, f"_{verb}_{kind}")(work, body) or []
+        except Rejected as exc:
+            return 1, "", f"Error: Could not process rule: {exc}\n"
+        except (KeyError, AttributeError, TypeError, ValueError) as exc:
+            return 1, "", f"Error: syntax error in JSON input: {exc!r}\n"
+        if any(next(iter(c)) != "list" for c in commands):
+            self.tables = work
+            self.transactions += 1
+        return 0, {"nftables": output}, ""
+
+    # --- tables ---
+
+    @staticmethod
+    def _key(body: dict, name: str = "name") -> tuple[str, str]:
+        return body["family"], body[name]
+
+    def _table(self, work: dict, body: dict) -> _Table:
+        table = work.get(self._key(body, "table"))
+        if table is None:
+            raise Rejected(f"{ENOENT}: table {body['family']} {body['table']}")
+        return table
+
+    def _add_table(self, work: dict, body: dict) -> None:
+        work.setdefault(self._key(body), _Table())
+
+    def _create_table(self, work: dict, body: dict) -> None:
+        if self._key(body) in work:
+            raise Rejected(f"{EEXIST}: table {body['family']} {body['name']}")
+        work[self._key(body)] = _Table()
+
+    def _delete_table(self, work: dict, body: dict) -> None:
+        if work.pop(self._key(body), None) is None:
+            raise Rejected(f"{ENOENT}: table {body['family']} {body['name']}")
+
+    def _list_tables(self, work: dict, body: object) -> list[dict]:
+        return [{"table": {"family": f, "name": n, "handle": i + 1}} for i, (f, n) in enumerate(work)]
+
+    def _list_table(self, work: dict, body: dict) -> list[dict]:
+        table = work.get(self._key(body))
+        if table is None:
+            raise Rejected(f"{ENOENT}: table {body['family']} {body['name']}")
+        ident = {"family": body["family"], "table": body["name"]}
+        objects: list[dict] = [{"table": {"family": body["family"], "name": body["name"], "handle": 1}}]
+        objects += [{"set": {**ident, **s, "handle": 2 + i}} for i, s in enumerate(table.sets.values())]
+        objects += [{"chain": {**ident, **c}} for c in table.chains.values()]
+        for chain, rules in table.rules.items():
+            objects += [{"rule": {**ident, "chain": chain, **r}} for r in rules]
+        return objects
+
+    # --- sets, chains, rules ---
+
+    def _add_set(self, work: dict, body: dict) -> None:
+        table = self._table(work, body)
+        if body["type"] not in SET_TYPES:
+            raise Rejected(f"unknown set type {body['type']!r}")
+        _check_elements(body)
+        shape = {k: v for k, v in body.items() if k not in ("family", "table", "elem", "handle")}
+        existing = table.sets.get(body["name"])
+        if existing is not None:
+            if {k: v for k, v in existing.items() if k != "elem"} != shape:
+                raise Rejected(f"{EEXIST}: set {body['name']} exists with another type")
+            merged = {**existing, "elem": [*existing.get("elem", []), *body.get("elem", [])]}
+            _check_elements(merged)
+            table.sets[body["name"]] = merged
+            return
+        table.sets[body["name"]] = {**shape, **({"elem": list(body["elem"])} if body.get("elem") else {})}
+
+    def _add_chain(self, work: dict, body: dict) -> None:
+        table = self._table(work, body)
+        chain = {k: v for k, v in body.items() if k not in ("family", "table", "handle")}
+        if "hook" in chain:
+            hooks = CHAIN_HOOKS.get(chain.get("type", ""))
+            if hooks is None or chain["hook"] not in hooks:
+                raise Rejected(f"{EOPNOTSUPP}: chain type {chain.get('type')!r} cannot use hook {chain['hook']!r}")
+            if not isinstance(chain.get("prio"), int):
+                raise Rejected(f"{EINVAL}: base chain {chain['name']} needs an integer priority")
+        existing = table.chains.get(chain["name"])
+        if existing is not None and existing != chain:
+            raise Rejected(f"{EEXIST}: chain {chain['name']} exists with another definition")
+        table.chains[chain["name"]] = chain
+        table.rules.setdefault(chain["name"], [])
+
+    def _add_rule(self, work: dict, body: dict) -> None:
+        table = self._table(work, body)
+        chain = table.chains.get(body["chain"])
+        if chain is None:
+            raise Rejected(f"{ENOENT}: chain {body['chain']} in table {body['family']} {body['table']}")
+        if len(body.get("comment", "").encode()) > MAX_COMMENT:
+            raise Rejected(f"{EINVAL}: comment longer than {MAX_COMMENT} bytes")
+        for expr in body["expr"]:
+            ((kind, spec),) = expr.items()
+            if kind == "match":
+                self._check_match(table, spec)
+            elif kind == "redirect":
+                if chain.get("type") != "nat":
+                    raise Rejected(f"{EOPNOTSUPP}: redirect is only valid in a nat chain")
+                _check_scalar("inet_service", spec.get("port"))
+            elif kind not in ("counter", "return", "accept", "drop"):
+                raise Rejected(f"{EOPNOTSUPP}: statement {kind!r}")
+        rule = {k: v for k, v in body.items() if k not in ("family", "table", "chain", "handle")}
+        table.rules[body["chain"]].append(rule)
+
+    @staticmethod
+    def _check_match(table: _Table, spec: dict) -> None:
+        if spec.get("op") not in ("==", "!="):
+            raise Rejected(f"{EOPNOTSUPP}: operator {spec.get('op')!r}")
+        left = spec["left"]
+        selector = ("meta", left["meta"]["key"]) if "meta" in left else tuple(left["payload"].values())
+        kind = SELECTOR_TYPES.get(selector)  # type: ignore[arg-type]
+        if kind is None:
+            raise Rejected(f"{EOPNOTSUPP}: selector {left!r}")
+        right = spec["right"]
+        if isinstance(right, str) and right.startswith("@"):
+            named = table.sets.get(right[1:])
+            if named is None:
+                raise Rejected(f"{ENOENT}: set {right[1:]}")
+            if named["type"] != kind:
+                raise Rejected(f"datatype mismatch: expected {kind}, set {right[1:]} has type {named['type']}")
+        elif isinstance(right, dict) and "set" in right:
+            for item in right["set"]:
+                _interval(kind, item)
+        else:
+            _interval(kind, right)
+
+
+class MemoryBackend:
+    """The `Backend` protocol over one `FakeNft` per netns path."""
+
+    def __init__(self) -> None:
+        self.kernels: dict[str, FakeNft] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    def _ops(self, netns: str) -> TableOps:
+        return TableOps(self.kernels.setdefault(netns, FakeNft()))
+
+    def apply(self, netns: str, ruleset: Ruleset) -> None:
+        self.calls.append(("apply", netns))
+        self._ops(netns).apply(ruleset)
+
+    def remove(self, netns: str) -> bool:
+        self.calls.append(("remove", netns))
+        return self._ops(netns).remove()
+
+    def read(self, netns: str) -> list[dict] | None:
+        self.calls.append(("read", netns))
+        return self._ops(netns).read()
+
+    def status(self) -> None:
+        return None
+
+    @property
+    def tables(self) -> dict[str, list[dict]]:
+        """Every netns that holds our table, with its objects (normalized listing)."""
+        found = {}
+        for netns, kernel in self.kernels.items():
+            listing = TableOps(kernel).read()
+            if listing is not None:
+                found[netns] = listing
+        return found
+
+    def dump(self, netns: str) -> str:
+        """Our table in this netns, in nft syntax ("" when absent)."""
+        table = TableOps(self.kernels.get(netns, FakeNft()))
+        if not table.exists():
+            return ""
+        return nft_text(table.run({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]}, "list"))

@@ -1,0 +1,211 @@
+"""Keeping our entry chained into the node's primary CNI config, and taking it out again.
+
+1. find the primary config (the configured file, else the lexically first
+   `.conflist`/`.conf`/`.json`), waiting for one to appear;
+2. append our entry (replacing a stale one, never duplicating), turning a
+   single-plugin `.conf` into a `.conflist`, by atomic rename;
+3. re-insert when the primary CNI rewrites its file, writing only when
+   something changed;
+4. on uninstall remove only what we added, restoring the bytes the primary
+   CNI wrote (and a converted `.conf`).
+
+Files only: this module never touches a network namespace or nftables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfError
+from . import conflists
+from .files import write_atomic
+
+BACKUP_PREFIX = ".cni-redirect-original-"
+
+
+def load_entry(path: Path | None) -> dict:
+    """The admin's entry settings (ConfigMap), validated as the plugin will validate them."""
+    from ..config import parse_conf
+    from ..spec import build_spec, merge_settings
+
+    settings = {} if path is None else json.loads(path.read_text())
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    ours = conflists.entry(settings)
+    conf = parse_conf({"cniVersion": "1.0.0", **ours})
+    merged, _ = merge_settings(conf.defaults, {"cni-redirect.io/enabled": "true"})
+    build_spec(merged, allow_root_proxy_uid=conf.allow_root_proxy_uid, max_set_elements=conf.max_set_elements)
+    return ours
+
+
+@dataclass
+class Managed:
+    """What we wrote into one conf file, to undo exactly that."""
+
+    name: str  # the file holding our entry now
+    original_name: str  # the primary's file (differs when we converted a .conf)
+    original: bytes  # the primary's bytes just before our latest write
+    written: bytes  # our latest write
+
+
+class Chain:
+    """Our entry in one conf dir, and whether it is in place (`ready_reason` is "" when it is)."""
+
+    def __init__(
+        self,
+        conf_dir: Path,
+        entry: dict,
+        log: Callable[..., None],
+        conf_file: str | None = None,
+        wait_log_interval: float = 5.0,
+    ) -> None:
+        self.conf_dir = conf_dir
+        self.entry = entry
+        self.log = log
+        self.conf_file = conf_file
+        self.wait_log_interval = wait_log_interval
+        self.managed: Managed | None = None
+        self.ready_reason = "starting"
+        self._last_problem = ""
+        self._last_wait_log = 0.0
+
+    def _backup(self, original_name: str) -> Path:
+        # No CNI suffix at the end: libcni loads hidden files too, and would take a backup for a config.
+        return self.conf_dir / f"{BACKUP_PREFIX}{original_name}.bak"
+
+    def _real(self, name: str) -> Path:
+        """A config's real path. A symlink is followed only inside the conf dir: writing through a
+        link to elsewhere (a mounted ConfigMap, another component's file) is not ours to do."""
+        path = self.conf_dir / name
+        if not path.is_symlink():
+            return path
+        real = path.resolve()
+        if not real.is_relative_to(self.conf_dir.resolve()) or not real.is_file():
+            raise ConfError(
+                f"{name}: a symlink to {real}, outside --cni-conf-dir or not a file; left untouched "
+                "(set --conf-file to a real file)"
+            )
+        return real
+
+    def reconcile(self) -> bool:
+        """One pass: make sure our entry is in place. Returns readiness."""
+        try:
+            names = os.listdir(self.conf_dir)
+        except OSError as exc:
+            return self._not_ready(f"cannot list --cni-conf-dir {self.conf_dir}: {exc.strerror}")
+        name = conflists.pick_primary(names, self.conf_file)
+        if name is None:
+            now = time.monotonic()
+            if now - self._last_wait_log >= self.wait_log_interval:
+                self._last_wait_log = now
+                wanted = self.conf_file or "any .conflist/.conf"
+                self.log("info", "waiting for the primary CNI config", conf_dir=str(self.conf_dir), wanted=wanted)
+            return self._not_ready("no primary CNI config yet")
+        try:
+            path = self._real(name)
+            data = path.read_bytes()
+            document, single = conflists.parse(name, data)
+        except OSError as exc:
+            return self._not_ready(f"cannot read {self.conf_dir / name}: {exc.strerror}")
+        except ConfError as exc:
+            return self._not_ready(f"primary config left untouched: {exc}")
+        desired = conflists.with_entry(document, self.entry)
+        if not single and document == desired:
+            if self.managed is None or self.managed.name != name:
+                self._adopt(name, data, document)
+            return self._ready(name)
+        try:
+            target = self._write(name, data, desired, single)
+        except OSError as exc:
+            return self._not_ready(f"cannot write into --cni-conf-dir {self.conf_dir}: {exc.strerror}")
+        return self._ready(target) if target else False
+
+    def _adopt(self, name: str, data: bytes, document: dict) -> None:
+        """Our entry is already there (an agent restart): find the primary's bytes to restore later."""
+        primary = conflists.without_entry(document)
+        for original_name in (name, *(n for n in os.listdir(self.conf_dir) if n != name)):
+            if original_name != name and conflists.conflist_name(original_name) != name:
+                continue
+            backup = self._backup(original_name)
+            try:
+                original = backup.read_bytes()
+                if conflists.without_entry(conflists.parse(original_name, original)[0]) == primary:
+                    self.managed = Managed(name, original_name, original, data)
+                    return
+            except (OSError, ConfError):
+                continue
+        self.managed = Managed(name, name, conflists.render(primary), data)
+
+    def _write(self, name: str, data: bytes, desired: dict, single: bool) -> str | None:
+        """Write our entry in; returns the file that now holds it, or None if the primary changed it meanwhile."""
+        rendered = conflists.render(desired)
+        source = self._real(name)
+        mode = source.stat().st_mode & 0o777
+        target = conflists.conflist_name(name) if single else name
+        ours_already = self.managed is not None and self.managed.name == name and data == self.managed.written
+        # The primary's own bytes: what is there now, unless what is there is our earlier write.
+        original = self.managed.original if ours_already else data
+        original_name = self.managed.original_name if ours_already else name
+        write_atomic(self._backup(original_name), original, mode=0o600)
+        if single:
+            write_atomic(self.conf_dir / target, rendered, mode=mode)
+            (self.conf_dir / name).unlink()
+            self.log("info", "converted single-plugin config and added our entry", source=name, path=target)
+        elif write_atomic(source, rendered, mode=mode, expect=data):
+            self.log("info", "added our entry to the primary CNI config", path=name)
+        else:
+            return None  # the primary rewrote its file since we read it: the next pass reads the new one
+        self.managed = Managed(target, original_name, original, rendered)
+        return target
+
+    def uninstall(self) -> None:
+        """Remove only what we added; the primary's file goes back to the bytes it wrote."""
+        managed = self.managed
+        if managed is not None:
+            try:
+                path = self._real(managed.name)
+                current = path.read_bytes()
+            except (FileNotFoundError, ConfError):
+                path, current = self.conf_dir / managed.name, None
+            if current is not None and current == managed.written:
+                mode = path.stat().st_mode & 0o777
+                restore_to = path if managed.original_name == managed.name else self.conf_dir / managed.original_name
+                write_atomic(restore_to, managed.original, mode=mode)
+                if managed.original_name != managed.name:
+                    path.unlink()
+                    self.log("info", "restored the original single-plugin config", path=managed.original_name)
+                else:
+                    self.log("info", "removed our entry; primary config restored byte for byte", path=managed.name)
+            elif current is not None:
+                try:
+                    document, _ = conflists.parse(managed.name, current)
+                except ConfError:
+                    document = {"plugins": []}
+                if any(conflists.is_ours(p) for p in document["plugins"]):
+                    write_atomic(path, conflists.render(conflists.without_entry(document)))
+                    self.log("info", "removed our entry from a config the primary changed", path=managed.name)
+            self._backup(managed.original_name).unlink(missing_ok=True)
+        self.managed = None
+        self.ready_reason = "uninstalled"
+
+    # --- readiness ---
+
+    def _ready(self, name: str) -> bool:
+        if self.ready_reason:
+            self.log("info", "ready: plugin installed and chained", path=name)
+        self.ready_reason = ""
+        self._last_problem = ""
+        return True
+
+    def _not_ready(self, reason: str) -> bool:
+        if reason != self._last_problem:
+            level = "info" if reason.startswith("no primary") else "error"
+            self.log(level, reason)
+            self._last_problem = reason
+        self.ready_reason = reason
+        return False

@@ -1,0 +1,189 @@
+"""Chaining our entry into a temp node's CNI configs: goldens, adoption, races, symlinks, uninstall."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from cni_redirect.errors import InvalidConfig
+from cni_redirect.node import conflists
+from cni_redirect.node.chain import BACKUP_PREFIX, load_entry
+from tests.support import NODE_SETTINGS as SETTINGS
+from tests.support import PRIMARY_DIR, TESTS
+
+GOLDEN_DIR = TESTS / "golden" / "install"
+PRIMARIES = sorted(p.name for p in PRIMARY_DIR.iterdir())
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+
+
+def _installed_name(name: str) -> str:
+    return conflists.conflist_name(name) if name.endswith(".conf") else name
+
+
+@pytest.mark.parametrize("name", PRIMARIES)
+def test_install_then_uninstall_every_primary_golden(host, name):
+    original = host.put(name)
+    installer = host.agent()
+    installer.install()
+    assert installer.reconcile()
+    installed = host.conf / _installed_name(name)
+    golden = GOLDEN_DIR / f"{name}.installed"
+    if UPDATE:
+        golden.write_bytes(installed.read_bytes())
+    assert installed.read_bytes() == golden.read_bytes(), f"{golden.name} changed: UPDATE_GOLDEN=1 and review"
+    assert len(host.entries(installed.name)) == 1 and host.entries(installed.name)[0]["defaults"]["proxy-uid"] == "1337"
+    assert json.loads(installed.read_text())["plugins"][-1]["type"] == "cni-redirect"
+
+    installer.uninstall()
+    assert sorted(os.listdir(host.conf)) == [name]
+    assert (host.conf / name).read_bytes() == original
+    assert sorted(os.listdir(host.bin)) == ["bridge"]
+
+
+def test_no_orphaned_install_golden():
+    assert {p.name for p in GOLDEN_DIR.iterdir()} == {f"{n}.installed" for n in PRIMARIES}
+
+
+def test_reconcile_writes_only_when_something_changed(host):
+    host.put("10-calico.conflist")
+    installer = host.agent()
+    installer.install()
+    installer.reconcile()
+    stat = (host.conf / "10-calico.conflist").stat()
+    for _ in range(5):
+        assert installer.reconcile()
+    again = (host.conf / "10-calico.conflist").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+
+
+def test_restarted_agent_adopts_its_entry_and_still_restores_exact_bytes(host):
+    original = host.put("10-flannel.conflist")
+    first = host.agent()
+    first.install()
+    first.reconcile()
+    written = (host.conf / "10-flannel.conflist").read_bytes()
+    second = host.agent()  # a new agent process: no memory of the first
+    second.install()
+    assert second.reconcile()
+    assert (host.conf / "10-flannel.conflist").read_bytes() == written
+    second.uninstall()
+    assert (host.conf / "10-flannel.conflist").read_bytes() == original
+
+
+def test_stale_entry_is_replaced_never_duplicated(host):
+    host.put("20-stale-entry.conflist")
+    installer = host.agent()
+    installer.install()
+    installer.reconcile()
+    (entry,) = host.entries("20-stale-entry.conflist")
+    assert entry["defaults"] == {"proxy-uid": "1337"}
+    plugins = json.loads((host.conf / "20-stale-entry.conflist").read_text())["plugins"]
+    assert [p["type"] for p in plugins] == ["ptp", "tuning", "cni-redirect"]
+
+
+def test_configured_conf_file_wins_over_lexical_order(host):
+    host.put("05-cilium.conflist")
+    host.put("10-calico.conflist")
+    installer = host.agent(conf_file="10-calico.conflist")
+    installer.install()
+    installer.reconcile()
+    assert host.entries("10-calico.conflist") and not host.entries("05-cilium.conflist")
+
+
+def test_lexically_first_config_is_the_primary(host):
+    host.put("10-calico.conflist")
+    host.put("05-cilium.conflist")
+    installer = host.agent()
+    installer.install()
+    installer.reconcile()
+    assert host.entries("05-cilium.conflist") and not host.entries("10-calico.conflist")
+
+
+def test_backup_is_never_taken_for_a_config(host):
+    host.put("10-legacy-bridge.conf")
+    installer = host.agent()
+    installer.install()
+    installer.reconcile()
+    names = os.listdir(host.conf)
+    backups = [n for n in names if n.startswith(BACKUP_PREFIX)]
+    assert backups and all(not n.endswith(conflists.CONF_SUFFIXES) for n in backups)
+    assert conflists.pick_primary(names) == "10-legacy-bridge.conflist"
+
+
+def test_invalid_primary_is_left_untouched_and_retried(host):
+    broken = host.put("10-calico.conflist", b'{"cniVersion": "0.3.1", "plugins": [ {"type": "calico"')
+    installer = host.agent()
+    installer.install()
+    assert not installer.reconcile()
+    assert (host.conf / "10-calico.conflist").read_bytes() == broken
+    assert "not valid JSON" in installer.ready_reason
+    errors = [e for e in host.events() if e["level"] == "error"]
+    assert len(errors) == 1 and "10-calico.conflist" in errors[0]["msg"]
+    assert not installer.reconcile()
+    assert len([e for e in host.events() if e["level"] == "error"]) == 1, "the same problem is logged once"
+    host.put("10-calico.conflist")
+    assert installer.reconcile() and host.entries("10-calico.conflist")
+
+
+def test_symlinked_primary_inside_conf_dir_is_edited_through_the_link(host):
+    real = host.conf / "..data"
+    real.mkdir()
+    original = (PRIMARY_DIR / "10-calico.conflist").read_bytes()
+    (real / "10-calico.conflist").write_bytes(original)
+    (host.conf / "10-calico.conflist").symlink_to("..data/10-calico.conflist")
+    installer = host.agent()
+    installer.install()
+    assert installer.reconcile()
+    assert (host.conf / "10-calico.conflist").is_symlink(), "the link is kept"
+    assert host.entries("10-calico.conflist")
+    installer.uninstall()
+    assert (host.conf / "10-calico.conflist").is_symlink()
+    assert (real / "10-calico.conflist").read_bytes() == original
+
+
+def test_symlinked_primary_pointing_outside_is_left_untouched(host, tmp_path):
+    outside = tmp_path / "elsewhere.conflist"
+    original = outside.write_bytes((PRIMARY_DIR / "10-flannel.conflist").read_bytes()) and outside.read_bytes()
+    (host.conf / "10-flannel.conflist").symlink_to(outside)
+    installer = host.agent()
+    installer.install()
+    assert not installer.reconcile()
+    assert "outside --cni-conf-dir" in installer.ready_reason
+    assert outside.read_bytes() == original and (host.conf / "10-flannel.conflist").is_symlink()
+
+
+def test_an_edit_the_primary_makes_while_we_write_is_not_overwritten(host, monkeypatch):
+    from cni_redirect.node import chain as installer_module
+
+    original = host.put("10-calico.conflist")
+    installer = host.agent()
+    installer.install()
+    edited = original.replace(b'"mtu": 0', b'"mtu": 1450')
+    real_write = installer_module.write_atomic
+
+    def primary_edits_first(path, data, mode=0o644, expect=None):
+        if expect is not None:  # just before our rename of the primary's file
+            (host.conf / "10-calico.conflist").write_bytes(edited)
+        return real_write(path, data, mode, expect)
+
+    monkeypatch.setattr(installer_module, "write_atomic", primary_edits_first)
+    assert not installer.reconcile(), "the pass that lost the race does not claim readiness"
+    assert (host.conf / "10-calico.conflist").read_bytes() == edited
+    monkeypatch.setattr(installer_module, "write_atomic", real_write)
+    assert installer.reconcile()
+    document = json.loads((host.conf / "10-calico.conflist").read_text())
+    assert document["plugins"][0]["mtu"] == 1450 and host.entries("10-calico.conflist")
+    installer.uninstall()
+    assert (host.conf / "10-calico.conflist").read_bytes() == edited
+
+
+def test_load_entry_validates_the_admins_settings(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(SETTINGS))
+    assert load_entry(good)["capabilities"] == {"io.kubernetes.cri.pod-annotations": True}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"defaults": {"proxy-uid": "0"}}))
+    with pytest.raises(InvalidConfig, match="allow_root_proxy_uid"):
+        load_entry(bad)

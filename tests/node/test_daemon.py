@@ -1,0 +1,94 @@
+"""The node agent's process (`run`) in a thread, as the DaemonSet runs it: waiting, rewrites, readiness, settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.support import NODE_SETTINGS as SETTINGS
+from tests.support import AgentThread as Agent
+from tests.support import wait_for
+
+
+def test_agent_waits_for_primary_then_keeps_entry_through_50_rewrites(host, tmp_path):
+    entry_file = tmp_path / "entry.json"
+    entry_file.write_text(json.dumps(SETTINGS))
+    agent = Agent(host, entry_file=entry_file)
+    try:
+        wait_for(lambda: any("waiting for the primary" in e["msg"] for e in host.events()))
+        original = host.put("10-calico.conflist")
+        wait_for(lambda: (host.conf / "10-calico.conflist").read_bytes() != original)
+        latencies = []
+        for index in range(50):
+            document = json.loads(original)
+            document["plugins"][0]["mtu"] = index  # the primary rewrites its own file, without our entry
+            rewritten = json.dumps(document, indent=4).encode()
+            host.put("10-calico.conflist", rewritten)
+            latencies.append(wait_for(lambda: len(host.entries("10-calico.conflist")) == 1))
+        final = json.loads((host.conf / "10-calico.conflist").read_text())
+        assert len([p for p in final["plugins"] if p["type"] == "cni-redirect"]) == 1
+        assert final["plugins"][0]["mtu"] == 49, "the primary's last write is kept"
+        print(f"\n[installer] re-insert latency over 50 rewrites: max {max(latencies) * 1000:.0f} ms")
+
+        def writes() -> int:
+            return sum(1 for e in host.events() if e["msg"] == "added our entry to the primary CNI config")
+
+        # One write for the first insert and one per rewrite; the log line follows the rename, so wait for it.
+        wait_for(lambda: writes() == 51)
+        time.sleep(0.3)
+        assert writes() == 51, "no rewrite when nothing changed"
+    finally:
+        assert agent.terminate() == 0
+    last = json.loads(original)
+    last["plugins"][0]["mtu"] = 49
+    assert (host.conf / "10-calico.conflist").read_bytes() == json.dumps(last, indent=4).encode()
+    assert sorted(os.listdir(host.bin)) == ["bridge"]
+
+
+def test_agent_readiness_endpoint(host):
+    agent = Agent(host, readiness_port=18399)
+    try:
+
+        def status() -> int:
+            try:
+                return urllib.request.urlopen("http://127.0.0.1:18399/readyz", timeout=2).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+            except OSError:
+                return 0
+
+        wait_for(lambda: status() == 503)
+        host.put("10-flannel.conflist")
+        wait_for(lambda: status() == 200)
+        (host.conf / "10-flannel.conflist").write_text("{ broken")
+        wait_for(lambda: status() == 503)
+    finally:
+        agent.terminate()
+
+
+def test_agent_refuses_invalid_settings(host, tmp_path):
+    entry_file = tmp_path / "entry.json"
+    entry_file.write_text(json.dumps({"defaults": {"outbound-port": "http"}}))
+    agent = Agent(host, entry_file=entry_file)
+    assert agent.terminate() == 2
+    (error,) = [e for e in host.events() if e["level"] == "error"]
+    assert "outbound-port" in error["error"]
+    assert sorted(os.listdir(host.bin)) == ["bridge"], "nothing installed"
+
+
+def test_keep_on_exit_leaves_everything_in_place(host):
+    host.put("10-calico.conflist")
+    agent = Agent(host, uninstall_on_exit=False)
+    wait_for(lambda: bool(host.entries("10-calico.conflist")))
+    agent.terminate()
+    assert host.entries("10-calico.conflist") and (host.bin / "cni-redirect").exists()
+
+
+def test_agent_socket_outside_the_trusted_dir_is_refused(host):
+    agent = Agent(host, agent_socket=Path("/tmp/agent.sock"))
+    assert agent.terminate() == 2
+    assert any("--agent-socket" in e.get("error", "") for e in host.events())

@@ -1,0 +1,169 @@
+"""The package's import graph: no cycle, and the layering rules of the README's "Code layout".
+
+The graph is read from the source (every `import`, at module level or inside
+a function), so a lazy import counts as an edge too. Third-party modules are
+nodes by their top-level name (`pydantic`, `pyroute2`, `nftables`, `grpc`).
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "cni_redirect"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(module: str, node: ast.ImportFrom | ast.Import, is_package: bool) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if node.level == 0:
+        base = node.module or ""
+    else:
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        package = package[: len(package) - (node.level - 1)]
+        base = ".".join(package + ([node.module] if node.module else []))
+    # `from . import wire` imports a module; `from .spec import X` imports spec.
+    return [f"{base}.{alias.name}" for alias in node.names] + [base]
+
+
+def import_graph(module_level_only: bool = False) -> dict[str, set[str]]:
+    """Edges from each cni_redirect module to what it imports (ours by full name, others by top-level name)."""
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        tree = ast.parse(path.read_text(), str(path))
+        nodes = tree.body if module_level_only else list(ast.walk(tree))
+        targets: set[str] = set()
+        for node in nodes:
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                for name in _resolve(module, node, path.name == "__init__.py"):
+                    if name.startswith("cni_redirect"):
+                        if name in files:
+                            targets.add(name)
+                    elif name and not name.startswith("__future__"):
+                        targets.add(name.split(".")[0])
+        # A submodule importing its own package is not an edge: the package's __init__ always runs first.
+        ancestors = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
+        graph[module] = targets - {module} - ancestors
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of modules, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return [*stack[stack.index(target) :], target]
+            if target in graph and target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def closure(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"json"}}) is None
+
+
+def test_no_import_cycle_anywhere_in_the_package():
+    assert find_cycle(import_graph()) is None
+
+
+HEAVY = {"pydantic", "pyroute2", "nftables", "grpc", "google", "prometheus_client"}
+KERNEL = {"cni_redirect.backend", "cni_redirect.netns", "cni_redirect.cniserver", "cni_redirect.fake", "nftables",
+          "pyroute2"}  # fmt: skip
+LAB = "cni_redirect.testing"
+NODE = {"cni_redirect.node", "cni_redirect.node.bundle", "cni_redirect.node.chain", "cni_redirect.node.conflists",
+        "cni_redirect.node.daemon", "cni_redirect.node.files"}  # fmt: skip
+OURS_BUT_ERRORS = {f"cni_redirect.{m}" for m in ("spec", "config", "plugin", "backend", "netns", "wire", "skel")}
+
+RULES = [
+    # (module, what it must never reach, module-level imports only?, why)
+    ("cni_redirect.ruleset", KERNEL, False, "the ruleset is pure data: it never talks to the kernel"),
+    ("cni_redirect.spec", KERNEL, False, "validation never touches the kernel"),
+    ("cni_redirect.config", KERNEL, False, "validation never touches the kernel"),
+    ("cni_redirect.front", HEAVY, True, "the front loads on every pod start: stdlib only"),
+    ("cni_redirect.wire", HEAVY | {"cni_redirect.spec", "cni_redirect.plugin"}, False, "the protocol is stdlib only"),
+    ("cni_redirect.errors", HEAVY | {"cni_redirect.spec"}, False, "errors import nothing"),
+    ("cni_redirect.node.bundle", KERNEL, False, "the installer never enters a netns or runs nft"),
+    ("cni_redirect.node.chain", KERNEL, False, "the installer never enters a netns or runs nft"),
+    ("cni_redirect.node.conflists", KERNEL, False, "the installer never enters a netns or runs nft"),
+    ("cni_redirect.node.files", KERNEL, False, "the installer never enters a netns or runs nft"),
+    ("cni_redirect.skel", {"cni_redirect.backend", "cni_redirect.netns"}, False, "the dispatcher knows no kernel"),
+    ("cni_redirect.plugin", NODE | {"cni_redirect.cniserver"}, False, "the plugin knows no node agent"),
+    ("cni_redirect.cniserver", NODE, False, "the CNI server is not the node agent"),
+    ("cni_redirect.backend", NODE, False, "the backend knows no node agent"),
+    ("cni_redirect.fake", {"nftables", "pyroute2"}, True, "the fake needs no kernel"),
+    ("cni_redirect.netns", {"nftables"}, False, "entering a netns is not programming it"),
+    ("cni_redirect.logs", OURS_BUT_ERRORS | NODE, False, "logging depends on nothing of ours"),
+]
+
+
+@pytest.mark.parametrize(("module", "forbidden", "module_level", "why"), RULES, ids=[r[0] for r in RULES])
+def test_layering_rule(module, forbidden, module_level, why):
+    graph = import_graph(module_level_only=module_level)
+    assert module in graph, f"{module} is gone: update the rule and the README's Code layout"
+    reached = closure(graph, module)
+    assert not reached & forbidden, f"{module} reaches {sorted(reached & forbidden)}: {why}"
+
+
+def test_the_fronts_whole_module_level_closure_is_ours_and_the_c_socket_module():
+    reached = closure(import_graph(module_level_only=True), "cni_redirect.front")
+    assert reached == {"cni_redirect.wire", "cni_redirect.errors", "os", "sys", "_socket"}
+
+
+def test_nothing_that_runs_on_a_node_imports_the_lab():
+    graph = import_graph()
+    users = {module for module, targets in graph.items() if any(t.startswith(LAB) for t in targets)}
+    assert {m for m in users if not m.startswith(LAB)} == set()
+
+
+def test_scripts_and_benchmarks_import_the_package_never_the_tests():
+    offenders = []
+    for path in [*(REPO / "scripts").glob("*.py"), *(REPO / "bench").glob("*.py"), *(REPO / "fuzz").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [f"{path.name}: {n}" for n in names if n == "tests" or n.startswith("tests.")]
+    assert not offenders
+
+
+def test_stdlib_detection_is_real():
+    assert "_socket" in sys.stdlib_module_names and "pydantic" not in sys.stdlib_module_names

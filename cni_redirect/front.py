@@ -2,7 +2,7 @@
 
 A fresh Python process that imports pyroute2 and pydantic spends ~0.4 s before
 doing ~2 ms of work. So the front imports only os, sys and `wire` (which uses
-the C `_socket` module): it forwards the CNI_* environment and stdin bytes,
+the C `_socket` module, and loads `errors` only on failure): it forwards the CNI_* environment and stdin bytes,
 untouched, with the pod netns as a file descriptor, to the CNI server named by
 the conflist entry's `agent_socket`, and writes back its stdout, stderr and
 exit code.
@@ -20,7 +20,6 @@ import os
 import sys
 
 from . import wire
-from .errors import WireError
 
 VERSIONS = b'{"cniVersion": "1.1.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}'
 
@@ -61,7 +60,7 @@ def main() -> int:
         if netns_fd is not None or (command == "DEL" and not netns):
             try:
                 code, out, err = wire.exchange(path, env, stdin, netns_fd)
-            except WireError as exc:
+            except wire.WireError() as exc:  # the expression is evaluated only when something was raised
                 if command != "DEL":
                     _write(1, _error(11, f"cni-redirect agent unreachable at {path}: {exc}", "try again later"))
                     _write(2, f"cni-redirect error: {command}: agent unreachable at {path}: {exc}\n".encode())

@@ -11,12 +11,12 @@ directory (`trusted_socket_path`).
 
 Standard library only, and only sys and the C `_socket` module: the
 front imports this on every pod start (`import socket` alone costs ~14 ms).
+`errors.WireError` is loaded only when an exchange fails, so a pod start
+that goes through the CNI server loads two modules of ours, as before.
 """
 
 import _socket
 import sys
-
-from .errors import WireError
 
 MAGIC = b"CNIR1"
 HEADER_SIZE = len(MAGIC) + 16
@@ -24,6 +24,13 @@ MAX_REQUEST = 64 * 1024 * 1024  # a config with 1 000 000 set elements stays wel
 MAX_FDS = 4  # a request carries one netns fd; a few more are read so that they can be closed
 SOCKET_DIRS = ("/run/cni-redirect/", "/var/run/cni-redirect/")
 TIMEOUT = 60.0
+
+
+def WireError():  # stands for the class, loaded on first use
+    """`errors.WireError`, imported when something fails: `except wire.WireError():` costs nothing until then."""
+    from .errors import WireError as cls
+
+    return cls
 
 
 def trusted_socket_path(path: str) -> bool:
@@ -101,7 +108,7 @@ def _recv_exactly(sock: _socket.socket, size: int, what: str, data: bytes = b"")
     while have < size:
         chunk = sock.recv(min(1 << 20, size - have))
         if not chunk:
-            raise WireError(f"truncated request {what}")
+            raise WireError()(f"truncated request {what}")
         chunks.append(chunk)
         have += len(chunk)
     return b"".join(chunks)
@@ -112,11 +119,11 @@ def read_request(sock: _socket.socket) -> tuple[dict[str, str], bytes, list[int]
     data, fds = _recv_with_fds(sock, HEADER_SIZE)
     header = _recv_exactly(sock, HEADER_SIZE, "header", data)
     if header[: len(MAGIC)] != MAGIC:
-        raise WireError("not a cni-redirect request")
+        raise WireError()("not a cni-redirect request")
     env_len = int.from_bytes(header[len(MAGIC) : len(MAGIC) + 8], "big")
     stdin_len = int.from_bytes(header[len(MAGIC) + 8 : HEADER_SIZE], "big")
     if env_len + stdin_len > MAX_REQUEST:
-        raise WireError(f"request of {env_len + stdin_len} bytes is too large")
+        raise WireError()(f"request of {env_len + stdin_len} bytes is too large")
     body = _recv_exactly(sock, env_len + stdin_len, "body")
     env = {}
     for item in body[:env_len].split(b"\0"):
@@ -135,7 +142,7 @@ def encode_reply(code: int, stdout: bytes, stderr: bytes) -> bytes:
 
 def decode_reply(reply: bytes) -> tuple[int, bytes, bytes]:
     if len(reply) < 9:
-        raise WireError("the CNI server closed the connection without a reply")
+        raise WireError()("the CNI server closed the connection without a reply")
     length = int.from_bytes(reply[1:9], "big")
     return reply[0], reply[9 : 9 + length], reply[9 + length :]
 
@@ -148,7 +155,7 @@ def exchange(path: str, env: dict, stdin: bytes, netns_fd: int | None, timeout: 
         sock.connect(path)
         uid = peer_uid(sock)
         if uid != 0:
-            raise WireError(f"the socket is served by uid {uid}, not root")
+            raise WireError()(f"the socket is served by uid {uid}, not root")
         send_request(sock, env, stdin, netns_fd)
         chunks = []
         while True:
@@ -157,7 +164,7 @@ def exchange(path: str, env: dict, stdin: bytes, netns_fd: int | None, timeout: 
                 break
             chunks.append(chunk)
     except OSError as exc:
-        raise WireError(str(exc)) from None
+        raise WireError()(str(exc)) from None
     finally:
         sock.close()
     return decode_reply(b"".join(chunks))

@@ -16,7 +16,7 @@ def test_error_objects_are_valid_json_whatever_the_message():
 
 
 def test_front_imports_only_the_standard_library_it_needs():
-    """Loading the front (what every pod start pays) adds our three small modules and the C `_socket`."""
+    """Loading the front (what every pod start pays) adds the package, front, wire and the C `_socket`."""
     code = (
         "import sys; before = set(sys.modules); import cni_redirect.front; "
         "print('\\n'.join(sorted(set(sys.modules) - before)))"

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidConfig
-from .spec import DEFAULT_MAX_SET_ELEMENTS, invalid_config
+from .spec import CATALOGUE, DEFAULT_MAX_SET_ELEMENTS, invalid_config
 
 ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
 PLUGIN_TYPE = "cni-redirect"
@@ -32,6 +32,7 @@ class PluginConf(BaseModel):
     defaults: dict[str, str] = Field(default_factory=dict)
     exclude_namespaces: list[str] = Field(default_factory=lambda: ["kube-system"])
     annotation_policy: Literal["open", "restricted"] = "open"
+    pod_settable: list[str] = Field(default_factory=list)
     allow_root_proxy_uid: bool = False
     max_set_elements: int = Field(DEFAULT_MAX_SET_ELEMENTS, ge=1, le=1_000_000)
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
@@ -56,6 +57,14 @@ class PluginConf(BaseModel):
             else:
                 raise ValueError(f"defaults.{key} must be a string, got {type(item).__name__}")
         return out
+
+    @field_validator("pod_settable")
+    @classmethod
+    def _catalogue_keys_only(cls, value: list[str]) -> list[str]:
+        unknown = [key for key in value if key not in CATALOGUE]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a catalogue key (known: {', '.join(CATALOGUE)})")
+        return value
 
     @field_validator("exclude_namespaces")
     @classmethod

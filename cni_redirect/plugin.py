@@ -48,9 +48,9 @@ def decide(conf: PluginConf, pod: PodRef, log: EventLog | None = None) -> Decisi
             f'conflist entry lacks "capabilities": {{"{ANNOTATIONS_CAPABILITY}": true}}: '
             "the runtime passes no pod annotations, only defaults apply",
         )
-    settings, ignored = merge_settings(conf.defaults, conf.annotations(), conf.annotation_policy)
+    settings, ignored = merge_settings(conf.defaults, conf.annotations(), conf.annotation_policy, conf.pod_settable)
     if ignored and log:
-        log.log("warning", f"annotation_policy restricted: ignored {', '.join(sorted(ignored))}")
+        log.log("warning", f"annotation_policy restricted: ignored {', '.join(sorted(ignored))} (not in pod_settable)")
     if not is_enabled(settings):
         return Decision(None, "skipped: not enabled")
     spec = build_spec(

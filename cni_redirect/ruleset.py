@@ -321,6 +321,8 @@ def _network_elements(networks: Iterable[Network], version: int) -> tuple[Value,
     for net in networks:
         if net.version != version:
             continue
+        if getattr(net.network_address, "scope_id", None):  # validated away in spec; never let text through
+            raise ValueError(f"{net}: a scoped address cannot be rendered")
         if net.prefixlen == net.max_prefixlen:
             elements.append(str(net.network_address))
         else:

@@ -8,9 +8,12 @@ exact annotation or conflist field in every error message.
 
 `CaptureSpec` is the one source of truth for the catalogue: each field's
 alias is its key, its default (a string, parsed like any annotation) is the
-built-in default, and its metadata says whether it is a list and whether a
-restricted policy keeps it from pods. `CATALOGUE`, `LIST_KEYS` and
-`RESTRICTED_KEYS` are derived from it.
+built-in default, and its metadata says whether it is a list and whether it
+is the opt-in. `CATALOGUE`, `LIST_KEYS` and `OPT_IN_KEY` are derived from it.
+
+Under `annotation_policy: restricted` a pod may only opt in (`enabled:
+"true"` where the admin's default is false); every other annotation is
+ignored, and logged, unless the admin lists its key in `pod_settable`.
 """
 
 from __future__ import annotations
@@ -56,11 +59,12 @@ def merge_settings(
     defaults: Mapping[str, str],
     annotations: Mapping[str, str],
     policy: Literal["open", "restricted"] = "open",
+    pod_settable: Iterable[str] = (),
 ) -> tuple[dict[str, Setting], list[str]]:
     """Overlay annotations on conflist defaults on the built-in catalogue.
 
-    Returns the settings and the annotation keys ignored by a restricted
-    policy (for the log). Unknown keys in either source are an error.
+    Returns the settings and the annotations a restricted policy ignored (for
+    the log). Unknown keys in either source are an error, whatever the policy.
     """
     settings = {key: Setting(value, "built-in default") for key, value in CATALOGUE.items()}
     for key, value in defaults.items():
@@ -70,6 +74,7 @@ def merge_settings(
                 f"known keys: {', '.join(CATALOGUE)}",
             )
         settings[key] = Setting(value, default_name(key))
+    settable = frozenset(pod_settable)
     ignored: list[str] = []
     for name, value in annotations.items():
         if not name.startswith(ANNOTATION_PREFIX):
@@ -80,11 +85,20 @@ def merge_settings(
                 f"annotation {show(name)}: unknown cni-redirect annotation",
                 f"known keys: {', '.join(ANNOTATION_PREFIX + k for k in CATALOGUE)}",
             )
-        if policy == "restricted" and key in RESTRICTED_KEYS:
+        if policy == "restricted" and key not in settable and not _opts_in(key, value, settings):
             ignored.append(name)
             continue
         settings[key] = Setting(value, annotation_name(key))
     return settings, ignored
+
+
+def _opts_in(key: str, value: str, settings: Mapping[str, Setting]) -> bool:
+    """Under a restricted policy the one thing a pod may say for itself: capture me."""
+    if key != OPT_IN_KEY:
+        return False
+    if value.strip().lower() != "true":
+        return False
+    return value.strip().lower() != settings[key].value.strip().lower()
 
 
 def is_enabled(settings: Mapping[str, Setting]) -> bool:
@@ -189,10 +203,13 @@ def _parse_port_ranges(value: str) -> tuple[PortRange, ...]:
 def _parse_networks(value: str) -> tuple[Network, ...]:
     networks: list[Network] = []
     for item in _items(value):
+        if "%" in item:  # ipaddress keeps any text after % (an IPv6 zone) and would carry it into the ruleset
+            raise ValueError(f"{show(item)}: a zone or scope ID (%...) is not allowed in a CIDR")
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
+            network = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ValueError(f"{show(item)} is not an IPv4 or IPv6 address or CIDR") from None
+        networks.append(network)
     v4 = ipaddress.collapse_addresses(n for n in networks if n.version == 4)
     v6 = ipaddress.collapse_addresses(n for n in networks if n.version == 6)
     return (*v4, *v6)
@@ -258,9 +275,9 @@ NetworkSelection = Annotated[
 InterfaceList = Annotated[tuple[str, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_interfaces)))]
 
 
-def _key(text: str, *, list_: bool = False, restricted: bool = False):
+def _key(text: str, *, list_: bool = False, opt_in: bool = False):
     """A catalogue entry: the built-in default as an annotation would spell it, and what kind of key it is."""
-    return Field(text, validate_default=True, json_schema_extra={"list": list_, "restricted": restricted})
+    return Field(text, validate_default=True, json_schema_extra={"list": list_, "opt_in": opt_in})
 
 
 class CaptureSpec(BaseModel):
@@ -274,19 +291,19 @@ class CaptureSpec(BaseModel):
         frozen=True, extra="forbid", populate_by_name=True, alias_generator=lambda name: name.replace("_", "-")
     )
 
-    enabled: Bool = _key("false")
+    enabled: Bool = _key("false", opt_in=True)
     proxy_uid: Uid = _key("1337")
     proxy_gid: OptionalGid = _key("")
-    exclude_uids: UidList = _key("", list_=True, restricted=True)
+    exclude_uids: UidList = _key("", list_=True)
     outbound_port: Port = _key("15001")
     inbound_port: Port = _key("15006")
     include_outbound_ports: PortSelection = _key("*", list_=True)
-    exclude_outbound_ports: PortList = _key("", list_=True, restricted=True)
+    exclude_outbound_ports: PortList = _key("", list_=True)
     include_outbound_cidrs: NetworkSelection = _key("*", list_=True)
-    exclude_outbound_cidrs: NetworkList = _key("", list_=True, restricted=True)
+    exclude_outbound_cidrs: NetworkList = _key("", list_=True)
     include_inbound_ports: PortSelection = _key("*", list_=True)
-    exclude_inbound_ports: PortList = _key("", list_=True, restricted=True)
-    exclude_interfaces: InterfaceList = _key("", list_=True, restricted=True)
+    exclude_inbound_ports: PortList = _key("", list_=True)
+    exclude_interfaces: InterfaceList = _key("", list_=True)
     capture_dns: Bool = _key("false")
     dns_port: Port = _key("15053")
 
@@ -337,8 +354,8 @@ def _catalogue_where(flag: str) -> frozenset[str]:
 CATALOGUE: dict[str, str] = {str(info.alias): str(info.default) for info in CaptureSpec.model_fields.values()}
 #: Keys whose value is a comma list (or `*`).
 LIST_KEYS = _catalogue_where("list")
-#: Keys a pod may not set for itself under `annotation_policy: restricted`: each one widens what escapes capture.
-RESTRICTED_KEYS = _catalogue_where("restricted")
+#: The key by which a pod opts in: under a restricted policy, the only one a pod may set (to "true").
+(OPT_IN_KEY,) = _catalogue_where("opt_in")
 
 
 def invalid_config(exc: ValidationError, where: Callable[[tuple, object], tuple[str, object]]) -> InvalidConfig:

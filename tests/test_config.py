@@ -12,7 +12,7 @@ from cni_redirect.testing.netlab import plugin_conf
 def test_contract_fields_and_their_defaults():
     conf = parse_conf(plugin_conf())
     assert conf.exclude_namespaces == ["kube-system"]
-    assert conf.annotation_policy == "open"
+    assert conf.annotation_policy == "open" and conf.pod_settable == []
     assert conf.allow_root_proxy_uid is False
     assert conf.defaults == {}
     assert conf.log_file is None and conf.log_level == "warning"
@@ -38,6 +38,8 @@ def test_defaults_accept_numbers_and_booleans_as_strings():
         ({"exclude_namespaces": [""]}, "exclude_namespaces"),
         ({"log_level": "loud"}, "log_level"),
         ({"max_set_elements": 0}, "max_set_elements"),
+        ({"pod_settable": ["proxy-port"]}, "pod_settable"),
+        ({"pod_settable": "enabled"}, "pod_settable"),
         ({"prevResult": "x"}, "prevResult"),
     ],
 )

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from cni_redirect.errors import InvalidConfig
-from cni_redirect.spec import ALL, CATALOGUE, build_spec, is_enabled, merge_settings
+from cni_redirect.spec import ALL, CATALOGUE, OPT_IN_KEY, build_spec, is_enabled, merge_settings
 
 P = "cni-redirect.io/"
 
@@ -40,6 +40,7 @@ def test_catalogue_is_exactly_the_documented_keys():
         "include-outbound-ports", "exclude-outbound-ports", "include-outbound-cidrs", "exclude-outbound-cidrs",
         "include-inbound-ports", "exclude-inbound-ports", "exclude-interfaces", "capture-dns", "dns-port",
     }  # fmt: skip
+    assert OPT_IN_KEY == "enabled"
 
 
 def test_annotation_beats_conflist_default_beats_builtin():
@@ -54,15 +55,59 @@ def test_foreign_annotations_are_ignored():
     assert not is_enabled(settings)
 
 
-def test_restricted_policy_ignores_exclusions_from_pods():
+def test_restricted_policy_lets_a_pod_only_opt_in():
     settings, ignored = merge_settings(
         {"exclude-outbound-ports": "22"},
-        {P + "exclude-outbound-ports": "1-65535", P + "exclude-uids": "1000", P + "inbound-port": "9000"},
+        {
+            P + "enabled": "true",
+            P + "exclude-outbound-ports": "1-65535",
+            P + "proxy-uid": "1000",
+            P + "inbound-port": "9",
+        },
         policy="restricted",
     )
-    assert sorted(ignored) == [P + "exclude-outbound-ports", P + "exclude-uids"]
+    assert is_enabled(settings) and settings["enabled"].source == f"annotation {P}enabled"
+    assert sorted(ignored) == [P + "exclude-outbound-ports", P + "inbound-port", P + "proxy-uid"]
     assert settings["exclude-outbound-ports"].value == "22"
-    assert settings["inbound-port"].value == "9000"
+    assert (settings["proxy-uid"].value, settings["inbound-port"].value) == ("1337", "15006")
+
+
+@pytest.mark.parametrize(
+    ("annotation", "value"),
+    [
+        ("enabled", "false"),
+        ("include-outbound-ports", ""),
+        ("include-outbound-cidrs", ""),
+        ("include-inbound-ports", ""),
+        ("proxy-uid", "1000"),
+        ("proxy-gid", "1000"),
+        ("outbound-port", "8080"),
+        ("exclude-uids", "1000"),
+        ("exclude-interfaces", "eth0"),
+        ("capture-dns", "false"),
+    ],
+)
+def test_restricted_policy_ignores_every_way_out_of_capture(annotation, value):
+    settings, ignored = merge_settings({"enabled": "true"}, {P + annotation: value}, policy="restricted")
+    assert ignored == [P + annotation]
+    assert settings[annotation].source != f"annotation {P}{annotation}"
+    assert is_enabled(settings)
+
+
+def test_pod_settable_is_the_admins_explicit_exception():
+    settings, ignored = merge_settings(
+        {"enabled": "true"},
+        {P + "exclude-outbound-ports": "2222", P + "proxy-uid": "1000"},
+        policy="restricted",
+        pod_settable=["exclude-outbound-ports"],
+    )
+    assert ignored == [P + "proxy-uid"]
+    assert settings["exclude-outbound-ports"].value == "2222"
+
+
+def test_restricted_policy_still_refuses_unknown_keys():
+    with pytest.raises(InvalidConfig, match="unknown cni-redirect annotation"):
+        merge_settings({}, {P + "proxy-port": "1"}, policy="restricted")
 
 
 @pytest.mark.parametrize("value", ["true", "TRUE", " True "])
@@ -128,6 +173,9 @@ def test_root_allowed_only_with_conflist_consent():
         ("exclude-outbound-ports", "90-80", "empty range"),
         ("exclude-inbound-ports", "70000", "is not a port or port range"),
         ("include-outbound-cidrs", "10.0.0.0/33", "is not an IPv4 or IPv6 address or CIDR"),
+        ("exclude-outbound-cidrs", "fe80::%eth0/64", "zone or scope ID"),
+        ("exclude-outbound-cidrs", "fe80::1%x } } ; flush ruleset ; table inet pwn { #/64", "zone or scope ID"),
+        ("include-outbound-cidrs", "10.0.0.0/8,fe80::1%25lo", "zone or scope ID"),
         ("exclude-outbound-cidrs", "fd00::/8,nope", "is not an IPv4 or IPv6"),
         ("exclude-interfaces", "eth0,../../etc", "is not an interface name"),
         ("exclude-interfaces", "a-very-long-interface-name", "is not an interface name"),

@@ -189,8 +189,31 @@ def test_nginx_and_envoy_with_distinct_uids(net, procs):
     assert connect(net.pod, PEER_V4, 80, uid=envoy)["listener"] == "peer"
 
 
-def test_restricted_policy_keeps_pods_from_widening_their_exclusions(mesh):
-    conf_entry = {"annotation_policy": "restricted", "defaults": {"exclude-outbound-ports": "81"}}
-    add(mesh, enabled(exclude_outbound_ports="80", exclude_uids="1000"), **conf_entry)
-    assert connect(mesh.pod, PEER_V4, 80, uid=APP_UID)["listener"] == "proxy-out", "the pod's exclusion is ignored"
+RESTRICTED = {"annotation_policy": "restricted", "defaults": {"enabled": "true", "exclude-outbound-ports": "81"}}
+BYPASSES = {
+    "opt-out": {"enabled": "false"},
+    "no-outbound-ports-no-inbound": {"include-outbound-ports": "", "include-inbound-ports": ""},
+    "no-outbound-cidrs-no-inbound": {"include-outbound-cidrs": "", "include-inbound-ports": ""},
+    "proxy-uid-is-the-app": {"proxy-uid": str(APP_UID)},
+    "proxy-gid-is-the-app": {"proxy-gid": str(APP_UID)},
+    "outbound-port-is-the-apps": {"outbound-port": "8080"},
+    "exclude-the-app-uid": {"exclude-uids": str(APP_UID)},
+    "exclude-everything": {"exclude-outbound-ports": "1-65535", "exclude-inbound-ports": "1-65535"},
+}
+
+
+@pytest.mark.parametrize("bypass", BYPASSES)
+def test_restricted_policy_a_pod_cannot_annotate_its_way_out_of_capture(mesh, bypass):
+    add(mesh, {f"cni-redirect.io/{k}": v for k, v in BYPASSES[bypass].items()}, **RESTRICTED)
+    outbound = connect(mesh.pod, PEER_V4, 80, uid=APP_UID)
+    assert (outbound["listener"], outbound["original_dst"]) == ("proxy-out", f"{PEER_V4}:80"), bypass
+    inbound = connect(mesh.peer, POD_V4, 8080, uid=0)
+    assert (inbound["listener"], inbound["original_dst"]) == ("proxy-in", f"{POD_V4}:8080"), bypass
     assert connect(mesh.pod, PEER_V4, 81, uid=APP_UID)["listener"] == "peer", "the admin's exclusion applies"
+
+
+def test_restricted_policy_lets_a_pod_opt_in_and_honours_pod_settable(mesh):
+    entry = {"annotation_policy": "restricted", "pod_settable": ["exclude-outbound-ports"]}
+    add(mesh, enabled(exclude_outbound_ports="80", proxy_uid=str(APP_UID)), **entry)
+    assert connect(mesh.pod, PEER_V4, 80, uid=APP_UID)["listener"] == "peer", "pod_settable: the pod's exclusion"
+    assert connect(mesh.pod, PEER_V4, 81, uid=APP_UID)["listener"] == "proxy-out", "proxy-uid was not settable"

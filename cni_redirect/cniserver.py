@@ -12,7 +12,12 @@ The node agent (`cni-redirect install`) starts one when it is given
 Threads: each request runs in a worker thread that enters the pod netns and
 returns to the server's own before it finishes (`netns.entered`). A worker
 that could not return is fatal: the process exits rather than keep a thread
-in a pod's namespace.
+in a pod's namespace. Requests for the same netns run one at a time.
+
+The accept loop survives transient errors (EMFILE, ENOMEM, ECONNABORTED):
+it logs, backs off up to a second, and goes on. `problem()` says when the
+server is really dead (the loop ended, the socket was taken away), so the
+node agent's /healthz fails and kubelet restarts it.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from . import wire
@@ -37,6 +42,39 @@ from .skel import dispatch
 def kernel_backend(netns_fd: int | None) -> Backend:
     """The real backend, reaching the netns through the fd the front handed over."""
     return KernelBackend(received_fd(netns_fd))
+
+
+MAX_BACKOFF = 1.0
+
+
+class NetnsLocks:
+    """One lock per network namespace (by device and inode of its fd), alive while someone holds it."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._locks: dict[tuple[int, int], list] = {}
+
+    @contextmanager
+    def held(self, netns_fd: int | None) -> Iterator[None]:
+        if netns_fd is None:
+            yield
+            return
+        st = os.fstat(netns_fd)
+        key = (st.st_dev, st.st_ino)
+        with self._mutex:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._mutex:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 class CniServer:
@@ -58,6 +96,12 @@ class CniServer:
         self.created_dir = False
         self.served = 0
         self.failed = 0
+        self.accept_errors = 0
+        self._counts = threading.Lock()
+        self.locks = NetnsLocks()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bound: tuple[int, int] | None = None
 
     def start(self) -> None:
         # Load now what every request needs, so the first pod does not pay for it.
@@ -66,6 +110,7 @@ class CniServer:
 
         self.created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)  # kubelet's DirectoryOrCreate makes it 0755: root only, as documented
         with suppress(FileNotFoundError):
             if stat.S_ISSOCK(self.path.lstat().st_mode):
                 self.path.unlink()  # a stale socket from a previous server
@@ -77,30 +122,72 @@ class CniServer:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
         sock.listen(256)
+        st = self.path.stat()
+        self._bound = (st.st_dev, st.st_ino)
         self.sock = sock
-        threading.Thread(target=self._accept_loop, name="cni-server", daemon=True).start()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._accept_loop, name="cni-server", daemon=True)
+        self._thread.start()
         self.log("info", "agent serving CNI requests", socket=str(self.path))
 
+    def owns_path(self) -> bool:
+        """Whether the socket path is still the socket this server bound (not removed, not replaced)."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._bound
+
+    def problem(self) -> str:
+        """Why the server cannot serve, or "" when it can: for the node agent's /healthz."""
+        if self.sock is None or self._thread is None:
+            return "CNI server not started"
+        if not self._thread.is_alive():
+            return "CNI server accept loop has stopped"
+        if not self.owns_path():
+            return f"CNI server socket {self.path} is gone or was replaced"
+        return ""
+
     def stop(self) -> None:
+        self._stopping.set()
         if self.sock is not None:
             with suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
             self.sock = None
-        with suppress(FileNotFoundError):
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.owns_path():
             self.path.unlink()
         if self.created_dir:
             with suppress(OSError):
                 self.path.parent.rmdir()
 
     def _accept_loop(self) -> None:
-        while self.sock is not None:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
+        backoff = 0.0
+        while not self._stopping.is_set():
+            sock = self.sock
+            if sock is None:
                 return
-            self.slots.acquire()
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            try:
+                conn, _ = sock.accept()
+                backoff = 0.0
+                self.slots.acquire()
+                try:
+                    threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+                except BaseException:
+                    self.slots.release()
+                    conn.close()
+                    raise
+            except Exception as exc:  # EMFILE, ENOMEM, ECONNABORTED, no thread: transient, never fatal
+                if self._stopping.is_set():
+                    return
+                self.accept_errors += 1
+                backoff = min(MAX_BACKOFF, max(0.01, backoff * 2))
+                self.log(
+                    "error", "CNI server could not accept a connection; retrying", error=str(exc), retry_in=backoff
+                )
+                self._stopping.wait(backoff)
 
     def _serve(self, conn: socket.socket) -> None:
         fds: list[int] = []
@@ -112,11 +199,15 @@ class CniServer:
                     self.log("warning", "refused a request from a non-root peer", uid=uid)
                     return
                 env, stdin, fds = wire.read_request(conn)
-                code, out, err = self.handle(env, stdin, fds[0] if fds else None)
+                netns_fd = fds[0] if fds else None
+                with self.locks.held(netns_fd):  # two ADDs for one pod never interleave
+                    code, out, err = self.handle(env, stdin, netns_fd)
                 conn.sendall(wire.encode_reply(code, out, err))
-            self.served += 1
+            with self._counts:
+                self.served += 1
         except Exception as exc:  # a broken request must never take the server down
-            self.failed += 1
+            with self._counts:
+                self.failed += 1
             self.log("error", "request failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             for fd in fds:

@@ -81,6 +81,20 @@ def received_fd(netns_fd: int | None) -> NetnsOpener:
     return open_received
 
 
+_libc = None
+
+
+def libc():
+    """The C library, for pyroute2's setns. Given explicitly: left to itself pyroute2 finds libc
+    with ctypes.util.find_library, which runs `/sbin/ldconfig -p`, and the plugin never runs a program."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc is always among them
+    return _libc
+
+
 @contextmanager
 def entered(netns_fd: int) -> Iterator[None]:
     """Run the body inside the netns behind a vetted fd, then come back."""
@@ -89,14 +103,14 @@ def entered(netns_fd: int) -> Iterator[None]:
     home = os.open(_OWN_NETNS, os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
-            setns(netns_fd, flags=0)
+            setns(netns_fd, flags=0, libc=libc())
         except OSError as exc:
             raise InternalError(f"setns into the pod network namespace failed: {exc}") from None
         try:
             yield
         finally:
             try:
-                setns(home, flags=0)
+                setns(home, flags=0, libc=libc())
             except OSError as exc:  # pragma: no cover - would mean the kernel took our own netns away
                 raise InternalError(f"could not return to the original network namespace: {exc}") from None
     finally:

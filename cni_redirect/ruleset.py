@@ -3,7 +3,8 @@
 `build_ruleset(spec)` returns a `Ruleset`; nothing here touches the kernel.
 The same value renders three ways:
 
-- `add_batch()` / `replace_batch()`: the libnftables JSON transaction we apply;
+- `create_batch()` / `replace_batch()`: the libnftables JSON transactions we apply
+  (`add_batch()`: the table's objects as add commands, for `render --json`);
 - `objects()`: the table as `nft -j list table` prints it, minus handles, so
   CHECK can compare the kernel's state with what the spec requires;
 - `to_text()`: an `nft -f` script, for `cni-redirect render` and the docs.
@@ -177,10 +178,15 @@ class Ruleset:
         """One transaction creating the whole table; for a netns without it."""
         return {"nftables": [{"add": obj} for obj in self.objects()]}
 
+    def create_batch(self) -> dict:
+        """One transaction creating the table, failing (EEXIST) if it exists: for a netns without it."""
+        first, *rest = self.add_batch()["nftables"]
+        return {"nftables": [{"create": first["add"]}, *rest]}
+
     def replace_batch(self) -> dict:
-        """One transaction deleting and recreating the table: atomic replace."""
-        delete = {"delete": {"table": {"family": self.family, "name": self.table}}}
-        return {"nftables": [delete, *self.add_batch()["nftables"]]}
+        """One transaction replacing the table whether or not it exists: add (a no-op if present), delete, add all."""
+        table = {"table": {"family": self.family, "name": self.table}}
+        return {"nftables": [{"add": table}, {"delete": table}, *self.add_batch()["nftables"]]}
 
     # --- nft syntax ---
 

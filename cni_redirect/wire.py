@@ -9,13 +9,14 @@ Trust, both ways: the server only answers a root peer, the front only talks
 to a root server, and only through a socket path under root's socket
 directory (`trusted_socket_path`).
 
-Standard library only, and only sys and the C `_socket` module: the
+Standard library only, and only os, sys and the C `_socket` module: the
 front imports this on every pod start (`import socket` alone costs ~14 ms).
 `errors.WireError` is loaded only when an exchange fails, so a pod start
 that goes through the CNI server loads two modules of ours, as before.
 """
 
 import _socket
+import os
 import sys
 
 MAGIC = b"CNIR1"
@@ -93,12 +94,16 @@ def send_request(sock: _socket.socket, env: dict, stdin: bytes, netns_fd: int | 
 
 
 def _recv_with_fds(sock: _socket.socket, size: int) -> tuple[bytes, list[int]]:
-    data, ancillary, _flags, _addr = sock.recvmsg(size, _socket.CMSG_LEN(MAX_FDS * 4))
+    data, ancillary, flags, _addr = sock.recvmsg(size, _socket.CMSG_LEN(MAX_FDS * 4))
     fds: list[int] = []
     for level, kind, payload in ancillary:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             whole = len(payload) - len(payload) % 4
             fds += [int.from_bytes(payload[i : i + 4], sys.byteorder, signed=True) for i in range(0, whole, 4)]
+    if flags & _socket.MSG_CTRUNC:  # the kernel could not hand us every fd (too many, or none left to us)
+        for fd in fds:
+            os.close(fd)
+        raise WireError()("the request's file descriptors did not arrive (the server may be out of fds)")
     return data, fds
 
 
@@ -115,16 +120,25 @@ def _recv_exactly(sock: _socket.socket, size: int, what: str, data: bytes = b"")
 
 
 def read_request(sock: _socket.socket) -> tuple[dict[str, str], bytes, list[int]]:
-    """Read one request: the CNI_* env, stdin, and the fds that came with it (the caller closes them)."""
+    """Read one request: the CNI_* env, stdin, and the fds that came with it (the caller closes them).
+
+    If the request cannot be read (truncated, not ours, too large, a timeout), the fds that
+    arrived with it are closed here: each one pins a pod's network namespace.
+    """
     data, fds = _recv_with_fds(sock, HEADER_SIZE)
-    header = _recv_exactly(sock, HEADER_SIZE, "header", data)
-    if header[: len(MAGIC)] != MAGIC:
-        raise WireError()("not a cni-redirect request")
-    env_len = int.from_bytes(header[len(MAGIC) : len(MAGIC) + 8], "big")
-    stdin_len = int.from_bytes(header[len(MAGIC) + 8 : HEADER_SIZE], "big")
-    if env_len + stdin_len > MAX_REQUEST:
-        raise WireError()(f"request of {env_len + stdin_len} bytes is too large")
-    body = _recv_exactly(sock, env_len + stdin_len, "body")
+    try:
+        header = _recv_exactly(sock, HEADER_SIZE, "header", data)
+        if header[: len(MAGIC)] != MAGIC:
+            raise WireError()("not a cni-redirect request")
+        env_len = int.from_bytes(header[len(MAGIC) : len(MAGIC) + 8], "big")
+        stdin_len = int.from_bytes(header[len(MAGIC) + 8 : HEADER_SIZE], "big")
+        if env_len + stdin_len > MAX_REQUEST:
+            raise WireError()(f"request of {env_len + stdin_len} bytes is too large")
+        body = _recv_exactly(sock, env_len + stdin_len, "body")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     env = {}
     for item in body[:env_len].split(b"\0"):
         key, sep, value = item.decode("utf-8", "replace").partition("=")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from cni_redirect.backend import TableOps
 from cni_redirect.errors import InternalError
 from cni_redirect.fake import FakeNft, MemoryBackend
 from tests.support import GOLDEN_DIR, REFUSED, REFUSED_FOLLOW_UP, render
@@ -72,3 +73,25 @@ def test_a_comment_libnftables_would_crash_on_is_refused(backend):
     kernel = backend.kernels[NETNS]
     assert kernel.json_cmd({"nftables": [{"add": {"rule": {**rule, "comment": "x" * 253}}}]})[0] == 0
     assert kernel.json_cmd({"nftables": [{"add": {"rule": {**rule, "comment": "x" * 254}}}]})[0] == 1
+
+
+def test_an_add_that_loses_the_race_to_create_the_table_replaces_it():
+    """Both ADDs saw no table; the second one's create fails with EEXIST and it replaces: one table, no duplicates."""
+
+    class OtherAddCreatesFirst(FakeNft):
+        def __init__(self) -> None:
+            super().__init__()
+            self.raced = False
+
+        def json_cmd(self, batch: dict):
+            result = super().json_cmd(batch)
+            if not self.raced and batch["nftables"] == [{"list": {"tables": None}}]:
+                self.raced = True  # between our look and our create, the other ADD commits its table
+                assert super().json_cmd(render("defaults").create_batch())[0] == 0
+            return result
+
+    kernel = OtherAddCreatesFirst()
+    TableOps(kernel).apply(render("defaults"))
+    backend = MemoryBackend()
+    backend.kernels[NETNS] = kernel
+    assert backend.dump(NETNS) == (GOLDEN_DIR / "defaults.nft").read_text()

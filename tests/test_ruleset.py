@@ -60,11 +60,17 @@ def test_every_rule_has_a_counter_and_a_comment():
                 assert obj["rule"]["comment"], (case, obj)
 
 
-def test_replace_batch_deletes_then_adds_in_one_transaction():
+def test_replace_batch_adds_deletes_then_adds_in_one_transaction():
+    table = {"table": {"family": "inet", "name": "cni_redirect"}}
     batch = render("defaults").replace_batch()["nftables"]
-    assert batch[0] == {"delete": {"table": {"family": "inet", "name": "cni_redirect"}}}
-    assert batch[1] == {"add": {"table": {"family": "inet", "name": "cni_redirect"}}}
-    assert all("add" in cmd for cmd in batch[1:])
+    assert batch[:3] == [{"add": table}, {"delete": table}, {"add": table}], "safe whether the table exists or not"
+    assert all("add" in cmd for cmd in batch[2:])
+
+
+def test_create_batch_fails_if_another_add_made_the_table_first():
+    batch = render("defaults").create_batch()["nftables"]
+    assert batch[0] == {"create": {"table": {"family": "inet", "name": "cni_redirect"}}}
+    assert batch[1:] == render("defaults").add_batch()["nftables"][1:]
 
 
 def test_chains_are_nat_dstnat_base_chains():

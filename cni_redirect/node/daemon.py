@@ -16,12 +16,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import wire
 from ..errors import SettingsError
 from ..logs import JsonLog
 from .bundle import Bundle
 from .chain import Chain, load_entry
+
+if TYPE_CHECKING:
+    from ..cniserver import CniServer
 
 
 @dataclass
@@ -74,16 +78,20 @@ class NodeAgent:
         self.bundle.remove()
 
 
-def serve_readiness(agent: NodeAgent, port: int) -> http.server.ThreadingHTTPServer:
+def serve_readiness(agent: NodeAgent, port: int, server: CniServer | None = None) -> http.server.ThreadingHTTPServer:
+    """/readyz: installed and chained. /healthz: the process can do its job (its CNI server, if any, serves)."""
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path not in ("/readyz", "/healthz"):
+            if self.path == "/readyz":
+                reason = agent.ready_reason
+            elif self.path == "/healthz":
+                reason = server.problem() if server is not None else ""
+            else:
                 self.send_error(404)
                 return
-            reason = agent.ready_reason
-            ok = self.path == "/healthz" or not reason
-            body = b"ok\n" if ok else reason.encode() + b"\n"
-            self.send_response(200 if ok else 503)
+            body = b"ok\n" if not reason else reason.encode() + b"\n"
+            self.send_response(200 if not reason else 503)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -92,9 +100,9 @@ def serve_readiness(agent: NodeAgent, port: int) -> http.server.ThreadingHTTPSer
         def log_message(self, *args: object) -> None:
             return None
 
-    server = http.server.ThreadingHTTPServer(("", port), Handler)
-    threading.Thread(target=server.serve_forever, name="readyz", daemon=True).start()
-    return server
+    http_server = http.server.ThreadingHTTPServer(("", port), Handler)
+    threading.Thread(target=http_server.serve_forever, name="readyz", daemon=True).start()
+    return http_server
 
 
 def run(options: Options, log: Callable[..., None] | None = None, stop: threading.Event | None = None) -> int:
@@ -119,7 +127,7 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-    http_server = serve_readiness(agent, options.readiness_port) if options.readiness_port else None
+    http_server = serve_readiness(agent, options.readiness_port, server) if options.readiness_port else None
     try:
         agent.install()
     except OSError as exc:

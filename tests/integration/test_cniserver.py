@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from cni_redirect import wire
 from cni_redirect.backend import KernelBackend, libnftables
 from cni_redirect.cniserver import CniServer
 from cni_redirect.netns import received_fd
-from cni_redirect.testing.netlab import PEER_V4, connect, enabled, plugin_conf, run_plugin
+from cni_redirect.testing.netlab import PEER_V4, PLUGIN, connect, enabled, plugin_conf, run_plugin
+from tests.support import wait_for
 
 
 class Log:
@@ -183,3 +185,119 @@ def test_garbage_on_the_socket_does_not_hurt_the_agent(agent, pod):
     assert run_plugin("ADD", pod.path, via(agent, enabled())).rc == 0
     assert agent.failed == 3
     assert all(line["level"] != "error" or "request failed" in line["msg"] for line in agent.log_lines)
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _rss_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _send_broken(path: Path, netns_fd: int, kind: int) -> None:
+    """A request that breaks after its fd arrived, the way a front whose timeout fired leaves one."""
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, netns_fd.to_bytes(4, sys.byteorder))]
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(path))
+        if kind == 0:  # truncated body
+            sock.sendmsg([wire.MAGIC + (10).to_bytes(8, "big") + (100).to_bytes(8, "big") + b"CNI_"], rights)
+        elif kind == 1:  # truncated header
+            sock.sendmsg([wire.MAGIC + b"\x00\x00"], rights)
+        elif kind == 2:  # not ours
+            sock.sendmsg([b"GET / HTTP/1.1\r\nHost: node\r\n\r\n"], rights)
+        else:  # too large
+            sock.sendmsg([wire.MAGIC + (1 << 40).to_bytes(8, "big") + (1).to_bytes(8, "big")], rights)
+
+
+def test_a_thousand_broken_requests_leak_no_fd_and_no_memory(agent, pod):
+    netns_fd = os.open(pod.path, os.O_RDONLY)
+    try:
+        for index in range(100):  # warm up allocator pools and thread stacks
+            _send_broken(agent.path, netns_fd, index % 4)
+        wait_for(lambda: agent.failed == 100, timeout=30)
+        fds, rss = _fd_count(), _rss_kb()
+        for index in range(1000):
+            _send_broken(agent.path, netns_fd, index % 4)
+        wait_for(lambda: agent.failed == 1100, timeout=60)
+        fd_growth, rss_growth = _fd_count() - fds, _rss_kb() - rss
+    finally:
+        os.close(netns_fd)
+    print(f"\n[cniserver] 1000 broken requests: fd growth {fd_growth}, RSS growth {rss_growth} KB")
+    assert fd_growth == 0, "every fd that came with a broken request is closed"
+    assert rss_growth < 4096
+    assert run_plugin("ADD", pod.path, via(agent, enabled())).rc == 0, "and the next good request is served"
+
+
+def test_the_accept_loop_survives_running_out_of_fds(pod, host_unchanged):
+    """`cni-redirect agent` squeezed to no free fd (prlimit): accept fails, is logged, and recovers."""
+    import resource
+
+    path = f"/run/cni-redirect/squeeze-{os.getpid()}.sock"
+    server = subprocess.Popen([str(PLUGIN), "agent", "--socket", path], stdout=subprocess.PIPE, text=True)
+    lines: list[dict] = []
+    reader = threading.Thread(target=lambda: lines.extend(json.loads(line) for line in server.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(line["msg"] == "agent serving CNI requests" for line in lines), timeout=30)
+        in_use = {int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")}
+        lowest_free = min(set(range(len(in_use) + 1)) - in_use)
+        soft, hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (lowest_free, hard))  # every fd below it is taken
+        # An accept() already waiting holds the fd it will return: the first connection takes that one.
+        with socket.socket(socket.AF_UNIX) as first:
+            first.connect(path)
+        result: dict = {}
+        conf = plugin_conf(enabled(), agent_socket=path)
+        front = threading.Thread(target=lambda: result.setdefault("add", run_plugin("ADD", pod.path, conf)))
+        front.start()
+        wait_for(lambda: sum("could not accept" in line["msg"] for line in lines) >= 3, timeout=20)
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        front.join(60)
+        assert result["add"].rc == 0, result["add"].stdout
+        assert "table inet cni_redirect" in pod.ruleset()
+        errors = [line for line in lines if "could not accept" in line["msg"]]
+        assert "Too many open files" in errors[0]["error"] and errors[-1]["retry_in"] <= 1.0
+        assert server.poll() is None, "the agent is still running"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=10)
+
+
+def test_the_socket_dir_is_tightened_to_root_only(host_unchanged):
+    directory = Path("/run/cni-redirect")
+    directory.mkdir(exist_ok=True)
+    os.chmod(directory, 0o755)  # what kubelet's DirectoryOrCreate makes
+    server = CniServer(directory / f"mode-{os.getpid()}.sock", lambda *a, **k: None)
+    server.start()
+    try:
+        assert directory.stat().st_mode & 0o777 == 0o700
+    finally:
+        server.stop()
+
+
+def test_a_server_whose_socket_was_taken_away_reports_a_problem(agent):
+    assert agent.problem() == ""
+    agent.path.unlink()
+    assert "is gone or was replaced" in agent.problem()
+
+
+@pytest.mark.parametrize("mode", ["in-process", "agent"])
+def test_racing_adds_on_one_netns_leave_exactly_one_table(pod, agent, mode):
+    from concurrent.futures import ThreadPoolExecutor
+
+    entry = {"agent_socket": str(agent.path)} if mode == "agent" else {}
+    conf = plugin_conf(enabled(exclude_outbound_ports="22"), **entry)
+    for _ in range(3):
+        pod.run("nft", "delete", "table", "inet", "cni_redirect", check=False)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            runs = list(pool.map(lambda _: run_plugin("ADD", pod.path, conf), range(16)))
+        assert all(run.rc == 0 for run in runs), [run.stdout for run in runs if run.rc]
+        assert pod.ruleset().count("table inet cni_redirect") == 1
+        check = run_plugin("CHECK", pod.path, conf)
+        assert check.rc == 0, f"duplicated rules after racing ADDs: {check.stdout}"
+    if mode == "agent":
+        assert len(agent.locks) == 0, "per-netns locks are released"

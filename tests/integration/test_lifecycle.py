@@ -165,3 +165,27 @@ def test_log_file_gets_one_json_line_per_command(pod, tmp_path):
     assert [(e["command"], e["outcome"]) for e in lines] == [("ADD", "captured"), ("ADD", "error")]
     assert lines[0]["pod"] == "default/demo" and lines[0]["duration_ms"] > 0
     assert "dns-port" in lines[1]["msg"]
+
+
+def test_the_in_process_path_never_starts_a_program(pod):
+    """pyroute2 left alone finds libc via ctypes.util.find_library, which runs ldconfig: we hand it libc."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "events = []\n"
+        "launch = {'subprocess.Popen', 'os.posix_spawn', 'os.exec', 'os.fork', 'os.forkpty', 'os.system', 'os.spawn'}\n"
+        "sys.addaudithook(lambda event, args: events.append((event, str(args)[:200])) if event in launch else None)\n"
+        "from cni_redirect.plugin import run_in_process\n"
+        "rc = run_in_process(sys.stdin.buffer.read())\n"
+        "sys.stderr.write(f'EVENTS={events} RC={rc}')\n"
+    )
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "audit", "CNI_NETNS": pod.path, "CNI_IFNAME": "eth0",
+           "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code], input=json.dumps(plugin_conf(enabled())).encode(), env=env, capture_output=True
+    )
+    assert b"RC=0" in proc.stderr, proc.stderr
+    assert b"EVENTS=[]" in proc.stderr, proc.stderr
+    assert "table inet cni_redirect" in pod.ruleset()

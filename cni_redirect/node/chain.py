@@ -147,9 +147,19 @@ class Chain:
         source = self._real(name)
         mode = source.stat().st_mode & 0o777
         target = conflists.conflist_name(name) if single else name
+        if single and self._foreign(target):
+            self._not_ready(
+                f"{name} is the primary config, but making it a conflist would overwrite {target}, "
+                "which cni-redirect did not write; left both untouched (remove one, or set --conf-file)"
+            )
+            return None
         ours_already = self.managed is not None and self.managed.name == name and data == self.managed.written
-        # The primary's own bytes: what is there now, unless what is there is our earlier write.
-        original = self.managed.original if ours_already else data
+        # The primary's own bytes: what is there now, unless what is there is our earlier write. If what
+        # is there still names us (another installer rewrote the file and kept our entry), restoring those
+        # bytes would bring our entry back: keep everything of theirs but that.
+        document = conflists.parse(name, data)[0]
+        theirs = data if not conflists.names_us(document) else conflists.render(conflists.without_entry(document))
+        original = self.managed.original if ours_already else theirs
         original_name = self.managed.original_name if ours_already else name
         write_atomic(self._backup(original_name), original, mode=0o600)
         if single:
@@ -163,8 +173,37 @@ class Chain:
         self.managed = Managed(target, original_name, original, rendered)
         return target
 
+    def _foreign(self, name: str) -> bool:
+        """Whether a file exists that we did not write (or that changed since we wrote it)."""
+        path = self.conf_dir / name
+        if not path.exists() and not path.is_symlink():
+            return False
+        managed = self.managed
+        try:
+            return not (managed is not None and managed.name == name and path.read_bytes() == managed.written)
+        except OSError:
+            return True
+
+    def files_naming_us(self) -> list[str]:
+        """Every config in the conf dir that still holds an entry of type cni-redirect."""
+        found = []
+        for name in sorted(os.listdir(self.conf_dir)):
+            if not name.endswith(conflists.CONF_SUFFIXES):
+                continue
+            try:
+                document, _ = conflists.parse(name, (self.conf_dir / name).read_bytes())
+            except (OSError, ConfError):
+                continue
+            if conflists.names_us(document):
+                found.append(name)
+        return found
+
     def uninstall(self) -> None:
-        """Remove only what we added; the primary's file goes back to the bytes it wrote."""
+        """Remove only what we added.
+
+        The primary's file goes back to the bytes it wrote if it still holds exactly what we
+        wrote; otherwise our entry is removed from what it holds now and everything else stays.
+        """
         managed = self.managed
         if managed is not None:
             try:
@@ -175,6 +214,8 @@ class Chain:
             if current is not None and current == managed.written:
                 mode = path.stat().st_mode & 0o777
                 restore_to = path if managed.original_name == managed.name else self.conf_dir / managed.original_name
+                if restore_to != path and self._foreign(managed.original_name):
+                    raise ConfError(f"{managed.original_name} appeared since we converted it; not overwriting it")
                 write_atomic(restore_to, managed.original, mode=mode)
                 if managed.original_name != managed.name:
                     path.unlink()
@@ -186,8 +227,8 @@ class Chain:
                     document, _ = conflists.parse(managed.name, current)
                 except ConfError:
                     document = {"plugins": []}
-                if any(conflists.is_ours(p) for p in document["plugins"]):
-                    write_atomic(path, conflists.render(conflists.without_entry(document)))
+                if conflists.names_us(document):
+                    write_atomic(path, conflists.render(conflists.without_entry(document)))  # keeps its mode
                     self.log("info", "removed our entry from a config the primary changed", path=managed.name)
             self._backup(managed.original_name).unlink(missing_ok=True)
         self.managed = None

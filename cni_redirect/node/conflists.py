@@ -58,6 +58,11 @@ def is_ours(plugin: dict) -> bool:
     return plugin.get("type") == PLUGIN_TYPE
 
 
+def names_us(document: dict) -> bool:
+    """Whether a conflist document holds an entry of ours."""
+    return any(is_ours(plugin) for plugin in document["plugins"])
+
+
 def with_entry(document: dict, ours: dict) -> dict:
     """The document with exactly one entry of ours, last in the chain."""
     plugins = [p for p in document["plugins"] if not is_ours(p)]

@@ -72,9 +72,18 @@ class NodeAgent:
         return self.chain.reconcile()
 
     def uninstall(self) -> None:
+        """Our entry out, then, after the grace period, the bundle: unless a config still names us."""
         self.chain.uninstall()
         # A runtime that loaded the old conflist may still exec us for a moment.
         time.sleep(self.options.uninstall_grace)
+        still = self.chain.files_naming_us()
+        if still:
+            self.log(
+                "warning",
+                "left the plugin in the bin dir: configs still name cni-redirect, and every pod would fail without it",
+                files=still,
+            )
+            return
         self.bundle.remove()
 
 

@@ -7,12 +7,18 @@ import os
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644, expect: bytes | None = None) -> bool:
+def write_atomic(path: Path, data: bytes, mode: int | None = None, expect: bytes | None = None) -> bool:
     """Write beside the target, fsync, rename: readers see the old file or the new one, never half.
 
-    With `expect`, the rename happens only if the target still holds those bytes, so an edit
+    The file keeps its mode (`mode` None: the target's own, 0644 for a new file). With
+    `expect`, the rename happens only if the target still holds those bytes, so an edit
     the primary CNI made since we read the file is not overwritten; returns whether it wrote.
     """
+    if mode is None:
+        try:
+            mode = path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o644
     tmp = path.with_name(f".{path.name}.cni-redirect-tmp-{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)

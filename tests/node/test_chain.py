@@ -38,7 +38,11 @@ def test_install_then_uninstall_every_primary_golden(host, name):
 
     installer.uninstall()
     assert sorted(os.listdir(host.conf)) == [name]
-    assert (host.conf / name).read_bytes() == original
+    document, _ = conflists.parse(name, original)
+    if conflists.names_us(document):  # a stale entry of ours: restoring it byte for byte would break every pod
+        assert (host.conf / name).read_bytes() == conflists.render(conflists.without_entry(document))
+    else:
+        assert (host.conf / name).read_bytes() == original
     assert sorted(os.listdir(host.bin)) == ["bridge"]
 
 
@@ -187,3 +191,66 @@ def test_load_entry_validates_the_admins_settings(tmp_path):
     bad.write_text(json.dumps({"defaults": {"proxy-uid": "0"}}))
     with pytest.raises(InvalidConfig, match="allow_root_proxy_uid"):
         load_entry(bad)
+
+
+def test_uninstall_keeps_what_another_installer_added_and_drops_only_our_entry(host):
+    """[calico] -> [calico, us] -> another installer appends itself after us -> uninstall -> [calico, other]."""
+    host.put("10-calico.conflist")
+    installer = host.agent()
+    installer.install()
+    assert installer.reconcile()
+    document = json.loads((host.conf / "10-calico.conflist").read_text())
+    document["plugins"].append({"type": "other-chained", "x": 1})
+    (host.conf / "10-calico.conflist").write_text(json.dumps(document))  # keeps our entry, not last any more
+    assert installer.reconcile()
+    assert [p["type"] for p in json.loads((host.conf / "10-calico.conflist").read_text())["plugins"]][-2:] == [
+        "other-chained",
+        "cni-redirect",
+    ]
+    installer.uninstall()
+    plugins = json.loads((host.conf / "10-calico.conflist").read_text())["plugins"]
+    assert [p["type"] for p in plugins] == ["calico", "portmap", "bandwidth", "other-chained"]
+    assert not installer.chain.files_naming_us()
+    assert sorted(os.listdir(host.bin)) == ["bridge"]
+
+
+def test_the_binary_stays_while_any_config_still_names_us(host):
+    host.put("10-calico.conflist")
+    someone_elses = {"cniVersion": "1.0.0", "name": "extra", "plugins": [{"type": "bridge"}, {"type": "cni-redirect"}]}
+    (host.conf / "99-extra.conflist").write_text(json.dumps(someone_elses))
+    installer = host.agent()
+    installer.install()
+    assert installer.reconcile()
+    installer.uninstall()
+    assert "cni-redirect" not in (host.conf / "10-calico.conflist").read_text()
+    assert (host.bin / "cni-redirect").exists(), "99-extra.conflist still execs cni-redirect"
+    assert any(e["msg"].startswith("left the plugin in the bin dir") for e in host.events())
+
+
+def test_uninstall_keeps_the_file_mode_when_the_primary_changed_the_file(host):
+    original = host.put("10-calico.conflist")
+    os.chmod(host.conf / "10-calico.conflist", 0o600)
+    installer = host.agent()
+    installer.install()
+    assert installer.reconcile()
+    edited = json.loads((host.conf / "10-calico.conflist").read_text())
+    edited["plugins"][0]["mtu"] = 1400  # the primary rewrote its file in place (mode kept)
+    (host.conf / "10-calico.conflist").write_text(json.dumps(edited))
+    installer.uninstall()
+    path = host.conf / "10-calico.conflist"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert json.loads(path.read_text())["plugins"][0]["mtu"] == 1400 and "cni-redirect" not in path.read_text()
+    assert original
+
+
+def test_a_conf_is_never_converted_over_a_conflist_we_did_not_write(host):
+    conf = host.put("10-net.conf", b'{"cniVersion": "0.4.0", "name": "net", "type": "bridge"}')
+    conflist = host.put("10-net.conflist", (PRIMARY_DIR / "10-flannel.conflist").read_bytes())
+    installer = host.agent()
+    installer.install()
+    assert not installer.reconcile()
+    assert "would overwrite 10-net.conflist" in installer.ready_reason
+    assert (host.conf / "10-net.conf").read_bytes() == conf and (host.conf / "10-net.conflist").read_bytes() == conflist
+    installer.uninstall()
+    assert (host.conf / "10-net.conflist").read_bytes() == conflist, "uninstall deletes nothing it did not write"
+    assert sorted(os.listdir(host.conf)) == ["10-net.conf", "10-net.conflist"]

@@ -46,27 +46,134 @@ def trusted_socket_path(path: str) -> bool:
 
 
 def config_agent_socket(config: bytes) -> str | None:
-    """The value of `"agent_socket"` in the config, found without a JSON parser.
+    """The config's top-level `"agent_socket"`, if it is a trusted path; found without a JSON parser.
 
-    Only a trusted path counts, so a pod annotation that happens to contain
-    the key cannot point us anywhere else.
+    Only the key of the config object itself counts (nested objects such as the pod's
+    annotations in `runtimeConfig`, and strings, are skipped whole), the last one wins as
+    in `json.loads`, and only a trusted path is returned: "" or anything else means no
+    CNI server. A document that is not a JSON object gives None, and the in-process
+    path reports it properly.
     """
-    key = b'"agent_socket"'
-    start = config.find(key)
-    while start != -1:
-        rest = config[start + len(key) :].lstrip()
-        if rest.startswith(b":"):
-            rest = rest[1:].lstrip()
-            if rest.startswith(b'"'):
-                end = rest.find(b'"', 1)
-                value = rest[1:end] if end > 0 else b""
-                path = value.decode("ascii", "replace")
-                if trusted_socket_path(path):
-                    return path
-                if not value:
-                    return None  # "agent_socket": "" turns the server off
-        start = config.find(key, start + 1)
-    return None
+    try:
+        value = _top_level_value(config, b"agent_socket")
+    except (ValueError, IndexError):
+        return None
+    if value is None or value[:1] != b'"':
+        return None
+    try:
+        path = _decode_string(value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return path if trusted_socket_path(path) else None
+
+
+_WHITESPACE = b" \t\n\r"
+_QUOTE, _BACKSLASH = 0x22, 0x5C
+_OPEN, _CLOSE = b"{[", b"}]"
+
+
+def _skip_whitespace(doc: bytes, i: int) -> int:
+    while i < len(doc) and doc[i] in _WHITESPACE:
+        i += 1
+    return i
+
+
+def _string_end(doc: bytes, i: int) -> int:
+    """The index just after the string that starts (with its quote) at i."""
+    j = i + 1
+    while True:
+        j = doc.index(b'"', j)
+        backslashes = 0
+        while doc[j - 1 - backslashes] == _BACKSLASH:
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return j + 1
+        j += 1
+
+
+def _value_end(doc: bytes, i: int) -> int:
+    """The index just after the JSON value that starts at i: a string, an object or array whole, a literal."""
+    if doc[i] == _QUOTE:
+        return _string_end(doc, i)
+    if doc[i] in _OPEN:
+        depth, j = 0, i
+        while True:
+            char = doc[j]
+            if char == _QUOTE:
+                j = _string_end(doc, j)
+                continue
+            if char in _OPEN:
+                depth += 1
+            elif char in _CLOSE:
+                depth -= 1
+                if depth == 0:
+                    return j + 1
+            j += 1
+    j = i
+    while j < len(doc) and doc[j] not in b",}] \t\n\r":
+        j += 1
+    if j == i:
+        raise ValueError("empty value")
+    return j
+
+
+def _top_level_value(doc: bytes, key: bytes) -> bytes | None:
+    """The raw bytes of the last value under `key` in the top-level object, or None."""
+    i = _skip_whitespace(doc, 0)
+    if doc[i] != ord("{"):
+        raise ValueError("not an object")
+    i = _skip_whitespace(doc, i + 1)
+    found = None
+    if doc[i] == ord("}"):
+        return None
+    while True:
+        if doc[i] != _QUOTE:
+            raise ValueError("expected a key")
+        end = _string_end(doc, i)
+        raw_key = doc[i:end]
+        i = _skip_whitespace(doc, end)
+        if doc[i] != ord(":"):
+            raise ValueError("expected ':'")
+        i = _skip_whitespace(doc, i + 1)
+        end = _value_end(doc, i)
+        if raw_key == b'"' + key + b'"' or (b"\\" in raw_key and _decode_string(raw_key) == key.decode()):
+            found = doc[i:end]
+        i = _skip_whitespace(doc, end)
+        if doc[i] == ord("}"):
+            if _skip_whitespace(doc, i + 1) != len(doc):
+                raise ValueError("trailing data")
+            return found
+        if doc[i] != ord(","):
+            raise ValueError("expected ',' or '}'")
+        i = _skip_whitespace(doc, i + 1)
+
+
+_ESCAPES = {ord('"'): '"', _BACKSLASH: "\\", ord("/"): "/", ord("b"): "\b", ord("f"): "\f", ord("n"): "\n",
+            ord("r"): "\r", ord("t"): "\t"}  # fmt: skip
+
+
+def _decode_string(raw: bytes) -> str:
+    """A JSON string literal (with its quotes) as text, escapes and surrogate pairs included."""
+    body = raw[1:-1]
+    if b"\\" not in body:
+        text = body.decode("utf-8")
+    else:
+        parts, i = [], 0
+        while i < len(body):
+            j = body.find(b"\\", i)
+            if j < 0:
+                parts.append(body[i:].decode("utf-8"))
+                break
+            parts.append(body[i:j].decode("utf-8"))
+            kind = body[j + 1]
+            if kind == ord("u"):
+                parts.append(chr(int(body[j + 2 : j + 6], 16)))
+                i = j + 6
+            else:
+                parts.append(_ESCAPES[kind])
+                i = j + 2
+        text = "".join(parts).encode("utf-16", "surrogatepass").decode("utf-16")
+    return text
 
 
 def peer_uid(sock: _socket.socket) -> int:

@@ -7,6 +7,8 @@ import os
 import socket
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cni_redirect import wire
 from cni_redirect.errors import WireError
@@ -105,3 +107,53 @@ def test_exchange_with_nobody_listening_is_a_wire_error(tmp_path):
     with pytest.raises(WireError):
         wire.exchange(str(tmp_path / "none.sock"), {}, b"{}", None, timeout=1)
     assert json.loads(b"{}") == {}
+
+
+# --- the scanner agrees with json.loads on where agent_socket is, for any document ---
+
+SOCKETS = ["/run/cni-redirect/agent.sock", "/var/run/cni-redirect/x.sock", "", "/tmp/evil.sock", "/run/cni-redirect/a"]
+KEYS = st.sampled_from(["agent_socket", "agent_socket", "agent_socket ", "runtimeConfig", "x", 'a"b', "\\", "é"])
+SCALARS = st.one_of(
+    st.sampled_from(SOCKETS), st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=12)
+)
+ANY_KEY = st.one_of(KEYS, st.text(max_size=6))
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ANY_KEY, inner, max_size=4),
+    max_leaves=15,
+)
+
+
+def _expected(document: object) -> str | None:
+    value = document.get("agent_socket") if isinstance(document, dict) else None
+    return value if isinstance(value, str) and trusted_socket_path(value) else None
+
+
+@given(
+    st.one_of(st.dictionaries(ANY_KEY, VALUES, max_size=6), VALUES),
+    st.sampled_from([None, 0, 2]),
+    st.booleans(),
+    st.booleans(),
+)
+@settings(max_examples=400, deadline=None)
+def test_the_top_level_scanner_agrees_with_json_loads(document, indent, ascii_only, escape_key):
+    text = json.dumps(document, indent=indent, ensure_ascii=ascii_only)
+    if escape_key:  # same key for json.loads, different bytes for a naive search
+        text = text.replace('"agent_socket"', '"agent\\u005fsocket"').replace("/cni-redirect/", "\\/cni-redirect\\/")
+    raw = text.encode()
+    assert json.loads(raw) == json.loads(text)
+    assert config_agent_socket(raw) == _expected(json.loads(raw))
+
+
+def test_a_pod_annotation_key_named_agent_socket_is_not_the_entrys():
+    annotations = {"agent_socket": "/run/cni-redirect/x.sock"}
+    conf = {"cniVersion": "1.0.0", "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations}}
+    assert config_agent_socket(json.dumps(conf).encode()) is None
+    # A runtime that writes runtimeConfig before the entry's own keys cannot have a pod turn the server off.
+    conf = {"runtimeConfig": {"io.kubernetes.cri.pod-annotations": {"agent_socket": ""}}, "agent_socket": SOCKETS[0]}
+    assert config_agent_socket(json.dumps(conf).encode()) == SOCKETS[0]
+
+
+@pytest.mark.parametrize("raw", [b"", b"[]", b"{", b'{"agent_socket": ', b"not json", b'{"a": 1} x', b"\xff"])
+def test_the_scanner_gives_up_on_what_is_not_a_json_object(raw):
+    assert config_agent_socket(raw) is None

@@ -71,6 +71,7 @@ class Chain:
         self.wait_log_interval = wait_log_interval
         self.managed: Managed | None = None
         self.ready_reason = "starting"
+        self.warning = ""  # ready, but the runtime may not use the file we chained into
         self._last_problem = ""
         self._last_wait_log = 0.0
 
@@ -113,7 +114,14 @@ class Chain:
         except OSError as exc:
             return self._not_ready(f"cannot read {self.conf_dir / name}: {exc.strerror}")
         except ConfError as exc:
-            return self._not_ready(f"primary config left untouched: {exc}")
+            fallback = self._valid_configs(names, skip=name)
+            crio = (
+                f"; CRI-O skips an invalid file and would start pods with {fallback[0]}, without cni-redirect"
+                if fallback and self.conf_file is None
+                else ""
+            )
+            return self._not_ready(f"primary config left untouched: {exc}{crio}")
+        self._warn_about_others(self._valid_configs(names, skip=name, also=conflists.conflist_name(name)))
         desired = conflists.with_entry(document, self.entry)
         if not single and document == desired:
             if self.managed is None or self.managed.name != name:
@@ -124,6 +132,30 @@ class Chain:
         except OSError as exc:
             return self._not_ready(f"cannot write into --cni-conf-dir {self.conf_dir}: {exc.strerror}")
         return self._ready(target) if target else False
+
+    def _valid_configs(self, names: list[str], skip: str, also: str = "") -> list[str]:
+        """The other network configs a runtime could load (parseable, a CNI suffix), in libcni's order."""
+        found = []
+        for other in sorted(names):
+            if other in (skip, also) or not other.endswith(conflists.CONF_SUFFIXES):
+                continue
+            try:
+                conflists.parse(other, self._real(other).read_bytes())
+            except (OSError, ConfError):
+                continue
+            found.append(other)
+        return found
+
+    def _warn_about_others(self, others: list[str]) -> None:
+        warning = (
+            f"other network configs exist ({', '.join(others)}): a runtime that picks its network by name "
+            "(CRI-O's cni_default_network) may use one without cni-redirect; set --conf-file to the one it uses"
+            if others and self.conf_file is None
+            else ""
+        )
+        if warning and warning != self.warning:
+            self.log("warning", warning)
+        self.warning = warning
 
     def _adopt(self, name: str, data: bytes, document: dict) -> None:
         """Our entry is already there (an agent restart): find the primary's bytes to restore later."""

@@ -92,14 +92,15 @@ def serve_readiness(agent: NodeAgent, port: int, server: CniServer | None = None
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            warning = ""
             if self.path == "/readyz":
-                reason = agent.ready_reason
+                reason, warning = agent.ready_reason, agent.chain.warning
             elif self.path == "/healthz":
                 reason = server.problem() if server is not None else ""
             else:
                 self.send_error(404)
                 return
-            body = b"ok\n" if not reason else reason.encode() + b"\n"
+            body = (reason or "ok" + (f"\nwarning: {warning}" if warning else "")).encode() + b"\n"
             self.send_response(200 if not reason else 503)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))

@@ -254,3 +254,26 @@ def test_a_conf_is_never_converted_over_a_conflist_we_did_not_write(host):
     installer.uninstall()
     assert (host.conf / "10-net.conflist").read_bytes() == conflist, "uninstall deletes nothing it did not write"
     assert sorted(os.listdir(host.conf)) == ["10-net.conf", "10-net.conflist"]
+
+
+def test_a_malformed_first_file_says_what_crio_would_use_instead(host):
+    host.put("05-broken.conflist", b'{"cniVersion": "1.0.0", "plugins": [')
+    host.put("10-calico.conflist")
+    installer = host.agent()
+    installer.install()
+    assert not installer.reconcile()
+    assert "CRI-O skips an invalid file and would start pods with 10-calico.conflist" in installer.ready_reason
+    assert "cni-redirect" not in (host.conf / "10-calico.conflist").read_text()
+
+
+def test_another_valid_network_is_a_warning_and_conf_file_silences_it(host):
+    host.put("10-calico.conflist")
+    host.put("20-stale-entry.conflist")
+    installer = host.agent()
+    installer.install()
+    assert installer.reconcile()
+    assert "other network configs exist (20-stale-entry.conflist)" in installer.chain.warning
+    assert [e["msg"] for e in host.events()].count(installer.chain.warning) == 1
+    assert installer.reconcile() and [e["msg"] for e in host.events()].count(installer.chain.warning) == 1, "once"
+    pinned = host.agent(conf_file="10-calico.conflist")
+    assert pinned.reconcile() and pinned.chain.warning == ""

@@ -92,3 +92,21 @@ def test_agent_socket_outside_the_trusted_dir_is_refused(host):
     agent = Agent(host, agent_socket=Path("/tmp/agent.sock"))
     assert agent.terminate() == 2
     assert any("--agent-socket" in e.get("error", "") for e in host.events())
+
+
+def test_readyz_carries_the_warning_while_ready(host):
+    host.put("10-calico.conflist")
+    host.put("20-stale-entry.conflist")
+    agent = Agent(host, readiness_port=18398)
+    try:
+
+        def body() -> str:
+            try:
+                return urllib.request.urlopen("http://127.0.0.1:18398/readyz", timeout=2).read().decode()
+            except OSError:
+                return ""
+
+        wait_for(lambda: body().startswith("ok"))
+        assert "warning: other network configs exist (20-stale-entry.conflist)" in body()
+    finally:
+        agent.terminate()

@@ -14,6 +14,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .node import CONTAINERD_SOCKET, CRIO_SOCKET
+from .wire import DEFAULT_SOCKET
+
 
 def run_cli(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
@@ -69,21 +72,35 @@ def _add_install_parser(commands) -> None:
         help="JSON object with our conflist entry's settings (defaults, exclude_namespaces, ...)",
     )
     install.add_argument("--readiness-port", type=int, default=int(_env("READINESS_PORT", "0") or 0))
-    install.add_argument(
-        "--uninstall-on-exit",
-        choices=("true", "false"),
-        default=_env("UNINSTALL_ON_EXIT", "true"),
-        help="remove our entry and binary on SIGTERM (false keeps capture across agent upgrades)",
-    )
     install.add_argument("--uninstall-grace", type=float, default=float(_env("UNINSTALL_GRACE", "2") or 2))
+    install.add_argument(
+        "--handover-wait",
+        type=float,
+        default=float(_env("HANDOVER_WAIT", "5") or 5),
+        help="on SIGTERM, seconds a successor agent may take to appear before this one uninstalls",
+    )
     install.add_argument("--poll-interval", type=float, default=float(_env("POLL_INTERVAL", "0.2") or 0.2))
     install.add_argument(
         "--agent-socket",
-        default=_env("AGENT_SOCKET"),
-        help="also serve CNI requests on this UNIX socket (e.g. /run/cni-redirect/agent.sock): the fast path",
+        default=_env("AGENT_SOCKET", DEFAULT_SOCKET),
+        help=f"serve CNI requests on this UNIX socket, the fast path (default {DEFAULT_SOCKET}; empty: off)",
+    )
+    install.add_argument(
+        "--cri-socket",
+        default=_env("CRI_SOCKET", CONTAINERD_SOCKET),
+        help=f"the container runtime's CRI socket (default containerd's {CONTAINERD_SOCKET}; CRI-O: {CRIO_SOCKET})",
+    )
+    install.add_argument(
+        "--repair",
+        choices=("in-place", "report", "off"),
+        default=_env("REPAIR", "in-place"),
+        help="pods whose table is missing or drifted: program it, only log it, or do nothing",
+    )
+    install.add_argument(
+        "--repair-interval", type=float, default=float(_env("REPAIR_INTERVAL", "30") or 30), metavar="SECONDS"
     )
     agent = commands.add_parser("agent", help="run the CNI server alone: serve the thin front on a UNIX socket")
-    agent.add_argument("--socket", default=_env("AGENT_SOCKET", "/run/cni-redirect/agent.sock"))
+    agent.add_argument("--socket", default=_env("AGENT_SOCKET", DEFAULT_SOCKET) or DEFAULT_SOCKET)
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -99,9 +116,12 @@ def _install(args: argparse.Namespace) -> int:
         entry_file=Path(args.entry_file) if args.entry_file else None,
         readiness_port=args.readiness_port,
         poll_interval=args.poll_interval,
-        uninstall_on_exit=args.uninstall_on_exit == "true",
         uninstall_grace=args.uninstall_grace,
+        handover_wait=args.handover_wait,
         agent_socket=Path(args.agent_socket) if args.agent_socket else None,
+        cri_socket=args.cri_socket,
+        repair=args.repair,
+        repair_interval=args.repair_interval,
     )
     return run(options)
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import socket
-import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -45,6 +46,12 @@ def kernel_backend(netns_fd: int | None) -> Backend:
 
 
 MAX_BACKOFF = 1.0
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(conn, select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))
 
 
 class NetnsLocks:
@@ -97,6 +104,9 @@ class CniServer:
         self.served = 0
         self.failed = 0
         self.accept_errors = 0
+        self.abandoned = 0
+        self.in_flight = 0
+        self.last_accept = 0.0
         self._counts = threading.Lock()
         self.locks = NetnsLocks()
         self._stopping = threading.Event()
@@ -111,19 +121,22 @@ class CniServer:
         self.created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.path.parent, 0o700)  # kubelet's DirectoryOrCreate makes it 0755: root only, as documented
+        # Bind under a temp name, then rename over the shared path: a predecessor's socket is replaced
+        # in one step, so every new connection reaches this server and none finds no socket.
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with suppress(FileNotFoundError):
-            if stat.S_ISSOCK(self.path.lstat().st_mode):
-                self.path.unlink()  # a stale socket from a previous server
+            staging.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket is born 0600: root only
         try:
-            sock.bind(str(self.path))
+            sock.bind(str(staging))
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        os.chmod(staging, 0o600)
         sock.listen(256)
-        st = self.path.stat()
+        st = staging.stat()
         self._bound = (st.st_dev, st.st_ino)
+        os.replace(staging, self.path)
         self.sock = sock
         self._stopping.clear()
         self._thread = threading.Thread(target=self._accept_loop, name="cni-server", daemon=True)
@@ -148,6 +161,15 @@ class CniServer:
             return f"CNI server socket {self.path} is gone or was replaced"
         return ""
 
+    def drain(self, quiet: float = 0.3, timeout: float = 10.0) -> None:
+        """A successor took the path: serve what was queued on our socket and what is in flight, then stop."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.in_flight == 0 and time.monotonic() - self.last_accept >= quiet:
+                break
+            time.sleep(0.05)
+        self.stop()
+
     def stop(self) -> None:
         self._stopping.set()
         if self.sock is not None:
@@ -171,6 +193,7 @@ class CniServer:
                 return
             try:
                 conn, _ = sock.accept()
+                self.last_accept = time.monotonic()
                 backoff = 0.0
                 self.slots.acquire()
                 try:
@@ -191,6 +214,8 @@ class CniServer:
 
     def _serve(self, conn: socket.socket) -> None:
         fds: list[int] = []
+        with self._counts:
+            self.in_flight += 1
         try:
             with conn:
                 conn.settimeout(30)
@@ -201,6 +226,11 @@ class CniServer:
                 env, stdin, fds = wire.read_request(conn)
                 netns_fd = fds[0] if fds else None
                 with self.locks.held(netns_fd):  # two ADDs for one pod never interleave
+                    if _hung_up(conn):  # the front timed out and did the work itself: never run it late
+                        self.log("warning", "skipped a request its front gave up on", command=env.get("CNI_COMMAND"))
+                        with self._counts:
+                            self.abandoned += 1
+                        return
                     code, out, err = self.handle(env, stdin, netns_fd)
                 conn.sendall(wire.encode_reply(code, out, err))
             with self._counts:
@@ -212,6 +242,8 @@ class CniServer:
         finally:
             for fd in fds:
                 os.close(fd)
+            with self._counts:
+                self.in_flight -= 1
             self.slots.release()
             if own_netns() != self.home:  # pragma: no cover - entered() returns or raises
                 self.log("error", "a worker is stuck in a pod network namespace; exiting")

@@ -7,11 +7,12 @@ untouched, with the pod netns as a file descriptor, to the CNI server named by
 the conflist entry's `agent_socket`, and writes back its stdout, stderr and
 exit code.
 
-- No `agent_socket` in the config (hand-written conflists, hosts without the
-  DaemonSet): the work is done in-process, exactly as the server would do it.
-- `agent_socket` set but the server unreachable: ADD and CHECK fail with CNI
-  code 11 (try again later), so no pod starts uncaptured while it is down;
-  DEL never needs the server and falls back to in-process.
+- No `agent_socket` in the config (hand-written conflists, the `minimal`
+  install): the work is done in-process, exactly as the server would do it.
+- `agent_socket` set but nothing answers (no socket, connection refused, no
+  reply within `wire.TIMEOUT`, a reply that is not one): the work is done
+  in-process too, with one warning line saying why. Slower, never uncaptured
+  and never stuck; the table is replaced, so a late server cannot leave two.
 - VERSION is answered here, from constants: libcni asks it on every load.
 - Not a CNI call (no CNI_COMMAND): the command-line interface.
 """
@@ -49,6 +50,7 @@ def main() -> int:
         return 0
     stdin = sys.stdin.buffer.read()
     path = wire.config_agent_socket(stdin) if command in ("ADD", "CHECK", "DEL") else None
+    fallback = None
     if path is not None:
         netns_fd = None
         netns = env.get("CNI_NETNS", "")
@@ -61,10 +63,7 @@ def main() -> int:
             try:
                 code, out, err = wire.exchange(path, env, stdin, netns_fd)
             except wire.WireError() as exc:  # the expression is evaluated only when something was raised
-                if command != "DEL":
-                    _write(1, _error(11, f"cni-redirect agent unreachable at {path}: {exc}", "try again later"))
-                    _write(2, f"cni-redirect error: {command}: agent unreachable at {path}: {exc}\n".encode())
-                    return 1
+                fallback = f"CNI server at {path} did not answer ({exc}): doing the work in-process"
             else:
                 _write(1, out)
                 _write(2, err)
@@ -74,7 +73,7 @@ def main() -> int:
                     os.close(netns_fd)
     from .plugin import run_in_process
 
-    return run_in_process(stdin)
+    return run_in_process(stdin, fallback)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -64,11 +64,13 @@ def decide(conf: PluginConf, pod: PodRef, log: EventLog | None = None) -> Decisi
 class RedirectPlugin:
     """The plugin's commands, over an injectable backend and log."""
 
-    def __init__(self, backend: Backend | None = None, log: EventLog | None = None) -> None:
+    def __init__(
+        self, backend: Backend | None = None, log: EventLog | None = None, fallback: str | None = None
+    ) -> None:
         self.backend: Backend = backend if backend is not None else KernelBackend()
         self.log = log if log is not None else EventLog()
         self._started = time.monotonic()
-        self._notes: dict[str, object] = {}
+        self._notes: dict[str, object] = {"fallback": fallback} if fallback else {}
 
     # --- commands ---
 
@@ -106,7 +108,7 @@ class RedirectPlugin:
         actual = self.backend.read(request.netns)
         expected = None if decision.ruleset is None else normalize(decision.ruleset.objects())
         if actual != expected:
-            raise InternalError(*_describe_drift(expected, actual, decision.reason))
+            raise InternalError(*describe_drift(expected, actual, decision.reason))
         self._finish(request, f"consistent: {decision.reason}")
 
     def status(self, request: Request) -> None:
@@ -126,6 +128,9 @@ class RedirectPlugin:
         level, path = raw.get("log_level"), raw.get("log_file")
         # Configure logging first, so even a config error reaches the admin's log file.
         self.log.configure(level if isinstance(level, str) else "warning", path if isinstance(path, str) else None)
+        if "fallback" in self._notes and not self._notes.get("warned"):
+            self._notes["warned"] = True
+            self.log.log("warning", str(self._notes["fallback"]))
         return parse_conf(raw)
 
     def _pod(self, request: Request) -> PodRef:
@@ -143,6 +148,7 @@ class RedirectPlugin:
             duration_ms=round((time.monotonic() - self._started) * 1000, 2),
             outcome=outcome,
             note=self._notes.get("note"),
+            fallback=self._notes.get("fallback"),
         )
 
     def report_failure(self, request: Request | None, error: CniError) -> None:
@@ -154,10 +160,11 @@ class RedirectPlugin:
             outcome="error",
             code=error.code,
             msg=error.msg,
+            fallback=self._notes.get("fallback"),
         )
 
 
-def _describe_drift(expected: list[dict] | None, actual: list[dict] | None, reason: str) -> tuple[str, str]:
+def describe_drift(expected: list[dict] | None, actual: list[dict] | None, reason: str) -> tuple[str, str]:
     if actual is None:
         return f"{TABLE_NAME} is missing from the pod network namespace", "the pod's annotations require it"
     if expected is None:
@@ -173,8 +180,8 @@ def _describe_drift(expected: list[dict] | None, actual: list[dict] | None, reas
     return f"{TABLE_NAME} differs from what the pod's annotations require", ""  # pragma: no cover
 
 
-def run_in_process(stdin: bytes) -> int:
-    """Do the CNI command in this process: no CNI server configured, or DEL without one."""
-    code = dispatch(RedirectPlugin(), os.environ, stdin, sys.stdout, sys.stderr)
+def run_in_process(stdin: bytes, fallback: str | None = None) -> int:
+    """Do the CNI command in this process: no CNI server configured, or (`fallback`, why) none answered."""
+    code = dispatch(RedirectPlugin(fallback=fallback), os.environ, stdin, sys.stdout, sys.stderr)
     sys.stdout.flush()
     return code

@@ -24,7 +24,8 @@ HEADER_SIZE = len(MAGIC) + 16
 MAX_REQUEST = 64 * 1024 * 1024  # a config with 1 000 000 set elements stays well below this
 MAX_FDS = 4  # a request carries one netns fd; a few more are read so that they can be closed
 SOCKET_DIRS = ("/run/cni-redirect/", "/var/run/cni-redirect/")
-TIMEOUT = 60.0
+DEFAULT_SOCKET = "/run/cni-redirect/agent.sock"
+TIMEOUT = 5.0  # the front gives up on a CNI server that does not answer within this, and works in-process
 
 
 def WireError():  # stands for the class, loaded on first use

@@ -15,9 +15,6 @@ import grpc
 from . import runtime_pb2 as pb
 from .runtime_pb2_grpc import RuntimeServiceStub
 
-CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
-CRIO_SOCKET = "/var/run/crio/crio.sock"
-
 
 class CriClient:
     """A gRPC channel to the runtime's CRI socket and the RuntimeService on it."""

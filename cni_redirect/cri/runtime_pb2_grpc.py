@@ -64,6 +64,36 @@ class RuntimeServiceStub:
                 request_serializer=cni__redirect_dot_cri_dot_runtime__pb2.ListPodSandboxRequest.SerializeToString,
                 response_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.ListPodSandboxResponse.FromString,
                 _registered_method=True)
+        self.CreateContainer = channel.unary_unary(
+                '/runtime.v1.RuntimeService/CreateContainer',
+                request_serializer=cni__redirect_dot_cri_dot_runtime__pb2.CreateContainerRequest.SerializeToString,
+                response_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.CreateContainerResponse.FromString,
+                _registered_method=True)
+        self.StartContainer = channel.unary_unary(
+                '/runtime.v1.RuntimeService/StartContainer',
+                request_serializer=cni__redirect_dot_cri_dot_runtime__pb2.StartContainerRequest.SerializeToString,
+                response_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.StartContainerResponse.FromString,
+                _registered_method=True)
+        self.StopContainer = channel.unary_unary(
+                '/runtime.v1.RuntimeService/StopContainer',
+                request_serializer=cni__redirect_dot_cri_dot_runtime__pb2.StopContainerRequest.SerializeToString,
+                response_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.StopContainerResponse.FromString,
+                _registered_method=True)
+        self.RemoveContainer = channel.unary_unary(
+                '/runtime.v1.RuntimeService/RemoveContainer',
+                request_serializer=cni__redirect_dot_cri_dot_runtime__pb2.RemoveContainerRequest.SerializeToString,
+                response_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.RemoveContainerResponse.FromString,
+                _registered_method=True)
+        self.ListContainers = channel.unary_unary(
+                '/runtime.v1.RuntimeService/ListContainers',
+                request_serializer=cni__redirect_dot_cri_dot_runtime__pb2.ListContainersRequest.SerializeToString,
+                response_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.ListContainersResponse.FromString,
+                _registered_method=True)
+        self.ContainerStatus = channel.unary_unary(
+                '/runtime.v1.RuntimeService/ContainerStatus',
+                request_serializer=cni__redirect_dot_cri_dot_runtime__pb2.ContainerStatusRequest.SerializeToString,
+                response_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.ContainerStatusResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/runtime.v1.RuntimeService/Status',
                 request_serializer=cni__redirect_dot_cri_dot_runtime__pb2.StatusRequest.SerializeToString,
@@ -110,6 +140,42 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListContainers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ContainerStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -148,6 +214,36 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.ListPodSandbox,
                     request_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.ListPodSandboxRequest.FromString,
                     response_serializer=cni__redirect_dot_cri_dot_runtime__pb2.ListPodSandboxResponse.SerializeToString,
+            ),
+            'CreateContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateContainer,
+                    request_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.CreateContainerRequest.FromString,
+                    response_serializer=cni__redirect_dot_cri_dot_runtime__pb2.CreateContainerResponse.SerializeToString,
+            ),
+            'StartContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartContainer,
+                    request_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.StartContainerRequest.FromString,
+                    response_serializer=cni__redirect_dot_cri_dot_runtime__pb2.StartContainerResponse.SerializeToString,
+            ),
+            'StopContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopContainer,
+                    request_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.StopContainerRequest.FromString,
+                    response_serializer=cni__redirect_dot_cri_dot_runtime__pb2.StopContainerResponse.SerializeToString,
+            ),
+            'RemoveContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveContainer,
+                    request_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.RemoveContainerRequest.FromString,
+                    response_serializer=cni__redirect_dot_cri_dot_runtime__pb2.RemoveContainerResponse.SerializeToString,
+            ),
+            'ListContainers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContainers,
+                    request_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.ListContainersRequest.FromString,
+                    response_serializer=cni__redirect_dot_cri_dot_runtime__pb2.ListContainersResponse.SerializeToString,
+            ),
+            'ContainerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ContainerStatus,
+                    request_deserializer=cni__redirect_dot_cri_dot_runtime__pb2.ContainerStatusRequest.FromString,
+                    response_serializer=cni__redirect_dot_cri_dot_runtime__pb2.ContainerStatusResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -317,6 +413,168 @@ class RuntimeService:
             '/runtime.v1.RuntimeService/ListPodSandbox',
             cni__redirect_dot_cri_dot_runtime__pb2.ListPodSandboxRequest.SerializeToString,
             cni__redirect_dot_cri_dot_runtime__pb2.ListPodSandboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/CreateContainer',
+            cni__redirect_dot_cri_dot_runtime__pb2.CreateContainerRequest.SerializeToString,
+            cni__redirect_dot_cri_dot_runtime__pb2.CreateContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/StartContainer',
+            cni__redirect_dot_cri_dot_runtime__pb2.StartContainerRequest.SerializeToString,
+            cni__redirect_dot_cri_dot_runtime__pb2.StartContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/StopContainer',
+            cni__redirect_dot_cri_dot_runtime__pb2.StopContainerRequest.SerializeToString,
+            cni__redirect_dot_cri_dot_runtime__pb2.StopContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/RemoveContainer',
+            cni__redirect_dot_cri_dot_runtime__pb2.RemoveContainerRequest.SerializeToString,
+            cni__redirect_dot_cri_dot_runtime__pb2.RemoveContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContainers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/ListContainers',
+            cni__redirect_dot_cri_dot_runtime__pb2.ListContainersRequest.SerializeToString,
+            cni__redirect_dot_cri_dot_runtime__pb2.ListContainersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ContainerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/ContainerStatus',
+            cni__redirect_dot_cri_dot_runtime__pb2.ContainerStatusRequest.SerializeToString,
+            cni__redirect_dot_cri_dot_runtime__pb2.ContainerStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,7 @@ class Chain:
         self.managed: Managed | None = None
         self.ready_reason = "starting"
         self.warning = ""  # ready, but the runtime may not use the file we chained into
+        self.writes = 0  # how often we (re-)inserted our entry: each one may follow pods started without us
         self._last_problem = ""
         self._last_wait_log = 0.0
 
@@ -203,6 +204,7 @@ class Chain:
         else:
             return None  # the primary rewrote its file since we read it: the next pass reads the new one
         self.managed = Managed(target, original_name, original, rendered)
+        self.writes += 1
         return target
 
     def _foreign(self, name: str) -> bool:

@@ -1,16 +1,29 @@
-"""The node agent's process: install the bundle, keep our entry chained, serve readiness and health.
+"""The node agent's process: install the bundle, keep our entry chained, repair, serve readiness and health.
 
 It runs as the DaemonSet's main process with the host's CNI bin and conf
-dirs mounted. With `--agent-socket` it also starts the CNI server, before our
-entry names the socket, so the first ADD finds it listening. On SIGTERM it
-removes only what it added, then, after a grace period (a runtime that
-loaded the old config may still exec the plugin), the bundle.
+dirs mounted. It starts the CNI server (`--agent-socket`, on by default)
+before our entry names the socket, so the first ADD finds it listening.
+
+Upgrades without a gap (the DaemonSet surges: the new pod starts before the
+old one stops): the new agent renames its socket over the shared path, so
+every new connection reaches it, installs its bundle, then writes its token
+into `<bin dir>/.cni-redirect-owner` and adopts the entry. The old agent sees
+the token change, stops editing anything and stops answering probes; on
+SIGTERM it drains its socket and exits, leaving entry and bundle in place.
+
+Uninstall: SIGTERM while the token is still ours (and none appears within
+`--handover-wait` seconds) removes our entry, then, after a grace period (a
+runtime that loaded the old config may still exec the plugin), the bundle,
+the backups, the token and the socket.
 """
 
 from __future__ import annotations
 
+import errno
 import http.server
+import secrets
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -21,8 +34,12 @@ from typing import TYPE_CHECKING
 from .. import wire
 from ..errors import SettingsError
 from ..logs import JsonLog
+from . import CONTAINERD_SOCKET
 from .bundle import Bundle
 from .chain import Chain, load_entry
+from .files import write_atomic
+
+OWNER_FILE = ".cni-redirect-owner"
 
 if TYPE_CHECKING:
     from ..cniserver import CniServer
@@ -38,9 +55,12 @@ class Options:
     readiness_port: int = 0  # 0: no readiness endpoint
     poll_interval: float = 0.2
     wait_log_interval: float = 5.0
-    uninstall_on_exit: bool = True
     uninstall_grace: float = 2.0
-    agent_socket: Path | None = None  # serve CNI requests here (the warm fast path)
+    handover_wait: float = 5.0  # on SIGTERM, how long a successor may take to show up before we uninstall
+    agent_socket: Path | None = Path(wire.DEFAULT_SOCKET)  # the CNI server (the fast path); None: off
+    cri_socket: str = CONTAINERD_SOCKET
+    repair: str = "in-place"
+    repair_interval: float = 30.0
 
 
 def check_agent_socket(path: str) -> str:
@@ -51,13 +71,15 @@ def check_agent_socket(path: str) -> str:
 
 
 class NodeAgent:
-    """The bundle and the chain on one node, reconciled together."""
+    """The bundle and the chain on one node, reconciled together, and who owns them."""
 
     def __init__(self, options: Options, log: Callable[..., None], entry: dict) -> None:
         self.options = options
         self.log = log
         self.bundle = Bundle(options.plugin_source, options.cni_bin_dir, log)
         self.chain = Chain(options.cni_conf_dir, entry, log, options.conf_file, options.wait_log_interval)
+        self.token = secrets.token_hex(8)
+        self.owner_file = options.cni_bin_dir / OWNER_FILE
 
     @property
     def ready_reason(self) -> str:
@@ -66,13 +88,33 @@ class NodeAgent:
     def install(self) -> None:
         self.bundle.install()
 
+    def claim(self) -> None:
+        """From now on this agent owns the node's install; a predecessor sees it and hands over."""
+        write_atomic(self.owner_file, self.token.encode() + b"\n", mode=0o644)
+
+    def superseded(self) -> bool:
+        """Whether a newer agent has claimed the node since we did."""
+        try:
+            return self.owner_file.read_bytes().strip() != self.token.encode()
+        except FileNotFoundError:
+            return False
+
+    def wait_for_successor(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.superseded():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
     def reconcile(self) -> bool:
         """One pass: the plugin in the bin dir and our entry in the primary config. Returns readiness."""
         self.bundle.ensure()
         return self.chain.reconcile()
 
     def uninstall(self) -> None:
-        """Our entry out, then, after the grace period, the bundle: unless a config still names us."""
+        """Our entry out, then, after the grace period, the bundle and our token: unless a config still names us."""
         self.chain.uninstall()
         # A runtime that loaded the old conflist may still exec us for a moment.
         time.sleep(self.options.uninstall_grace)
@@ -85,6 +127,18 @@ class NodeAgent:
             )
             return
         self.bundle.remove()
+        if not self.superseded():
+            self.owner_file.unlink(missing_ok=True)
+
+
+class _SharedPortServer(http.server.ThreadingHTTPServer):
+    """Old and new agent share the node's port during a surge (SO_REUSEPORT); the old one closes first."""
+
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def serve_readiness(agent: NodeAgent, port: int, server: CniServer | None = None) -> http.server.ThreadingHTTPServer:
@@ -110,9 +164,22 @@ def serve_readiness(agent: NodeAgent, port: int, server: CniServer | None = None
         def log_message(self, *args: object) -> None:
             return None
 
-    http_server = http.server.ThreadingHTTPServer(("", port), Handler)
+    http_server = _bind_with_retry(lambda: _SharedPortServer(("", port), Handler), agent.log, port)
     threading.Thread(target=http_server.serve_forever, name="readyz", daemon=True).start()
     return http_server
+
+
+def _bind_with_retry(make, log: Callable[..., None], port: int, seconds: float = 30.0):
+    """A predecessor without SO_REUSEPORT holds the port until it exits: wait for it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return make()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            log("info", "readiness port in use, retrying", port=port)
+            time.sleep(0.5)
 
 
 def run(options: Options, log: Callable[..., None] | None = None, stop: threading.Event | None = None) -> int:
@@ -123,6 +190,10 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
         ours = load_entry(options.entry_file)
         if options.agent_socket is not None:
             ours["agent_socket"] = check_agent_socket(str(options.agent_socket))
+        from .repair import MODES
+
+        if options.repair not in MODES:
+            raise SettingsError(f"--repair {options.repair!r} must be one of {', '.join(MODES)}")
     except Exception as exc:
         message = getattr(exc, "msg", None) or str(exc)
         log("error", "invalid plugin settings; nothing installed", entry_file=str(options.entry_file), error=message)
@@ -137,28 +208,74 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-    http_server = serve_readiness(agent, options.readiness_port, server) if options.readiness_port else None
     try:
         agent.install()
     except OSError as exc:
         log("error", "cannot install the plugin binary", error=str(exc))
         if server is not None:
             server.stop()
-        if http_server:
-            http_server.shutdown()
         return 1
+    agent.claim()
+    http_server = serve_readiness(agent, options.readiness_port, server) if options.readiness_port else None
+    repair_stop, repair_wake = threading.Event(), threading.Event()
+    repairer = _start_repair(options, log, server, repair_stop, repair_wake)
     log("info", "agent started", bin_dir=str(options.cni_bin_dir), conf_dir=str(options.cni_conf_dir))
+    superseded = False
     try:
         while not stop.is_set():
-            agent.reconcile()
+            if agent.superseded():
+                if not superseded:
+                    log("info", "a newer node agent took over this node: handing over")
+                    superseded = True
+                    repair_stop.set()
+                    if http_server:  # probes now reach the successor only
+                        http_server.shutdown()
+                        http_server.server_close()
+                        http_server = None
+            else:
+                writes = agent.chain.writes
+                agent.reconcile()
+                if agent.chain.writes != writes:
+                    repair_wake.set()  # pods may have started while our entry was gone
             stop.wait(options.poll_interval)
     finally:
-        if options.uninstall_on_exit:
+        repair_stop.set()
+        repair_wake.set()
+        if not superseded:
+            superseded = agent.wait_for_successor(options.handover_wait)
+        if superseded:
+            log("info", "stopping: a newer agent runs this node; entry and plugin stay in place")
+            if server is not None:
+                server.drain()
+        else:
             log("info", "stopping: uninstalling")
             agent.uninstall()  # the CNI server keeps serving through the grace period
-        if server is not None:
-            server.stop()
+            if server is not None:
+                server.stop()
+        if repairer is not None:
+            repairer.close()
         if http_server:
             http_server.shutdown()
+            http_server.server_close()
         log("info", "agent stopped")
     return 0
+
+
+def _start_repair(options: Options, log, server, stop: threading.Event, wake: threading.Event):
+    if options.repair == "off":
+        return None
+    from .repair import Repairer
+
+    repairer = Repairer(
+        options.cri_socket,
+        options.cni_conf_dir,
+        log,
+        mode=options.repair,
+        conf_file=options.conf_file,
+        locks=server.locks if server is not None else None,
+    )
+    thread = threading.Thread(
+        target=repairer.loop, args=(stop, wake, options.repair_interval), name="repair", daemon=True
+    )
+    thread.start()
+    return repairer

@@ -233,14 +233,24 @@ class PodClient(CriClient):
             time.sleep(0.2)
         raise RuntimeError(f"CRI network never became ready: {status}")
 
-    def run_pod(self, name: str, namespace: str = "default", annotations: dict[str, str] | None = None) -> str:
-        config = self.pb.PodSandboxConfig(
+    def sandbox_config(
+        self, name: str, namespace: str = "default", annotations: dict[str, str] | None = None, host_network=False
+    ):
+        linux = self.pb.LinuxPodSandboxConfig(cgroup_parent=f"/{CGROUP_PARENT}")
+        if host_network:
+            linux.security_context.namespace_options.network = self.pb.NODE
+        return self.pb.PodSandboxConfig(
             metadata=self.pb.PodSandboxMetadata(name=name, uid=str(uuid.uuid4()), namespace=namespace),
-            hostname=name,
+            hostname="" if host_network else name,  # a host-network sandbox shares the node's UTS namespace
             log_directory=str(self.runtime.workdir / "pods" / name),
             annotations=annotations or {},
-            linux=self.pb.LinuxPodSandboxConfig(cgroup_parent=f"/{CGROUP_PARENT}"),
+            linux=linux,
         )
+
+    def run_pod(
+        self, name: str, namespace: str = "default", annotations: dict[str, str] | None = None, host_network=False
+    ) -> str:
+        config = self.sandbox_config(name, namespace, annotations, host_network)
         response = self.stub.RunPodSandbox(self.pb.RunPodSandboxRequest(config=config), timeout=120)
         self.runtime.pods.append(response.pod_sandbox_id)
         return response.pod_sandbox_id

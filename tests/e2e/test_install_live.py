@@ -54,6 +54,7 @@ def test_agent_installs_into_containerd_and_uninstalls_on_sigterm(bare_container
             f"--readiness-port={READINESS_PORT}",
             "--uninstall-grace=1",
             f"--agent-socket={agent_socket}",
+            f"--cri-socket={runtime.socket}",
         ],
         stdout=agent_log,
         stderr=subprocess.STDOUT,

@@ -78,14 +78,48 @@ def test_errors_through_the_agent_are_the_same_cni_errors(agent, pod):
     assert host.rc == 1 and "host network namespace" in host.json["msg"], "the agent refuses its own netns"
 
 
-def test_agent_down_means_try_again_for_add_and_success_for_del(pod):
-    conf = plugin_conf(enabled(), agent_socket="/run/cni-redirect/nobody-listens.sock")
+def test_server_down_means_slower_never_uncaptured(pod, tmp_path):
+    log = tmp_path / "log"
+    conf = plugin_conf(enabled(), agent_socket="/run/cni-redirect/nobody-listens.sock", log_file=str(log))
     add = run_plugin("ADD", pod.path, conf)
-    assert add.rc == 1 and add.json["code"] == 11 and "agent unreachable" in add.json["msg"]
-    assert "cni_redirect" not in pod.ruleset(), "no pod starts uncaptured, and none half-captured"
-    assert run_plugin("CHECK", pod.path, conf).json["code"] == 11
+    assert add.rc == 0, add.stdout
+    assert "table inet cni_redirect" in pod.ruleset(), "done in-process"
+    assert add.stderr.count("warning") == 1 and "did not answer" in add.stderr and "in-process" in add.stderr
+    event = json.loads(log.read_text().splitlines()[-1])
+    assert event["outcome"] == "captured" and "nobody-listens.sock did not answer" in event["fallback"]
+    assert run_plugin("CHECK", pod.path, conf).rc == 0
     assert run_plugin("DEL", pod.path, conf).rc == 0
     assert run_plugin("DEL", "", plugin_conf(None, prev=False, agent_socket="/run/cni-redirect/x.sock")).rc == 0
+
+
+def test_a_server_that_never_answers_is_given_up_on_after_the_timeout(pod, host_unchanged):
+    path = f"/run/cni-redirect/hung-{os.getpid()}.sock"
+    hung = socket.socket(socket.AF_UNIX)
+    hung.bind(path)
+    hung.listen(8)  # accepts into the backlog, never replies
+    try:
+        add = run_plugin("ADD", pod.path, plugin_conf(enabled(), agent_socket=path))
+    finally:
+        hung.close()
+        os.unlink(path)
+    assert add.rc == 0 and "table inet cni_redirect" in pod.ruleset()
+    assert wire.TIMEOUT <= add.seconds < wire.TIMEOUT + 3, add.seconds
+    assert "timed out" in add.stderr
+
+
+def test_a_request_its_front_gave_up_on_is_never_run_late(agent, pod):
+    conf = plugin_conf(enabled(exclude_outbound_ports="2222"), agent_socket=str(agent.path))
+    fd = os.open(pod.path, os.O_RDONLY)
+    try:
+        with agent.locks.held(fd):  # the server is busy with this netns past the front's timeout
+            add = run_plugin("ADD", pod.path, conf)
+            assert add.rc == 0 and "did not answer" in add.stderr, "the front did it in-process"
+            wait_for(lambda: agent.locks._locks, timeout=5)
+    finally:
+        os.close(fd)
+    wait_for(lambda: agent.abandoned == 1, timeout=10)
+    assert agent.served == 0, "the late request was dropped, not applied"
+    assert pod.ruleset().count("table inet cni_redirect") == 1 and "2222" in pod.ruleset()
 
 
 def test_non_root_callers_are_refused_by_the_socket_mode_and_by_the_server(agent, pod):

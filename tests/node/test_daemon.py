@@ -80,12 +80,41 @@ def test_agent_refuses_invalid_settings(host, tmp_path):
     assert sorted(os.listdir(host.bin)) == ["bridge"], "nothing installed"
 
 
-def test_keep_on_exit_leaves_everything_in_place(host):
+def test_a_successor_takes_over_and_the_old_agent_leaves_everything_in_place(host):
     host.put("10-calico.conflist")
-    agent = Agent(host, uninstall_on_exit=False)
+    old = Agent(host)
     wait_for(lambda: bool(host.entries("10-calico.conflist")))
-    agent.terminate()
-    assert host.entries("10-calico.conflist") and (host.bin / "cni-redirect").exists()
+    new = Agent(host)
+    wait_for(lambda: any(e["msg"].startswith("a newer node agent took over") for e in host.events()))
+    assert old.terminate() == 0
+    assert len(host.entries("10-calico.conflist")) == 1 and (host.bin / "cni-redirect").exists()
+    assert any(e["msg"].startswith("stopping: a newer agent runs this node") for e in host.events())
+    assert new.terminate() == 0, "the last agent uninstalls"
+    assert not host.entries("10-calico.conflist") and sorted(os.listdir(host.bin)) == ["bridge"]
+
+
+def test_sigterm_waits_for_a_successor_before_uninstalling(host):
+    host.put("10-calico.conflist")
+    old = Agent(host, handover_wait=10.0)
+    wait_for(lambda: bool(host.entries("10-calico.conflist")))
+    old.stop.set()  # SIGTERM, before the successor has even started
+    new = Agent(host)
+    assert old.terminate() == 0
+    assert len(host.entries("10-calico.conflist")) == 1, "the old agent saw the successor arrive and handed over"
+    assert new.terminate() == 0
+    assert sorted(os.listdir(host.bin)) == ["bridge"] and not host.entries("10-calico.conflist")
+
+
+def test_sigterm_without_a_successor_uninstalls_everything(host):
+    original = host.put("10-calico.conflist")
+    agent = Agent(host, handover_wait=0.2)
+    wait_for(lambda: bool(host.entries("10-calico.conflist")))
+    assert agent.terminate() == 0
+    assert (
+        sorted(os.listdir(host.conf)) == ["10-calico.conflist"]
+        and (host.conf / "10-calico.conflist").read_bytes() == original
+    )
+    assert sorted(os.listdir(host.bin)) == ["bridge"], "bundle, link and owner token gone"
 
 
 def test_agent_socket_outside_the_trusted_dir_is_refused(host):

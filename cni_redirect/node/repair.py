@@ -1,0 +1,132 @@
+"""Repair: pods that started while our entry was absent get their table in place, without the kube API.
+
+It happens at node boot, on an upgrade gap, when the primary CNI rewrote its
+file: a pod starts before cni-redirect is chained and runs uncaptured. The
+node agent lists the ready sandboxes through CRI at start, after every
+re-insertion of our entry and every `--repair-interval` seconds, decides for
+each exactly as ADD would and compares exactly as CHECK would (`survey`).
+A missing or drifted table is programmed (`in-place`), or only logged
+(`report`); `off` does nothing. Never touched: host-network sandboxes,
+excluded namespaces, the agent's own netns; a sandbox that disappears
+mid-pass is not an error.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .survey import CAPTURED, DRIFTED, MISSING, Survey, installed_entry
+
+MODES = ("in-place", "report", "off")
+
+
+@dataclass
+class PassResult:
+    """One pass: how many sandboxes in each state, what was repaired, how long it took."""
+
+    states: Counter = field(default_factory=Counter)
+    repaired: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str = ""
+
+
+class Repairer:
+    def __init__(
+        self,
+        cri_socket: str,
+        conf_dir: Path,
+        log: Callable[..., None],
+        mode: str = "in-place",
+        conf_file: str | None = None,
+        locks=None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"--repair {mode!r} must be one of {', '.join(MODES)}")
+        self.cri_socket = cri_socket
+        self.conf_dir = conf_dir
+        self.conf_file = conf_file
+        self.log = log
+        self.mode = mode
+        self.locks = locks
+        self.passes = 0
+        self.last: PassResult | None = None
+        self.repairs: Counter = Counter()  # by reason: missing, drifted
+        self._cri = None
+        self._last_error = ""
+
+    def cri(self):
+        if self._cri is None:
+            from ..cri import CriClient
+
+            self._cri = CriClient(self.cri_socket)
+        return self._cri
+
+    def run_once(self) -> PassResult:
+        """One pass over the node's ready sandboxes."""
+        import grpc
+
+        result = PassResult()
+        start = time.monotonic()
+        entry = installed_entry(self.conf_dir, self.conf_file)
+        if entry is None:
+            result.error = "cni-redirect is not chained into the node's CNI config"
+            return self._finish(result, start)
+        survey = Survey(self.cri(), entry, locks=self.locks)
+        try:
+            for view in survey.pods():
+                if view.state in (MISSING, DRIFTED):
+                    self._repair(survey, view, result)
+                result.states[view.state or view.decision] += 1
+        except grpc.RpcError as exc:
+            result.error = f"CRI at {self.cri_socket}: {exc.code().name}: {exc.details()}"
+        return self._finish(result, start)
+
+    def _repair(self, survey: Survey, view, result: PassResult) -> None:
+        what = f"{view.ref} ({view.sandbox_id[:13]}): {view.drift}"
+        if self.mode == "report":
+            self.log("warning", f"repair needed: {what}", pod=view.ref, state=view.state, mode="report")
+            return
+        reason = view.state
+        try:
+            with survey.opened(view.netns) as backend:
+                if view.ruleset is not None:
+                    backend.apply(view.netns, view.ruleset)
+                else:
+                    backend.remove(view.netns)
+        except Exception as exc:  # a sandbox torn down mid-pass, a kernel refusal: next pass tries again
+            self.log("info", f"repair skipped: {view.ref}: {exc}", pod=view.ref)
+            return
+        self.repairs[reason] += 1
+        result.repaired.append(view.ref)
+        self.log("warning", f"repaired {what}", pod=view.ref, state=reason, captured=view.decision == CAPTURED)
+        survey.compare(view)  # state now ok (or nothing expected)
+
+    def _finish(self, result: PassResult, start: float) -> PassResult:
+        result.seconds = time.monotonic() - start
+        self.passes += 1
+        self.last = result
+        if result.error and result.error != self._last_error:
+            self.log("error", f"repair pass failed: {result.error}")
+        self._last_error = result.error
+        return result
+
+    def loop(self, stop: threading.Event, wake: threading.Event, interval: float) -> None:
+        """Run passes until stop: one now, then each interval or when woken (our entry was re-inserted)."""
+        if self.mode == "off":
+            return
+        while not stop.is_set():
+            wake.clear()
+            try:
+                self.run_once()
+            except Exception as exc:  # never let the repair thread die silently
+                self.log("error", f"repair pass crashed: {type(exc).__name__}: {exc}")
+            wake.wait(interval)
+
+    def close(self) -> None:
+        if self._cri is not None:
+            self._cri.close()

@@ -1,0 +1,229 @@
+"""A node never starts a pod uncaptured: repair, handover, a killed agent, uninstall, on a real containerd.
+
+The node agent is the bundle's own executable, as in the image, serving CNI
+requests and repairing through containerd's CRI socket. The node's conflist
+starts without us (`bare_containerd`); containerd reloads it live.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cni_redirect.node.repair import Repairer
+from cni_redirect.testing.containerd import GATEWAY
+from cni_redirect.testing.netlab import HOST, Netns, connect, enabled, host_ruleset
+from cni_redirect.testing.nodeagent import NodeAgentProcess
+from tests.support import wait_for
+
+PROXY_UID, APP_UID = 1337, 1000
+INTERVAL = 1.0
+
+
+@pytest.fixture
+def node(bare_containerd, bundle, tmp_path):
+    """The private containerd's node, and a way to start node agents on it; everything stopped afterwards."""
+    runtime = bare_containerd.runtime
+    agents: list[NodeAgentProcess] = []
+
+    def start(*extra: str, **kwargs) -> NodeAgentProcess:
+        entry = {"log_file": str(runtime.log_path), "exclude_namespaces": ["kube-system"]}
+        agent = NodeAgentProcess(
+            bundle / "cni-redirect",
+            runtime.bin_dir,
+            runtime.conf_dir,
+            bundle,
+            entry,
+            tmp_path,
+            str(runtime.socket),
+            extra=(f"--repair-interval={INTERVAL}", "--handover-wait=1", *extra),
+            **kwargs,
+        )
+        agents.append(agent)
+        return agent
+
+    conf_before = {p.name: p.read_bytes() for p in runtime.conf_dir.iterdir()}
+    yield bare_containerd, start
+    for agent in agents:
+        if agent.proc.poll() is None:
+            agent.terminate()
+    bare_containerd.remove_all()
+    assert {p.name: p.read_bytes() for p in runtime.conf_dir.iterdir()} == conf_before
+
+
+def has_table(client, pod: str) -> bool:
+    return "table inet cni_redirect" in Netns.at(client.netns(pod)).ruleset()
+
+
+def assert_captured(client, procs, pod: str, port: int) -> None:
+    netns = Netns.at(client.netns(pod))
+    procs.listen(netns, f"proxy-{port}", 15001, uid=PROXY_UID)
+    procs.listen(HOST, f"peer-{port}", port, bind=GATEWAY)
+    answer = connect(netns, GATEWAY, port, uid=APP_UID)
+    assert (answer["listener"], answer["original_dst"]) == (f"proxy-{port}", f"{GATEWAY}:{port}"), answer
+
+
+def adds(client, pod: str) -> list[dict]:
+    return [e for e in client.runtime.events(pod) if e["command"] == "ADD"]
+
+
+def test_pods_that_started_before_the_agent_are_put_right_within_one_interval(node, procs):
+    client, start = node
+    host_before = host_ruleset()
+    annotated = client.run_pod("early-annotated", annotations=enabled())
+    plain = client.run_pod("early-plain")
+    system = client.run_pod("early-system", namespace="kube-system", annotations=enabled())
+    hostnet = client.run_pod("early-hostnet", annotations=enabled(), host_network=True)
+    assert not any(has_table(client, p) for p in (annotated, plain, system)), "nothing chained us yet"
+
+    agent = start()
+    agent.wait_ready()
+    ready_at = time.monotonic()
+    wait_for(lambda: has_table(client, annotated), timeout=INTERVAL + 5)
+    print(f"\n[lifecycle] pre-existing annotated pod captured {time.monotonic() - ready_at:.2f} s after ready")
+    assert_captured(client, procs, annotated, 18601)
+    assert not has_table(client, plain) and not has_table(client, system)
+    assert host_ruleset() == host_before, "the host-network sandbox (the host's netns) was not touched"
+    repaired = [line for line in agent.lines if line["msg"].startswith("repaired")]
+    assert [line["pod"] for line in repaired] == ["default/early-annotated"]
+    assert "is missing from the pod network namespace" in repaired[0]["msg"]
+    assert hostnet
+    assert agent.terminate() == 0
+
+
+def test_a_deleted_table_is_restored_and_report_mode_only_logs_it(node):
+    client, start = node
+    agent = start()
+    agent.wait_ready()
+    client.wait_for_reload(expect_plugin=True)
+    pod = client.run_pod("tampered", annotations=enabled())
+    assert has_table(client, pod)
+    netns = Netns.at(client.netns(pod))
+    netns.run("nft", "delete", "table", "inet", "cni_redirect")
+    wait_for(lambda: has_table(client, pod), timeout=INTERVAL + 5)
+    assert any(line["msg"].startswith("repaired default/tampered") for line in agent.lines)
+    assert agent.terminate() == 0
+
+    reporter = start("--repair=report")
+    reporter.wait_ready()
+    netns.run("nft", "delete", "table", "inet", "cni_redirect")
+    reporter.wait_for_message("repair needed: default/tampered", timeout=INTERVAL + 5)
+    time.sleep(INTERVAL)
+    assert not has_table(client, pod), "report mode changes nothing"
+    assert reporter.terminate() == 0
+
+
+def test_handover_under_continuous_pod_creation(node):
+    client, start = node
+    conflist = next(client.runtime.conf_dir.glob("*.conflist"))
+    first = start()
+    first.wait_ready()
+    client.wait_for_reload(expect_plugin=True)
+
+    stop = threading.Event()
+    samples: list[bool] = []
+    created: list[str] = []
+    failures: list[str] = []
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(any(p.get("type") == "cni-redirect" for p in json.loads(conflist.read_text())["plugins"]))
+            time.sleep(0.01)
+
+    def create(worker: int) -> None:
+        index = 0
+        while not stop.is_set():
+            try:
+                created.append(client.run_pod(f"surge-{worker}-{index}", annotations=enabled()))
+            except grpc.RpcError as exc:
+                failures.append(exc.details())
+            index += 1
+
+    threads = [threading.Thread(target=sample), *(threading.Thread(target=create, args=(w,)) for w in range(3))]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.5)
+        second = start(socket=first.socket)  # the surge: the new pod starts before the old one stops
+        second.wait_for_message("agent started")
+        first.wait_for_message("a newer node agent took over")
+        assert first.terminate() == 0
+        assert any(m.startswith("stopping: a newer agent runs this node") for m in first.messages())
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    uncaptured = [pod for pod in created if not has_table(client, pod)]
+    print(f"\n[lifecycle] handover: {len(created)} pods created, {len(failures)} failed, {len(uncaptured)} uncaptured")
+    assert not failures and not uncaptured and len(created) >= 6
+    assert samples and all(samples), f"the entry vanished in {samples.count(False)} of {len(samples)} samples"
+    assert second.terminate() == 0
+
+
+def test_a_killed_agent_costs_speed_not_capture(node, procs):
+    client, start = node
+    agent = start()
+    agent.wait_ready()
+    client.wait_for_reload(expect_plugin=True)
+    agent.kill()
+    orphan = client.run_pod("after-kill", annotations=enabled())
+    assert has_table(client, orphan)
+    assert_captured(client, procs, orphan, 18602)
+    (add,) = adds(client, orphan)
+    assert "did not answer" in add["fallback"], "done in-process by the front"
+
+    again = start(socket=agent.socket)
+    again.wait_ready()
+    served = client.run_pod("after-restart", annotations=enabled())
+    (add,) = adds(client, served)
+    assert add["outcome"] == "captured" and add.get("fallback") is None, "served by the restarted agent's CNI server"
+    assert again.terminate() == 0
+
+
+def test_uninstall_leaves_nothing_and_old_pods_still_tear_down(node):
+    client, start = node
+    runtime = client.runtime
+    bin_before = sorted(p.name for p in runtime.bin_dir.iterdir())
+    agent = start()
+    agent.wait_ready()
+    client.wait_for_reload(expect_plugin=True)
+    old = client.run_pod("before-uninstall", annotations=enabled())
+    assert has_table(client, old)
+    assert agent.terminate() == 0
+    assert sorted(p.name for p in runtime.bin_dir.iterdir()) == bin_before, "bundle, link and owner token gone"
+    assert not Path(agent.socket).exists()
+    client.wait_for_reload(expect_plugin=False)
+    new = client.run_pod("after-uninstall", annotations=enabled())
+    assert not has_table(client, new) and not adds(client, new)
+    client.stop_pod(old)
+    client.remove_pod(old)  # the node fixture then checks the conf dir is byte-identical
+
+
+def test_repair_of_a_hundred_sandboxes_in_one_pass(node):
+    client, start = node
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        pods = list(pool.map(lambda i: client.run_pod(f"load-{i}", annotations=enabled()), range(100)))
+    agent = start("--repair=off")
+    agent.wait_ready()
+    lines: list[dict] = []
+    repairer = Repairer(str(client.runtime.socket), client.runtime.conf_dir, lambda *a, **k: lines.append(k))
+    try:
+        first = repairer.run_once()
+        second = repairer.run_once()
+    finally:
+        repairer.close()
+    assert first.error == "" and len(first.repaired) == 100 and first.states["ok"] == 100
+    assert second.repaired == [] and second.states["ok"] == 100
+    assert all(has_table(client, pod) for pod in pods)
+    print(
+        f"\n[lifecycle] repair pass over 100 sandboxes: {first.seconds:.2f} s repairing all "
+        f"({first.seconds * 10:.1f} ms per pod), {second.seconds:.2f} s when all are ok"
+    )
+    assert agent.terminate() == 0

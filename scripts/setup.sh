@@ -9,6 +9,7 @@ APT_PACKAGES=(
   containerd runc containernetworking-plugins       # the end-to-end tier: a real CRI runtime and CNI chain
   podman busybox-static                             # the end-to-end tier: libcni through podman's CNI backend
   gcc libc6-dev                                     # the e2e tier builds its pause image from source
+  mmdebstrap                                        # install/build-image.sh: a debian:12 base when no registry is reachable
 )
 
 missing=()

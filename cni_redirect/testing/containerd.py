@@ -86,7 +86,7 @@ state = "{d}/state"
 
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{image}"
-  netns_mounts_under_state_dir = true
+  netns_mounts_under_state_dir = {netns_private}
   restrict_oom_score_adj = true
   disable_apparmor = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -110,6 +110,7 @@ class Containerd:
 
     workdir: Path
     with_plugin: bool = True  # False: a node before cni-redirect is installed
+    node_netns: bool = False  # True: pod netns under /var/run/netns, as on a real node (the DaemonSet tier)
     process: subprocess.Popen | None = None
     pods: list[str] = field(default_factory=list)
 
@@ -152,7 +153,8 @@ class Containerd:
             (bin_dir / "cni-redirect").symlink_to(PLUGIN)
         self.write_conflist(conflist(d, with_plugin=self.with_plugin))
         config = d / "containerd.toml"
-        config.write_text(CONTAINERD_CONFIG.format(d=d, image=PAUSE_IMAGE))
+        netns_private = "false" if self.node_netns else "true"
+        config.write_text(CONTAINERD_CONFIG.format(d=d, image=PAUSE_IMAGE, netns_private=netns_private))
         log = (d / "containerd.log").open("w")
         self.process = subprocess.Popen(
             [binary, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True

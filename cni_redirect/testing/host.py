@@ -24,6 +24,8 @@ WATCHED_PATHS = (
     Path("/run/runc"),
     Path("/var/lib/containers"),
     Path("/run/netns"),
+    Path("/run/cni-redirect"),
+    Path("/var/log/cni-redirect"),
 )
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -154,3 +156,12 @@ class HostSnapshot:
         if now.processes - self.processes:
             problems.append(f"runtime processes left running: {sorted(now.processes - self.processes)[:5]}")
         return problems
+
+
+def tear_down(runtime, snapshot: HostSnapshot, workdir: Path) -> None:
+    """Stop a runtime we started, undo what it left on the host, and prove the host is as it was."""
+    runtime.stop()
+    snapshot.restore()
+    shutil.rmtree(workdir, ignore_errors=True)
+    problems = snapshot.differences()
+    assert not problems, f"{type(runtime).__name__} left the host changed: {problems}"

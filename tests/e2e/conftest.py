@@ -7,27 +7,17 @@ runtime starts, so one runtime's cleanup can never pull state from under another
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
 from cni_redirect.testing.containerd import Containerd, new_workdir
-from cni_redirect.testing.host import HostSnapshot
+from cni_redirect.testing.host import HostSnapshot, tear_down
 
 
 @pytest.fixture(scope="session")
 def host_snapshot():
     assert os.geteuid() == 0, "the e2e tier must run as root (it starts containerd)"
     return HostSnapshot.take()
-
-
-def _tear_down(runtime, host_snapshot: HostSnapshot, workdir) -> None:
-    """Stop the runtime, undo what it left on the host, and prove the host is as it was."""
-    runtime.stop()
-    host_snapshot.restore()
-    shutil.rmtree(workdir, ignore_errors=True)
-    problems = host_snapshot.differences()
-    assert not problems, f"{type(runtime).__name__} left the host changed: {problems}"
 
 
 def _containerd(host_snapshot, tmp_path_factory, with_plugin: bool):
@@ -44,7 +34,7 @@ def _containerd(host_snapshot, tmp_path_factory, with_plugin: bool):
                 client.remove_all()
                 client.close()
         finally:
-            _tear_down(runtime, host_snapshot, workdir)
+            tear_down(runtime, host_snapshot, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -69,4 +59,4 @@ def podman(host_snapshot):
         runtime.start()
         yield runtime
     finally:
-        _tear_down(runtime, host_snapshot, workdir)
+        tear_down(runtime, host_snapshot, workdir)

@@ -34,8 +34,8 @@ class Backend(Protocol):
     def remove(self, netns: str) -> bool:
         """Delete our table if present; True if something was deleted. A vanished netns is fine."""
 
-    def read(self, netns: str) -> list[dict] | None:
-        """Our table's objects in `Ruleset.objects()` form, or None if absent."""
+    def read(self, netns: str, raw: bool = False) -> list[dict] | None:
+        """Our table's objects in `Ruleset.objects()` form, or None if absent; `raw` keeps counters."""
 
     def status(self) -> None:
         """Raise NotAvailable if the backend cannot work on this node."""
@@ -107,11 +107,11 @@ class TableOps:
         self.run({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]}, "delete")
         return True
 
-    def read(self) -> list[dict] | None:
+    def read(self, raw: bool = False) -> list[dict] | None:
         if not self.exists():
             return None
         listing = self.run({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]}, "list")
-        return normalize(listing)
+        return [o for o in listing if "metainfo" not in o] if raw else normalize(listing)
 
 
 def libnftables() -> Nft:
@@ -163,9 +163,9 @@ class KernelBackend:
         except (NetnsGone, NotANetns):
             return False  # the sandbox is gone, and our table with it
 
-    def read(self, netns: str) -> list[dict] | None:
+    def read(self, netns: str, raw: bool = False) -> list[dict] | None:
         with self._inside(netns) as table:
-            return table.read()
+            return table.read(raw)
 
     def status(self) -> None:
         self.context()  # loads the bindings and libnftables; runs no command

@@ -4,6 +4,8 @@ CLI subcommands:
   render   print the exact table a pod would get, without applying anything
   install  the node agent: install the plugin, chain it into the node's CNI config, keep it there
   agent    run the CNI server alone: serve the thin front's requests on a UNIX socket, install nothing
+  inspect  every pod sandbox on this node: captured or not, its table right or not, traffic on it
+  doctor   the traps that make a pod skip its proxy (the proxy-UID trap first); exit 1 when it finds one
 """
 
 from __future__ import annotations
@@ -41,11 +43,16 @@ def run_cli(argv: Sequence[str]) -> int:
     render.add_argument("--namespace", help="the pod's namespace, checked against exclude_namespaces")
     render.add_argument("--json", action="store_true", help="print the libnftables JSON batch instead of nft syntax")
     _add_install_parser(commands)
+    _add_node_readers(commands)
     args = parser.parse_args(argv)
     if args.command == "install":
         return _install(args)
     if args.command == "agent":
         return _agent(args)
+    if args.command == "inspect":
+        return _inspect(args)
+    if args.command == "doctor":
+        return _doctor(args)
     return _render(args)
 
 
@@ -101,6 +108,84 @@ def _add_install_parser(commands) -> None:
     )
     agent = commands.add_parser("agent", help="run the CNI server alone: serve the thin front on a UNIX socket")
     agent.add_argument("--socket", default=_env("AGENT_SOCKET", DEFAULT_SOCKET) or DEFAULT_SOCKET)
+
+
+def _node_conf_dir() -> str:
+    """As install: CNI_CONF_DIR, else the DaemonSet's mount, else the host's own dir (run on the node)."""
+    if os.environ.get("CNI_CONF_DIR"):
+        return os.environ["CNI_CONF_DIR"]
+    return "/host/etc/cni/net.d" if os.path.isdir("/host/etc/cni/net.d") else "/etc/cni/net.d"
+
+
+def _add_node_readers(commands) -> None:
+    for name, text in (
+        ("inspect", "every pod sandbox on this node: decision, table state, counters (read only)"),
+        ("doctor", "find what makes pods skip their proxy; exit 1 when something is found (read only)"),
+    ):
+        reader = commands.add_parser(name, help=text)
+        reader.add_argument("--cri-socket", default=_env("CRI_SOCKET", CONTAINERD_SOCKET), help=f"CRI-O: {CRIO_SOCKET}")
+        reader.add_argument("--cni-conf-dir", default=_node_conf_dir())
+        reader.add_argument("--conf-file", default=_env("CONF_FILE"), help="the primary conflist's file name")
+        reader.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "inspect":
+            reader.add_argument("--pod", metavar="NAMESPACE/NAME", help="one pod in full: settings and table")
+        else:
+            reader.add_argument("--proc", default="/proc", help="the host's /proc (host PID namespace)")
+
+
+def _readers(args: argparse.Namespace):
+    from pathlib import Path
+
+    from .cri import CriClient
+    from .node.survey import installed_entry
+
+    return CriClient(args.cri_socket), installed_entry(Path(args.cni_conf_dir), args.conf_file or None)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .node.inspect import pod_detail, table
+    from .node.survey import Survey, view_json
+
+    cri, entry = _readers(args)
+    if entry is None:
+        print(f"cni-redirect: not chained into a CNI config in {args.cni_conf_dir}", file=sys.stderr)
+        return 2
+    try:
+        views = list(Survey(cri, entry).pods())
+    finally:
+        cri.close()
+    if args.pod:
+        chosen = [v for v in views if v.ref == args.pod]
+        if not chosen:
+            print(f"cni-redirect: no ready pod sandbox {args.pod} on this node", file=sys.stderr)
+            return 1
+        print(json.dumps(view_json(chosen[0]), indent=2) if args.json else pod_detail(chosen[0], entry), end="")
+        return 0
+    if args.json:
+        print(json.dumps([view_json(v) for v in views], indent=2))
+    else:
+        sys.stdout.write(table(views))
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .node.doctor import TRAP, diagnose
+
+    cri, _ = _readers(args)
+    try:
+        findings = diagnose(cri, Path(args.cni_conf_dir), args.conf_file or None, Path(args.proc))
+    finally:
+        cri.close()
+    traps = [f for f in findings if f.severity == TRAP]
+    if args.json:
+        print(json.dumps([f.json() for f in findings], indent=2))
+    else:
+        for finding in findings:
+            print(f"{'FOUND' if finding.severity == TRAP else 'note '}  {finding.message}")
+        print(f"{len(traps)} trap(s) found" if traps else "no trap found")
+    return 1 if traps else 0
 
 
 def _install(args: argparse.Namespace) -> int:

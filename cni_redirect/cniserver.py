@@ -93,11 +93,13 @@ class CniServer:
         log: Callable[..., None],
         max_workers: int = 64,
         backend_factory: Callable[[int | None], Backend] = kernel_backend,
+        observe: Callable[[str, int, bytes, float], None] | None = None,
     ) -> None:
         self.path = path
         self.log = log
         self.slots = threading.BoundedSemaphore(max_workers)
         self.backend_factory = backend_factory
+        self.observe = observe  # (command, exit code, stdout, seconds) of each answered request: metrics
         self.home = own_netns()
         self.sock: socket.socket | None = None
         self.created_dir = False
@@ -231,8 +233,11 @@ class CniServer:
                         with self._counts:
                             self.abandoned += 1
                         return
+                    started = time.monotonic()
                     code, out, err = self.handle(env, stdin, netns_fd)
                 conn.sendall(wire.encode_reply(code, out, err))
+                if self.observe is not None:
+                    self.observe(env.get("CNI_COMMAND", ""), code, out, time.monotonic() - started)
             with self._counts:
                 self.served += 1
         except Exception as exc:  # a broken request must never take the server down

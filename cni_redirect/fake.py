@@ -27,7 +27,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from .backend import TableOps
-from .ruleset import FAMILY, TABLE, Ruleset, nft_text
+from .ruleset import Ruleset, nft_text
 
 ENOENT = "No such file or directory"
 EEXIST = "File exists"
@@ -296,9 +296,9 @@ class MemoryBackend:
         self.calls.append(("remove", netns))
         return self._ops(netns).remove()
 
-    def read(self, netns: str) -> list[dict] | None:
+    def read(self, netns: str, raw: bool = False) -> list[dict] | None:
         self.calls.append(("read", netns))
-        return self._ops(netns).read()
+        return self._ops(netns).read(raw)
 
     def status(self) -> None:
         return None
@@ -315,7 +315,5 @@ class MemoryBackend:
 
     def dump(self, netns: str) -> str:
         """Our table in this netns, in nft syntax ("" when absent)."""
-        table = TableOps(self.kernels.get(netns, FakeNft()))
-        if not table.exists():
-            return ""
-        return nft_text(table.run({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]}, "list"))
+        listing = TableOps(self.kernels.get(netns, FakeNft())).read(raw=True)
+        return "" if listing is None else nft_text(listing)

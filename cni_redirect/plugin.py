@@ -21,7 +21,7 @@ from .logs import EventLog
 from .result import convert_result
 from .ruleset import FAMILY, TABLE, Ruleset, build_ruleset
 from .skel import Request, dispatch
-from .spec import build_spec, is_enabled, merge_settings
+from .spec import CaptureSpec, build_spec, is_enabled, merge_settings
 
 TABLE_NAME = f"table {FAMILY} {TABLE}"
 NO_NAMESPACE_NOTE = "no K8S_POD_NAMESPACE in CNI_ARGS: exclude_namespaces does not apply"
@@ -33,6 +33,7 @@ class Decision:
 
     ruleset: Ruleset | None
     reason: str
+    spec: CaptureSpec | None = None
 
 
 def decide(conf: PluginConf, pod: PodRef, log: EventLog | None = None) -> Decision:
@@ -58,7 +59,7 @@ def decide(conf: PluginConf, pod: PodRef, log: EventLog | None = None) -> Decisi
         allow_root_proxy_uid=conf.allow_root_proxy_uid,
         max_set_elements=conf.max_set_elements,
     )
-    return Decision(build_ruleset(spec), "captured")
+    return Decision(build_ruleset(spec), "captured", spec)
 
 
 class RedirectPlugin:

@@ -253,7 +253,7 @@ def _json_value_text(value: object, quoted: bool = False, protocol: bool = False
     return str(value)
 
 
-def _statement_text(expr: dict) -> str:
+def _statement_text(expr: dict, with_counters: bool = False) -> str:
     ((kind, body),) = expr.items()
     if kind == "match":
         left = body["left"]
@@ -262,6 +262,8 @@ def _statement_text(expr: dict) -> str:
         op = "" if body["op"] == "==" else f"{body['op']} "
         return f"{_selector_text(left)} {op}{_json_value_text(body['right'], quoted, protocol)}"
     if kind == "counter":
+        if with_counters and isinstance(body, dict):
+            return f"counter packets {body.get('packets', 0)} bytes {body.get('bytes', 0)}"
         return "counter"
     if kind == "return":
         return "return"
@@ -270,8 +272,9 @@ def _statement_text(expr: dict) -> str:
     raise ValueError(f"no nft syntax for statement {expr!r}")
 
 
-def nft_text(objects: list[dict]) -> str:
-    """Render a table's objects (`Ruleset.objects()` or a listing of the same shape) as an nft script."""
+def nft_text(objects: list[dict], with_counters: bool = False) -> str:
+    """Render a table's objects (`Ruleset.objects()` or a listing of the same shape) as an nft script;
+    `with_counters` shows each rule's packets and bytes, as `nft list table` does."""
     blocks: list[list[str]] = []
     rules: dict[str, list[str]] = {}
     header = ""
@@ -297,7 +300,7 @@ def nft_text(objects: list[dict]) -> str:
                 ]
             )
         elif kind == "rule":
-            text = " ".join(_statement_text(expr) for expr in body["expr"])
+            text = " ".join(_statement_text(expr, with_counters) for expr in body["expr"])
             if body.get("comment"):
                 text += f' comment "{body["comment"]}"'
             rules[body["chain"]].append(f"\t\t{text}")

@@ -195,3 +195,34 @@ def test_configmap_entry_is_valid_plugin_settings(base, tmp_path):
 def test_kubectl_is_the_real_kustomize():
     out = subprocess.run([str(KUBECTL), "version", "--client"], capture_output=True, text=True).stdout
     assert "Kustomize Version: v5" in out, out
+
+
+def test_the_agent_is_scraped_and_a_podmonitor_example_fits_it(base):
+    annotations = base["DaemonSet"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "15099",
+        "prometheus.io/path": "/metrics",
+    }
+    assert annotations["prometheus.io/port"] == env(base)["READINESS_PORT"]
+    (monitor,) = yaml.safe_load_all((K8S / "monitoring" / "podmonitor.yaml").read_text())
+    assert monitor["kind"] == "PodMonitor"
+    labels = base["DaemonSet"]["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["targetPort"], endpoint["path"]) == (15099, "/metrics")
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_doctor_pod_is_valid_and_asks_only_for_what_it_reads(version):
+    (pod,) = yaml.safe_load_all((K8S / "debug" / "doctor.yaml").read_text())
+    kubernetes_validate.validate(pod, version, strict=True)
+    spec = pod["spec"]
+    assert spec["hostPID"] is True and spec["automountServiceAccountToken"] is False
+    (container,) = spec["containers"]
+    assert container["securityContext"]["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"],
+    }
+    assert all(m.get("readOnly") for m in container["volumeMounts"] if m["name"] != "cri-socket")
+    assert container["command"][-1] == "doctor"

@@ -43,6 +43,21 @@ def load_entry(path: Path | None) -> dict:
     return ours
 
 
+def valid_configs(conf_dir: Path, names: list[str], skip: set[str], real=None) -> list[str]:
+    """The network configs a runtime could load besides `skip` (parseable, a CNI suffix), in libcni's order."""
+    found = []
+    for other in sorted(names):
+        if other in skip or not other.endswith(conflists.CONF_SUFFIXES):
+            continue
+        try:
+            path = real(other) if real else conf_dir / other
+            conflists.parse(other, path.read_bytes())
+        except (OSError, ConfError):
+            continue
+        found.append(other)
+    return found
+
+
 @dataclass
 class Managed:
     """What we wrote into one conf file, to undo exactly that."""
@@ -135,17 +150,7 @@ class Chain:
         return self._ready(target) if target else False
 
     def _valid_configs(self, names: list[str], skip: str, also: str = "") -> list[str]:
-        """The other network configs a runtime could load (parseable, a CNI suffix), in libcni's order."""
-        found = []
-        for other in sorted(names):
-            if other in (skip, also) or not other.endswith(conflists.CONF_SUFFIXES):
-                continue
-            try:
-                conflists.parse(other, self._real(other).read_bytes())
-            except (OSError, ConfError):
-                continue
-            found.append(other)
-        return found
+        return valid_configs(self.conf_dir, names, {skip, also}, self._real)
 
     def _warn_about_others(self, others: list[str]) -> None:
         warning = (

@@ -141,22 +141,32 @@ class _SharedPortServer(http.server.ThreadingHTTPServer):
         super().server_bind()
 
 
-def serve_readiness(agent: NodeAgent, port: int, server: CniServer | None = None) -> http.server.ThreadingHTTPServer:
-    """/readyz: installed and chained. /healthz: the process can do its job (its CNI server, if any, serves)."""
+def serve_readiness(
+    agent: NodeAgent, port: int, server: CniServer | None = None, metrics=None
+) -> http.server.ThreadingHTTPServer:
+    """/readyz: installed and chained. /healthz: the process can do its job (its CNI server, if any, serves).
+    /metrics: Prometheus text (node/metrics.py)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             warning = ""
+            content_type = "text/plain"
             if self.path == "/readyz":
                 reason, warning = agent.ready_reason, agent.chain.warning
             elif self.path == "/healthz":
                 reason = server.problem() if server is not None else ""
+            elif self.path == "/metrics" and metrics is not None:
+                self._answer(200, metrics.render(), metrics.CONTENT_TYPE)
+                return
             else:
                 self.send_error(404)
                 return
             body = (reason or "ok" + (f"\nwarning: {warning}" if warning else "")).encode() + b"\n"
-            self.send_response(200 if not reason else 503)
-            self.send_header("Content-Type", "text/plain")
+            self._answer(200 if not reason else 503, body, content_type)
+
+        def _answer(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -199,11 +209,12 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
         log("error", "invalid plugin settings; nothing installed", entry_file=str(options.entry_file), error=message)
         return 2
     agent = NodeAgent(options, log, ours)
+    metrics = _metrics() if options.readiness_port else None
     server = None
     if options.agent_socket is not None:
         from ..cniserver import CniServer
 
-        server = CniServer(options.agent_socket, log)
+        server = CniServer(options.agent_socket, log, observe=metrics.observe if metrics else None)
         server.start()  # before our entry names it: the first ADD must find it listening
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -216,11 +227,13 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
             server.stop()
         return 1
     agent.claim()
-    http_server = serve_readiness(agent, options.readiness_port, server) if options.readiness_port else None
-    repair_stop, repair_wake = threading.Event(), threading.Event()
-    repairer = _start_repair(options, log, server, repair_stop, repair_wake)
-    log("info", "agent started", bin_dir=str(options.cni_bin_dir), conf_dir=str(options.cni_conf_dir))
     superseded = False
+    if metrics is not None:
+        metrics.agent_up.set_function(lambda: 0 if superseded or (server is not None and server.problem()) else 1)
+    http_server = serve_readiness(agent, options.readiness_port, server, metrics) if options.readiness_port else None
+    repair_stop, repair_wake = threading.Event(), threading.Event()
+    repairer = _start_repair(options, log, server, repair_stop, repair_wake, metrics)
+    log("info", "agent started", bin_dir=str(options.cni_bin_dir), conf_dir=str(options.cni_conf_dir))
     try:
         while not stop.is_set():
             if agent.superseded():
@@ -237,6 +250,8 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
                 agent.reconcile()
                 if agent.chain.writes != writes:
                     repair_wake.set()  # pods may have started while our entry was gone
+                    if writes and metrics is not None:  # not the first insert: the entry had gone
+                        metrics.reinsertions.inc(agent.chain.writes - writes)
             stop.wait(options.poll_interval)
     finally:
         repair_stop.set()
@@ -261,10 +276,20 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
     return 0
 
 
-def _start_repair(options: Options, log, server, stop: threading.Event, wake: threading.Event):
+def _metrics():
+    from .metrics import Metrics
+
+    return Metrics()
+
+
+def _start_repair(options: Options, log, server, stop: threading.Event, wake: threading.Event, metrics=None):
     if options.repair == "off":
         return None
     from .repair import Repairer
+
+    def passed(result) -> None:
+        if metrics is not None:
+            metrics.pass_done(result.states, result.reasons)
 
     repairer = Repairer(
         options.cri_socket,
@@ -273,6 +298,7 @@ def _start_repair(options: Options, log, server, stop: threading.Event, wake: th
         mode=options.repair,
         conf_file=options.conf_file,
         locks=server.locks if server is not None else None,
+        on_pass=passed,
     )
     thread = threading.Thread(
         target=repairer.loop, args=(stop, wake, options.repair_interval), name="repair", daemon=True

@@ -31,6 +31,7 @@ class PassResult:
 
     states: Counter = field(default_factory=Counter)
     repaired: list[str] = field(default_factory=list)
+    reasons: Counter = field(default_factory=Counter)  # what was wrong with the repaired ones
     seconds: float = 0.0
     error: str = ""
 
@@ -44,6 +45,7 @@ class Repairer:
         mode: str = "in-place",
         conf_file: str | None = None,
         locks=None,
+        on_pass: Callable[[PassResult], None] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"--repair {mode!r} must be one of {', '.join(MODES)}")
@@ -53,6 +55,7 @@ class Repairer:
         self.log = log
         self.mode = mode
         self.locks = locks
+        self.on_pass = on_pass
         self.passes = 0
         self.last: PassResult | None = None
         self.repairs: Counter = Counter()  # by reason: missing, drifted
@@ -103,6 +106,7 @@ class Repairer:
             return
         self.repairs[reason] += 1
         result.repaired.append(view.ref)
+        result.reasons[reason] += 1
         self.log("warning", f"repaired {what}", pod=view.ref, state=reason, captured=view.decision == CAPTURED)
         survey.compare(view)  # state now ok (or nothing expected)
 
@@ -113,6 +117,8 @@ class Repairer:
         if result.error and result.error != self._last_error:
             self.log("error", f"repair pass failed: {result.error}")
         self._last_error = result.error
+        if self.on_pass is not None and not result.error:
+            self.on_pass(result)
         return result
 
     def loop(self, stop: threading.Event, wake: threading.Event, interval: float) -> None:

@@ -19,6 +19,7 @@ from ..errors import CniError, ConfError, HostNetns, InvalidEnvironment
 from ..netns import received_fd
 from ..plugin import decide, describe_drift
 from ..ruleset import Ruleset
+from ..spec import CaptureSpec
 from . import conflists
 
 CAPTURED, NOT_ENABLED, EXCLUDED, HOST_NETWORK, INVALID = (
@@ -46,7 +47,8 @@ class PodView:
     state: str | None = None  # ok, missing, drifted (also: a table where none belongs); None: nothing expected
     drift: str = ""  # CHECK's words for what differs
     ruleset: Ruleset | None = None
-    listing: list[dict] | None = None
+    spec: CaptureSpec | None = None
+    listing: list[dict] | None = None  # the table as listed, counters included
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -115,7 +117,7 @@ class Survey:
         except CniError as error:
             view.decision, view.reason = INVALID, error.msg
             return
-        view.ruleset, view.reason = decision.ruleset, decision.reason
+        view.ruleset, view.reason, view.spec = decision.ruleset, decision.reason, decision.spec
         if decision.reason.startswith("skipped: namespace"):
             view.decision = EXCLUDED
             return  # never touched, never read
@@ -130,7 +132,7 @@ class Survey:
         """Read the pod's table and set state and drift, exactly as CHECK compares."""
         try:
             with self.opened(view.netns) as backend:
-                view.listing = backend.read(view.netns)
+                view.listing = backend.read(view.netns, raw=True)
         except HostNetns:
             view.decision, view.reason = HOST_NETWORK, "its netns is the node's own"
             return
@@ -138,11 +140,12 @@ class Survey:
             view.problems.append(error.msg)  # gone since we listed it, or not a netns
             return
         expected = None if view.ruleset is None else normalize(view.ruleset.objects())
-        if view.listing == expected:
+        actual = None if view.listing is None else normalize(view.listing)
+        if actual == expected:
             view.state = OK if expected is not None else None
             return
-        view.drift = describe_drift(expected, view.listing, view.reason)[0]
-        view.state = MISSING if view.listing is None else DRIFTED
+        view.drift = describe_drift(expected, actual, view.reason)[0]
+        view.state = MISSING if actual is None else DRIFTED
 
     def opened(self, netns: str):
         """The netns as a vetted fd, held under the CNI server's per-netns lock when there is one."""
@@ -165,7 +168,36 @@ class Survey:
         return holding()
 
 
-def view_json(view: PodView, counters: dict | None = None) -> dict:
+#: Which rules' counters say what: by the comment every rule carries (ruleset.py).
+COUNTER_KINDS = {
+    "outbound_redirected": ("capture outbound",),
+    "inbound_redirected": ("capture inbound", "pod to own ip via"),
+    "dns_redirected": ("dns udp", "dns tcp"),
+    "proxy_exempt": ("proxy uid", "proxy gid"),
+}
+
+
+def counters(listing: list[dict] | None) -> dict[str, dict[str, int]]:
+    """Packets and bytes per kind of capture rule. nat rules see only a connection's first packet, so
+    packets count connections (and UDP flows)."""
+    if listing is None:
+        return {}
+    totals = {kind: {"packets": 0, "bytes": 0} for kind in COUNTER_KINDS}
+    for obj in listing:
+        rule = obj.get("rule")
+        if not rule:
+            continue
+        comment = rule.get("comment", "")
+        for kind, prefixes in COUNTER_KINDS.items():
+            if comment.startswith(prefixes):
+                for expr in rule["expr"]:
+                    if isinstance(expr.get("counter"), dict):
+                        totals[kind]["packets"] += expr["counter"].get("packets", 0)
+                        totals[kind]["bytes"] += expr["counter"].get("bytes", 0)
+    return totals
+
+
+def view_json(view: PodView) -> dict:
     """One sandbox as `inspect --json` prints it (the keys are a contract)."""
     return {
         "namespace": view.namespace,
@@ -173,7 +205,7 @@ def view_json(view: PodView, counters: dict | None = None) -> dict:
         "sandbox_id": view.sandbox_id,
         "decision": view.decision,
         "state": view.state,
-        "counters": counters or {},
+        "counters": counters(view.listing) if view.decision == CAPTURED else {},
         "reason": view.reason,
         "drift": view.drift,
         "problems": view.problems,

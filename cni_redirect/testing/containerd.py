@@ -224,6 +224,7 @@ class PodClient(CriClient):
     def __init__(self, runtime: Containerd) -> None:
         super().__init__(str(runtime.socket), timeout=120)
         self.runtime = runtime
+        self.configs: dict[str, object] = {}  # sandbox id -> its config, which CreateContainer needs again
 
     def wait_network_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -255,7 +256,19 @@ class PodClient(CriClient):
         config = self.sandbox_config(name, namespace, annotations, host_network)
         response = self.stub.RunPodSandbox(self.pb.RunPodSandboxRequest(config=config), timeout=120)
         self.runtime.pods.append(response.pod_sandbox_id)
+        self.configs[response.pod_sandbox_id] = config
         return response.pod_sandbox_id
+
+    def start_container(self, pod_id: str, name: str, image: str = PAUSE_IMAGE) -> str:
+        """A container in the sandbox, running the (pause) image: what an app container is to us."""
+        config = self.pb.ContainerConfig(metadata=self.pb.ContainerMetadata(name=name), log_path=f"{name}.log")
+        config.image.image = image
+        request = self.pb.CreateContainerRequest(
+            pod_sandbox_id=pod_id, config=config, sandbox_config=self.configs[pod_id]
+        )
+        container_id = self.stub.CreateContainer(request, timeout=60).container_id
+        self.stub.StartContainer(self.pb.StartContainerRequest(container_id=container_id), timeout=60)
+        return container_id
 
     def netns(self, pod_id: str) -> str:
         path = sandbox_netns(self.sandbox_status(pod_id))

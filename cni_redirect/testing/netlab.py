@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,8 +97,23 @@ class Processes:
 
     running: list[subprocess.Popen] = field(default_factory=list)
 
-    def listen(self, netns: Netns, name: str, port: int, uid: int = 0, udp: bool = False, bind: str = "any") -> None:
-        cmd = [sys.executable, str(NETTOOLS), "--netns", netns.path, "--uid", str(uid)]
+    def listen(
+        self,
+        netns: Netns,
+        name: str,
+        port: int,
+        uid: int = 0,
+        udp: bool = False,
+        bind: str = "any",
+        program: str | None = None,
+    ) -> subprocess.Popen:
+        """A listener in netns as uid; `program` names the process (its /proc comm), as nginx or envoy would be."""
+        python = sys.executable
+        if program is not None:  # exec the interpreter through a link of that name: comm is the link's name
+            link = Path(tempfile.mkdtemp(prefix="cnir-prog-")) / program
+            link.symlink_to(sys.executable)
+            python = str(link)
+        cmd = [python, str(NETTOOLS), "--netns", netns.path, "--uid", str(uid)]
         cmd += ["listen", name, str(port), "--bind", bind] + (["--udp"] if udp else [])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.running.append(proc)
@@ -105,6 +121,7 @@ class Processes:
         if line.strip() != "ready":
             detail = proc.stderr.read() if proc.poll() is not None else ""
             raise RuntimeError(f"listener {name} did not start: {detail}")
+        return proc
 
     def stop(self) -> None:
         for proc in self.running:

@@ -93,6 +93,11 @@ def test_pods_that_started_before_the_agent_are_put_right_within_one_interval(no
     repaired = [line for line in agent.lines if line["msg"].startswith("repaired")]
     assert [line["pod"] for line in repaired] == ["default/early-annotated"]
     assert "is missing from the pod network namespace" in repaired[0]["msg"]
+    status, metrics = agent.get("/metrics")
+    assert status == 200
+    assert 'cni_redirect_repairs_total{reason="missing"} 1.0' in metrics
+    wait_for(lambda: 'cni_redirect_pods{state="ok"} 1.0' in agent.get("/metrics")[1], timeout=INTERVAL + 5)
+    assert 'cni_redirect_pods{state="host-network"} 1.0' in agent.get("/metrics")[1]
     assert hostnet
     assert agent.terminate() == 0
 

@@ -1,0 +1,222 @@
+"""`cni-redirect doctor`: the traps that make a pod skip its proxy without an error anywhere.
+
+Pod checks, for every captured pod, with the pod's processes found by their
+netns (host /proc):
+- the proxy-UID trap: a process running with the proxy's UID or GID that is
+  neither the proxy (what listens on the outbound port as the proxy UID) nor
+  started by it: its traffic is exempt, so it bypasses the proxy;
+- an exempt UID that lives on: a process whose UID is in `exclude-uids`
+  still running after a container of the pod started after it (init
+  containers finish before the app's start);
+- a port taken by the app: another process listening on one of the proxy's
+  ports gets the captured traffic instead of the proxy;
+- tables missing or drifted.
+Node checks: the entry lacks the annotations capability, is not last in the
+chain, its CNI server does not answer, or sits in a file the runtime may not
+use. Read only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import wire
+from ..config import ANNOTATIONS_CAPABILITY
+from ..errors import ConfError, WireError
+from . import conflists
+from .chain import valid_configs
+from .procs import Process, descendants, processes
+from .survey import CAPTURED, DRIFTED, MISSING, PodView
+
+TRAP, NOTE = "trap", "note"
+
+
+@dataclass
+class Finding:
+    check: str
+    severity: str  # trap: doctor exits 1; note: worth knowing
+    message: str
+    pod: str | None = None
+
+    def json(self) -> dict:
+        return asdict(self)
+
+
+def node_findings(conf_dir: Path, conf_file: str | None = None) -> list[Finding]:
+    findings: list[Finding] = []
+    try:
+        names = os.listdir(conf_dir)
+    except OSError as exc:
+        return [Finding("chained", TRAP, f"cannot list {conf_dir}: {exc.strerror}")]
+    name = conflists.pick_primary(names, conf_file)
+    if name is None:
+        return [Finding("chained", TRAP, f"no CNI config in {conf_dir}: the node has no pod network yet")]
+    try:
+        document, _ = conflists.parse(name, (conf_dir / name).read_bytes())
+    except (OSError, ConfError) as exc:
+        others = valid_configs(conf_dir, names, {name})
+        crio = f"; CRI-O skips it and starts pods with {others[0]}, without cni-redirect" if others else ""
+        return [Finding("conf-file", TRAP, f"{exc}{crio}: fix {name}, or set --conf-file")]
+    plugins = document["plugins"]
+    ours = [i for i, plugin in enumerate(plugins) if conflists.is_ours(plugin)]
+    if not ours:
+        return [
+            Finding(
+                "chained",
+                TRAP,
+                f"cni-redirect is not in {name}'s chain: pods start uncaptured; is the node agent running?",
+            )
+        ]
+    entry = plugins[ours[-1]]
+    if not (entry.get("capabilities") or {}).get(ANNOTATIONS_CAPABILITY):
+        findings.append(
+            Finding(
+                "capability",
+                TRAP,
+                f'our entry in {name} lacks "capabilities": {{"{ANNOTATIONS_CAPABILITY}": true}}: the runtime '
+                "passes no pod annotations, so only the entry's defaults apply; add it (the node agent writes it)",
+            )
+        )
+    if ours[-1] != len(plugins) - 1:
+        after = ", ".join(str(p.get("type")) for p in plugins[ours[-1] + 1 :])
+        findings.append(
+            Finding(
+                "last",
+                TRAP,
+                f"our entry is not last in {name}'s chain (after it: {after}): a plugin after us may undo the capture; "
+                "move it last (the node agent does)",
+            )
+        )
+    socket = entry.get("agent_socket")
+    if isinstance(socket, str) and socket:
+        try:
+            code, _, _ = wire.exchange(socket, {"CNI_COMMAND": "VERSION"}, b'{"cniVersion": "1.0.0"}', None, 2.0)
+            if code != 0:
+                raise WireError(f"exit code {code}")
+        except WireError as exc:
+            findings.append(
+                Finding(
+                    "cni-server",
+                    TRAP,
+                    f"the CNI server at {socket} does not answer ({exc}): every ADD runs in-process, about 0.5 s "
+                    "slower; check the node agent (its /healthz, its log)",
+                )
+            )
+    others = valid_configs(conf_dir, names, {name})
+    if others and conf_file is None:
+        findings.append(
+            Finding(
+                "conf-file",
+                NOTE,
+                f"other network configs exist ({', '.join(others)}): a runtime that picks its network by name "
+                "(CRI-O's cni_default_network) may use one without cni-redirect; set --conf-file to the one it uses",
+            )
+        )
+    return findings
+
+
+def pod_findings(view: PodView, procs: list[Process], started_containers: list[float]) -> list[Finding]:
+    """The traps of one captured pod; `started_containers`: when each of its running containers started (epoch s)."""
+    findings: list[Finding] = []
+    if view.state in (MISSING, DRIFTED):
+        findings.append(
+            Finding(
+                "table",
+                TRAP,
+                f"{view.ref}: {view.drift}: repair (--repair in-place) puts it right",
+                view.ref,
+            )
+        )
+    spec = view.spec
+    if view.decision != CAPTURED or spec is None or view.netns is None:
+        return findings
+    try:
+        inode = os.stat(view.netns).st_ino
+    except OSError:
+        return findings
+    members = [p for p in procs if p.netns == inode]
+    proxies = [p for p in members if p.uid == spec.proxy_uid and spec.outbound_port in p.listening]
+    proxy_tree: set[int] = set()
+    for proxy in proxies:
+        proxy_tree |= descendants(procs, proxy.pid)
+    if members and not proxies:
+        findings.append(
+            Finding(
+                "proxy",
+                TRAP,
+                f"{view.ref}: nothing listens on :{spec.outbound_port} as the proxy UID {spec.proxy_uid}: captured "
+                "connections are refused; is the proxy running, as that UID?",
+                view.ref,
+            )
+        )
+    for process in members:
+        if process.pid in proxy_tree:
+            continue
+        if process.uid == spec.proxy_uid or (spec.proxy_gid is not None and process.gid == spec.proxy_gid):
+            what = (
+                f"UID {process.uid}, the proxy UID"
+                if process.uid == spec.proxy_uid
+                else f"GID {process.gid}, the proxy GID"
+            )
+            findings.append(
+                Finding(
+                    "proxy-uid",
+                    TRAP,
+                    f"{view.ref}: {process.comm} (pid {process.pid}) runs as {what}: its traffic bypasses the proxy; "
+                    "run it as another UID, or give the proxy one of its own (cni-redirect.io/proxy-uid)",
+                    view.ref,
+                )
+            )
+            continue
+        if process.uid in spec.exclude_uids and any(start > process.started for start in started_containers):
+            findings.append(
+                Finding(
+                    "exempt",
+                    TRAP,
+                    f"{view.ref}: {process.comm} (pid {process.pid}) runs as UID {process.uid}, in exclude-uids, and "
+                    "still runs after the pod's containers started: its traffic is never captured; exclude-uids is "
+                    "for init containers",
+                    view.ref,
+                )
+            )
+        taken = sorted(process.listening & {spec.outbound_port, spec.inbound_port, spec.dns_port})
+        for port in taken:
+            findings.append(
+                Finding(
+                    "port",
+                    TRAP,
+                    f"{view.ref}: {process.comm} (pid {process.pid}, UID {process.uid}) listens on {port}, one of the "
+                    "proxy's ports: captured traffic goes to it instead of the proxy; move it to another port",
+                    view.ref,
+                )
+            )
+    return findings
+
+
+def container_starts(cri, sandbox_id: str) -> list[float]:
+    """When each running container of a sandbox started, in seconds since the epoch."""
+    pb = cri.pb
+    request = pb.ListContainersRequest()
+    request.filter.pod_sandbox_id = sandbox_id
+    request.filter.state.state = pb.CONTAINER_RUNNING
+    starts = []
+    for container in cri.stub.ListContainers(request, timeout=cri.timeout).containers:
+        status = cri.stub.ContainerStatus(pb.ContainerStatusRequest(container_id=container.id), timeout=cri.timeout)
+        starts.append(status.status.started_at / 1e9)
+    return starts
+
+
+def diagnose(cri, conf_dir: Path, conf_file: str | None, proc: Path) -> list[Finding]:
+    from .survey import Survey, installed_entry
+
+    findings = node_findings(conf_dir, conf_file)
+    entry = installed_entry(conf_dir, conf_file)
+    if entry is None:
+        return findings
+    procs = processes(proc)
+    for view in Survey(cri, entry).pods():
+        starts = container_starts(cri, view.sandbox_id) if view.decision == CAPTURED else []
+        findings += pod_findings(view, procs, starts)
+    return findings

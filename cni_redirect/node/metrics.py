@@ -1,0 +1,85 @@
+"""The node agent's Prometheus metrics, served at /metrics beside /readyz (prometheus_client).
+
+Requests are counted in the CNI server (the front stays stdlib-only and
+keeps no state): a pod whose ADD ran in-process because no server answered
+is not in `cni_redirect_requests_total`, and its `log_file` line carries a
+`fallback` field instead. One registry per agent, so tests can run several.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter as Tally
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.requests = Counter(
+            "cni_redirect_requests",
+            "CNI requests the CNI server answered, by command, outcome and CNI error code (0: success)",
+            ["command", "outcome", "code"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "cni_redirect_request_duration_seconds",
+            "Time the CNI server spent on a request, from reading it to the reply",
+            ["command"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.repairs = Counter(
+            "cni_redirect_repairs",
+            "Pod tables repaired in place, by what was wrong",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.pods = Gauge(
+            "cni_redirect_pods",
+            "Ready pod sandboxes on the node by state (ok, missing, drifted) or decision, from the last repair pass",
+            ["state"],
+            registry=self.registry,
+        )
+        self.reinsertions = Counter(
+            "cni_redirect_conflist_reinsertions",
+            "Times our entry was put back after the primary CNI rewrote its config without it",
+            registry=self.registry,
+        )
+        self.agent_up = Gauge(
+            "cni_redirect_agent_up",
+            "1 while the node agent does its job (its CNI server serves)",
+            registry=self.registry,
+        )
+        self._pod_states: set[str] = set()
+
+    def observe(self, command: str, code: int, stdout: bytes, seconds: float) -> None:
+        """One answered CNI request: the exit code, and the CNI error code from the error object."""
+        cni_code = 0
+        if code != 0:
+            try:
+                cni_code = int(json.loads(stdout).get("code", 999))
+            except (ValueError, AttributeError, TypeError):
+                cni_code = 999
+        outcome = "ok" if code == 0 else "error"
+        self.requests.labels(command or "-", outcome, str(cni_code)).inc()
+        self.duration.labels(command or "-").observe(seconds)
+
+    def pass_done(self, states: Tally, repaired: dict[str, int]) -> None:
+        for state in self._pod_states - set(states):
+            self.pods.labels(state).set(0)
+        for state, count in states.items():
+            self.pods.labels(state).set(count)
+        self._pod_states |= set(states)
+        for reason, count in repaired.items():
+            self.repairs.labels(reason).inc(count)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

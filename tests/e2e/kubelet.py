@@ -68,6 +68,7 @@ def translate(template: dict, configmaps: dict[str, dict], node_paths: dict[str,
     template = copy.deepcopy(template)
     metadata = _take(template, "metadata", "template", {})
     labels = _take(metadata, "labels", "metadata", {})
+    annotations = _take(metadata, "annotations", "metadata", {})  # the kubelet hands them to the sandbox
     _done(metadata, "template.metadata")
     spec = _take(template, "spec", "template")
     _done(template, "template")
@@ -90,6 +91,7 @@ def translate(template: dict, configmaps: dict[str, dict], node_paths: dict[str,
         hostname="" if host_network else name,
         log_directory=str(workdir / "pod-logs"),
         labels=labels,
+        annotations=annotations,
         linux=pb.LinuxPodSandboxConfig(cgroup_parent="/cnir-e2e"),
     )
     if host_network:

@@ -22,7 +22,8 @@ from typing import Protocol
 
 from .errors import InternalError, NetnsGone, NotANetns, NotAvailable, TryAgainLater
 from .netns import NetnsOpener, entered, open_netns
-from .ruleset import FAMILY, TABLE, Ruleset
+from .routing import KernelRoutes, Routes, describe, wanted
+from .ruleset import FAMILY, TABLE, PolicyRouting, Ruleset
 
 _TRANSIENT = ("Device or resource busy", "Resource temporarily unavailable", "Interrupted system call")
 
@@ -36,6 +37,9 @@ class Backend(Protocol):
 
     def read(self, netns: str, raw: bool = False) -> list[dict] | None:
         """Our table's objects in `Ruleset.objects()` form, or None if absent; `raw` keeps counters."""
+
+    def routing_drift(self, netns: str, routing: PolicyRouting | None) -> str | None:
+        """What is wrong with our TPROXY policy routing in the netns, or None if it is as `routing` needs."""
 
     def status(self) -> None:
         """Raise NotAvailable if the backend cannot work on this node."""
@@ -66,8 +70,9 @@ def normalize(objects: list[dict]) -> list[dict]:
 class TableOps:
     """Our table's operations, over a real or fake libnftables context."""
 
-    def __init__(self, nft: Nft) -> None:
+    def __init__(self, nft: Nft, routes: Routes) -> None:
         self.nft = nft
+        self.routes = routes
 
     def run(self, batch: dict, what: str) -> list[dict]:
         rc, output, error = self.nft.json_cmd(batch)
@@ -90,8 +95,27 @@ class TableOps:
         delete costs ~13 ms). If another ADD created the table in the meantime, `create` fails
         with EEXIST and we replace instead; the replace batch starts with `add table`, so it
         also holds if a DEL removed the table in the meantime.
+
+        TPROXY's policy routing goes in first (harmless without the table's marks) and comes out
+        again if the table fails; a table that no longer needs it has it removed after.
         """
-        if self.exists():
+        existed = self.exists()
+        added: list[dict] = []
+        if ruleset.routing is not None:
+            present = self.routes.read()
+            added = [obj for obj in wanted(self.routes, ruleset.routing) if obj not in present]
+            self.routes.add(added)
+        try:
+            self._write(ruleset, existed)
+        except BaseException:
+            if added:
+                self.routes.delete(added)
+            raise
+        if ruleset.routing is None and existed and self.routes.any_rule():
+            self._clear_routes()
+
+    def _write(self, ruleset: Ruleset, existed: bool) -> None:
+        if existed:
             self.run(ruleset.replace_batch(), "apply")
             return
         try:
@@ -101,11 +125,30 @@ class TableOps:
                 raise
             self.run(ruleset.replace_batch(), "apply")
 
+    def _clear_routes(self) -> bool:
+        present = self.routes.read()
+        self.routes.delete(present)
+        return bool(present)
+
     def remove(self) -> bool:
-        if not self.exists():
-            return False
-        self.run({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]}, "delete")
-        return True
+        """Delete the table, then any TPROXY routing of ours; True if anything was there."""
+        removed = False
+        if self.exists():
+            self.run({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]}, "delete")
+            removed = True
+        if self.routes.any_rule():  # one rule dump: DEL of a pod without TPROXY stays cheap
+            removed = self._clear_routes() or removed
+        return removed
+
+    def routing_drift(self, routing: PolicyRouting | None) -> str | None:
+        want, have = wanted(self.routes, routing), self.routes.read()
+        missing = [describe(obj) for obj in want if obj not in have]
+        if missing:
+            return "TPROXY policy routing is missing from the pod network namespace: " + "; ".join(missing)
+        extra = [describe(obj) for obj in have if obj not in want]
+        if extra:
+            return "TPROXY policy routing is present but the pod's table does not use it: " + "; ".join(extra)
+        return None
 
     def read(self, raw: bool = False) -> list[dict] | None:
         if not self.exists():
@@ -139,16 +182,22 @@ class KernelBackend:
     front handed over); `context` makes the libnftables context once inside.
     """
 
-    def __init__(self, reach: NetnsOpener = open_netns, context: Callable[[], Nft] | None = None) -> None:
+    def __init__(
+        self,
+        reach: NetnsOpener = open_netns,
+        context: Callable[[], Nft] | None = None,
+        routes: Callable[[], Routes] = KernelRoutes,
+    ) -> None:
         self.reach = reach
         self.context = context or libnftables
+        self.routes = routes
 
     @contextmanager
     def _inside(self, netns: str) -> Iterator[TableOps]:
         fd = self.reach(netns)  # raises before any nft call if the netns is wrong
         try:
             with entered(fd):
-                yield TableOps(self.context())  # created after setns, so its socket lives in the pod netns
+                yield TableOps(self.context(), self.routes())  # after setns: its sockets live in the pod netns
         finally:
             os.close(fd)
 
@@ -166,6 +215,10 @@ class KernelBackend:
     def read(self, netns: str, raw: bool = False) -> list[dict] | None:
         with self._inside(netns) as table:
             return table.read(raw)
+
+    def routing_drift(self, netns: str, routing: PolicyRouting | None) -> str | None:
+        with self._inside(netns) as table:
+            return table.routing_drift(routing)
 
     def status(self) -> None:
         self.context()  # loads the bindings and libnftables; runs no command

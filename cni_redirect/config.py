@@ -31,6 +31,7 @@ class PluginConf(BaseModel):
     capabilities: dict[str, bool] = Field(default_factory=dict)
     defaults: dict[str, str] = Field(default_factory=dict)
     exclude_namespaces: list[str] = Field(default_factory=lambda: ["kube-system"])
+    profile: Literal["cni-redirect", "istio", "linkerd"] = "cni-redirect"
     annotation_policy: Literal["open", "restricted"] = "open"
     pod_settable: list[str] = Field(default_factory=list)
     allow_root_proxy_uid: bool = False

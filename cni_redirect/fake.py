@@ -13,10 +13,14 @@ would refuse is refused here too, with the kernel's words:
   address belongs (the kernel would resolve it);
 - `redirect` outside a nat chain, a base chain on a hook its type does not
   allow, a rule comment of 254 bytes or more (libnftables 1.0.6 aborts the
-  whole process on one: "netlink_linearize.c: Memory allocation failure").
+  whole process on one: "netlink_linearize.c: Memory allocation failure");
+- `tproxy` outside a base chain on the prerouting hook, or with a family
+  other than ip/ip6; `socket` matches outside prerouting/input/output.
 
-`MemoryBackend` is the `Backend` over it, one fake per netns path, with
-`dump()` for assertions in nft syntax.
+`FakeRoutes` does the same for TPROXY's policy routing: adding a rule or route
+twice fails with EEXIST, an IPv6 object in a netns without IPv6 with
+EAFNOSUPPORT. `MemoryBackend` is the `Backend` over both, one of each per netns
+path, with `dump()` for assertions in nft syntax.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import itertools
 from dataclasses import dataclass, field
 
 from .backend import TableOps
-from .ruleset import Ruleset, nft_text
+from .errors import InternalError
+from .routing import describe
+from .ruleset import TPROXY_MARK, PolicyRouting, Ruleset, nft_text
 
 ENOENT = "No such file or directory"
 EEXIST = "File exists"
@@ -42,6 +48,7 @@ SELECTOR_TYPES = {
     ("meta", "skgid"): "gid",
     ("meta", "l4proto"): "inet_proto",
     ("meta", "mark"): "mark",
+    ("socket", "transparent"): "bit",
     ("ip", "saddr"): "ipv4_addr",
     ("ip", "daddr"): "ipv4_addr",
     ("ip6", "saddr"): "ipv6_addr",
@@ -84,6 +91,9 @@ def _check_scalar(kind: str, value: object) -> None:
     elif kind == "ifname":
         if not isinstance(value, str) or not 0 < len(value.encode()) < 16:
             raise Rejected(f"{value!r} is not an interface name")
+    elif kind == "bit":
+        if value not in (0, 1) or isinstance(value, bool):
+            raise Rejected(f"{value!r} is not 0 or 1")
     elif kind == "inet_proto":
         if not isinstance(value, int) or not 0 <= value <= 255:
             raise Rejected(f"{value!r} is not a protocol number")
@@ -245,22 +255,37 @@ class FakeNft:
         for expr in body["expr"]:
             ((kind, spec),) = expr.items()
             if kind == "match":
-                self._check_match(table, spec)
+                self._check_match(table, spec, chain)
             elif kind == "redirect":
                 if chain.get("type") != "nat":
                     raise Rejected(f"{EOPNOTSUPP}: redirect is only valid in a nat chain")
                 _check_scalar("inet_service", spec.get("port"))
+            elif kind == "tproxy":
+                if chain.get("hook") != "prerouting":
+                    raise Rejected(f"{EOPNOTSUPP}: tproxy is only valid in a chain on the prerouting hook")
+                if spec.get("family") not in ("ip", "ip6"):
+                    raise Rejected(f"{EINVAL}: tproxy family {spec.get('family')!r}")
+                _check_scalar("inet_service", spec.get("port"))
+            elif kind == "mangle":
+                if spec.get("key") != {"meta": {"key": "mark"}}:
+                    raise Rejected(f"{EOPNOTSUPP}: mangle of {spec.get('key')!r}")
+                _check_scalar("mark", spec.get("value"))
             elif kind not in ("counter", "return", "accept", "drop"):
                 raise Rejected(f"{EOPNOTSUPP}: statement {kind!r}")
         rule = {k: v for k, v in body.items() if k not in ("family", "table", "chain", "handle")}
         table.rules[body["chain"]].append(rule)
 
     @staticmethod
-    def _check_match(table: _Table, spec: dict) -> None:
+    def _check_match(table: _Table, spec: dict, chain: dict | None = None) -> None:
         if spec.get("op") not in ("==", "!="):
             raise Rejected(f"{EOPNOTSUPP}: operator {spec.get('op')!r}")
         left = spec["left"]
-        selector = ("meta", left["meta"]["key"]) if "meta" in left else tuple(left["payload"].values())
+        if "socket" in left:
+            if chain is not None and chain.get("hook") not in ("prerouting", "input", "output"):
+                raise Rejected(f"{EOPNOTSUPP}: socket expression on hook {chain.get('hook')!r}")
+            selector: tuple = ("socket", left["socket"]["key"])
+        else:
+            selector = ("meta", left["meta"]["key"]) if "meta" in left else tuple(left["payload"].values())
         kind = SELECTOR_TYPES.get(selector)  # type: ignore[arg-type]
         if kind is None:
             raise Rejected(f"{EOPNOTSUPP}: selector {left!r}")
@@ -278,15 +303,64 @@ class FakeNft:
             _interval(kind, right)
 
 
+EAFNOSUPPORT = "Address family not supported by protocol"
+
+
+@dataclass
+class FakeRoutes:
+    """One netns's policy rules and routes (only the shapes we use), refusing what the kernel refuses."""
+
+    has_ipv6: bool = True
+    objects: list[dict] = field(default_factory=list)
+    changes: int = 0
+
+    def ipv6(self) -> bool:
+        return self.has_ipv6
+
+    def read(self) -> list[dict]:
+        return [obj for obj in self.objects if next(iter(obj.values()))["table"] == PolicyRouting().table]
+
+    def any_rule(self) -> bool:
+        return any(o == PolicyRouting().objects(ipv6=False)[0] for o in self.objects)
+
+    def add(self, objects: list[dict]) -> None:
+        done = []
+        for obj in objects:
+            body = next(iter(obj.values()))
+            problem = None
+            if obj in self.objects:
+                problem = EEXIST
+            elif body["family"] == "inet6" and not self.has_ipv6:
+                problem = EAFNOSUPPORT
+            elif body.get("fwmark", TPROXY_MARK) > 0xFFFFFFFF:
+                problem = EINVAL
+            if problem:
+                for added in done:
+                    self.objects.remove(added)
+                raise InternalError(
+                    "policy routing for TPROXY could not be added in the pod netns", f"{describe(obj)}: {problem}"
+                )
+            self.objects.append(obj)
+            done.append(obj)
+            self.changes += 1
+
+    def delete(self, objects: list[dict]) -> None:
+        for obj in objects:
+            if obj in self.objects:
+                self.objects.remove(obj)
+                self.changes += 1
+
+
 class MemoryBackend:
-    """The `Backend` protocol over one `FakeNft` per netns path."""
+    """The `Backend` protocol over one `FakeNft` and one `FakeRoutes` per netns path."""
 
     def __init__(self) -> None:
         self.kernels: dict[str, FakeNft] = {}
+        self.routing: dict[str, FakeRoutes] = {}
         self.calls: list[tuple[str, str]] = []
 
     def _ops(self, netns: str) -> TableOps:
-        return TableOps(self.kernels.setdefault(netns, FakeNft()))
+        return TableOps(self.kernels.setdefault(netns, FakeNft()), self.routing.setdefault(netns, FakeRoutes()))
 
     def apply(self, netns: str, ruleset: Ruleset) -> None:
         self.calls.append(("apply", netns))
@@ -300,6 +374,10 @@ class MemoryBackend:
         self.calls.append(("read", netns))
         return self._ops(netns).read(raw)
 
+    def routing_drift(self, netns: str, routing: PolicyRouting | None) -> str | None:
+        self.calls.append(("routing", netns))
+        return self._ops(netns).routing_drift(routing)
+
     def status(self) -> None:
         return None
 
@@ -308,12 +386,12 @@ class MemoryBackend:
         """Every netns that holds our table, with its objects (normalized listing)."""
         found = {}
         for netns, kernel in self.kernels.items():
-            listing = TableOps(kernel).read()
+            listing = TableOps(kernel, FakeRoutes()).read()
             if listing is not None:
                 found[netns] = listing
         return found
 
     def dump(self, netns: str) -> str:
         """Our table in this netns, in nft syntax ("" when absent)."""
-        listing = TableOps(self.kernels.get(netns, FakeNft())).read(raw=True)
+        listing = TableOps(self.kernels.get(netns, FakeNft()), FakeRoutes()).read(raw=True)
         return "" if listing is None else nft_text(listing)

@@ -18,6 +18,7 @@ from .backend import Backend, KernelBackend, normalize
 from .config import ANNOTATIONS_CAPABILITY, PluginConf, PodRef, parse_cni_args, parse_conf, pod_ref
 from .errors import CniError, InternalError, InvalidConfig
 from .logs import EventLog
+from .profiles import profile_named
 from .result import convert_result
 from .ruleset import FAMILY, TABLE, Ruleset, build_ruleset
 from .skel import Request, dispatch
@@ -49,11 +50,16 @@ def decide(conf: PluginConf, pod: PodRef, log: EventLog | None = None) -> Decisi
             f'conflist entry lacks "capabilities": {{"{ANNOTATIONS_CAPABILITY}": true}}: '
             "the runtime passes no pod annotations, only defaults apply",
         )
-    settings, ignored = merge_settings(conf.defaults, conf.annotations(), conf.annotation_policy, conf.pod_settable)
+    settings, ignored = merge_settings(
+        conf.defaults, conf.annotations(), conf.annotation_policy, conf.pod_settable, profile_named(conf.profile)
+    )
     if ignored and log:
         log.log("warning", f"annotation_policy restricted: ignored {', '.join(sorted(ignored))} (not in pod_settable)")
     if not is_enabled(settings):
-        return Decision(None, "skipped: not enabled")
+        why = settings["enabled"].why
+        if why and log:
+            log.log("info", f"not capturing: {why}")
+        return Decision(None, f"skipped: not enabled ({why})" if why else "skipped: not enabled")
     spec = build_spec(
         settings,
         allow_root_proxy_uid=conf.allow_root_proxy_uid,
@@ -115,6 +121,10 @@ class RedirectPlugin:
         expected = None if decision.ruleset is None else normalize(decision.ruleset.objects())
         if actual != expected:
             raise InternalError(*describe_drift(expected, actual, decision.reason))
+        routing = decision.ruleset.routing if decision.ruleset is not None else None
+        drift = self.backend.routing_drift(request.netns, routing)
+        if drift:
+            raise InternalError(drift, "TPROXY needs both the table and its policy routing")
         self._finish(request, f"consistent: {decision.reason}")
 
     def status(self, request: Request) -> None:

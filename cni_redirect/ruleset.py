@@ -11,7 +11,11 @@ The same value renders three ways:
 
 Table contract (documented in the README): one `table inet cni_redirect`,
 base chains `output` (hook output) and `prerouting` (hook prerouting), both
-`type nat` at priority -100 (dstnat), every rule with a counter and a comment.
+`type nat` at priority -100 (dstnat), and with TPROXY inbound
+(`tproxy_prerouting`: `type filter hook prerouting` at priority -150, mangle), every rule with a
+counter and a comment. A TPROXY table also needs policy routing in the pod
+netns (`Ruleset.routing`): the backend adds it with the table and removes it
+with the table.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from .spec import ALL, CaptureSpec, Network, PortRange, merge_ranges
 FAMILY = "inet"
 TABLE = "cni_redirect"
 NAT_PRIORITY = -100  # dstnat: the priority nat redirection belongs at
+MANGLE_PRIORITY = -150  # mangle: TPROXY runs before conntrack's nat hooks
+TPROXY_MARK = 0x539  # 1337, as Istio marks: packets for a transparent proxy socket
+TPROXY_TABLE = 133  # the routing table marked packets look up: `local default dev lo`
 DNS_PORT = 53
 PROXY_PASSTHROUGH_V4 = "127.0.0.6"
 PROXY_PASSTHROUGH_V6 = "::6"
@@ -85,6 +92,7 @@ def _payload(protocol: str, name: str) -> Selector:
     return Selector({"payload": {"protocol": protocol, "field": name}})
 
 
+SOCKET_TRANSPARENT = Selector({"socket": {"key": "transparent"}})
 OIFNAME = _meta("oifname")
 IIFNAME = _meta("iifname")
 SKUID = _meta("skuid")
@@ -110,14 +118,49 @@ class Redirect:
     port: int
 
 
+@dataclass(frozen=True)
+class MarkAccept:
+    """Mark the packet for the TPROXY routing table and accept it."""
+
+    mark: int
+
+
+@dataclass(frozen=True)
+class TProxy:
+    """Hand the packet to the transparent socket on `port` (family "ip" or "ip6"), mark it, accept it."""
+
+    port: int
+    family: str
+    mark: int
+
+
 RETURN = None  # the `return` verdict; a Redirect otherwise
+Verdict = Union[Redirect, MarkAccept, TProxy, None]
 
 
 @dataclass(frozen=True)
 class Rule:
     matches: tuple[Match, ...]
-    verdict: Redirect | None
+    verdict: Verdict
     comment: str
+
+
+@dataclass(frozen=True)
+class PolicyRouting:
+    """What TPROXY needs beside the table: marked packets route to a table that delivers everything locally."""
+
+    mark: int = TPROXY_MARK
+    table: int = TPROXY_TABLE
+
+    def objects(self, ipv6: bool = True) -> list[dict]:
+        """Our rules and routes, in the canonical form the routing backends read back."""
+        families = ("inet", "inet6") if ipv6 else ("inet",)
+        rules = [{"rule": {"family": f, "fwmark": self.mark, "table": self.table}} for f in families]
+        dst = {"inet": "0.0.0.0/0", "inet6": "::/0"}
+        routes = [
+            {"route": {"family": f, "dst": dst[f], "type": "local", "dev": "lo", "table": self.table}} for f in families
+        ]
+        return rules + routes
 
 
 @dataclass(frozen=True)
@@ -134,6 +177,7 @@ class Chain:
     hook: str
     rules: tuple[Rule, ...]
     priority: int = NAT_PRIORITY
+    type: str = "nat"
 
 
 @dataclass(frozen=True)
@@ -142,6 +186,7 @@ class Ruleset:
     chains: tuple[Chain, ...]
     table: str = TABLE
     family: str = FAMILY
+    routing: PolicyRouting | None = None
 
     # --- JSON, as libnftables takes and prints it ---
 
@@ -162,7 +207,7 @@ class Ruleset:
                     "chain": {
                         **ident,
                         "name": chain.name,
-                        "type": "nat",
+                        "type": chain.type,
                         "hook": chain.hook,
                         "prio": chain.priority,
                         "policy": "accept",
@@ -220,15 +265,31 @@ def _rule_json(rule: Rule) -> dict:
         }
         for m in rule.matches
     ]
-    expr.append({"counter": {"packets": 0, "bytes": 0}})
-    expr.append({"return": None} if rule.verdict is None else {"redirect": {"port": rule.verdict.port}})
+    counter = {"counter": {"packets": 0, "bytes": 0}}
+    verdict = rule.verdict
+    if isinstance(verdict, TProxy):
+        # tproxy first: it does not match a packet of the other family, which then is not counted here either
+        expr.append({"tproxy": {"family": verdict.family, "port": verdict.port}})
+        expr += [counter, _mark(verdict.mark), {"accept": None}]
+    elif isinstance(verdict, MarkAccept):
+        expr += [counter, _mark(verdict.mark), {"accept": None}]
+    elif isinstance(verdict, Redirect):
+        expr += [counter, {"redirect": {"port": verdict.port}}]
+    else:
+        expr += [counter, {"return": None}]
     return {"expr": expr, "comment": rule.comment}
+
+
+def _mark(mark: int) -> dict:
+    return {"mangle": {"key": {"meta": {"key": "mark"}}, "value": mark}}
 
 
 # --- nft syntax, from the JSON objects: one renderer for `render`, the docs and the fake's dump ---
 
 
 def _selector_text(left: dict) -> str:
+    if "socket" in left:
+        return f"socket {left['socket']['key']}"
     if "meta" in left:
         key = left["meta"]["key"]
         return key if key in ("iifname", "oifname") else f"meta {key}"
@@ -265,10 +326,14 @@ def _statement_text(expr: dict, with_counters: bool = False) -> str:
         if with_counters and isinstance(body, dict):
             return f"counter packets {body.get('packets', 0)} bytes {body.get('bytes', 0)}"
         return "counter"
-    if kind == "return":
-        return "return"
+    if kind in ("return", "accept"):
+        return kind
     if kind == "redirect":
         return f"redirect to :{body['port']}"
+    if kind == "tproxy":
+        return f"tproxy {body['family']} to :{body['port']}"
+    if kind == "mangle" and body["key"] == {"meta": {"key": "mark"}}:
+        return f"meta mark set {body['value']:#x}"
     raise ValueError(f"no nft syntax for statement {expr!r}")
 
 
@@ -351,12 +416,6 @@ class _Builder:
         return SetRef(name)
 
 
-def _loopback(family: int) -> tuple[Selector, Value]:
-    if family == 4:
-        return IP_DADDR, Prefix("127.0.0.0", 8)
-    return IP6_DADDR, "::1"
-
-
 def build_ruleset(spec: CaptureSpec) -> Ruleset:
     """Render a validated spec into the pod's table. Pure: same spec, same ruleset.
 
@@ -365,6 +424,7 @@ def build_ruleset(spec: CaptureSpec) -> Ruleset:
     """
     b = _Builder()
     ifaces = b.named("exclude_ifaces", "ifname", tuple(spec.exclude_interfaces), interval=False)
+    reroute = b.named("reroute_ifaces", "ifname", tuple(spec.reroute_interfaces), interval=False)
     uids = b.named("exclude_uids", "uid", tuple(spec.exclude_uids), interval=False)
     in_exclude = b.named(
         "in_exclude_ports",
@@ -376,12 +436,17 @@ def build_ruleset(spec: CaptureSpec) -> Ruleset:
         if spec.include_inbound_ports == ALL
         else b.named("in_include_ports", "inet_service", _port_elements(spec.include_inbound_ports))
     )
+    in_exclude_src = [
+        (saddr, b.named(f"in_exclude_src_v{v}", f"ipv{v}_addr", _network_elements(spec.exclude_inbound_cidrs, v)))
+        for saddr, v in ((IP_SADDR, 4), (IP6_SADDR, 6))
+    ]
     out_exclude_ports = b.named("out_exclude_ports", "inet_service", _port_elements(spec.exclude_outbound_ports))
     out_include_ports = (
         None
         if spec.include_outbound_ports == ALL
         else b.named("out_include_ports", "inet_service", _port_elements(spec.include_outbound_ports))
     )
+    out_capture_ports = b.named("out_capture_ports", "inet_service", _port_elements(spec.capture_outbound_ports))
     out_exclude_v4 = b.named("out_exclude_v4", "ipv4_addr", _network_elements(spec.exclude_outbound_cidrs, 4))
     out_exclude_v6 = b.named("out_exclude_v6", "ipv6_addr", _network_elements(spec.exclude_outbound_cidrs, 6))
     include_cidrs = spec.include_outbound_cidrs
@@ -391,6 +456,8 @@ def build_ruleset(spec: CaptureSpec) -> Ruleset:
     out_include_v6 = (
         None if include_cidrs == ALL else b.named("out_include_v6", "ipv6_addr", _network_elements(include_cidrs, 6))
     )
+    loopback = {v: _one_or_set(b, f"loopback_v{v}", v, spec) for v in (4, 6)}
+    daddr_of = {4: IP_DADDR, 6: IP6_DADDR}
 
     owners = [(SKUID, spec.proxy_uid, "proxy uid")]
     if spec.proxy_gid is not None:
@@ -399,17 +466,21 @@ def build_ruleset(spec: CaptureSpec) -> Ruleset:
     out: list[Rule] = []
     if ifaces:
         out.append(Rule((Match(OIFNAME, ifaces),), RETURN, "excluded interface"))
+    if out_exclude_ports:
+        out.append(Rule((Match(TCP_DPORT, out_exclude_ports),), RETURN, "excluded outbound ports"))
+        if spec.capture_dns:
+            out.append(Rule((Match(UDP_DPORT, out_exclude_ports),), RETURN, "excluded outbound ports udp"))
     out.append(Rule((Match(OIFNAME, "lo"), Match(IP_SADDR, PROXY_PASSTHROUGH_V4)), RETURN, "proxy inbound passthrough"))
     out.append(
         Rule((Match(OIFNAME, "lo"), Match(IP6_SADDR, PROXY_PASSTHROUGH_V6)), RETURN, "proxy inbound passthrough")
     )
-    if spec.captures_inbound:
+    if spec.captures_inbound and spec.capture_own_ip:
         for selector, owner, label in owners:
             for family in (4, 6):
-                daddr, loopback = _loopback(family)
-                matches = [
-                    Match(OIFNAME, "lo"),
-                    Match(daddr, loopback, negate=True),
+                matches = [Match(OIFNAME, "lo")]
+                if loopback[family] is not None:
+                    matches.append(Match(daddr_of[family], loopback[family], negate=True))
+                matches += [
                     Match(selector, owner),
                     Match(TCP_DPORT, DNS_PORT, negate=True),
                     Match(TCP_DPORT, in_exclude, negate=True),
@@ -426,26 +497,69 @@ def build_ruleset(spec: CaptureSpec) -> Ruleset:
         out.append(Rule((Match(UDP_DPORT, DNS_PORT),), Redirect(spec.dns_port), "dns udp"))
         out.append(Rule((Match(TCP_DPORT, DNS_PORT),), Redirect(spec.dns_port), "dns tcp"))
     for family in (4, 6):
-        daddr, loopback = _loopback(family)
-        out.append(Rule((Match(daddr, loopback),), RETURN, "loopback destination"))
+        if loopback[family] is not None:
+            out.append(Rule((Match(daddr_of[family], loopback[family]),), RETURN, "loopback destination"))
     if out_exclude_v4:
         out.append(Rule((Match(IP_DADDR, out_exclude_v4),), RETURN, "excluded ipv4 cidrs"))
     if out_exclude_v6:
         out.append(Rule((Match(IP6_DADDR, out_exclude_v6),), RETURN, "excluded ipv6 cidrs"))
-    if out_exclude_ports:
-        out.append(Rule((Match(TCP_DPORT, out_exclude_ports),), RETURN, "excluded outbound ports"))
+    if out_capture_ports:
+        out.append(Rule((Match(TCP_DPORT, out_capture_ports),), Redirect(spec.outbound_port), "capture outbound ports"))
     out += _outbound_capture(spec, include_cidrs == ALL, out_include_v4, out_include_v6, out_include_ports)
 
     chains = [Chain("output", "output", tuple(out))]
-    if spec.captures_inbound:
-        inbound: list[Rule] = []
-        if ifaces:
-            inbound.append(Rule((Match(IIFNAME, ifaces),), RETURN, "excluded interface"))
-        inbound.append(Rule((Match(TCP_DPORT, in_exclude),), RETURN, "proxy and excluded inbound ports"))
-        port_match = Match(TCP_DPORT, in_include) if in_include else Match(L4PROTO, TCP)
-        inbound.append(Rule((port_match,), Redirect(spec.inbound_port), "capture inbound"))
-        chains.insert(0, Chain("prerouting", "prerouting", tuple(inbound)))
-    return Ruleset(tuple(b.sets), tuple(chains))
+    nat_in: list[Rule] = []
+    if reroute:
+        nat_in += _reroute(spec, reroute, include_cidrs == ALL, out_include_v4, out_include_v6)
+    exclusions: list[Rule] = []
+    if ifaces:
+        exclusions.append(Rule((Match(IIFNAME, ifaces),), RETURN, "excluded interface"))
+    if spec.tproxy:
+        exclusions.append(Rule((Match(IIFNAME, "lo"),), RETURN, "loopback interface"))
+        if reroute:
+            exclusions.append(Rule((Match(IIFNAME, reroute),), RETURN, "rerouted interface"))
+    exclusions += [Rule((Match(ip, ref),), RETURN, "excluded inbound sources") for ip, ref in in_exclude_src if ref]
+    exclusions.append(Rule((Match(TCP_DPORT, in_exclude),), RETURN, "proxy and excluded inbound ports"))
+    port_match = Match(TCP_DPORT, in_include) if in_include else Match(L4PROTO, TCP)
+    routing = None
+    if spec.tproxy:
+        established = (Match(L4PROTO, TCP), Match(SOCKET_TRANSPARENT, 1))
+        tproxy = list(exclusions)
+        tproxy.append(Rule(established, MarkAccept(TPROXY_MARK), "established inbound: to its proxy socket"))
+        for family in ("ip", "ip6"):
+            verdict = TProxy(spec.inbound_port, family, TPROXY_MARK)
+            tproxy.append(Rule((port_match,), verdict, f"capture inbound {'ipv4' if family == 'ip' else 'ipv6'}"))
+        chains.insert(0, Chain("tproxy_prerouting", "prerouting", tuple(tproxy), MANGLE_PRIORITY, "filter"))
+        routing = PolicyRouting()
+    elif spec.captures_inbound:
+        nat_in += exclusions
+        nat_in.append(Rule((port_match,), Redirect(spec.inbound_port), "capture inbound"))
+    if nat_in:
+        chains.insert(0, Chain("prerouting", "prerouting", tuple(nat_in)))
+    return Ruleset(tuple(b.sets), tuple(chains), routing=routing)
+
+
+def _one_or_set(b: _Builder, name: str, version: int, spec: CaptureSpec) -> Value | None:
+    """The loopback destinations of one family: inline when one CIDR (the common case), else a set."""
+    elements = _network_elements(spec.loopback_cidrs, version)
+    if len(elements) <= 1:
+        return elements[0] if elements else None
+    return b.named(name, f"ipv{version}_addr", elements)
+
+
+def _reroute(
+    spec: CaptureSpec, ifaces: SetRef, all_cidrs: bool, include_v4: SetRef | None, include_v6: SetRef | None
+) -> list[Rule]:
+    """Traffic arriving on a rerouted interface (a VM's tap) is the pod's outbound: to the outbound port."""
+    redirect = Redirect(spec.outbound_port)
+    if all_cidrs:
+        return [Rule((Match(IIFNAME, ifaces), Match(L4PROTO, TCP)), redirect, "rerouted interface: outbound")]
+    rules = []
+    for daddr, ref, label in ((IP_DADDR, include_v4, "ipv4"), (IP6_DADDR, include_v6, "ipv6")):
+        if ref:
+            matches = (Match(IIFNAME, ifaces), Match(daddr, ref), Match(L4PROTO, TCP))
+            rules.append(Rule(matches, redirect, f"rerouted interface: outbound {label}"))
+    return rules
 
 
 def _outbound_capture(

@@ -22,7 +22,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Protocol, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -41,10 +41,36 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 @dataclass(frozen=True)
 class Setting:
-    """One effective value and a human name for where it came from."""
+    """One effective value, a human name for where it came from, and why (when a mesh profile decided it)."""
 
     value: str
     source: str
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class PeerSetting:
+    """A catalogue setting read from a mesh's own annotation (profiles.py), before layering.
+
+    `append` adds the value to what applies below it (Linkerd's `skip-inbound-ports` adds to the
+    configured list) instead of replacing it.
+    """
+
+    key: str
+    annotation: str
+    value: str
+    append: bool = False
+    why: str = ""
+
+
+class MeshProfile(Protocol):
+    """What merge_settings needs from a profile: its defaults, what it reads, what it always adds."""
+
+    name: str
+    defaults: Mapping[str, str]
+    always: Mapping[str, str]
+
+    def read(self, annotations: Mapping[str, str]) -> list[PeerSetting]: ...
 
 
 def annotation_name(key: str) -> str:
@@ -60,13 +86,18 @@ def merge_settings(
     annotations: Mapping[str, str],
     policy: Literal["open", "restricted"] = "open",
     pod_settable: Iterable[str] = (),
+    profile: MeshProfile | None = None,
 ) -> tuple[dict[str, Setting], list[str]]:
-    """Overlay annotations on conflist defaults on the built-in catalogue.
+    """Layer the sources, lowest first: built-in catalogue, the profile's defaults, conflist
+    defaults, the mesh's own annotations, the profile's always-added values, our annotations.
 
-    Returns the settings and the annotations a restricted policy ignored (for
-    the log). Unknown keys in either source are an error, whatever the policy.
+    Returns the settings and the annotations a restricted policy ignored (for the log). Unknown
+    keys in our own sources are an error, whatever the policy.
     """
     settings = {key: Setting(value, "built-in default") for key, value in CATALOGUE.items()}
+    if profile is not None:
+        for key, value in profile.defaults.items():
+            settings[key] = Setting(value, f"{profile.name} profile default")
     for key, value in defaults.items():
         if key not in CATALOGUE:
             raise InvalidConfig(
@@ -76,6 +107,26 @@ def merge_settings(
         settings[key] = Setting(value, default_name(key))
     settable = frozenset(pod_settable)
     ignored: list[str] = []
+
+    def pod_may_set(key: str, value: str) -> bool:
+        return policy != "restricted" or key in settable or _opts_in(key, value, settings)
+
+    if profile is not None:
+        for peer in profile.read(annotations):
+            if not pod_may_set(peer.key, peer.value):
+                ignored.append(peer.annotation)
+                continue
+            below = settings[peer.key]
+            if peer.append and below.value.strip():
+                settings[peer.key] = Setting(
+                    f"{below.value},{peer.value}", f"annotation {peer.annotation} (added to {below.source})", peer.why
+                )
+            else:
+                settings[peer.key] = Setting(peer.value, f"annotation {peer.annotation}", peer.why)
+        for key, value in profile.always.items():
+            below = settings[key]
+            joined = f"{below.value},{value}" if below.value.strip() else value
+            settings[key] = Setting(joined, f"{below.source}, plus {profile.name}'s always-set {value}", below.why)
     for name, value in annotations.items():
         if not name.startswith(ANNOTATION_PREFIX):
             continue
@@ -85,7 +136,7 @@ def merge_settings(
                 f"annotation {show(name)}: unknown cni-redirect annotation",
                 f"known keys: {', '.join(ANNOTATION_PREFIX + k for k in CATALOGUE)}",
             )
-        if policy == "restricted" and key not in settable and not _opts_in(key, value, settings):
+        if not pod_may_set(key, value):
             ignored.append(name)
             continue
         settings[key] = Setting(value, annotation_name(key))
@@ -226,6 +277,13 @@ def _parse_interfaces(value: str) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def _parse_inbound_mode(value: str) -> str:
+    text = value.strip().lower()
+    if text not in ("redirect", "tproxy"):
+        raise ValueError('must be "redirect" or "tproxy"')
+    return text
+
+
 def _selection(parse):
     """Wrap a list parser so that a lone `*` means "everything"."""
 
@@ -273,6 +331,7 @@ NetworkSelection = Annotated[
     Union[Literal["*"], tuple[Network, ...]], BeforeValidator(_strings_only(_selection(_parse_networks)))
 ]
 InterfaceList = Annotated[tuple[str, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_interfaces)))]
+InboundMode = Annotated[Literal["redirect", "tproxy"], BeforeValidator(_strings_only(_parse_inbound_mode))]
 
 
 def _key(text: str, *, list_: bool = False, opt_in: bool = False):
@@ -297,13 +356,19 @@ class CaptureSpec(BaseModel):
     exclude_uids: UidList = _key("", list_=True)
     outbound_port: Port = _key("15001")
     inbound_port: Port = _key("15006")
+    inbound_mode: InboundMode = _key("redirect")
     include_outbound_ports: PortSelection = _key("*", list_=True)
     exclude_outbound_ports: PortList = _key("", list_=True)
+    capture_outbound_ports: PortList = _key("", list_=True)
     include_outbound_cidrs: NetworkSelection = _key("*", list_=True)
     exclude_outbound_cidrs: NetworkList = _key("", list_=True)
     include_inbound_ports: PortSelection = _key("*", list_=True)
     exclude_inbound_ports: PortList = _key("", list_=True)
+    exclude_inbound_cidrs: NetworkList = _key("", list_=True)
     exclude_interfaces: InterfaceList = _key("", list_=True)
+    reroute_interfaces: InterfaceList = _key("", list_=True)
+    loopback_cidrs: NetworkList = _key("127.0.0.0/8,::1/128", list_=True)
+    capture_own_ip: Bool = _key("true")
     capture_dns: Bool = _key("false")
     dns_port: Port = _key("15053")
 
@@ -322,11 +387,15 @@ class CaptureSpec(BaseModel):
         "exclude_uids",
         "include_outbound_ports",
         "exclude_outbound_ports",
+        "capture_outbound_ports",
         "include_outbound_cidrs",
         "exclude_outbound_cidrs",
         "include_inbound_ports",
         "exclude_inbound_ports",
+        "exclude_inbound_cidrs",
         "exclude_interfaces",
+        "reroute_interfaces",
+        "loopback_cidrs",
     )
     @classmethod
     def _bounded(cls, value, info: ValidationInfo):
@@ -338,6 +407,11 @@ class CaptureSpec(BaseModel):
     @property
     def captures_inbound(self) -> bool:
         return self.include_inbound_ports == ALL or bool(self.include_inbound_ports)
+
+    @property
+    def tproxy(self) -> bool:
+        """Inbound capture through TPROXY: the proxy sees the original destination as its local address."""
+        return self.inbound_mode == "tproxy" and self.captures_inbound
 
     @property
     def proxy_ports(self) -> tuple[int, ...]:

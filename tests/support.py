@@ -89,6 +89,19 @@ CASES: dict[str, dict[str, str]] = {
     "no-inbound": {"include-inbound-ports": ""},
     "no-outbound": {"include-outbound-ports": ""},
     "custom-proxy": {"proxy-uid": "101", "outbound-port": "10000", "inbound-port": "10000"},
+    "tproxy": {"inbound-mode": "tproxy", "exclude-inbound-cidrs": "10.0.0.0/8,fd00::/8", "exclude-interfaces": "eth1"},
+    "reroute-and-capture-ports": {
+        "reroute-interfaces": "tap0,k6t-eth0",
+        "include-outbound-cidrs": "10.96.0.0/12,fd00::/8",
+        "capture-outbound-ports": "3306,5432",
+        "exclude-inbound-cidrs": "192.168.0.0/16",
+    },
+    "linkerd-like": {
+        "capture-own-ip": "false",
+        "loopback-cidrs": "127.0.0.1/32,127.0.0.53/32,::1/128",
+        "capture-dns": "true",
+        "exclude-outbound-ports": "53,4567-4568",
+    },
 }
 
 #: Entries of the conflist that some cases need.
@@ -217,6 +230,7 @@ def _match(left: dict, right: object) -> dict:
 
 
 _TCP_DPORT = {"payload": {"protocol": "tcp", "field": "dport"}}
+_L4PROTO = {"meta": {"key": "l4proto"}}
 _IP_DADDR = {"payload": {"protocol": "ip", "field": "daddr"}}
 
 #: Each: a command the kernel refuses after `render("defaults")` is in place.
@@ -249,8 +263,24 @@ REFUSED: dict[str, dict] = {
     "nat-chain-on-forward": {
         "add": {"chain": {**_T, "name": "n", "type": "nat", "hook": "forward", "prio": -100, "policy": "accept"}}
     },
+    "tproxy-on-output-hook": {
+        "add": {"chain": {**_T, "name": "o", "type": "filter", "hook": "output", "prio": -150, "policy": "accept"}}
+    },
+    "socket-on-postrouting": {
+        "add": {"chain": {**_T, "name": "p", "type": "filter", "hook": "postrouting", "prio": 0, "policy": "accept"}}
+    },
 }
 #: Commands that must follow a REFUSED entry for it to be refused (the chain exists, the redirect does not fit).
 REFUSED_FOLLOW_UP: dict[str, list[dict]] = {
     "redirect-in-filter-chain": [{"add": {"rule": {**_T, "chain": "f", "expr": [{"redirect": {"port": 15001}}]}}}],
+    "tproxy-on-output-hook": [
+        {"add": {"rule": {**_T, "chain": "o", "expr": [_match(_L4PROTO, 6), {"tproxy": {"family": "ip", "port": 1}}]}}}
+    ],
+    "socket-on-postrouting": [
+        {
+            "add": {
+                "rule": {**_T, "chain": "p", "expr": [_match({"socket": {"key": "transparent"}}, 1), {"accept": None}]}
+            }
+        }
+    ],
 }

@@ -9,7 +9,7 @@ import pytest
 
 from cni_redirect.backend import TableOps
 from cni_redirect.errors import InternalError
-from cni_redirect.fake import FakeNft, MemoryBackend
+from cni_redirect.fake import FakeNft, FakeRoutes, MemoryBackend
 from tests.support import GOLDEN_DIR, REFUSED, REFUSED_FOLLOW_UP, render
 
 NETNS = "/run/netns/fake"
@@ -48,7 +48,7 @@ def test_errors_reach_the_plugin_as_the_kernel_errors_would():
     with pytest.raises(InternalError, match="nftables rejected the delete transaction"):
         from cni_redirect.backend import TableOps
 
-        TableOps(backend.kernels[NETNS]).run(
+        TableOps(backend.kernels[NETNS], FakeRoutes()).run(
             {"nftables": [{"delete": {"table": {"family": "inet", "name": "x"}}}]}, "delete"
         )
 
@@ -91,7 +91,7 @@ def test_an_add_that_loses_the_race_to_create_the_table_replaces_it():
             return result
 
     kernel = OtherAddCreatesFirst()
-    TableOps(kernel).apply(render("defaults"))
+    TableOps(kernel, FakeRoutes()).apply(render("defaults"))
     backend = MemoryBackend()
     backend.kernels[NETNS] = kernel
     assert backend.dump(NETNS) == (GOLDEN_DIR / "defaults.nft").read_text()

@@ -36,9 +36,11 @@ def test_builtin_defaults():
 
 def test_catalogue_is_exactly_the_documented_keys():
     assert set(CATALOGUE) == {
-        "enabled", "proxy-uid", "proxy-gid", "exclude-uids", "outbound-port", "inbound-port",
-        "include-outbound-ports", "exclude-outbound-ports", "include-outbound-cidrs", "exclude-outbound-cidrs",
-        "include-inbound-ports", "exclude-inbound-ports", "exclude-interfaces", "capture-dns", "dns-port",
+        "enabled", "proxy-uid", "proxy-gid", "exclude-uids", "outbound-port", "inbound-port", "inbound-mode",
+        "include-outbound-ports", "exclude-outbound-ports", "capture-outbound-ports",
+        "include-outbound-cidrs", "exclude-outbound-cidrs",
+        "include-inbound-ports", "exclude-inbound-ports", "exclude-inbound-cidrs",
+        "exclude-interfaces", "reroute-interfaces", "loopback-cidrs", "capture-own-ip", "capture-dns", "dns-port",
     }  # fmt: skip
     assert OPT_IN_KEY == "enabled"
 

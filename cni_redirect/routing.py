@@ -1,0 +1,154 @@
+"""Policy routing for TPROXY in the pod netns, through pyroute2: the rule and route our TPROXY table needs.
+
+TPROXY marks a packet and hands it to a transparent socket; the mark sends it
+to routing table 133, whose only route is `local default dev lo`, so it is
+delivered locally whatever its destination. `ip rule` / `ip route` equivalents:
+
+    ip rule add fwmark 0x539 lookup 133            (and ip -6)
+    ip route add local default dev lo table 133    (and ip -6)
+
+Objects are in `PolicyRouting.objects()` form. Only rules with our mark and
+table, and routes in our table, are ever read or deleted. Call these only
+inside the pod netns (backend.KernelBackend enters it first): the netlink
+socket opens in the calling thread's netns.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+from .errors import InternalError
+from .ruleset import TPROXY_MARK, TPROXY_TABLE, PolicyRouting
+
+_FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
+_DEFAULT = {"inet": "0.0.0.0/0", "inet6": "::/0"}
+RTN_LOCAL = 2
+RT_SCOPE_HOST = 254
+
+
+class Routes(Protocol):
+    """What TableOps needs from a netns's routing: read, add and delete our objects."""
+
+    def ipv6(self) -> bool:
+        """True if the netns has IPv6 on lo (a pod with IPv6 disabled gets IPv4 routing only)."""
+
+    def read(self) -> list[dict]:
+        """Our rules and routes present, in `PolicyRouting.objects()` form."""
+
+    def any_rule(self) -> bool:
+        """Cheap probe for DEL: is our IPv4 rule there? (added first, removed last)."""
+
+    def add(self, objects: list[dict]) -> None:
+        """Add each in order; on a failure, delete what this call added and raise."""
+
+    def delete(self, objects: list[dict]) -> None:
+        """Delete each; one already gone is fine."""
+
+
+def describe(obj: dict) -> str:
+    """An object as `ip` would print it, for CHECK's messages."""
+    ((kind, body),) = obj.items()
+    ip = "ip -6" if body["family"] == "inet6" else "ip"
+    if kind == "rule":
+        return f"{ip} rule fwmark {body['fwmark']:#x} lookup {body['table']}"
+    return f"{ip} route local default dev {body['dev']} table {body['table']}"
+
+
+class KernelRoutes:
+    """The pod netns's routing through pyroute2 (imported here: only TPROXY paths and DEL pay for it)."""
+
+    @contextmanager
+    def _netlink(self) -> Iterator:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            with IPRoute() as ipr:
+                yield ipr
+        except NetlinkError as exc:
+            raise InternalError("policy routing for TPROXY failed in the pod netns", str(exc)) from None
+
+    def ipv6(self) -> bool:
+        try:
+            with open("/proc/sys/net/ipv6/conf/lo/disable_ipv6") as flag:  # this thread's netns
+                return flag.read().strip() == "0"
+        except OSError:
+            return False  # no IPv6 in this kernel or netns
+
+    def read(self) -> list[dict]:
+        found: list[dict] = []
+        with self._netlink() as ipr:
+            for family, af in _FAMILIES.items():
+                if af == socket.AF_INET6 and not self.ipv6():
+                    continue
+                for rule in ipr.get_rules(family=af):
+                    if _ours(rule):
+                        found.append({"rule": {"family": family, "fwmark": TPROXY_MARK, "table": TPROXY_TABLE}})
+                lo = ipr.link_lookup(ifname="lo")
+                for route in ipr.get_routes(family=af, table=TPROXY_TABLE):
+                    if route.get_attr("RTA_TABLE") != TPROXY_TABLE:
+                        continue
+                    dev = "lo" if lo and route.get_attr("RTA_OIF") == lo[0] else str(route.get_attr("RTA_OIF"))
+                    if route["type"] == RTN_LOCAL and route["dst_len"] == 0:
+                        body = {"family": family, "dst": _DEFAULT[family], "type": "local", "dev": dev}
+                        found.append({"route": {**body, "table": TPROXY_TABLE}})
+        return found
+
+    def any_rule(self) -> bool:
+        with self._netlink() as ipr:
+            return any(_ours(rule) for rule in ipr.get_rules(family=socket.AF_INET))
+
+    def add(self, objects: list[dict]) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        done: list[dict] = []
+        with self._netlink() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            try:
+                for obj in objects:
+                    self._change(ipr, "add", obj, lo)
+                    done.append(obj)
+            except NetlinkError as exc:
+                for obj in reversed(done):
+                    self._quietly(ipr, "del", obj, lo)
+                raise InternalError(
+                    "policy routing for TPROXY could not be added in the pod netns", f"{describe(obj)}: {exc}"
+                ) from None
+
+    def delete(self, objects: list[dict]) -> None:
+        with self._netlink() as ipr:
+            lo = ipr.link_lookup(ifname="lo")
+            for obj in reversed(objects):
+                self._quietly(ipr, "del", obj, lo[0] if lo else 0)
+
+    @staticmethod
+    def _change(ipr, verb: str, obj: dict, lo: int) -> None:
+        ((kind, body),) = obj.items()
+        af = _FAMILIES[body["family"]]
+        if kind == "rule":
+            ipr.rule(verb, family=af, fwmark=body["fwmark"], table=body["table"])
+        else:
+            ipr.route(verb, family=af, dst=body["dst"], type="local", scope=RT_SCOPE_HOST, table=body["table"], oif=lo)
+
+    def _quietly(self, ipr, verb: str, obj: dict, lo: int) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            self._change(ipr, verb, obj, lo)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.ESRCH):
+                raise
+
+
+def _ours(rule) -> bool:
+    table = rule.get_attr("FRA_TABLE") or rule["table"]
+    return rule.get_attr("FRA_FWMARK") == TPROXY_MARK and table == TPROXY_TABLE
+
+
+def wanted(routes: Routes, routing: PolicyRouting | None) -> list[dict]:
+    """The objects a ruleset needs in this netns: none without TPROXY, IPv4 only where IPv6 is off."""
+    return [] if routing is None else routing.objects(ipv6=routes.ipv6())

@@ -95,3 +95,91 @@ def test_an_add_that_loses_the_race_to_create_the_table_replaces_it():
     backend = MemoryBackend()
     backend.kernels[NETNS] = kernel
     assert backend.dump(NETNS) == (GOLDEN_DIR / "defaults.nft").read_text()
+
+
+# --- TPROXY's policy routing travels with the table ---
+
+
+class RejectingNft(FakeNft):
+    """A kernel that accepts listings but refuses every change."""
+
+    def json_cmd(self, batch):
+        if all(next(iter(c)) == "list" for c in batch["nftables"]):
+            return super().json_cmd(batch)
+        return 1, "", "Error: Could not process rule: Operation not supported\n"
+
+
+def test_a_failed_table_takes_its_new_routing_back_out():
+    routes = FakeRoutes()
+    with pytest.raises(InternalError, match="nftables rejected the apply"):
+        TableOps(RejectingNft(), routes).apply(render("tproxy"))
+    assert routes.objects == [] and routes.changes == 8  # four added, four taken out
+
+
+def test_routing_already_there_is_kept_when_the_table_fails():
+    routes = FakeRoutes()
+    ops = TableOps(FakeNft(), routes)
+    ops.apply(render("tproxy"))
+    present = list(routes.objects)
+    with pytest.raises(InternalError):
+        TableOps(RejectingNft(tables=ops.nft.tables), routes).apply(render("tproxy"))
+    assert routes.objects == present  # the previous, working table still needs it
+
+
+def test_routing_already_present_is_reused_not_added_twice():
+    routes = FakeRoutes(has_ipv6=True)
+    routes.objects.append({"route": {"family": "inet6", "dst": "::/0", "type": "local", "dev": "lo", "table": 133}})
+    ops = TableOps(FakeNft(), routes)
+    ops.apply(render("tproxy"))
+    assert len(routes.objects) == 4 and ops.read() is not None
+
+
+class IPv6Vanishes(FakeRoutes):
+    """IPv6 looks enabled, then refuses: the add fails half-way."""
+
+    def ipv6(self) -> bool:
+        return True
+
+
+def test_a_half_failed_routing_add_leaves_no_routing_and_no_table():
+    routes = IPv6Vanishes(has_ipv6=False)
+    ops = TableOps(FakeNft(), routes)
+    with pytest.raises(InternalError, match="could not be added") as caught:
+        ops.apply(render("tproxy"))
+    assert "ip -6 rule fwmark 0x539 lookup 133" in caught.value.details
+    assert routes.objects == [] and ops.read() is None
+
+
+def test_an_ipv6_less_netns_gets_ipv4_routing_only_and_check_agrees():
+    routes = FakeRoutes(has_ipv6=False)
+    ops = TableOps(FakeNft(), routes)
+    ops.apply(render("tproxy"))
+    assert {next(iter(o.values()))["family"] for o in routes.objects} == {"inet"}
+    assert ops.routing_drift(render("tproxy").routing) is None
+
+
+def test_del_removes_table_and_routing_and_reports_either():
+    routes = FakeRoutes()
+    ops = TableOps(FakeNft(), routes)
+    ops.apply(render("tproxy"))
+    assert ops.remove() is True and routes.objects == [] and ops.read() is None
+    assert ops.remove() is False
+    ops.apply(render("tproxy"))
+    ops.run({"nftables": [{"delete": {"table": {"family": "inet", "name": "cni_redirect"}}}]}, "delete")
+    assert ops.remove() is True and routes.objects == []  # routing left behind by someone is still ours to remove
+
+
+def test_check_through_the_plugin_names_the_missing_route():
+    from cni_redirect.testing.netlab import plugin_conf
+    from tests.support import call, case_annotations
+
+    conf = plugin_conf(case_annotations("tproxy"))
+    added = call("ADD", conf)
+    assert added.rc == 0
+    routes = added.backend.routing["/run/netns/fake"]
+    routes.objects = [o for o in routes.objects if "route" not in o or o["route"]["family"] != "inet"]
+    checked = call("CHECK", conf, added.backend)
+    assert checked.rc != 0
+    assert checked.out["msg"] == (
+        "TPROXY policy routing is missing from the pod network namespace: ip route local default dev lo table 133"
+    )

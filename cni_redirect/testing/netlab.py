@@ -84,6 +84,9 @@ class PodNetwork:
             sh("ip", "-n", ns.name, "link", "set", "eth0", "up")
         # apps like nginx bind :80 without root inside a pod; this sysctl is per netns
         pod.run("sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0")
+        # a pod has a default route via its gateway (Linkerd's validator dials an address off-link)
+        pod.run("ip", "route", "add", "default", "via", PEER_V4)
+        pod.run("ip", "-6", "route", "add", "default", "via", PEER_V6)
         return cls(pod, peer)
 
     def delete(self) -> None:
@@ -106,6 +109,7 @@ class Processes:
         udp: bool = False,
         bind: str = "any",
         program: str | None = None,
+        transparent: bool = False,
     ) -> subprocess.Popen:
         """A listener in netns as uid; `program` names the process (its /proc comm), as nginx or envoy would be."""
         python = sys.executable
@@ -115,6 +119,7 @@ class Processes:
             python = str(link)
         cmd = [python, str(NETTOOLS), "--netns", netns.path, "--uid", str(uid)]
         cmd += ["listen", name, str(port), "--bind", bind] + (["--udp"] if udp else [])
+        cmd += ["--transparent"] if transparent else []
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.running.append(proc)
         line = proc.stdout.readline()
@@ -139,6 +144,15 @@ def connect(netns: Netns, host: str, port: int, uid: int = 1000, udp: bool = Fal
     cmd += (["--udp"] if udp else []) + (["--source", source] if source else [])
     out = sh(*cmd).stdout.strip()
     return json.loads(out) if out else {"error": "no answer"}
+
+
+def validate(netns: Netns, mesh: str, uid: int, timeout: float | None = None) -> tuple[int, dict]:
+    """Run the mesh's validator (nettools istio-validate / linkerd-validate) in netns as uid: (exit code, report)."""
+    cmd = [sys.executable, str(NETTOOLS), "--netns", netns.path, "--uid", str(uid), f"{mesh}-validate"]
+    cmd += ["--timeout", str(timeout)] if timeout is not None else []
+    proc = sh(*cmd, check=False, timeout=30)
+    lines = proc.stdout.strip().splitlines()
+    return proc.returncode, json.loads(lines[-1]) if lines else {"stderr": proc.stderr[-2000:]}
 
 
 def prev_result(version: str) -> dict:

@@ -2,12 +2,20 @@
 
     python nettools.py --netns PATH [--uid U --gid G] listen NAME PORT [--udp] [--bind ADDR]
     python nettools.py --netns PATH [--uid U --gid G] connect HOST PORT [--udp] [--source ADDR]
+    python nettools.py --netns PATH --uid 1337 istio-validate      (exit 0, or 126 after 5 s)
+    python nettools.py --netns PATH --uid 65534 linkerd-validate   (exit 0, or 95 after 10 s)
 
 A TCP listener answers each connection with one JSON line: its NAME, the
 peer, and SO_ORIGINAL_DST. NAME tells a test *which* listener accepted a
 connection, the only proof of capture (conntrack answers SO_ORIGINAL_DST
 for every connection). A UDP listener answers each datagram the same way,
 without the original destination. `connect` prints the answer it got.
+`--transparent` makes a TPROXY listener (IP_TRANSPARENT, needs root): its
+answer adds `local`, the address the client dialled.
+
+The two validators reproduce what the meshes' own init containers check
+(Istio's istio-validation, Linkerd's linkerd-network-validator) so that a
+test can show they pass on our rules; they are written here, not copied.
 """
 
 from __future__ import annotations
@@ -16,14 +24,19 @@ import argparse
 import ctypes
 import json
 import os
+import secrets
 import selectors
 import signal
 import socket
+import string
 import struct
 import sys
+import threading
 
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
 CLONE_NEWNET = 0x40000000
 
 
@@ -50,7 +63,7 @@ def original_dst(conn: socket.socket) -> str:
     return f"{socket.inet_ntoa(raw[4:8])}:{port}"
 
 
-def listen(name: str, port: int, udp: bool, bind: str) -> None:
+def listen(name: str, port: int, udp: bool, bind: str, transparent: bool = False) -> None:
     """Listen on IPv4 and IPv6 with one socket each, so SO_ORIGINAL_DST is asked in the right family."""
     kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
     binds = (
@@ -64,6 +77,10 @@ def listen(name: str, port: int, udp: bool, bind: str) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if transparent and family == socket.AF_INET:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        elif transparent:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
         sock.bind((address, port))
         if not udp:
             sock.listen(64)
@@ -84,6 +101,10 @@ def listen(name: str, port: int, udp: bool, bind: str) -> None:
                 except OSError:
                     orig = None
                 reply = {"listener": name, "uid": os.getuid(), "peer": peer[0], "original_dst": orig}
+                local = conn.getsockname()
+                reply["local"] = (
+                    f"[{local[0]}]:{local[1]}" if conn.family == socket.AF_INET6 else f"{local[0]}:{local[1]}"
+                )
                 conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
@@ -106,6 +127,68 @@ def connect(host: str, port: int, udp: bool, source: str | None, timeout: float)
     sys.stdout.write(data.decode())
 
 
+def istio_validate(timeout: float = 5.0) -> int:
+    """Istio's check: the proxy UID's connection to 127.0.0.6:15002 arrives on 15001 or 15006 with
+    original destination port 15002 (the own-IP rule works). 0 on success, 126 (Istio's code) otherwise."""
+    selector = selectors.DefaultSelector()
+    for port in (15001, 15006):
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen(8)
+        selector.register(server, selectors.EVENT_READ)
+    client = socket.socket()
+    client.settimeout(timeout)
+    try:
+        client.connect(("127.0.0.6", 15002))
+    except OSError as exc:
+        print(json.dumps({"validator": "istio", "error": str(exc)}))
+        return 126
+    for key, _ in selector.select(timeout):
+        conn, _ = key.fileobj.accept()
+        with conn:
+            port = int(original_dst(conn).rsplit(":", 1)[1])
+        accepted_on = key.fileobj.getsockname()[1]
+        print(json.dumps({"validator": "istio", "accepted_on": accepted_on, "original_port": port}))
+        return 0 if port == 15002 else 126
+    print(json.dumps({"validator": "istio", "error": "no connection arrived"}))
+    return 126
+
+
+def linkerd_validate(timeout: float = 10.0, listen_addr=("0.0.0.0", 4140), connect_addr=("192.0.2.2", 1404)) -> int:
+    """Linkerd's check: a connection to an unroutable address must reach our own server on the
+    outbound port, proven by the random token that server sends. 0 on success, 95 otherwise."""
+    token = ("".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(63)) + "\n").encode()
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(listen_addr)
+    server.listen(8)
+
+    def serve() -> None:
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(token)
+
+    threading.Thread(target=serve, daemon=True).start()
+    client = socket.socket()
+    client.settimeout(timeout)
+    try:
+        client.connect(connect_addr)
+        data = b""
+        while len(data) < len(token):
+            chunk = client.recv(len(token) - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        print(json.dumps({"validator": "linkerd", "error": str(exc)}))
+        return 95
+    ok = data == token
+    print(json.dumps({"validator": "linkerd", "token_echoed": ok}))
+    return 0 if ok else 95
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--netns")
@@ -117,6 +200,9 @@ def main() -> None:
     lis.add_argument("port", type=int)
     lis.add_argument("--udp", action="store_true")
     lis.add_argument("--bind", default="any")
+    lis.add_argument("--transparent", action="store_true")
+    sub.add_parser("istio-validate").add_argument("--timeout", type=float, default=5.0)
+    sub.add_parser("linkerd-validate").add_argument("--timeout", type=float, default=10.0)
     con = sub.add_parser("connect")
     con.add_argument("host")
     con.add_argument("port", type=int)
@@ -127,7 +213,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     enter(args.netns, args.uid, args.gid if args.gid is not None else args.uid)
     if args.mode == "listen":
-        listen(args.name, args.port, args.udp, args.bind)
+        listen(args.name, args.port, args.udp, args.bind, args.transparent)
+    elif args.mode == "istio-validate":
+        sys.exit(istio_validate(args.timeout))
+    elif args.mode == "linkerd-validate":
+        sys.exit(linkerd_validate(args.timeout))
     else:
         connect(args.host, args.port, args.udp, args.source, args.timeout)
 

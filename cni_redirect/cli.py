@@ -41,6 +41,9 @@ def run_cli(argv: Sequence[str]) -> int:
         help="a .conflist (our entry is found by type) or a single plugin entry; default: built-in defaults",
     )
     render.add_argument("--namespace", help="the pod's namespace, checked against exclude_namespaces")
+    render.add_argument(
+        "--profile", choices=("cni-redirect", "istio", "linkerd"), help="read the pod as this mesh would (entry field)"
+    )
     render.add_argument("--json", action="store_true", help="print the libnftables JSON batch instead of nft syntax")
     _add_install_parser(commands)
     _add_node_readers(commands)
@@ -267,6 +270,8 @@ def _render(args: argparse.Namespace) -> int:
         annotations[key] = value
     entry = _load_entry(args.conflist)
     entry["runtimeConfig"] = {ANNOTATIONS_CAPABILITY: annotations}
+    if args.profile:
+        entry["profile"] = args.profile
     try:
         decision = decide(parse_conf(entry), PodRef(args.namespace, None, None))
     except CniError as error:
@@ -279,4 +284,14 @@ def _render(args: argparse.Namespace) -> int:
         print(json.dumps(decision.ruleset.add_batch(), indent=2))
     else:
         sys.stdout.write(decision.ruleset.to_text())
+    if decision.ruleset.routing is not None:
+        from .routing import describe
+
+        objects = decision.ruleset.routing.objects()
+        print(
+            "# TPROXY policy routing, added in the pod netns with the table:",
+            file=sys.stderr if args.json else sys.stdout,
+        )
+        for obj in objects:
+            print(f"#   {describe(obj)}", file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -116,6 +116,8 @@ RULES = [
     ("cni_redirect.ruleset", KERNEL, False, "the ruleset is pure data: it never talks to the kernel"),
     ("cni_redirect.spec", KERNEL, False, "validation never touches the kernel"),
     ("cni_redirect.config", KERNEL, False, "validation never touches the kernel"),
+    ("cni_redirect.profiles", KERNEL, False, "a mesh profile is data and a translation: no kernel"),
+    ("cni_redirect.routing", NODE | {"nftables"}, False, "policy routing is netlink, not nftables or the node agent"),
     ("cni_redirect.front", HEAVY, True, "the front loads on every pod start: stdlib only"),
     ("cni_redirect.wire", HEAVY | {"cni_redirect.spec", "cni_redirect.plugin"}, False, "the protocol is stdlib only"),
     ("cni_redirect.errors", HEAVY | {"cni_redirect.spec"}, False, "errors import nothing"),

@@ -130,9 +130,13 @@ class Survey:
 
     def compare(self, view: PodView) -> None:
         """Read the pod's table and set state and drift, exactly as CHECK compares."""
+        routing = view.ruleset.routing if view.ruleset is not None else None
+        routing_drift = None
         try:
             with self.opened(view.netns) as backend:
                 view.listing = backend.read(view.netns, raw=True)
+                if routing is not None:  # TPROXY pods only: the others' survey stays one listing
+                    routing_drift = backend.routing_drift(view.netns, routing)
         except HostNetns:
             view.decision, view.reason = HOST_NETWORK, "its netns is the node's own"
             return
@@ -141,6 +145,9 @@ class Survey:
             return
         expected = None if view.ruleset is None else normalize(view.ruleset.objects())
         actual = None if view.listing is None else normalize(view.listing)
+        if actual == expected and routing_drift:
+            view.drift, view.state = routing_drift, DRIFTED
+            return
         if actual == expected:
             view.state = OK if expected is not None else None
             return

@@ -124,6 +124,29 @@ def test_a_deleted_table_is_restored_and_report_mode_only_logs_it(node):
     assert reporter.terminate() == 0
 
 
+def test_a_tproxy_pods_lost_route_is_restored_through_the_cni_server(node):
+    client, start = node
+    agent = start()
+    agent.wait_ready()
+    client.wait_for_reload(expect_plugin=True)
+    pod = client.run_pod("tproxy", annotations=enabled(inbound_mode="tproxy"))
+    (add,) = adds(client, pod)
+    assert (add["outcome"], add["via"]) == ("captured", "cni-server")  # the routes went in from the agent's thread
+    netns = Netns.at(client.netns(pod))
+
+    def routes() -> str:
+        return netns.run("ip", "route", "show", "table", "133", check=False).stdout
+
+    assert "local default dev lo" in routes()
+    netns.run("ip", "route", "del", "local", "default", "dev", "lo", "table", "133")
+    repaired = agent.wait_for_message("repaired default/tproxy", timeout=INTERVAL + 5)
+    assert "TPROXY policy routing is missing" in repaired["msg"], repaired
+    assert "local default dev lo" in routes()
+    client.stop_pod(pod)
+    client.remove_pod(pod)
+    assert agent.terminate() == 0
+
+
 def test_handover_under_continuous_pod_creation(node):
     client, start = node
     conflist = next(client.runtime.conf_dir.glob("*.conflist"))

@@ -430,6 +430,59 @@ def bench_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
     return rows
 
 
+def bench_backend(runs: int = 200) -> dict:
+    """The kernel work of one ADD and one DEL as the warm CNI server does it (in this process, a fresh netns
+    each): REDIRECT against TPROXY, whose ADD also adds policy routing and whose DEL removes it. Baseline:
+    the REDIRECT ADD, in the same process, interleaved."""
+    rulesets = {
+        mode: decide(parse_conf(plugin_conf(enabled(inbound_mode=mode))), PodRef("default", "bench", None)).ruleset
+        for mode in ("redirect", "tproxy")
+    }
+
+    class NoRouting:
+        """Routing that is never there and costs nothing: the REDIRECT path as it was before TPROXY."""
+
+        def ipv6(self) -> bool:
+            return False
+
+        def read(self) -> list[dict]:
+            return []
+
+        def any_rule(self) -> bool:
+            return False
+
+        def add(self, objects: list[dict]) -> list[dict]:
+            return []
+
+        def delete(self, objects: list[dict]) -> None:
+            return None
+
+    backends = {"redirect": KernelBackend(), "tproxy": KernelBackend(), "redirect, no routing code": None}
+    backends["redirect, no routing code"] = KernelBackend(routes=NoRouting)
+    samples: dict[str, list[float]] = {}
+    order = list(backends)
+    for index in range(runs):
+        random.Random(index).shuffle(order)
+        for name in order:
+            backend, ruleset = backends[name], rulesets[name.split(",")[0]]
+            ns = Netns.create("bb")
+            try:
+                start = time.perf_counter()
+                backend.apply(ns.path, ruleset)
+                added = time.perf_counter()
+                drift = backend.routing_drift(ns.path, ruleset.routing)
+                checked = time.perf_counter()
+                assert drift is None and backend.remove(ns.path)
+                removed = time.perf_counter()
+            finally:
+                ns.delete()
+            samples.setdefault(f"ADD {name}", []).append((added - start) * 1000)
+            samples.setdefault(f"CHECK's routing read, {name}", []).append((checked - added) * 1000)
+            samples.setdefault(f"DEL {name}", []).append((removed - checked) * 1000)
+    floor = statistics.median(samples["ADD redirect"])
+    return {name: {**summary(v), "ratio_to_redirect_add": statistics.median(v) / floor} for name, v in samples.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bundle", type=Path, default=REPO / "build" / "bundle" / "cni-redirect" / "cni-redirect")
@@ -437,12 +490,14 @@ def main() -> int:
     parser.add_argument("--pod-runs", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=REPO / "docs")
-    parser.add_argument("--only", choices=["repair"], help="run one section and merge it into the last results")
+    parser.add_argument(
+        "--only", choices=["repair", "backend"], help="run one section and merge it into the last results"
+    )
     args = parser.parse_args()
     assert os.geteuid() == 0, "benchmarks need root"
-    if args.only == "repair":
+    if args.only:
         results = json.loads((args.out / "benchmarks.json").read_text())
-        results["repair"] = bench_repair()
+        results[args.only] = bench_repair() if args.only == "repair" else bench_backend(args.runs)
         (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))
         from bench.report import write_report
 
@@ -465,6 +520,8 @@ def main() -> int:
     results["datapath"] = bench_datapath(args.seconds, (1, 100, 10000))
     print("repair ...", flush=True)
     results["repair"] = bench_repair()
+    print("backend (REDIRECT vs TPROXY) ...", flush=True)
+    results["backend"] = bench_backend(args.runs)
     args.out.mkdir(exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))
     from bench.report import write_report

@@ -102,9 +102,9 @@ class TableOps:
         existed = self.exists()
         added: list[dict] = []
         if ruleset.routing is not None:
-            present = self.routes.read()
-            added = [obj for obj in wanted(self.routes, ruleset.routing) if obj not in present]
-            self.routes.add(added)
+            # A fresh netns has none of it: skip the read (add tolerates an object already there).
+            present = self.routes.read() if existed else []
+            added = self.routes.add([obj for obj in wanted(self.routes, ruleset.routing) if obj not in present])
         try:
             self._write(ruleset, existed)
         except BaseException:
@@ -141,6 +141,8 @@ class TableOps:
         return removed
 
     def routing_drift(self, routing: PolicyRouting | None) -> str | None:
+        if routing is None and not self.routes.any_rule():
+            return None  # the common case, one rule dump: no TPROXY wanted, none there
         want, have = wanted(self.routes, routing), self.routes.read()
         missing = [describe(obj) for obj in want if obj not in have]
         if missing:

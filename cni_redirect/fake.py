@@ -17,9 +17,10 @@ would refuse is refused here too, with the kernel's words:
 - `tproxy` outside a base chain on the prerouting hook, or with a family
   other than ip/ip6; `socket` matches outside prerouting/input/output.
 
-`FakeRoutes` does the same for TPROXY's policy routing: adding a rule or route
-twice fails with EEXIST, an IPv6 object in a netns without IPv6 with
-EAFNOSUPPORT. `MemoryBackend` is the `Backend` over both, one of each per netns
+`FakeRoutes` does the same for TPROXY's policy routing, at the level of
+`routing.KernelRoutes`: an object already there is left alone and not reported
+as added (the kernel's EEXIST), an IPv6 object in a netns without IPv6 fails
+with EAFNOSUPPORT and takes back what the call added. `MemoryBackend` is the `Backend` over both, one of each per netns
 path, with `dump()` for assertions in nft syntax.
 """
 
@@ -323,14 +324,14 @@ class FakeRoutes:
     def any_rule(self) -> bool:
         return any(o == PolicyRouting().objects(ipv6=False)[0] for o in self.objects)
 
-    def add(self, objects: list[dict]) -> None:
-        done = []
+    def add(self, objects: list[dict]) -> list[dict]:
+        done: list[dict] = []
         for obj in objects:
             body = next(iter(obj.values()))
-            problem = None
             if obj in self.objects:
-                problem = EEXIST
-            elif body["family"] == "inet6" and not self.has_ipv6:
+                continue  # EEXIST: KernelRoutes takes it as already there, not added by this call
+            problem = None
+            if body["family"] == "inet6" and not self.has_ipv6:
                 problem = EAFNOSUPPORT
             elif body.get("fwmark", TPROXY_MARK) > 0xFFFFFFFF:
                 problem = EINVAL
@@ -343,6 +344,7 @@ class FakeRoutes:
             self.objects.append(obj)
             done.append(obj)
             self.changes += 1
+        return done
 
     def delete(self, objects: list[dict]) -> None:
         for obj in objects:

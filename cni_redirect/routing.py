@@ -42,8 +42,9 @@ class Routes(Protocol):
     def any_rule(self) -> bool:
         """Cheap probe for DEL: is our IPv4 rule there? (added first, removed last)."""
 
-    def add(self, objects: list[dict]) -> None:
-        """Add each in order; on a failure, delete what this call added and raise."""
+    def add(self, objects: list[dict]) -> list[dict]:
+        """Add each in order (one already there is fine); return what this call added. On a failure,
+        delete what this call added and raise."""
 
     def delete(self, objects: list[dict]) -> None:
         """Delete each; one already gone is fine."""
@@ -82,13 +83,13 @@ class KernelRoutes:
     def read(self) -> list[dict]:
         found: list[dict] = []
         with self._netlink() as ipr:
+            lo = ipr.link_lookup(ifname="lo")
             for family, af in _FAMILIES.items():
                 if af == socket.AF_INET6 and not self.ipv6():
                     continue
                 for rule in ipr.get_rules(family=af):
                     if _ours(rule):
                         found.append({"rule": {"family": family, "fwmark": TPROXY_MARK, "table": TPROXY_TABLE}})
-                lo = ipr.link_lookup(ifname="lo")
                 for route in ipr.get_routes(family=af, table=TPROXY_TABLE):
                     if route.get_attr("RTA_TABLE") != TPROXY_TABLE:
                         continue
@@ -102,7 +103,7 @@ class KernelRoutes:
         with self._netlink() as ipr:
             return any(_ours(rule) for rule in ipr.get_rules(family=socket.AF_INET))
 
-    def add(self, objects: list[dict]) -> None:
+    def add(self, objects: list[dict]) -> list[dict]:
         from pyroute2.netlink.exceptions import NetlinkError
 
         done: list[dict] = []
@@ -110,7 +111,12 @@ class KernelRoutes:
             lo = ipr.link_lookup(ifname="lo")[0]
             try:
                 for obj in objects:
-                    self._change(ipr, "add", obj, lo)
+                    try:
+                        self._change(ipr, "add", obj, lo)
+                    except NetlinkError as exc:
+                        if exc.code != errno.EEXIST:
+                            raise
+                        continue  # there already (an earlier ADD that died half-way): not ours to roll back
                     done.append(obj)
             except NetlinkError as exc:
                 for obj in reversed(done):
@@ -118,6 +124,7 @@ class KernelRoutes:
                 raise InternalError(
                     "policy routing for TPROXY could not be added in the pod netns", f"{describe(obj)}: {exc}"
                 ) from None
+        return done
 
     def delete(self, objects: list[dict]) -> None:
         with self._netlink() as ipr:

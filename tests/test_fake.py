@@ -183,3 +183,12 @@ def test_check_through_the_plugin_names_the_missing_route():
     assert checked.out["msg"] == (
         "TPROXY policy routing is missing from the pod network namespace: ip route local default dev lo table 133"
     )
+
+
+def test_routing_left_by_a_dead_add_is_reused_and_not_rolled_back_by_the_next_failure():
+    routes = FakeRoutes()
+    leftover = {"rule": {"family": "inet", "fwmark": 0x539, "table": 133}}
+    routes.objects.append(leftover)  # a fresh netns by the table's account, but the rule is there
+    with pytest.raises(InternalError):
+        TableOps(RejectingNft(), routes).apply(render("tproxy"))
+    assert routes.objects == [leftover]  # the three this call added are gone, the one it found stays

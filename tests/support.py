@@ -29,6 +29,7 @@ from cni_redirect.testing.netlab import enabled, plugin_conf
 
 TESTS = Path(__file__).resolve().parent
 GOLDEN_DIR = TESTS / "golden"
+MESH_FIXTURES = TESTS / "fixtures" / "mesh"
 FAKE_NETNS = "/run/netns/fake"
 DEFAULT_ENV = {
     "CNI_COMMAND": "ADD",
@@ -60,6 +61,12 @@ def call(command: str, conf: dict | bytes, backend: MemoryBackend | None = None,
     stdin = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
     rc = dispatch(RedirectPlugin(backend, EventLog(stderr)), environment, stdin, stdout, stderr)
     return Call(rc, stdout.getvalue(), stderr.getvalue(), backend)
+
+
+def injected(mesh: str, **extra: str) -> dict[str, str]:
+    """The annotations a mesh's injector writes (tests/fixtures/mesh/<mesh>-injected.json), plus `extra`."""
+    annotations = json.loads((MESH_FIXTURES / f"{mesh}-injected.json").read_text())["annotations"]
+    return {**annotations, **extra}
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.005) -> float:

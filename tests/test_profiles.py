@@ -6,8 +6,6 @@ The traffic each case produces is proven in tests/integration/test_profiles.py.
 from __future__ import annotations
 
 import ipaddress
-import json
-from pathlib import Path
 
 import pytest
 
@@ -18,15 +16,9 @@ from cni_redirect.profiles import ISTIO, LINKERD
 from cni_redirect.ruleset import PolicyRouting
 from cni_redirect.spec import ALL, merge_settings
 from cni_redirect.testing.netlab import plugin_conf
-from tests.support import call
+from tests.support import call, injected
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mesh"
 POD = PodRef("default", "web", "u-1")
-
-
-def injected(mesh: str, **extra: str) -> dict[str, str]:
-    annotations = json.loads((FIXTURES / f"{mesh}-injected.json").read_text())["annotations"]
-    return {**annotations, **extra}
 
 
 def decision(profile: str, annotations: dict[str, str], **entry):

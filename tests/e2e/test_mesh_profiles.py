@@ -4,20 +4,13 @@ and the mesh's own validator passes in the sandbox containerd made."""
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from pathlib import Path
 
 import pytest
 
 from cni_redirect.testing.containerd import GATEWAY, conflist
 from cni_redirect.testing.netlab import HOST, Netns, connect, validate
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mesh"
-
-
-def injected(mesh: str) -> dict[str, str]:
-    return json.loads((FIXTURES / f"{mesh}-injected.json").read_text())["annotations"]
+from tests.support import injected
 
 
 def captured(containerd, annotations: dict[str, str]) -> bool:

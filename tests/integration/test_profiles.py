@@ -8,9 +8,6 @@ the proxy's (captured) or the app's / peer's (not captured).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from cni_redirect.testing.netlab import (
@@ -24,15 +21,11 @@ from cni_redirect.testing.netlab import (
     run_plugin,
     validate,
 )
+from tests.support import injected
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mesh"
 APP_UID = 1000
 APP_PORTS = (8080, 9000, 4190, 4191, 15008, 15020, 15021, 15090)
 PEER_PORTS = (80, 81, 3306, 15020)
-
-
-def injected(mesh: str) -> dict[str, str]:
-    return json.loads((FIXTURES / f"{mesh}-injected.json").read_text())["annotations"]
 
 
 def add(pod, mesh: str, annotations: dict[str, str], **entry) -> None:

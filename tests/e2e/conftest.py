@@ -20,12 +20,16 @@ def host_snapshot():
     return HostSnapshot.take()
 
 
-def _containerd(host_snapshot, tmp_path_factory, with_plugin: bool):
+def running_containerd(host_snapshot, prepare=None, **options):
+    """A private containerd (`options` go to Containerd) and its CRI client; `prepare(runtime)` runs once it
+    is up (importing an image). Everything is torn down and the host checked afterwards."""
     workdir = new_workdir()
-    runtime = Containerd(workdir, with_plugin=with_plugin)
+    runtime = Containerd(workdir, **options)
     client = None
     try:
         runtime.start()
+        if prepare is not None:
+            prepare(runtime)
         client = runtime.connect()
         yield client
     finally:
@@ -40,13 +44,13 @@ def _containerd(host_snapshot, tmp_path_factory, with_plugin: bool):
 @pytest.fixture(scope="module")
 def containerd(host_snapshot, tmp_path_factory):
     """containerd whose chain already ends with cni-redirect (the venv's plugin)."""
-    yield from _containerd(host_snapshot, tmp_path_factory, with_plugin=True)
+    yield from running_containerd(host_snapshot, with_plugin=True)
 
 
 @pytest.fixture(scope="module")
 def bare_containerd(host_snapshot, tmp_path_factory):
     """containerd on a node where cni-redirect is not installed yet."""
-    yield from _containerd(host_snapshot, tmp_path_factory, with_plugin=False)
+    yield from running_containerd(host_snapshot, with_plugin=False)
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from cni_redirect.cri import pb
-from cni_redirect.testing.containerd import GATEWAY, Containerd, new_workdir
-from cni_redirect.testing.host import tear_down
+from cni_redirect.testing.containerd import GATEWAY, Containerd
 from cni_redirect.testing.netlab import HOST, Netns, connect, enabled, sh
+from tests.e2e.conftest import running_containerd
 from tests.e2e.kubelet import poll, translate, unmount_prepared
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,23 +80,13 @@ def node(host_snapshot, image):
     """A containerd whose pod netns live under /var/run/netns, as on a node, with the image imported."""
     sh("ip", "netns", "add", f"cnir-shared-{os.getpid()}")  # iproute2 makes /run/netns a shared mount, as on a node
     sh("ip", "netns", "delete", f"cnir-shared-{os.getpid()}")
-    workdir = new_workdir()
-    runtime = Containerd(workdir, with_plugin=False, node_netns=True)
-    client = None
-    try:
-        runtime.start()
+
+    def import_image(runtime: Containerd) -> None:
         ctr = ["ctr", "-a", str(runtime.socket), "-n", "k8s.io", "images"]
         subprocess.run([*ctr, "import", str(image)], check=True, capture_output=True)
         subprocess.run([*ctr, "tag", TAG, "docker.io/library/cni-redirect:0.1.0"], check=True, capture_output=True)
-        client = runtime.connect()
-        yield client
-    finally:
-        try:
-            if client is not None:
-                client.remove_all()
-                client.close()
-        finally:
-            tear_down(runtime, host_snapshot, workdir)
+
+    yield from running_containerd(host_snapshot, import_image, with_plugin=False, node_netns=True)
 
 
 def rendered(directory: Path) -> dict[str, dict]:

@@ -108,6 +108,11 @@ def test_hundred_concurrent_adds_then_dels(mode):
     if mode:
         server = mode["_server"]
         assert (server.served, server.failed) == (2 * PODS, 0)
+    # A leak stays; what a background thread of an earlier test (a gRPC channel, a server being
+    # stopped) is still closing does not: one full-suite run saw a single socket here, gone in isolation.
+    deadline = time.monotonic() + 5
+    while _open_fds() != fds_before and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _open_fds() == fds_before
 
 

@@ -215,29 +215,30 @@ class CniServer:
                 self._stopping.wait(backoff)
 
     def _serve(self, conn: socket.socket) -> None:
+        """Serve one request. The connection closes last: a front that sees its reply end
+        (EOF) may rely on the request's fds being closed and the request being counted."""
         fds: list[int] = []
         with self._counts:
             self.in_flight += 1
         try:
-            with conn:
-                conn.settimeout(30)
-                uid = wire.peer_uid(conn)
-                if uid != 0:
-                    self.log("warning", "refused a request from a non-root peer", uid=uid)
+            conn.settimeout(30)
+            uid = wire.peer_uid(conn)
+            if uid != 0:
+                self.log("warning", "refused a request from a non-root peer", uid=uid)
+                return
+            env, stdin, fds = wire.read_request(conn)
+            netns_fd = fds[0] if fds else None
+            with self.locks.held(netns_fd):  # two ADDs for one pod never interleave
+                if _hung_up(conn):  # the front timed out and did the work itself: never run it late
+                    self.log("warning", "skipped a request its front gave up on", command=env.get("CNI_COMMAND"))
+                    with self._counts:
+                        self.abandoned += 1
                     return
-                env, stdin, fds = wire.read_request(conn)
-                netns_fd = fds[0] if fds else None
-                with self.locks.held(netns_fd):  # two ADDs for one pod never interleave
-                    if _hung_up(conn):  # the front timed out and did the work itself: never run it late
-                        self.log("warning", "skipped a request its front gave up on", command=env.get("CNI_COMMAND"))
-                        with self._counts:
-                            self.abandoned += 1
-                        return
-                    started = time.monotonic()
-                    code, out, err = self.handle(env, stdin, netns_fd)
-                conn.sendall(wire.encode_reply(code, out, err))
-                if self.observe is not None:
-                    self.observe(env.get("CNI_COMMAND", ""), code, out, time.monotonic() - started)
+                started = time.monotonic()
+                code, out, err = self.handle(env, stdin, netns_fd)
+            conn.sendall(wire.encode_reply(code, out, err))
+            if self.observe is not None:
+                self.observe(env.get("CNI_COMMAND", ""), code, out, time.monotonic() - started)
             with self._counts:
                 self.served += 1
         except Exception as exc:  # a broken request must never take the server down
@@ -249,6 +250,7 @@ class CniServer:
                 os.close(fd)
             with self._counts:
                 self.in_flight -= 1
+            conn.close()
             self.slots.release()
             if own_netns() != self.home:  # pragma: no cover - entered() returns or raises
                 self.log("error", "a worker is stuck in a pod network namespace; exiting")

@@ -221,6 +221,26 @@ def test_garbage_on_the_socket_does_not_hurt_the_agent(agent, pod):
     assert all(line["level"] != "error" or "request failed" in line["msg"] for line in agent.log_lines)
 
 
+def test_a_front_that_has_its_reply_finds_the_request_counted_and_its_fd_closed(agent, pod):
+    """The reply ends (EOF) only after the server closed the netns fd it was sent and counted the
+    request: metrics, drain and the load test's fd check read the server's state right then."""
+    conf = json.dumps(via(agent, enabled())).encode()
+    env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "eof", "CNI_NETNS": pod.path, "CNI_IFNAME": "eth0"}
+    netns_fd = os.open(pod.path, os.O_RDONLY)
+    lagging = []
+    try:
+        fds = _fd_count()
+        for index in range(300):
+            code, out, _err = wire.exchange(str(agent.path), env, conf, netns_fd)
+            assert code == 0, out
+            if (agent.served, _fd_count()) != (index + 1, fds):
+                lagging.append((index, agent.served, _fd_count() - fds))
+            wait_for(lambda index=index: agent.served == index + 1 and agent.in_flight == 0, timeout=10)
+    finally:
+        os.close(netns_fd)
+    assert lagging == [], f"{len(lagging)} of 300 replies ended before the server was done: {lagging[:3]}"
+
+
 def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 

@@ -8,6 +8,6 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 scripts/setup.sh
-.venv/bin/ruff check cni_redirect tests scripts fuzz bench
-.venv/bin/ruff format --check cni_redirect tests scripts fuzz bench
+.venv/bin/ruff check cni_redirect tests scripts bench
+.venv/bin/ruff format --check cni_redirect tests scripts bench
 exec .venv/bin/python -m pytest "${@:-tests}"

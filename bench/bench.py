@@ -34,8 +34,9 @@ sys.path.insert(0, str(REPO))  # bench.report, beside this file
 
 from cni_redirect.backend import KernelBackend  # noqa: E402
 from cni_redirect.config import PodRef, parse_conf  # noqa: E402
-from cni_redirect.plugin import decide  # noqa: E402
+from cni_redirect.evaluation import evaluate  # noqa: E402
 from cni_redirect.testing.netlab import PEER_V4, Netns, PodNetwork, enabled, plugin_conf  # noqa: E402
+from cni_redirect.testing.sessions import at  # noqa: E402
 
 TOOLS = REPO / "bench" / "tools.py"
 PORTMAP = "/usr/lib/cni/portmap"
@@ -138,7 +139,7 @@ def bench_add(bundle: Path, agent: Agent, runs: int) -> dict:
     portmap_conf = json.dumps(
         {**plugin_conf(None), "type": "portmap", "capabilities": {"portMappings": True}, "snat": True}
     ).encode()
-    spec = decide(parse_conf(plugin_conf(FULL)), PodRef("default", "bench", None)).ruleset
+    spec = evaluate(parse_conf(plugin_conf(FULL)), PodRef("default", "bench", None)).ruleset
     v4_excludes = ["10.96.0.0/12", "169.254.169.254/32"]
     restore = iptables_rules(v4_excludes, [22, 6443]).encode()
     variants = {
@@ -166,7 +167,7 @@ def bench_add(bundle: Path, agent: Agent, runs: int) -> dict:
                 seconds, code = spawn(argv, cni_env(command, ns.path), stdin)
                 ok = code == 0
                 ours = name.endswith(("ADD via agent", "ADD in-process"))
-                if ok and ours and KernelBackend().read(ns.path) != _normalized(spec):
+                if ok and ours and at(KernelBackend(), ns.path).read() != _normalized(spec):
                     ok = False  # a fast wrong answer is no answer
                 samples[name].append(seconds * 1000)
                 failures[name] += 0 if ok else 1
@@ -212,7 +213,7 @@ def bench_burst(bundle: Path, agent: Agent, pods: int = 100) -> dict:
         failures = sum(1 for _, code in results if code != 0)
         wrong = 0
         for i, ns in enumerate(namespaces):
-            listing = KernelBackend().read(ns.path) or []
+            listing = at(KernelBackend(), ns.path).read() or []
             sets = [o["set"] for o in listing if "set" in o and o["set"]["name"] == "out_exclude_ports"]
             wrong += 0 if sets and sets[0]["elem"] == [30000 + i] else 1
     finally:
@@ -284,10 +285,10 @@ def bench_datapath(seconds: float, sizes: tuple[int, ...]) -> list[dict]:
             conf = plugin_conf(
                 enabled(exclude_outbound_cidrs=",".join(cidrs), exclude_outbound_ports=",".join(map(str, ports)))
             )
-            ruleset = decide(parse_conf(conf), PodRef("default", "b", None)).ruleset
-            backend.apply(net.pod.path, ruleset)
+            ruleset = evaluate(parse_conf(conf), PodRef("default", "b", None)).ruleset
+            at(backend, net.pod.path).apply(ruleset)
             measure(f"nft sets, {size} CIDRs + {size} ports excluded", "nft", size)
-            backend.remove(net.pod.path)
+            at(backend, net.pod.path).remove()
             restore = iptables_rules(cidrs, ports)
             subprocess.run(
                 ["nsenter", f"--net={net.pod.path}", "iptables-restore"], input=restore, text=True, check=True
@@ -435,7 +436,7 @@ def bench_backend(runs: int = 200) -> dict:
     each): REDIRECT against TPROXY, whose ADD also adds policy routing and whose DEL removes it. Baseline:
     the REDIRECT ADD, in the same process, interleaved."""
     rulesets = {
-        mode: decide(parse_conf(plugin_conf(enabled(inbound_mode=mode))), PodRef("default", "bench", None)).ruleset
+        mode: evaluate(parse_conf(plugin_conf(enabled(inbound_mode=mode))), PodRef("default", "bench", None)).ruleset
         for mode in ("redirect", "tproxy")
     }
 
@@ -468,16 +469,16 @@ def bench_backend(runs: int = 200) -> dict:
             ns = Netns.create("bb")
             try:
                 start = time.perf_counter()
-                backend.apply(ns.path, ruleset)
+                at(backend, ns.path).apply(ruleset)
                 added = time.perf_counter()
-                drift = backend.routing_drift(ns.path, ruleset.routing)
+                observed = at(backend, ns.path).observe(ruleset.routing is not None)
                 checked = time.perf_counter()
-                assert drift is None and backend.remove(ns.path)
+                assert bool(observed.routing) == (ruleset.routing is not None) and at(backend, ns.path).remove()
                 removed = time.perf_counter()
             finally:
                 ns.delete()
             samples.setdefault(f"ADD {name}", []).append((added - start) * 1000)
-            samples.setdefault(f"CHECK's routing read, {name}", []).append((checked - added) * 1000)
+            samples.setdefault(f"CHECK's read (table and routing), {name}", []).append((checked - added) * 1000)
             samples.setdefault(f"DEL {name}", []).append((removed - checked) * 1000)
     floor = statistics.median(samples["ADD redirect"])
     return {name: {**summary(v), "ratio_to_redirect_add": statistics.median(v) / floor} for name, v in samples.items()}

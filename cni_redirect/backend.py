@@ -1,7 +1,9 @@
-"""Programming our table: the `Backend` protocol, and the only code that talks to the kernel.
+"""Programming our table: a session bound to one pod netns, and the only code that talks to the kernel.
 
-`Backend` is what the plugin logic uses. Both implementations run the same
-table operations (`TableOps`) over a libnftables-like `Nft`:
+A `Backend` opens a `Session` on one netns (`backend.session(netns)`, a
+context manager): the netns is reached and entered once, and apply, remove,
+read and the routing checks all run inside it. Both implementations run the
+same table operations (`TableOps`) over a libnftables-like `Nft`:
 
 - `KernelBackend`: vets and enters the pod netns, then opens a real
   libnftables context there. How it reaches the netns (a CNI_NETNS path, or
@@ -14,32 +16,42 @@ Every change is one libnftables transaction.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
-from .errors import InternalError, NetnsGone, NotANetns, NotAvailable, TryAgainLater
+from .errors import KernelError, NotAvailable
 from .netns import NetnsOpener, entered, open_netns
-from .routing import KernelRoutes, Routes, describe, wanted
-from .ruleset import FAMILY, TABLE, PolicyRouting, Ruleset
+from .routing import KernelRoutes, Routes
+from .ruleset import FAMILY, TABLE, Observed, Ruleset, normalize
 
-_TRANSIENT = ("Device or resource busy", "Resource temporarily unavailable", "Interrupted system call")
+__all__ = ["Backend", "KernelBackend", "Observed", "Session", "TableOps", "normalize"]
+
+
+class Session(Protocol):
+    """One pod netns, entered: everything we do there."""
+
+    def apply(self, ruleset: Ruleset) -> None:
+        """Create or atomically replace our table (and TPROXY's routing, when the ruleset has it)."""
+
+    def remove(self) -> bool:
+        """Delete our table and our routing if present; True if something was deleted."""
+
+    def read(self, raw: bool = False) -> list[dict] | None:
+        """Our table's objects in `Ruleset.objects()` form, or None if absent; `raw` keeps counters."""
+
+    def observe(self, routing_wanted: bool) -> Observed:
+        """The table and our routing, for the one comparison (evaluation.compare). The routing is read
+        in full only when wanted or present (one rule dump otherwise)."""
+
+    def clear_routing(self) -> bool:
+        """Delete our policy routing, whatever the table says; True if there was any."""
 
 
 class Backend(Protocol):
-    def apply(self, netns: str, ruleset: Ruleset) -> None:
-        """Create or atomically replace our table in the netns."""
-
-    def remove(self, netns: str) -> bool:
-        """Delete our table if present; True if something was deleted. A vanished netns is fine."""
-
-    def read(self, netns: str, raw: bool = False) -> list[dict] | None:
-        """Our table's objects in `Ruleset.objects()` form, or None if absent; `raw` keeps counters."""
-
-    def routing_drift(self, netns: str, routing: PolicyRouting | None) -> str | None:
-        """What is wrong with our TPROXY policy routing in the netns, or None if it is as `routing` needs."""
+    def session(self, netns: str) -> AbstractContextManager[Session]:
+        """Enter the netns; raises (before any nft call) if it is gone, not a netns, or the host's."""
 
     def status(self) -> None:
         """Raise NotAvailable if the backend cannot work on this node."""
@@ -51,24 +63,8 @@ class Nft(Protocol):
     def json_cmd(self, batch: dict) -> tuple[int, object, str]: ...
 
 
-def normalize(objects: list[dict]) -> list[dict]:
-    """Make a listing comparable: no handles, counters zeroed, hash-set elements sorted."""
-    out = []
-    for obj in objects:
-        ((kind, body),) = obj.items()
-        if kind == "metainfo":
-            continue
-        body = {key: value for key, value in body.items() if key != "handle"}
-        if "elem" in body:
-            body["elem"] = sorted(body["elem"], key=lambda e: json.dumps(e, sort_keys=True))
-        if "expr" in body:
-            body["expr"] = [{"counter": {"packets": 0, "bytes": 0}} if "counter" in e else e for e in body["expr"]]
-        out.append({kind: body})
-    return out
-
-
 class TableOps:
-    """Our table's operations, over a real or fake libnftables context."""
+    """Our table's operations in one netns, over a real or fake libnftables context: a `Session`."""
 
     def __init__(self, nft: Nft, routes: Routes) -> None:
         self.nft = nft
@@ -77,10 +73,10 @@ class TableOps:
     def run(self, batch: dict, what: str) -> list[dict]:
         rc, output, error = self.nft.json_cmd(batch)
         if rc != 0:
-            error = (error or "").strip()
-            kind = TryAgainLater if any(marker in error for marker in _TRANSIENT) else InternalError
-            raise kind(f"nftables rejected the {what} transaction", error[:2000])
-        return output.get("nftables", []) if isinstance(output, dict) else []
+            raise KernelError.from_text(f"nftables rejected the {what} transaction", (error or "").strip()[:2000])
+        if isinstance(output, dict):
+            return list(output.get("nftables", []))
+        return []
 
     def exists(self) -> bool:
         tables = self.run({"nftables": [{"list": {"tables": None}}]}, "list tables")
@@ -104,7 +100,8 @@ class TableOps:
         if ruleset.routing is not None:
             # A fresh netns has none of it: skip the read (add tolerates an object already there).
             present = self.routes.read() if existed else []
-            added = self.routes.add([obj for obj in wanted(self.routes, ruleset.routing) if obj not in present])
+            want = ruleset.routing.objects(ipv6=self.routes.ipv6())
+            added = self.routes.add([obj for obj in want if obj not in present])
         try:
             self._write(ruleset, existed)
         except BaseException:
@@ -112,7 +109,7 @@ class TableOps:
                 self.routes.delete(added)
             raise
         if ruleset.routing is None and existed and self.routes.any_rule():
-            self._clear_routes()
+            self.clear_routing()
 
     def _write(self, ruleset: Ruleset, existed: bool) -> None:
         if existed:
@@ -120,12 +117,12 @@ class TableOps:
             return
         try:
             self.run(ruleset.create_batch(), "apply")
-        except InternalError as error:
-            if "File exists" not in error.details:
+        except KernelError as error:
+            if not error.exists:
                 raise
             self.run(ruleset.replace_batch(), "apply")
 
-    def _clear_routes(self) -> bool:
+    def clear_routing(self) -> bool:
         present = self.routes.read()
         self.routes.delete(present)
         return bool(present)
@@ -137,20 +134,14 @@ class TableOps:
             self.run({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]}, "delete")
             removed = True
         if self.routes.any_rule():  # one rule dump: DEL of a pod without TPROXY stays cheap
-            removed = self._clear_routes() or removed
+            removed = self.clear_routing() or removed
         return removed
 
-    def routing_drift(self, routing: PolicyRouting | None) -> str | None:
-        if routing is None and not self.routes.any_rule():
-            return None  # the common case, one rule dump: no TPROXY wanted, none there
-        want, have = wanted(self.routes, routing), self.routes.read()
-        missing = [describe(obj) for obj in want if obj not in have]
-        if missing:
-            return "TPROXY policy routing is missing from the pod network namespace: " + "; ".join(missing)
-        extra = [describe(obj) for obj in have if obj not in want]
-        if extra:
-            return "TPROXY policy routing is present but the pod's table does not use it: " + "; ".join(extra)
-        return None
+    def observe(self, routing_wanted: bool) -> Observed:
+        listing = self.read(raw=True)
+        if not routing_wanted and not self.routes.any_rule():
+            return Observed(listing)  # the common case, one rule dump: no TPROXY wanted, none there
+        return Observed(listing, tuple(self.routes.read()), self.routes.ipv6())
 
     def read(self, raw: bool = False) -> list[dict] | None:
         if not self.exists():
@@ -195,32 +186,13 @@ class KernelBackend:
         self.routes = routes
 
     @contextmanager
-    def _inside(self, netns: str) -> Iterator[TableOps]:
+    def session(self, netns: str) -> Iterator[TableOps]:
         fd = self.reach(netns)  # raises before any nft call if the netns is wrong
         try:
             with entered(fd):
                 yield TableOps(self.context(), self.routes())  # after setns: its sockets live in the pod netns
         finally:
             os.close(fd)
-
-    def apply(self, netns: str, ruleset: Ruleset) -> None:
-        with self._inside(netns) as table:
-            table.apply(ruleset)
-
-    def remove(self, netns: str) -> bool:
-        try:
-            with self._inside(netns) as table:
-                return table.remove()
-        except (NetnsGone, NotANetns):
-            return False  # the sandbox is gone, and our table with it
-
-    def read(self, netns: str, raw: bool = False) -> list[dict] | None:
-        with self._inside(netns) as table:
-            return table.read(raw)
-
-    def routing_drift(self, netns: str, routing: PolicyRouting | None) -> str | None:
-        with self._inside(netns) as table:
-            return table.routing_drift(routing)
 
     def status(self) -> None:
         self.context()  # loads the bindings and libnftables; runs no command

@@ -14,10 +14,18 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
 
-from .node import CONTAINERD_SOCKET, CRIO_SOCKET
+from .node import CONTAINERD_SOCKET, CRIO_SOCKET, REPAIR_MODES
+from .node.options import Options
+from .profiles import PROFILE_NAMES
 from .wire import DEFAULT_SOCKET
+
+
+class CliError(Exception):
+    """One line for the user: what was wrong, naming the flag, variable or file."""
 
 
 def run_cli(argv: Sequence[str]) -> int:
@@ -25,6 +33,25 @@ def run_cli(argv: Sequence[str]) -> int:
         prog="cni-redirect", description="cni-redirect: preview, install and serve transparent sidecar capture"
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_render_parser(commands)
+    _add_install_parser(commands)
+    _add_node_readers(commands)
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = {
+        "install": _install,
+        "agent": _agent,
+        "inspect": _inspect,
+        "doctor": _doctor,
+        "render": _render,
+    }[args.command]
+    try:
+        return run(args)
+    except CliError as error:
+        print(f"cni-redirect: {error}", file=sys.stderr)
+        return 2
+
+
+def _add_render_parser(commands: Any) -> None:
     render = commands.add_parser("render", help="print the nftables table a pod would get, applying nothing")
     render.add_argument(
         "-a",
@@ -41,76 +68,88 @@ def run_cli(argv: Sequence[str]) -> int:
         help="a .conflist (our entry is found by type) or a single plugin entry; default: built-in defaults",
     )
     render.add_argument("--namespace", help="the pod's namespace, checked against exclude_namespaces")
-    render.add_argument(
-        "--profile", choices=("cni-redirect", "istio", "linkerd"), help="read the pod as this mesh would (entry field)"
-    )
+    render.add_argument("--profile", choices=PROFILE_NAMES, help="read the pod as this mesh would (entry field)")
     render.add_argument("--json", action="store_true", help="print the libnftables JSON batch instead of nft syntax")
-    _add_install_parser(commands)
-    _add_node_readers(commands)
-    args = parser.parse_args(argv)
-    if args.command == "install":
-        return _install(args)
-    if args.command == "agent":
-        return _agent(args)
-    if args.command == "inspect":
-        return _inspect(args)
-    if args.command == "doctor":
-        return _doctor(args)
-    return _render(args)
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, default)
+def _env(name: str, default: object = None) -> str | None:
+    """An environment default as a string: argparse parses it with the flag's own `type` (and names the
+    variable when it is wrong), and only for the subcommand that uses it."""
+    value = os.environ.get(name)
+    if value is not None:
+        return value
+    return None if default is None else str(default)
 
 
-def _add_install_parser(commands) -> None:
+def _typed(name: str, parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    """An argparse `type` whose error names the environment variable when the value came from it."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError:
+            source = f" (from the environment variable {name})" if os.environ.get(name) == text else ""
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}{source}") from None
+
+    return convert
+
+
+DEFAULTS = {f.name: f.default for f in fields(Options)}
+
+
+def _add_install_parser(commands: Any) -> None:
     install = commands.add_parser(
         "install",
         help="node agent: install the plugin and keep it chained (each flag also reads its UPPER_SNAKE env var)",
     )
-    install.add_argument("--cni-bin-dir", default=_env("CNI_BIN_DIR", "/host/opt/cni/bin"))
-    install.add_argument("--cni-conf-dir", default=_env("CNI_CONF_DIR", "/host/etc/cni/net.d"))
-    install.add_argument("--conf-file", default=_env("CONF_FILE"), help="the primary conflist's file name")
-    install.add_argument(
-        "--plugin-source",
-        default=_env("PLUGIN_SOURCE", "/opt/cni-redirect/bundle/cni-redirect"),
-        help="the bundle folder (or a single executable) to install",
-    )
-    install.add_argument(
-        "--entry-file",
-        default=_env("ENTRY_FILE"),
-        help="JSON object with our conflist entry's settings (defaults, exclude_namespaces, ...)",
-    )
-    install.add_argument("--readiness-port", type=int, default=int(_env("READINESS_PORT", "0") or 0))
-    install.add_argument("--uninstall-grace", type=float, default=float(_env("UNINSTALL_GRACE", "2") or 2))
-    install.add_argument(
-        "--handover-wait",
-        type=float,
-        default=float(_env("HANDOVER_WAIT", "5") or 5),
+
+    def flag(name: str, parse: Callable[[str], Any] | None = None, what: str = "", **kwargs: Any) -> None:
+        dest = name.replace("-", "_")
+        env = dest.upper()
+        if parse is not None:
+            kwargs["type"] = _typed(env, parse, what)
+        install.add_argument(f"--{name}", default=_env(env, DEFAULTS[dest]), **kwargs)
+
+    flag("cni-bin-dir")
+    flag("cni-conf-dir")
+    flag("conf-file", help="the primary conflist's file name")
+    flag("plugin-source", help="the bundle folder (or a single executable) to install")
+    flag("entry-file", help="JSON object with our conflist entry's settings (defaults, exclude_namespaces, ...)")
+    flag("readiness-port", int, "a port number")
+    flag("uninstall-grace", float, "a number of seconds")
+    flag(
+        "handover-wait",
+        float,
+        "a number of seconds",
         help="on SIGTERM, seconds a successor agent may take to appear before this one uninstalls",
     )
-    install.add_argument("--poll-interval", type=float, default=float(_env("POLL_INTERVAL", "0.2") or 0.2))
-    install.add_argument(
-        "--agent-socket",
-        default=_env("AGENT_SOCKET", DEFAULT_SOCKET),
+    flag("poll-interval", float, "a number of seconds")
+    flag(
+        "agent-socket",
         help=f"serve CNI requests on this UNIX socket, the fast path (default {DEFAULT_SOCKET}; empty: off)",
     )
-    install.add_argument(
-        "--cri-socket",
-        default=_env("CRI_SOCKET", CONTAINERD_SOCKET),
+    flag(
+        "cri-socket",
         help=f"the container runtime's CRI socket (default containerd's {CONTAINERD_SOCKET}; CRI-O: {CRIO_SOCKET})",
     )
-    install.add_argument(
-        "--repair",
-        choices=("in-place", "report", "off"),
-        default=_env("REPAIR", "in-place"),
+    flag(
+        "repair",
+        _one_of(REPAIR_MODES),
+        f"one of {', '.join(REPAIR_MODES)}",
         help="pods whose table is missing or drifted: program it, only log it, or do nothing",
     )
-    install.add_argument(
-        "--repair-interval", type=float, default=float(_env("REPAIR_INTERVAL", "30") or 30), metavar="SECONDS"
-    )
+    flag("repair-interval", float, "a number of seconds", metavar="SECONDS")
     agent = commands.add_parser("agent", help="run the CNI server alone: serve the thin front on a UNIX socket")
-    agent.add_argument("--socket", default=_env("AGENT_SOCKET", DEFAULT_SOCKET) or DEFAULT_SOCKET)
+    agent.add_argument("--socket", default=_env("AGENT_SOCKET") or DEFAULT_SOCKET)
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(text)
+        return text
+
+    return parse
 
 
 def _node_conf_dir() -> str:
@@ -136,25 +175,29 @@ def _add_node_readers(commands) -> None:
             reader.add_argument("--proc", default="/proc", help="the host's /proc (host PID namespace)")
 
 
-def _readers(args: argparse.Namespace):
+def _readers(args: argparse.Namespace) -> tuple[Any, dict | None]:
     from pathlib import Path
 
     from .cri import CriClient
-    from .node.survey import installed_entry
+    from .node.chain import installed_entry
 
     return CriClient(args.cri_socket), installed_entry(Path(args.cni_conf_dir), args.conf_file or None)
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .node.inspect import pod_detail, table
-    from .node.survey import Survey, view_json
+    from .errors import CriError
+    from .node.inspect import pod_detail, table, view_json
+    from .node.survey import Survey
 
     cri, entry = _readers(args)
     if entry is None:
+        cri.close()
         print(f"cni-redirect: not chained into a CNI config in {args.cni_conf_dir}", file=sys.stderr)
         return 2
     try:
         views = list(Survey(cri, entry).pods())
+    except CriError as error:
+        raise CliError(str(error)) from None
     finally:
         cri.close()
     if args.pod:
@@ -162,7 +205,7 @@ def _inspect(args: argparse.Namespace) -> int:
         if not chosen:
             print(f"cni-redirect: no ready pod sandbox {args.pod} on this node", file=sys.stderr)
             return 1
-        print(json.dumps(view_json(chosen[0]), indent=2) if args.json else pod_detail(chosen[0], entry), end="")
+        print(json.dumps(view_json(chosen[0]), indent=2) if args.json else pod_detail(chosen[0]), end="")
         return 0
     if args.json:
         print(json.dumps([view_json(v) for v in views], indent=2))
@@ -174,11 +217,14 @@ def _inspect(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .errors import CriError
     from .node.doctor import TRAP, diagnose
 
     cri, _ = _readers(args)
     try:
         findings = diagnose(cri, Path(args.cni_conf_dir), args.conf_file or None, Path(args.proc))
+    except CriError as error:
+        raise CliError(str(error)) from None
     finally:
         cri.close()
     traps = [f for f in findings if f.severity == TRAP]
@@ -194,7 +240,7 @@ def _doctor(args: argparse.Namespace) -> int:
 def _install(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .node.daemon import Options, run
+    from .node.daemon import run
 
     options = Options(
         cni_bin_dir=Path(args.cni_bin_dir),
@@ -240,58 +286,71 @@ def _agent(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_entry(path: str | None) -> dict:
+def _read_json(flag: str, path: str) -> object:
+    """A JSON file the user named; CliError naming the flag and the file when it cannot be had."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except OSError as exc:
+        raise CliError(f"{flag} {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CliError(f"{flag} {path}: not valid JSON: {exc}") from None
+
+
+def _render_entry(path: str | None) -> dict:
+    """The entry `render` evaluates: built-in defaults, or ours from a .conflist or a single entry file."""
     if path is None:
         return {"cniVersion": "1.1.0", "type": "cni-redirect"}
-    with open(path, encoding="utf-8") as handle:
-        document = json.load(handle)
+    document = _read_json("--conflist", path)
+    if not isinstance(document, dict):
+        raise CliError(f"--conflist {path}: must hold a JSON object (a conflist or a plugin entry)")
     if "plugins" in document:
-        entries = [p for p in document["plugins"] if p.get("type") == "cni-redirect"]
+        plugins = document["plugins"] if isinstance(document["plugins"], list) else []
+        entries = [p for p in plugins if isinstance(p, dict) and p.get("type") == "cni-redirect"]
         if not entries:
-            raise SystemExit(f"cni-redirect: {path} has no plugin entry of type cni-redirect")
+            raise CliError(f"--conflist {path}: has no plugin entry of type cni-redirect")
         return {"cniVersion": document.get("cniVersion", "1.1.0"), **entries[0]}
     return {"cniVersion": "1.1.0", **document}
 
 
-def _render(args: argparse.Namespace) -> int:
-    from .config import ANNOTATIONS_CAPABILITY, PodRef, parse_conf
-    from .errors import CniError
-    from .plugin import decide
-
+def _render_annotations(args: argparse.Namespace) -> dict[str, str]:
     annotations: dict[str, str] = {}
     if args.annotations:
-        with open(args.annotations, encoding="utf-8") as handle:
-            annotations.update(json.load(handle))
+        loaded = _read_json("--annotations", args.annotations)
+        if not isinstance(loaded, dict) or not all(isinstance(v, str) for v in loaded.values()):
+            raise CliError(f"--annotations {args.annotations}: must hold a JSON object of string values")
+        annotations.update(loaded)
     for item in args.annotation:
         key, sep, value = item.partition("=")
         if not sep:
-            print(f"cni-redirect: --annotation {item!r} is not KEY=VALUE", file=sys.stderr)
-            return 2
+            raise CliError(f"--annotation {item!r} is not KEY=VALUE")
         annotations[key] = value
-    entry = _load_entry(args.conflist)
-    entry["runtimeConfig"] = {ANNOTATIONS_CAPABILITY: annotations}
+    return annotations
+
+
+def _render(args: argparse.Namespace) -> int:
+    from .config import PodRef
+    from .evaluation import evaluate_sandbox
+    from .ruleset import describe
+
+    entry = _render_entry(args.conflist)
     if args.profile:
         entry["profile"] = args.profile
-    try:
-        decision = decide(parse_conf(entry), PodRef(args.namespace, None, None))
-    except CniError as error:
+    evaluation = evaluate_sandbox(entry, PodRef(args.namespace, None, None), _render_annotations(args))
+    error = evaluation.error
+    if error is not None:
         print(f"cni-redirect: {error.msg}" + (f" ({error.details})" if error.details else ""), file=sys.stderr)
         return 1
-    if decision.ruleset is None:
-        print(f"# no table: {decision.reason}")
+    if evaluation.ruleset is None:
+        print(f"# no table: {evaluation.reason}")
         return 0
     if args.json:
-        print(json.dumps(decision.ruleset.add_batch(), indent=2))
+        print(json.dumps(evaluation.ruleset.add_batch(), indent=2))
     else:
-        sys.stdout.write(decision.ruleset.to_text())
-    if decision.ruleset.routing is not None:
-        from .routing import describe
-
-        objects = decision.ruleset.routing.objects()
-        print(
-            "# TPROXY policy routing, added in the pod netns with the table:",
-            file=sys.stderr if args.json else sys.stdout,
-        )
-        for obj in objects:
-            print(f"#   {describe(obj)}", file=sys.stderr if args.json else sys.stdout)
+        sys.stdout.write(evaluation.ruleset.to_text())
+    if evaluation.ruleset.routing is not None:
+        out = sys.stderr if args.json else sys.stdout
+        print("# TPROXY policy routing, added in the pod netns with the table:", file=out)
+        for obj in evaluation.ruleset.routing.objects():
+            print(f"#   {describe(obj)}", file=out)
     return 0

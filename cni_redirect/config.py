@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidConfig
+from .profiles import OWN_VOCABULARY, PROFILE_NAMES
 from .spec import CATALOGUE, DEFAULT_MAX_SET_ELEMENTS, invalid_config
 
 ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
@@ -31,7 +32,7 @@ class PluginConf(BaseModel):
     capabilities: dict[str, bool] = Field(default_factory=dict)
     defaults: dict[str, str] = Field(default_factory=dict)
     exclude_namespaces: list[str] = Field(default_factory=lambda: ["kube-system"])
-    profile: Literal["cni-redirect", "istio", "linkerd"] = "cni-redirect"
+    profile: str = OWN_VOCABULARY
     annotation_policy: Literal["open", "restricted"] = "open"
     pod_settable: list[str] = Field(default_factory=list)
     allow_root_proxy_uid: bool = False
@@ -58,6 +59,13 @@ class PluginConf(BaseModel):
             else:
                 raise ValueError(f"defaults.{key} must be a string, got {type(item).__name__}")
         return out
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        if value not in PROFILE_NAMES:
+            raise ValueError(f"Input should be {', '.join(repr(n) for n in PROFILE_NAMES)}")
+        return value
 
     @field_validator("pod_settable")
     @classmethod

@@ -13,17 +13,23 @@
     │   ├── TryAgainLater        11   a transient condition (netns busy, kernel busy)
     │   ├── NotAvailable         50   STATUS: the plugin cannot do its job now
     │   └── InternalError       999   a bug, an unexpected kernel answer, or CHECK drift
+    │       └── KernelError 11 or 999 the kernel refused (nftables, netlink): errno parsed once;
+    │                                 a transient errno is code 11
     ├── WireError                 the front <-> CNI server protocol: unreachable, malformed, too large
-    └── NodeError                 the node agent (`cni-redirect install`)
+    └── NodeError                 the node agent (`cni-redirect install`, repair, inspect, doctor)
         ├── ConfError             a CNI config file we cannot work with
-        └── SettingsError         the admin's flags or entry settings are invalid
+        ├── SettingsError         the admin's flags or entry settings are invalid
+        └── CriError              the container runtime's CRI answered with an error
 
 Messages name the field, annotation or file and the offending value, so the
-operator can fix it without reading our source. This module imports nothing:
-the thin front and the wire protocol use it too.
+operator can fix it without reading our source. This module imports only `errno` and
+`os` (loaded in every process anyway): the thin front and the wire protocol use it too.
 """
 
 from __future__ import annotations
+
+import errno as _errno
+import os as _os
 
 
 class CniRedirectError(Exception):
@@ -93,6 +99,39 @@ class InternalError(CniError):
     code = 999
 
 
+#: Kernel answers that say "busy, try again": the runtime retries code 11.
+TRANSIENT_ERRNOS = frozenset({_errno.EBUSY, _errno.EAGAIN, _errno.EINTR})
+#: The errnos libnftables reports by their strerror text, most specific first.
+_KNOWN_ERRNOS = (
+    _errno.EEXIST, _errno.ENOENT, _errno.EBUSY, _errno.EAGAIN, _errno.EINTR, _errno.ENOMEM, _errno.ENOBUFS,
+    _errno.ENOSPC, _errno.EPERM, _errno.EACCES, _errno.EOPNOTSUPP, _errno.EAFNOSUPPORT, _errno.ERANGE,
+    _errno.E2BIG, _errno.EMSGSIZE, _errno.EINVAL,
+)  # fmt: skip
+
+
+class KernelError(InternalError):
+    """The kernel refused an operation (through libnftables or netlink); `errno` is parsed once, here."""
+
+    def __init__(self, msg: str, details: str = "", errno: int | None = None) -> None:
+        super().__init__(msg, details)
+        self.errno = errno
+        self.code = TryAgainLater.code if self.transient else InternalError.code
+
+    @classmethod
+    def from_text(cls, msg: str, text: str) -> KernelError:
+        """From libnftables' error output, which carries the errno only as its strerror text."""
+        found = next((code for code in _KNOWN_ERRNOS if _os.strerror(code) in text), None)
+        return cls(msg, text, found)
+
+    @property
+    def exists(self) -> bool:
+        return self.errno == _errno.EEXIST
+
+    @property
+    def transient(self) -> bool:
+        return self.errno in TRANSIENT_ERRNOS
+
+
 class WireError(CniRedirectError):
     """The front and the CNI server could not complete an exchange."""
 
@@ -107,3 +146,11 @@ class ConfError(NodeError, ValueError):
 
 class SettingsError(NodeError, ValueError):
     """The admin's flags or entry settings are invalid; the message names the flag or field."""
+
+
+class CriError(NodeError):
+    """The container runtime's CRI answered with an error (`status`: the gRPC status code's name)."""
+
+    def __init__(self, msg: str, status: str = "") -> None:
+        super().__init__(msg)
+        self.status = status

@@ -20,21 +20,25 @@ would refuse is refused here too, with the kernel's words:
 `FakeRoutes` does the same for TPROXY's policy routing, at the level of
 `routing.KernelRoutes`: an object already there is left alone and not reported
 as added (the kernel's EEXIST), an IPv6 object in a netns without IPv6 fails
-with EAFNOSUPPORT and takes back what the call added. `MemoryBackend` is the `Backend` over both, one of each per netns
-path, with `dump()` for assertions in nft syntax.
+with EAFNOSUPPORT and takes back what the call added. `MemoryBackend` is the
+`Backend` over both, one of each per netns path: its sessions are the same
+`TableOps` the kernel backend runs, and `dump()` gives nft syntax for assertions.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import ipaddress
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .backend import TableOps
-from .errors import InternalError
-from .routing import describe
-from .ruleset import TPROXY_MARK, PolicyRouting, Ruleset, nft_text
+from .backend import Observed, TableOps
+from .errors import KernelError, NetnsGone
+from .nfttext import nft_text
+from .ruleset import TPROXY_MARK, PolicyRouting, Ruleset, describe
 
 ENOENT = "No such file or directory"
 EEXIST = "File exists"
@@ -287,7 +291,7 @@ class FakeNft:
             selector: tuple = ("socket", left["socket"]["key"])
         else:
             selector = ("meta", left["meta"]["key"]) if "meta" in left else tuple(left["payload"].values())
-        kind = SELECTOR_TYPES.get(selector)  # type: ignore[arg-type]
+        kind = SELECTOR_TYPES.get(selector)
         if kind is None:
             raise Rejected(f"{EOPNOTSUPP}: selector {left!r}")
         right = spec["right"]
@@ -305,6 +309,7 @@ class FakeNft:
 
 
 EAFNOSUPPORT = "Address family not supported by protocol"
+_STRERROR = {errno.EAFNOSUPPORT: EAFNOSUPPORT, errno.EINVAL: EINVAL}
 
 
 @dataclass
@@ -332,14 +337,16 @@ class FakeRoutes:
                 continue  # EEXIST: KernelRoutes takes it as already there, not added by this call
             problem = None
             if body["family"] == "inet6" and not self.has_ipv6:
-                problem = EAFNOSUPPORT
+                problem = errno.EAFNOSUPPORT
             elif body.get("fwmark", TPROXY_MARK) > 0xFFFFFFFF:
-                problem = EINVAL
+                problem = errno.EINVAL
             if problem:
                 for added in done:
                     self.objects.remove(added)
-                raise InternalError(
-                    "policy routing for TPROXY could not be added in the pod netns", f"{describe(obj)}: {problem}"
+                raise KernelError(
+                    "policy routing for TPROXY could not be added in the pod netns",
+                    f"{describe(obj)}: {_STRERROR[problem]}",
+                    problem,
                 )
             self.objects.append(obj)
             done.append(obj)
@@ -354,34 +361,29 @@ class FakeRoutes:
 
 
 class MemoryBackend:
-    """The `Backend` protocol over one `FakeNft` and one `FakeRoutes` per netns path."""
+    """The `Backend` protocol over one `FakeNft` and one `FakeRoutes` per netns path.
+
+    `calls` records each session's netns and what ran in it; `gone` holds netns paths that no
+    longer exist (a session on one raises NetnsGone, as the kernel backend does)."""
 
     def __init__(self) -> None:
         self.kernels: dict[str, FakeNft] = {}
         self.routing: dict[str, FakeRoutes] = {}
         self.calls: list[tuple[str, str]] = []
+        self.gone: set[str] = set()
 
-    def _ops(self, netns: str) -> TableOps:
-        return TableOps(self.kernels.setdefault(netns, FakeNft()), self.routing.setdefault(netns, FakeRoutes()))
-
-    def apply(self, netns: str, ruleset: Ruleset) -> None:
-        self.calls.append(("apply", netns))
-        self._ops(netns).apply(ruleset)
-
-    def remove(self, netns: str) -> bool:
-        self.calls.append(("remove", netns))
-        return self._ops(netns).remove()
-
-    def read(self, netns: str, raw: bool = False) -> list[dict] | None:
-        self.calls.append(("read", netns))
-        return self._ops(netns).read(raw)
-
-    def routing_drift(self, netns: str, routing: PolicyRouting | None) -> str | None:
-        self.calls.append(("routing", netns))
-        return self._ops(netns).routing_drift(routing)
+    @contextmanager
+    def session(self, netns: str) -> Iterator[TableOps]:
+        if netns in self.gone:
+            raise NetnsGone(f'CNI_NETNS "{netns}" does not exist')
+        yield _Recorded(self, netns)
 
     def status(self) -> None:
         return None
+
+    def ops(self, netns: str) -> TableOps:
+        """The netns's table operations, unrecorded: for setting a scene and for assertions."""
+        return TableOps(self.kernels.setdefault(netns, FakeNft()), self.routing.setdefault(netns, FakeRoutes()))
 
     @property
     def tables(self) -> dict[str, list[dict]]:
@@ -397,3 +399,28 @@ class MemoryBackend:
         """Our table in this netns, in nft syntax ("" when absent)."""
         listing = TableOps(self.kernels.get(netns, FakeNft()), FakeRoutes()).read(raw=True)
         return "" if listing is None else nft_text(listing)
+
+
+class _Recorded(TableOps):
+    """A session of the MemoryBackend: TableOps over the netns's fakes, each operation recorded."""
+
+    def __init__(self, backend: MemoryBackend, netns: str) -> None:
+        super().__init__(backend.kernels.setdefault(netns, FakeNft()), backend.routing.setdefault(netns, FakeRoutes()))
+        self.backend = backend
+        self.netns = netns
+
+    def apply(self, ruleset: Ruleset) -> None:
+        self.backend.calls.append(("apply", self.netns))
+        super().apply(ruleset)
+
+    def remove(self) -> bool:
+        self.backend.calls.append(("remove", self.netns))
+        return super().remove()
+
+    def observe(self, routing_wanted: bool) -> Observed:
+        self.backend.calls.append(("observe", self.netns))
+        return super().observe(routing_wanted)
+
+    def clear_routing(self) -> bool:
+        self.backend.calls.append(("clear_routing", self.netns))
+        return super().clear_routing()

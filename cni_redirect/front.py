@@ -25,13 +25,6 @@ from . import wire
 VERSIONS = b'{"cniVersion": "1.1.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}'
 
 
-def _error(code: int, msg: str, details: str = "") -> bytes:
-    def quote(text: str) -> str:
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
-
-    return f'{{"cniVersion": "1.1.0", "code": {code}, "msg": {quote(msg)}, "details": {quote(details)}}}'.encode()
-
-
 def _write(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -39,7 +32,7 @@ def _write(fd: int, data: bytes) -> None:
 
 
 def main() -> int:
-    env = os.environ
+    env = dict(os.environ)
     command = env.get("CNI_COMMAND")
     if command is None:
         from .cli import run_cli

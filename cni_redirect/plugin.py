@@ -1,71 +1,25 @@
 """ADD, DEL, CHECK, STATUS and GC for the cni-redirect chained plugin.
 
-Each command reads straight down: parse the config, decide, do the one
-kernel operation through the backend, return. Everything that can be wrong
+Each command reads straight down: parse the config, evaluate
+(evaluation.py), do the one kernel operation in a session on the pod's
+netns, return. Everything that can be wrong
 with the input is found before the backend is called, so a failed ADD
 never leaves a partial table.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 
-from .backend import Backend, KernelBackend, normalize
-from .config import ANNOTATIONS_CAPABILITY, PluginConf, PodRef, parse_cni_args, parse_conf, pod_ref
-from .errors import CniError, InternalError, InvalidConfig
+from .backend import Backend, KernelBackend
+from .config import PluginConf, PodRef, parse_cni_args, parse_conf, pod_ref
+from .errors import CniError, InternalError, InvalidConfig, NetnsGone, NotANetns
+from .evaluation import NO_NAMESPACE_NOTE, Evaluation, compare, evaluate
 from .logs import EventLog
-from .profiles import profile_named
 from .result import convert_result
-from .ruleset import FAMILY, TABLE, Ruleset, build_ruleset
 from .skel import Request, dispatch
-from .spec import CaptureSpec, build_spec, is_enabled, merge_settings
-
-TABLE_NAME = f"table {FAMILY} {TABLE}"
-NO_NAMESPACE_NOTE = "no K8S_POD_NAMESPACE in CNI_ARGS: exclude_namespaces does not apply"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What a pod gets: a ruleset, or None and the reason it is left alone."""
-
-    ruleset: Ruleset | None
-    reason: str
-    spec: CaptureSpec | None = None
-
-
-def decide(conf: PluginConf, pod: PodRef, log: EventLog | None = None) -> Decision:
-    """Pure policy: from config, pod identity and annotations to a ruleset or a reason."""
-    if pod.namespace is None:
-        if log:
-            log.log("info", NO_NAMESPACE_NOTE)
-    elif pod.namespace in conf.exclude_namespaces:
-        return Decision(None, f"skipped: namespace {pod.namespace} is in exclude_namespaces")
-    if log and not conf.capabilities.get(ANNOTATIONS_CAPABILITY):
-        log.log(
-            "warning",
-            f'conflist entry lacks "capabilities": {{"{ANNOTATIONS_CAPABILITY}": true}}: '
-            "the runtime passes no pod annotations, only defaults apply",
-        )
-    settings, ignored = merge_settings(
-        conf.defaults, conf.annotations(), conf.annotation_policy, conf.pod_settable, profile_named(conf.profile)
-    )
-    if ignored and log:
-        log.log("warning", f"annotation_policy restricted: ignored {', '.join(sorted(ignored))} (not in pod_settable)")
-    if not is_enabled(settings):
-        why = settings["enabled"].why
-        if why and log:
-            log.log("info", f"not capturing: {why}")
-        return Decision(None, f"skipped: not enabled ({why})" if why else "skipped: not enabled")
-    spec = build_spec(
-        settings,
-        allow_root_proxy_uid=conf.allow_root_proxy_uid,
-        max_set_elements=conf.max_set_elements,
-    )
-    return Decision(build_ruleset(spec), "captured", spec)
 
 
 class RedirectPlugin:
@@ -93,11 +47,11 @@ class RedirectPlugin:
                 "prevResult is missing: cni-redirect must be called as a chained plugin, after the primary CNI plugin"
             )
         result = convert_result(conf.prev_result, request.cni_version)
-        pod = self._pod(request)
-        decision = decide(conf, pod, self.log)
-        if decision.ruleset is not None:
-            self.backend.apply(request.netns, decision.ruleset)
-        self._finish(request, decision.reason)
+        evaluation = self._evaluate(conf, request)
+        if evaluation.ruleset is not None:
+            with self.backend.session(request.netns) as session:
+                session.apply(evaluation.ruleset)
+        self._finish(request, evaluation.reason)
         return result
 
     def delete(self, request: Request) -> None:
@@ -109,23 +63,24 @@ class RedirectPlugin:
         if not request.netns:
             self._finish(request, "nothing to do: CNI_NETNS is empty")
             return
-        removed = self.backend.remove(request.netns)
+        try:
+            with self.backend.session(request.netns) as session:
+                removed = session.remove()
+        except (NetnsGone, NotANetns):
+            removed = False  # the sandbox is gone, and our table with it
         self._finish(request, "removed table" if removed else "nothing to do: no table")
 
     def check(self, request: Request) -> None:
         conf = self._conf(request)
         if conf.prev_result is None:
             raise InvalidConfig("prevResult is missing: CHECK needs the result of the ADD it checks")
-        decision = decide(conf, self._pod(request), self.log)
-        actual = self.backend.read(request.netns)
-        expected = None if decision.ruleset is None else normalize(decision.ruleset.objects())
-        if actual != expected:
-            raise InternalError(*describe_drift(expected, actual, decision.reason))
-        routing = decision.ruleset.routing if decision.ruleset is not None else None
-        drift = self.backend.routing_drift(request.netns, routing)
-        if drift:
-            raise InternalError(drift, "TPROXY needs both the table and its policy routing")
-        self._finish(request, f"consistent: {decision.reason}")
+        evaluation = self._evaluate(conf, request)
+        with self.backend.session(request.netns) as session:
+            observed = session.observe(evaluation.wants_routing)
+        drift = compare(evaluation, observed)
+        if drift is not None:
+            raise InternalError(drift.message, drift.details)
+        self._finish(request, f"consistent: {evaluation.reason}")
 
     def status(self, request: Request) -> None:
         self._conf(request)
@@ -148,6 +103,13 @@ class RedirectPlugin:
             self._notes["warned"] = True
             self.log.log("warning", str(self._notes["fallback"]))
         return parse_conf(raw)
+
+    def _evaluate(self, conf: PluginConf, request: Request) -> Evaluation:
+        evaluation = evaluate(conf, self._pod(request))
+        for level, message in evaluation.notes:
+            self.log.log(level, message)
+        evaluation.raise_if_invalid()
+        return evaluation
 
     def _pod(self, request: Request) -> PodRef:
         pod = pod_ref(parse_cni_args(request.args))
@@ -180,22 +142,6 @@ class RedirectPlugin:
             msg=error.msg,
             fallback=self._notes.get("fallback"),
         )
-
-
-def describe_drift(expected: list[dict] | None, actual: list[dict] | None, reason: str) -> tuple[str, str]:
-    if actual is None:
-        return f"{TABLE_NAME} is missing from the pod network namespace", "the pod's annotations require it"
-    if expected is None:
-        return f"{TABLE_NAME} exists but the pod should not be captured ({reason})", ""
-    for index in range(max(len(expected), len(actual))):
-        want = expected[index] if index < len(expected) else None
-        have = actual[index] if index < len(actual) else None
-        if want != have:
-            return (
-                f"{TABLE_NAME} differs from what the pod's annotations require (object {index})",
-                f"expected {json.dumps(want)[:800]}; found {json.dumps(have)[:800]}",
-            )
-    return f"{TABLE_NAME} differs from what the pod's annotations require", ""  # pragma: no cover
 
 
 def run_in_process(stdin: bytes, fallback: str | None = None) -> int:

@@ -4,7 +4,7 @@ A profile decides three things: which annotations opt a pod in, how the
 mesh's annotations map onto catalogue keys, and the mesh's defaults. What a
 mesh reads from the pod spec (the proxy's UID, DNS capture) CRI does not give
 us, so it comes from the conflist entry's `defaults`. Our own
-`cni-redirect.io/*` annotations still apply on top and win (spec.merge_settings).
+`cni-redirect.io/*` annotations still apply on top and win (settings.merge_settings).
 
 Every mapping here was read in the mesh's source; docs/mesh-profiles.md names
 the files, and where we differ from the peer.
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 from .errors import InvalidConfig
-from .spec import PeerSetting, show
+from .settings import PeerSetting
+from .values import show
 
-ProfileName = Literal["cni-redirect", "istio", "linkerd"]
+OWN_VOCABULARY = "cni-redirect"  # the entry's `profile` when no mesh's annotations are read
 
 ISTIO_STATUS = "sidecar.istio.io/status"
 ISTIO_INJECT = "sidecar.istio.io/inject"
@@ -48,6 +48,7 @@ class Profile:
     defaults: Mapping[str, str]
     keys: tuple[PeerKey, ...]
     opt_in: Callable[[Mapping[str, str]], PeerSetting | None]
+    opted_in: Mapping[str, str]  # the annotations of a pod the mesh's injector opted in, as the agent checks entries
     always: Mapping[str, str] = field(default_factory=dict)
 
     def read(self, annotations: Mapping[str, str]) -> list[PeerSetting]:
@@ -118,6 +119,7 @@ ISTIO = Profile(
         PeerKey((ISTIO_REROUTE, "traffic.sidecar.istio.io/kubevirtInterfaces"), "reroute-interfaces"),
     ),
     opt_in=_istio_opt_in,
+    opted_in={ISTIO_STATUS: '{"initContainers":["istio-validation"],"containers":["istio-proxy"]}'},
     # The status, health and Prometheus ports always; 15008 (HBONE) is always excluded inbound.
     always={"exclude-inbound-ports": "15008,15020,15021,15090"},
 )
@@ -152,9 +154,12 @@ LINKERD = Profile(
         PeerKey(("config.linkerd.io/skip-subnets",), "exclude-inbound-cidrs", ignore_empty=True),
     ),
     opt_in=_linkerd_opt_in,
+    opted_in={LINKERD_VERSION: "stable"},
 )
 
 PROFILES: dict[str, Profile] = {"istio": ISTIO, "linkerd": LINKERD}
+#: The entry's `profile` values, listed once: the conflist schema and `render --profile` use these.
+PROFILE_NAMES: tuple[str, ...] = (OWN_VOCABULARY, *PROFILES)
 
 
 def profile_named(name: str) -> Profile | None:

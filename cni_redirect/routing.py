@@ -19,10 +19,10 @@ import errno
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
-from .errors import InternalError
-from .ruleset import TPROXY_MARK, TPROXY_TABLE, PolicyRouting
+from .errors import KernelError
+from .ruleset import TPROXY_MARK, TPROXY_TABLE, describe
 
 _FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
 _DEFAULT = {"inet": "0.0.0.0/0", "inet6": "::/0"}
@@ -50,20 +50,11 @@ class Routes(Protocol):
         """Delete each; one already gone is fine."""
 
 
-def describe(obj: dict) -> str:
-    """An object as `ip` would print it, for CHECK's messages."""
-    ((kind, body),) = obj.items()
-    ip = "ip -6" if body["family"] == "inet6" else "ip"
-    if kind == "rule":
-        return f"{ip} rule fwmark {body['fwmark']:#x} lookup {body['table']}"
-    return f"{ip} route local default dev {body['dev']} table {body['table']}"
-
-
 class KernelRoutes:
     """The pod netns's routing through pyroute2 (imported here: only TPROXY paths and DEL pay for it)."""
 
     @contextmanager
-    def _netlink(self) -> Iterator:
+    def _netlink(self) -> Iterator[Any]:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -71,7 +62,7 @@ class KernelRoutes:
             with IPRoute() as ipr:
                 yield ipr
         except NetlinkError as exc:
-            raise InternalError("policy routing for TPROXY failed in the pod netns", str(exc)) from None
+            raise KernelError("policy routing for TPROXY failed in the pod netns", str(exc), exc.code) from None
 
     def ipv6(self) -> bool:
         try:
@@ -121,8 +112,8 @@ class KernelRoutes:
             except NetlinkError as exc:
                 for obj in reversed(done):
                     self._quietly(ipr, "del", obj, lo)
-                raise InternalError(
-                    "policy routing for TPROXY could not be added in the pod netns", f"{describe(obj)}: {exc}"
+                raise KernelError(
+                    "policy routing for TPROXY could not be added in the pod netns", f"{describe(obj)}: {exc}", exc.code
                 ) from None
         return done
 
@@ -133,7 +124,7 @@ class KernelRoutes:
                 self._quietly(ipr, "del", obj, lo[0] if lo else 0)
 
     @staticmethod
-    def _change(ipr, verb: str, obj: dict, lo: int) -> None:
+    def _change(ipr: Any, verb: str, obj: dict, lo: int) -> None:
         ((kind, body),) = obj.items()
         af = _FAMILIES[body["family"]]
         if kind == "rule":
@@ -141,7 +132,7 @@ class KernelRoutes:
         else:
             ipr.route(verb, family=af, dst=body["dst"], type="local", scope=RT_SCOPE_HOST, table=body["table"], oif=lo)
 
-    def _quietly(self, ipr, verb: str, obj: dict, lo: int) -> None:
+    def _quietly(self, ipr: Any, verb: str, obj: dict, lo: int) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
         try:
@@ -151,11 +142,6 @@ class KernelRoutes:
                 raise
 
 
-def _ours(rule) -> bool:
+def _ours(rule: Any) -> bool:
     table = rule.get_attr("FRA_TABLE") or rule["table"]
     return rule.get_attr("FRA_FWMARK") == TPROXY_MARK and table == TPROXY_TABLE
-
-
-def wanted(routes: Routes, routing: PolicyRouting | None) -> list[dict]:
-    """The objects a ruleset needs in this netns: none without TPROXY, IPv4 only where IPv6 is off."""
-    return [] if routing is None else routing.objects(ipv6=routes.ipv6())

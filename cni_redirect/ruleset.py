@@ -1,13 +1,18 @@
-"""The pod's nftables ruleset as data, built from a CaptureSpec by a pure function.
+"""The pod's nftables ruleset as data: the model, its JSON forms, and the kinds of rule.
 
-`build_ruleset(spec)` returns a `Ruleset`; nothing here touches the kernel.
+`build.build_ruleset(spec)` makes a `Ruleset`; nothing here touches the kernel.
 The same value renders three ways:
 
 - `create_batch()` / `replace_batch()`: the libnftables JSON transactions we apply
   (`add_batch()`: the table's objects as add commands, for `render --json`);
 - `objects()`: the table as `nft -j list table` prints it, minus handles, so
   CHECK can compare the kernel's state with what the spec requires;
-- `to_text()`: an `nft -f` script, for `cni-redirect render` and the docs.
+- `to_text()`: an `nft -f` script, for `cni-redirect render` and the docs (nfttext.py).
+
+Every rule has a `RuleKind`, and its comment is that kind's text, so a rule
+read back from the kernel says what it is (`rule_kind`), and the counters
+behind `inspect` and `/metrics` are derived from kinds (`COUNTED`), never
+from matching text. `normalize()` makes a listing comparable with `objects()`.
 
 Table contract (documented in the README): one `table inet cni_redirect`,
 base chains `output` (hook output) and `prerouting` (hook prerouting), both
@@ -20,11 +25,12 @@ with the table.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
+from enum import Enum
 from typing import Union
 
-from .spec import ALL, CaptureSpec, Network, PortRange, merge_ranges
+from .nfttext import nft_text
 
 FAMILY = "inet"
 TABLE = "cni_redirect"
@@ -32,7 +38,6 @@ NAT_PRIORITY = -100  # dstnat: the priority nat redirection belongs at
 MANGLE_PRIORITY = -150  # mangle: TPROXY runs before conntrack's nat hooks
 TPROXY_MARK = 0x539  # 1337, as Istio marks: packets for a transparent proxy socket
 TPROXY_TABLE = 133  # the routing table marked packets look up: `local default dev lo`
-DNS_PORT = 53
 PROXY_PASSTHROUGH_V4 = "127.0.0.6"
 PROXY_PASSTHROUGH_V6 = "::6"
 
@@ -72,7 +77,6 @@ class Symbol:
 
 
 TCP = Symbol(6, "tcp")
-PROTOCOL_NAMES = {6: "tcp", 17: "udp"}
 
 Value = Union[int, str, Prefix, Range, SetRef, AnonSet, Symbol]
 
@@ -138,11 +142,97 @@ RETURN = None  # the `return` verdict; a Redirect otherwise
 Verdict = Union[Redirect, MarkAccept, TProxy, None]
 
 
+class RuleKind(Enum):
+    """What a rule is for. The value is the rule's comment in the kernel: a stable contract."""
+
+    EXCLUDED_INTERFACE = "excluded interface"
+    EXCLUDED_OUTBOUND_PORTS = "excluded outbound ports"
+    EXCLUDED_OUTBOUND_PORTS_UDP = "excluded outbound ports udp"
+    PROXY_PASSTHROUGH = "proxy inbound passthrough"
+    OWN_IP_VIA_PROXY_UID = "pod to own ip via proxy uid: inbound"
+    OWN_IP_VIA_PROXY_GID = "pod to own ip via proxy gid: inbound"
+    LOOPBACK_INTERFACE = "loopback interface"
+    PROXY_UID = "proxy uid"
+    PROXY_GID = "proxy gid"
+    EXCLUDED_UIDS = "excluded uids"
+    DNS_UDP = "dns udp"
+    DNS_TCP = "dns tcp"
+    LOOPBACK_DESTINATION = "loopback destination"
+    EXCLUDED_IPV4_CIDRS = "excluded ipv4 cidrs"
+    EXCLUDED_IPV6_CIDRS = "excluded ipv6 cidrs"
+    CAPTURE_OUTBOUND_PORTS = "capture outbound ports"
+    CAPTURE_OUTBOUND = "capture outbound"
+    CAPTURE_OUTBOUND_IPV4 = "capture outbound ipv4"
+    CAPTURE_OUTBOUND_IPV6 = "capture outbound ipv6"
+    REROUTED_OUTBOUND = "rerouted interface: outbound"
+    REROUTED_OUTBOUND_IPV4 = "rerouted interface: outbound ipv4"
+    REROUTED_OUTBOUND_IPV6 = "rerouted interface: outbound ipv6"
+    REROUTED_INTERFACE = "rerouted interface"
+    EXCLUDED_INBOUND_SOURCES = "excluded inbound sources"
+    EXCLUDED_INBOUND_PORTS = "proxy and excluded inbound ports"
+    ESTABLISHED_INBOUND = "established inbound: to its proxy socket"
+    CAPTURE_INBOUND = "capture inbound"
+    CAPTURE_INBOUND_IPV4 = "capture inbound ipv4"
+    CAPTURE_INBOUND_IPV6 = "capture inbound ipv6"
+
+
+#: Which kinds' counters say what, for `inspect` and `/metrics`. nat rules see a connection's first
+#: packet only, so their packets count connections (and UDP flows).
+COUNTED: dict[RuleKind, str] = {
+    RuleKind.CAPTURE_OUTBOUND_PORTS: "outbound_redirected",
+    RuleKind.CAPTURE_OUTBOUND: "outbound_redirected",
+    RuleKind.CAPTURE_OUTBOUND_IPV4: "outbound_redirected",
+    RuleKind.CAPTURE_OUTBOUND_IPV6: "outbound_redirected",
+    RuleKind.CAPTURE_INBOUND: "inbound_redirected",
+    RuleKind.CAPTURE_INBOUND_IPV4: "inbound_redirected",
+    RuleKind.CAPTURE_INBOUND_IPV6: "inbound_redirected",
+    RuleKind.OWN_IP_VIA_PROXY_UID: "inbound_redirected",
+    RuleKind.OWN_IP_VIA_PROXY_GID: "inbound_redirected",
+    RuleKind.DNS_UDP: "dns_redirected",
+    RuleKind.DNS_TCP: "dns_redirected",
+    RuleKind.PROXY_UID: "proxy_exempt",
+    RuleKind.PROXY_GID: "proxy_exempt",
+}
+COUNTER_NAMES: tuple[str, ...] = tuple(dict.fromkeys(COUNTED.values()))
+
+
+def rule_kind(comment: object) -> RuleKind | None:
+    """The kind of a rule read back from the kernel; None for a comment we never write."""
+    try:
+        return RuleKind(comment)
+    except ValueError:
+        return None
+
+
+def counters(listing: list[dict] | None) -> dict[str, dict[str, int]]:
+    """Packets and bytes per counted kind in a table's listing ({} when there is no table)."""
+    if listing is None:
+        return {}
+    totals = {name: {"packets": 0, "bytes": 0} for name in COUNTER_NAMES}
+    for obj in listing:
+        rule = obj.get("rule")
+        if not isinstance(rule, dict):
+            continue
+        kind = rule_kind(rule.get("comment"))
+        if kind is None or kind not in COUNTED:
+            continue
+        for expr in rule.get("expr", ()):
+            counter = expr.get("counter") if isinstance(expr, dict) else None
+            if isinstance(counter, dict):
+                totals[COUNTED[kind]]["packets"] += counter.get("packets", 0)
+                totals[COUNTED[kind]]["bytes"] += counter.get("bytes", 0)
+    return totals
+
+
 @dataclass(frozen=True)
 class Rule:
     matches: tuple[Match, ...]
     verdict: Verdict
-    comment: str
+    kind: RuleKind
+
+    @property
+    def comment(self) -> str:
+        return self.kind.value
 
 
 @dataclass(frozen=True)
@@ -161,6 +251,15 @@ class PolicyRouting:
             {"route": {"family": f, "dst": dst[f], "type": "local", "dev": "lo", "table": self.table}} for f in families
         ]
         return rules + routes
+
+
+def describe(obj: dict) -> str:
+    """A policy routing object as `ip` would print it, for CHECK's messages."""
+    ((kind, body),) = obj.items()
+    ip = "ip -6" if body["family"] == "inet6" else "ip"
+    if kind == "rule":
+        return f"{ip} rule fwmark {body['fwmark']:#x} lookup {body['table']}"
+    return f"{ip} route local default dev {body['dev']} table {body['table']}"
 
 
 @dataclass(frozen=True)
@@ -240,6 +339,32 @@ class Ruleset:
         return nft_text(self.objects())
 
 
+@dataclass(frozen=True)
+class Observed:
+    """What a pod netns holds of ours: the table as listed (counters included; None if absent),
+    our policy routing objects, and whether the netns has IPv6 (TPROXY's routing is per family)."""
+
+    listing: list[dict] | None
+    routing: tuple[dict, ...] = ()
+    ipv6: bool = True
+
+
+def normalize(objects: list[dict]) -> list[dict]:
+    """Make a listing comparable with `Ruleset.objects()`: no handles, counters zeroed, hash-set elements sorted."""
+    out = []
+    for obj in objects:
+        ((kind, body),) = obj.items()
+        if kind == "metainfo":
+            continue
+        body = {key: value for key, value in body.items() if key != "handle"}
+        if "elem" in body:
+            body["elem"] = sorted(body["elem"], key=lambda e: json.dumps(e, sort_keys=True))
+        if "expr" in body:
+            body["expr"] = [{"counter": {"packets": 0, "bytes": 0}} if "counter" in e else e for e in body["expr"]]
+        out.append({kind: body})
+    return out
+
+
 def _value_json(value: Value) -> object:
     if isinstance(value, Prefix):
         return {"prefix": {"addr": value.addr, "len": value.length}}
@@ -282,303 +407,3 @@ def _rule_json(rule: Rule) -> dict:
 
 def _mark(mark: int) -> dict:
     return {"mangle": {"key": {"meta": {"key": "mark"}}, "value": mark}}
-
-
-# --- nft syntax, from the JSON objects: one renderer for `render`, the docs and the fake's dump ---
-
-
-def _selector_text(left: dict) -> str:
-    if "socket" in left:
-        return f"socket {left['socket']['key']}"
-    if "meta" in left:
-        key = left["meta"]["key"]
-        return key if key in ("iifname", "oifname") else f"meta {key}"
-    payload = left["payload"]
-    return f"{payload['protocol']} {payload['field']}"
-
-
-def _json_value_text(value: object, quoted: bool = False, protocol: bool = False) -> str:
-    if isinstance(value, dict):
-        if "prefix" in value:
-            return f"{value['prefix']['addr']}/{value['prefix']['len']}"
-        if "range" in value:
-            low, high = value["range"]
-            return f"{low}-{high}"
-        if "set" in value:
-            return "{ " + ", ".join(_json_value_text(item) for item in value["set"]) + " }"
-        raise ValueError(f"no nft syntax for value {value!r}")
-    if isinstance(value, str):
-        return f'"{value}"' if quoted and not value.startswith("@") else value
-    if protocol and value in PROTOCOL_NAMES:
-        return PROTOCOL_NAMES[value]
-    return str(value)
-
-
-def _statement_text(expr: dict, with_counters: bool = False) -> str:
-    ((kind, body),) = expr.items()
-    if kind == "match":
-        left = body["left"]
-        quoted = left.get("meta", {}).get("key") in ("iifname", "oifname")
-        protocol = left.get("meta", {}).get("key") == "l4proto"
-        op = "" if body["op"] == "==" else f"{body['op']} "
-        return f"{_selector_text(left)} {op}{_json_value_text(body['right'], quoted, protocol)}"
-    if kind == "counter":
-        if with_counters and isinstance(body, dict):
-            return f"counter packets {body.get('packets', 0)} bytes {body.get('bytes', 0)}"
-        return "counter"
-    if kind in ("return", "accept"):
-        return kind
-    if kind == "redirect":
-        return f"redirect to :{body['port']}"
-    if kind == "tproxy":
-        return f"tproxy {body['family']} to :{body['port']}"
-    if kind == "mangle" and body["key"] == {"meta": {"key": "mark"}}:
-        return f"meta mark set {body['value']:#x}"
-    raise ValueError(f"no nft syntax for statement {expr!r}")
-
-
-def nft_text(objects: list[dict], with_counters: bool = False) -> str:
-    """Render a table's objects (`Ruleset.objects()` or a listing of the same shape) as an nft script;
-    `with_counters` shows each rule's packets and bytes, as `nft list table` does."""
-    blocks: list[list[str]] = []
-    rules: dict[str, list[str]] = {}
-    header = ""
-    for obj in objects:
-        ((kind, body),) = obj.items()
-        if kind == "table":
-            header = f"table {body['family']} {body['name']} {{"
-        elif kind == "set":
-            block = [f"\tset {body['name']} {{", f"\t\ttype {body['type']}"]
-            if "interval" in body.get("flags", ()):
-                block.append("\t\tflags interval")
-            if body.get("elem"):
-                quoted = body["type"] == "ifname"
-                block.append("\t\telements = { " + ", ".join(_json_value_text(e, quoted) for e in body["elem"]) + " }")
-            block.append("\t}")
-            blocks.append(block)
-        elif kind == "chain":
-            rules[body["name"]] = []
-            blocks.append(
-                [
-                    f"\tchain {body['name']} {{",
-                    f"\t\ttype {body['type']} hook {body['hook']} priority {body['prio']}; policy {body['policy']};",
-                ]
-            )
-        elif kind == "rule":
-            text = " ".join(_statement_text(expr, with_counters) for expr in body["expr"])
-            if body.get("comment"):
-                text += f' comment "{body["comment"]}"'
-            rules[body["chain"]].append(f"\t\t{text}")
-    for block in blocks:
-        if block[0].startswith("\tchain "):
-            name = block[0].split()[1]
-            block += rules[name]
-            block.append("\t}")
-    lines = [header]
-    for index, block in enumerate(blocks):
-        if index:
-            lines.append("")
-        lines += block
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-# --- from spec to ruleset ---
-
-
-def _port_elements(ranges: Iterable[PortRange]) -> tuple[Value, ...]:
-    return tuple(low if low == high else Range(low, high) for low, high in ranges)
-
-
-def _network_elements(networks: Iterable[Network], version: int) -> tuple[Value, ...]:
-    elements: list[Value] = []
-    for net in networks:
-        if net.version != version:
-            continue
-        if getattr(net.network_address, "scope_id", None):  # validated away in spec; never let text through
-            raise ValueError(f"{net}: a scoped address cannot be rendered")
-        if net.prefixlen == net.max_prefixlen:
-            elements.append(str(net.network_address))
-        else:
-            elements.append(Prefix(str(net.network_address), net.prefixlen))
-    return tuple(elements)
-
-
-@dataclass
-class _Builder:
-    sets: list[NamedSet] = field(default_factory=list)
-
-    def named(self, name: str, type_: str, elements: tuple[Value, ...], interval: bool = True) -> SetRef | None:
-        """Declare a named set if it has elements; return a reference to it, or None."""
-        if not elements:
-            return None
-        self.sets.append(NamedSet(name, type_, interval, elements))
-        return SetRef(name)
-
-
-def build_ruleset(spec: CaptureSpec) -> Ruleset:
-    """Render a validated spec into the pod's table. Pure: same spec, same ruleset.
-
-    The order of rules follows docs in the README ("Rule order") and is the
-    order real sidecars rely on; the first matching rule wins.
-    """
-    b = _Builder()
-    ifaces = b.named("exclude_ifaces", "ifname", tuple(spec.exclude_interfaces), interval=False)
-    reroute = b.named("reroute_ifaces", "ifname", tuple(spec.reroute_interfaces), interval=False)
-    uids = b.named("exclude_uids", "uid", tuple(spec.exclude_uids), interval=False)
-    in_exclude = b.named(
-        "in_exclude_ports",
-        "inet_service",
-        _port_elements(merge_ranges([(p, p) for p in spec.proxy_ports] + list(spec.exclude_inbound_ports))),
-    )
-    in_include = (
-        None
-        if spec.include_inbound_ports == ALL
-        else b.named("in_include_ports", "inet_service", _port_elements(spec.include_inbound_ports))
-    )
-    in_exclude_src = [
-        (saddr, b.named(f"in_exclude_src_v{v}", f"ipv{v}_addr", _network_elements(spec.exclude_inbound_cidrs, v)))
-        for saddr, v in ((IP_SADDR, 4), (IP6_SADDR, 6))
-    ]
-    out_exclude_ports = b.named("out_exclude_ports", "inet_service", _port_elements(spec.exclude_outbound_ports))
-    out_include_ports = (
-        None
-        if spec.include_outbound_ports == ALL
-        else b.named("out_include_ports", "inet_service", _port_elements(spec.include_outbound_ports))
-    )
-    out_capture_ports = b.named("out_capture_ports", "inet_service", _port_elements(spec.capture_outbound_ports))
-    out_exclude_v4 = b.named("out_exclude_v4", "ipv4_addr", _network_elements(spec.exclude_outbound_cidrs, 4))
-    out_exclude_v6 = b.named("out_exclude_v6", "ipv6_addr", _network_elements(spec.exclude_outbound_cidrs, 6))
-    include_cidrs = spec.include_outbound_cidrs
-    out_include_v4 = (
-        None if include_cidrs == ALL else b.named("out_include_v4", "ipv4_addr", _network_elements(include_cidrs, 4))
-    )
-    out_include_v6 = (
-        None if include_cidrs == ALL else b.named("out_include_v6", "ipv6_addr", _network_elements(include_cidrs, 6))
-    )
-    loopback = {v: _one_or_set(b, f"loopback_v{v}", v, spec) for v in (4, 6)}
-    daddr_of = {4: IP_DADDR, 6: IP6_DADDR}
-
-    owners = [(SKUID, spec.proxy_uid, "proxy uid")]
-    if spec.proxy_gid is not None:
-        owners.append((SKGID, spec.proxy_gid, "proxy gid"))
-
-    out: list[Rule] = []
-    if ifaces:
-        out.append(Rule((Match(OIFNAME, ifaces),), RETURN, "excluded interface"))
-    if out_exclude_ports:
-        out.append(Rule((Match(TCP_DPORT, out_exclude_ports),), RETURN, "excluded outbound ports"))
-        if spec.capture_dns:
-            out.append(Rule((Match(UDP_DPORT, out_exclude_ports),), RETURN, "excluded outbound ports udp"))
-    out.append(Rule((Match(OIFNAME, "lo"), Match(IP_SADDR, PROXY_PASSTHROUGH_V4)), RETURN, "proxy inbound passthrough"))
-    out.append(
-        Rule((Match(OIFNAME, "lo"), Match(IP6_SADDR, PROXY_PASSTHROUGH_V6)), RETURN, "proxy inbound passthrough")
-    )
-    if spec.captures_inbound and spec.capture_own_ip:
-        for selector, owner, label in owners:
-            for family in (4, 6):
-                matches = [Match(OIFNAME, "lo")]
-                if loopback[family] is not None:
-                    matches.append(Match(daddr_of[family], loopback[family], negate=True))
-                matches += [
-                    Match(selector, owner),
-                    Match(TCP_DPORT, DNS_PORT, negate=True),
-                    Match(TCP_DPORT, in_exclude, negate=True),
-                ]
-                if in_include:
-                    matches.append(Match(TCP_DPORT, in_include))
-                out.append(Rule(tuple(matches), Redirect(spec.inbound_port), f"pod to own ip via {label}: inbound"))
-    out.append(Rule((Match(OIFNAME, "lo"),), RETURN, "loopback interface"))
-    for selector, owner, label in owners:
-        out.append(Rule((Match(selector, owner),), RETURN, label))
-    if uids:
-        out.append(Rule((Match(SKUID, uids),), RETURN, "excluded uids"))
-    if spec.capture_dns:
-        out.append(Rule((Match(UDP_DPORT, DNS_PORT),), Redirect(spec.dns_port), "dns udp"))
-        out.append(Rule((Match(TCP_DPORT, DNS_PORT),), Redirect(spec.dns_port), "dns tcp"))
-    for family in (4, 6):
-        if loopback[family] is not None:
-            out.append(Rule((Match(daddr_of[family], loopback[family]),), RETURN, "loopback destination"))
-    if out_exclude_v4:
-        out.append(Rule((Match(IP_DADDR, out_exclude_v4),), RETURN, "excluded ipv4 cidrs"))
-    if out_exclude_v6:
-        out.append(Rule((Match(IP6_DADDR, out_exclude_v6),), RETURN, "excluded ipv6 cidrs"))
-    if out_capture_ports:
-        out.append(Rule((Match(TCP_DPORT, out_capture_ports),), Redirect(spec.outbound_port), "capture outbound ports"))
-    out += _outbound_capture(spec, include_cidrs == ALL, out_include_v4, out_include_v6, out_include_ports)
-
-    chains = [Chain("output", "output", tuple(out))]
-    nat_in: list[Rule] = []
-    if reroute:
-        nat_in += _reroute(spec, reroute, include_cidrs == ALL, out_include_v4, out_include_v6)
-    exclusions: list[Rule] = []
-    if ifaces:
-        exclusions.append(Rule((Match(IIFNAME, ifaces),), RETURN, "excluded interface"))
-    if spec.tproxy:
-        exclusions.append(Rule((Match(IIFNAME, "lo"),), RETURN, "loopback interface"))
-        if reroute:
-            exclusions.append(Rule((Match(IIFNAME, reroute),), RETURN, "rerouted interface"))
-    exclusions += [Rule((Match(ip, ref),), RETURN, "excluded inbound sources") for ip, ref in in_exclude_src if ref]
-    exclusions.append(Rule((Match(TCP_DPORT, in_exclude),), RETURN, "proxy and excluded inbound ports"))
-    port_match = Match(TCP_DPORT, in_include) if in_include else Match(L4PROTO, TCP)
-    routing = None
-    if spec.tproxy:
-        established = (Match(L4PROTO, TCP), Match(SOCKET_TRANSPARENT, 1))
-        tproxy = list(exclusions)
-        tproxy.append(Rule(established, MarkAccept(TPROXY_MARK), "established inbound: to its proxy socket"))
-        for family in ("ip", "ip6"):
-            verdict = TProxy(spec.inbound_port, family, TPROXY_MARK)
-            tproxy.append(Rule((port_match,), verdict, f"capture inbound {'ipv4' if family == 'ip' else 'ipv6'}"))
-        chains.insert(0, Chain("tproxy_prerouting", "prerouting", tuple(tproxy), MANGLE_PRIORITY, "filter"))
-        routing = PolicyRouting()
-    elif spec.captures_inbound:
-        nat_in += exclusions
-        nat_in.append(Rule((port_match,), Redirect(spec.inbound_port), "capture inbound"))
-    if nat_in:
-        chains.insert(0, Chain("prerouting", "prerouting", tuple(nat_in)))
-    return Ruleset(tuple(b.sets), tuple(chains), routing=routing)
-
-
-def _one_or_set(b: _Builder, name: str, version: int, spec: CaptureSpec) -> Value | None:
-    """The loopback destinations of one family: inline when one CIDR (the common case), else a set."""
-    elements = _network_elements(spec.loopback_cidrs, version)
-    if len(elements) <= 1:
-        return elements[0] if elements else None
-    return b.named(name, f"ipv{version}_addr", elements)
-
-
-def _reroute(
-    spec: CaptureSpec, ifaces: SetRef, all_cidrs: bool, include_v4: SetRef | None, include_v6: SetRef | None
-) -> list[Rule]:
-    """Traffic arriving on a rerouted interface (a VM's tap) is the pod's outbound: to the outbound port."""
-    redirect = Redirect(spec.outbound_port)
-    if all_cidrs:
-        return [Rule((Match(IIFNAME, ifaces), Match(L4PROTO, TCP)), redirect, "rerouted interface: outbound")]
-    rules = []
-    for daddr, ref, label in ((IP_DADDR, include_v4, "ipv4"), (IP6_DADDR, include_v6, "ipv6")):
-        if ref:
-            matches = (Match(IIFNAME, ifaces), Match(daddr, ref), Match(L4PROTO, TCP))
-            rules.append(Rule(matches, redirect, f"rerouted interface: outbound {label}"))
-    return rules
-
-
-def _outbound_capture(
-    spec: CaptureSpec,
-    all_cidrs: bool,
-    include_v4: SetRef | None,
-    include_v6: SetRef | None,
-    include_ports: SetRef | None,
-) -> list[Rule]:
-    """The final redirect rules: only TCP, only included ports and CIDRs."""
-    if spec.include_outbound_ports != ALL and include_ports is None:
-        return []  # include list is empty: no outbound capture
-    port_match = Match(TCP_DPORT, include_ports) if include_ports else Match(L4PROTO, TCP)
-    redirect = Redirect(spec.outbound_port)
-    if all_cidrs:
-        return [Rule((port_match,), redirect, "capture outbound")]
-    rules = []
-    if include_v4:
-        rules.append(Rule((Match(IP_DADDR, include_v4), port_match), redirect, "capture outbound ipv4"))
-    if include_v6:
-        rules.append(Rule((Match(IP6_DADDR, include_v6), port_match), redirect, "capture outbound ipv6"))
-    return rules

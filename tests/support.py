@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cni_redirect.config import PodRef, parse_conf
+from cni_redirect.config import PluginConf, PodRef, parse_conf
+from cni_redirect.evaluation import Evaluation, evaluate
 from cni_redirect.fake import MemoryBackend
 from cni_redirect.logs import EventLog, JsonLog
 from cni_redirect.node import conflists
 from cni_redirect.node.daemon import NodeAgent, Options, run
-from cni_redirect.plugin import RedirectPlugin, decide
+from cni_redirect.plugin import RedirectPlugin
 from cni_redirect.ruleset import Ruleset
 from cni_redirect.skel import dispatch
 from cni_redirect.testing.netlab import enabled, plugin_conf
@@ -117,6 +118,13 @@ CASE_CONF: dict[str, dict] = {"exclude-everything": {"allow_root_proxy_uid": Tru
 
 def case_annotations(case: str) -> dict[str, str]:
     return enabled(**CASES[case])
+
+
+def decide(conf: PluginConf, pod: PodRef) -> Evaluation:
+    """ADD's evaluation of a pod, raising its error as ADD does when the pod's settings are invalid."""
+    evaluation = evaluate(conf, pod)
+    evaluation.raise_if_invalid()
+    return evaluation
 
 
 def render(case: str) -> Ruleset:

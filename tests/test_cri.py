@@ -17,9 +17,9 @@ CRI = REPO / "cni_redirect" / "cri"
 def test_committed_stubs_match_the_proto(tmp_path):
     (tmp_path / "cni_redirect" / "cri").mkdir(parents=True)
     shutil.copy(CRI / "runtime.proto", tmp_path / "cni_redirect" / "cri" / "runtime.proto")
-    command = [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=."]
+    command = [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.", "--grpc_python_out=."]
     subprocess.run([*command, "cni_redirect/cri/runtime.proto"], cwd=tmp_path, check=True)
-    for name in ("runtime_pb2.py", "runtime_pb2_grpc.py"):
+    for name in ("runtime_pb2.py", "runtime_pb2.pyi", "runtime_pb2_grpc.py"):
         fresh = (tmp_path / "cni_redirect" / "cri" / name).read_text()
         assert fresh == (CRI / name).read_text(), f"{name} is stale: run scripts/gen-cri.sh"
 

@@ -9,7 +9,9 @@ import pytest
 
 from cni_redirect.backend import TableOps
 from cni_redirect.errors import InternalError
+from cni_redirect.evaluation import Evaluation, Outcome, compare
 from cni_redirect.fake import FakeNft, FakeRoutes, MemoryBackend
+from cni_redirect.testing.sessions import at
 from tests.support import GOLDEN_DIR, REFUSED, REFUSED_FOLLOW_UP, render
 
 NETNS = "/run/netns/fake"
@@ -18,7 +20,7 @@ NETNS = "/run/netns/fake"
 @pytest.fixture
 def backend() -> MemoryBackend:
     backend = MemoryBackend()
-    backend.apply(NETNS, render("defaults"))
+    at(backend, NETNS).apply(render("defaults"))
     return backend
 
 
@@ -34,7 +36,7 @@ def test_refuses_what_the_kernel_refuses_and_changes_nothing(backend, case):
 
 def test_a_failed_replace_keeps_the_previous_table(backend):
     good = render("exclude-everything")
-    backend.apply(NETNS, good)
+    at(backend, NETNS).apply(good)
     before = backend.dump(NETNS)
     bad = render("defaults").replace_batch()
     bad["nftables"].append({"add": {"rule": {"family": "inet", "table": "cni_redirect", "chain": "gone", "expr": []}}})
@@ -55,16 +57,16 @@ def test_errors_reach_the_plugin_as_the_kernel_errors_would():
 
 def test_dump_is_the_table_in_nft_syntax(backend):
     assert backend.dump(NETNS) == (GOLDEN_DIR / "defaults.nft").read_text()
-    assert backend.remove(NETNS) is True
-    assert backend.dump(NETNS) == "" and backend.remove(NETNS) is False
+    assert at(backend, NETNS).remove() is True
+    assert backend.dump(NETNS) == "" and at(backend, NETNS).remove() is False
 
 
 def test_lists_and_counts_only_committed_transactions(backend):
     kernel = backend.kernels[NETNS]
     count = kernel.transactions
-    backend.read(NETNS)
+    at(backend, NETNS).read()
     assert kernel.transactions == count, "listings are not transactions"
-    backend.apply(NETNS, render("no-inbound"))
+    at(backend, NETNS).apply(render("no-inbound"))
     assert kernel.transactions == count + 1
 
 
@@ -155,7 +157,8 @@ def test_an_ipv6_less_netns_gets_ipv4_routing_only_and_check_agrees():
     ops = TableOps(FakeNft(), routes)
     ops.apply(render("tproxy"))
     assert {next(iter(o.values()))["family"] for o in routes.objects} == {"inet"}
-    assert ops.routing_drift(render("tproxy").routing) is None
+    evaluation = Evaluation(Outcome.CAPTURED, "captured", ruleset=render("tproxy"))
+    assert compare(evaluation, ops.observe(routing_wanted=True)) is None
 
 
 def test_del_removes_table_and_routing_and_reports_either():

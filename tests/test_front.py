@@ -6,13 +6,15 @@ import json
 import subprocess
 import sys
 
-from cni_redirect.front import _error
+from cni_redirect.front import VERSIONS
+from cni_redirect.result import SUPPORTED_VERSIONS
 
 
-def test_error_objects_are_valid_json_whatever_the_message():
-    for msg in ["plain", 'with "quotes"', "back\\slash", "new\nline"]:
-        obj = json.loads(_error(11, msg, 'd"etails'))
-        assert obj["code"] == 11 and obj["cniVersion"] == "1.1.0"
+def test_the_fronts_version_answer_is_the_result_modules_list():
+    """VERSION is answered from constants: they must be the versions the plugin converts results to."""
+    answer = json.loads(VERSIONS)
+    assert answer["supportedVersions"] == list(SUPPORTED_VERSIONS)
+    assert answer["cniVersion"] == SUPPORTED_VERSIONS[-1]
 
 
 def test_front_imports_only_the_standard_library_it_needs():

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cni_redirect.node.chain import load_entry
+from cni_redirect.node.chain import load_entry_settings
 from cni_redirect.node.daemon import check_agent_socket
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def test_configmap_entry_is_valid_plugin_settings(base, tmp_path):
     entry = base["ConfigMap"]["data"]["entry.json"]
     path = tmp_path / "entry.json"
     path.write_text(entry)
-    assert load_entry(path)["type"] == "cni-redirect"
+    assert load_entry_settings(path)["type"] == "cni-redirect"
     assert "cni-redirect" in json.loads(entry)["exclude_namespaces"]
 
 

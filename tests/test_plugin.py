@@ -11,10 +11,11 @@ from cni_redirect.config import PodRef, parse_conf
 from cni_redirect.errors import InternalError, InvalidConfig
 from cni_redirect.fake import MemoryBackend
 from cni_redirect.logs import EventLog
-from cni_redirect.plugin import RedirectPlugin, decide
+from cni_redirect.plugin import RedirectPlugin
 from cni_redirect.skel import Request
 from cni_redirect.testing.netlab import enabled, plugin_conf
 from tests.support import FAKE_NETNS as NETNS
+from tests.support import decide
 
 TABLE = {"family": "inet", "table": "cni_redirect"}
 

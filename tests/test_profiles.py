@@ -11,12 +11,12 @@ import pytest
 
 from cni_redirect.config import PodRef, parse_conf
 from cni_redirect.errors import InvalidConfig
-from cni_redirect.plugin import decide
 from cni_redirect.profiles import ISTIO, LINKERD
 from cni_redirect.ruleset import PolicyRouting
-from cni_redirect.spec import ALL, merge_settings
+from cni_redirect.settings import merge_settings
+from cni_redirect.spec import ALL
 from cni_redirect.testing.netlab import plugin_conf
-from tests.support import call, injected
+from tests.support import call, decide, injected
 
 POD = PodRef("default", "web", "u-1")
 

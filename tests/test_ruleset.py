@@ -7,9 +7,11 @@ import os
 
 import pytest
 
+from cni_redirect.build import build_ruleset
 from cni_redirect.fake import MemoryBackend
-from cni_redirect.ruleset import build_ruleset
-from cni_redirect.spec import build_spec, merge_settings
+from cni_redirect.settings import merge_settings
+from cni_redirect.spec import build_spec
+from cni_redirect.testing.sessions import at
 from tests.support import CASES, GOLDEN_DIR, render
 
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
@@ -40,7 +42,7 @@ def test_no_golden_file_is_orphaned():
 @pytest.mark.parametrize("case", CASES)
 def test_the_fake_kernel_accepts_every_golden_and_holds_exactly_it(case):
     backend = MemoryBackend()
-    backend.apply("/run/netns/golden", render(case))
+    at(backend, "/run/netns/golden").apply(render(case))
     assert backend.dump("/run/netns/golden") == (GOLDEN_DIR / f"{case}.nft").read_text()
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from cni_redirect.config import ANNOTATIONS_CAPABILITY, parse_conf
 from cni_redirect.profiles import profile_named
-from cni_redirect.spec import build_spec, merge_settings
+from cni_redirect.settings import merge_settings
+from cni_redirect.spec import build_spec
 
 CONFLISTS = sorted((Path(__file__).resolve().parents[1] / "conflist").glob("*.conflist"))
 

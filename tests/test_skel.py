@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from contextlib import contextmanager
 
 import pytest
 
@@ -150,8 +151,10 @@ def test_status_reports_unavailable_backend():
 
 def test_unexpected_exception_becomes_code_999_with_traceback_on_stderr():
     class Exploding(MemoryBackend):
-        def apply(self, netns, ruleset):
+        @contextmanager
+        def session(self, netns):
             raise RuntimeError("boom")
+            yield
 
     run = call("ADD", plugin_conf(enabled()), Exploding())
     rc, out, err = run.rc, run.out, run.stderr

@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from cni_redirect.errors import InvalidConfig
-from cni_redirect.spec import ALL, CATALOGUE, OPT_IN_KEY, build_spec, is_enabled, merge_settings
+from cni_redirect.settings import is_enabled, merge_settings
+from cni_redirect.spec import ALL, CATALOGUE, OPT_IN_KEY, build_spec
 
 P = "cni-redirect.io/"
 

@@ -1,13 +1,18 @@
 """The node agent, `cni-redirect install`: the DaemonSet's process on every node.
 
+- `options`: the agent's settings, each with its one default;
 - `bundle`: puts the plugin bundle into the CNI bin dir, and takes it away;
 - `conflists`: pure edits of CNI config documents;
-- `chain`: keeps our entry chained into the node's primary CNI config;
-- `daemon`: the process: options, the loop, signals, readiness and health,
-  and the CNI server it starts for the fast path;
+- `chain`: keeps our entry chained into the node's primary CNI config, and
+  checks the admin's entry settings by evaluating them as ADD would;
+- `daemon`: the process: the loop, signals, readiness and health, and the
+  CNI server it starts for the fast path;
 - `survey` and `repair`: every sandbox on the node (through CRI) against what
-  ADD would give it now, and programming the ones that are missing or drifted.
+  ADD would give it now, and programming the ones that are missing or drifted;
+- `inspect`, `doctor`, `procs`, `metrics`: what the admin reads.
 """
 
 CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 CRIO_SOCKET = "/var/run/crio/crio.sock"
+#: What repair does with a missing or drifted table: program it, only log it, or nothing. Listed once.
+REPAIR_MODES = ("in-place", "report", "off")

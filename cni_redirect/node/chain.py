@@ -21,29 +21,66 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfError
+from ..errors import ConfError, SettingsError
 from . import conflists
 from .files import write_atomic
 
 BACKUP_PREFIX = ".cni-redirect-original-"
 
 
-def load_entry(path: Path | None) -> dict:
-    """The admin's entry settings (ConfigMap), validated as the plugin will validate them."""
-    from ..config import parse_conf
-    from ..spec import build_spec, merge_settings
+def load_entry_settings(path: Path | None) -> dict:
+    """Our conflist entry from the admin's settings (ConfigMap), checked as ADD would evaluate it.
 
-    settings = {} if path is None else json.loads(path.read_text())
+    The entry is evaluated under its own profile for a pod that opts in the way that profile opts in
+    (`evaluation.evaluate_opted_in`): an entry that would fail every such pod is refused here, with a
+    message naming the field, before anything is installed.
+    """
+    from ..config import parse_conf
+    from ..errors import CniError
+    from ..evaluation import evaluate_opted_in
+
+    settings: object = {}
+    if path is not None:
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SettingsError(f"{path}: cannot be read: {exc.strerror}") from None
+        except ValueError as exc:
+            raise SettingsError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(settings, dict):
-        raise ValueError(f"{path}: must hold a JSON object")
+        raise SettingsError(f"{path}: must hold a JSON object")
     ours = conflists.entry(settings)
-    conf = parse_conf({"cniVersion": "1.0.0", **ours})
-    merged, _ = merge_settings(conf.defaults, {"cni-redirect.io/enabled": "true"})
-    build_spec(merged, allow_root_proxy_uid=conf.allow_root_proxy_uid, max_set_elements=conf.max_set_elements)
+    try:
+        conf = parse_conf({"cniVersion": "1.0.0", **ours})
+        evaluate_opted_in(conf).raise_if_invalid()
+    except CniError as error:
+        detail = f" ({error.details})" if error.details else ""
+        raise SettingsError(f"{path or 'entry settings'}: {error.msg}{detail}") from None
     return ours
 
 
-def valid_configs(conf_dir: Path, names: list[str], skip: set[str], real=None) -> list[str]:
+def installed_entry(conf_dir: Path, conf_file: str | None = None) -> dict | None:
+    """Our entry as the runtime hands it to ADD: with the conflist's cniVersion and name; None if not chained."""
+    try:
+        names = os.listdir(conf_dir)
+    except OSError:
+        return None
+    name = conflists.pick_primary(names, conf_file)
+    if name is None:
+        return None
+    try:
+        document, _ = conflists.parse(name, (conf_dir / name).read_bytes())
+    except (OSError, ConfError):
+        return None
+    for plugin in document["plugins"]:
+        if conflists.is_ours(plugin):
+            return {"cniVersion": document.get("cniVersion", "1.0.0"), "name": document.get("name", ""), **plugin}
+    return None
+
+
+def valid_configs(
+    conf_dir: Path, names: list[str], skip: set[str], real: Callable[[str], Path] | None = None
+) -> list[str]:
     """The network configs a runtime could load besides `skip` (parseable, a CNI suffix), in libcni's order."""
     found = []
     for other in sorted(names):
@@ -68,7 +105,7 @@ class Managed:
     written: bytes  # our latest write
 
 
-class Chain:
+class ChainInstaller:
     """Our entry in one conf dir, and whether it is in place (`ready_reason` is "" when it is)."""
 
     def __init__(
@@ -191,14 +228,15 @@ class Chain:
                 "which cni-redirect did not write; left both untouched (remove one, or set --conf-file)"
             )
             return None
-        ours_already = self.managed is not None and self.managed.name == name and data == self.managed.written
+        managed = self.managed
+        ours_already = managed is not None and managed.name == name and data == managed.written
         # The primary's own bytes: what is there now, unless what is there is our earlier write. If what
         # is there still names us (another installer rewrote the file and kept our entry), restoring those
         # bytes would bring our entry back: keep everything of theirs but that.
         document = conflists.parse(name, data)[0]
         theirs = data if not conflists.names_us(document) else conflists.render(conflists.without_entry(document))
-        original = self.managed.original if ours_already else theirs
-        original_name = self.managed.original_name if ours_already else name
+        original = managed.original if managed is not None and ours_already else theirs
+        original_name = managed.original_name if managed is not None and ours_already else name
         write_atomic(self._backup(original_name), original, mode=0o600)
         if single:
             write_atomic(self.conf_dir / target, rendered, mode=mode)

@@ -27,40 +27,23 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import wire
-from ..errors import SettingsError
+from ..errors import CniRedirectError, SettingsError
 from ..logs import JsonLog
-from . import CONTAINERD_SOCKET
+from . import REPAIR_MODES
 from .bundle import Bundle
-from .chain import Chain, load_entry
+from .chain import ChainInstaller, load_entry_settings
 from .files import write_atomic
+from .options import Options
 
 OWNER_FILE = ".cni-redirect-owner"
 
 if TYPE_CHECKING:
     from ..cniserver import CniServer
-
-
-@dataclass
-class Options:
-    cni_bin_dir: Path = Path("/host/opt/cni/bin")
-    cni_conf_dir: Path = Path("/host/etc/cni/net.d")
-    conf_file: str | None = None
-    plugin_source: Path = Path("/opt/cni-redirect/bundle/cni-redirect")
-    entry_file: Path | None = None
-    readiness_port: int = 0  # 0: no readiness endpoint
-    poll_interval: float = 0.2
-    wait_log_interval: float = 5.0
-    uninstall_grace: float = 2.0
-    handover_wait: float = 5.0  # on SIGTERM, how long a successor may take to show up before we uninstall
-    agent_socket: Path | None = Path(wire.DEFAULT_SOCKET)  # the CNI server (the fast path); None: off
-    cri_socket: str = CONTAINERD_SOCKET
-    repair: str = "in-place"
-    repair_interval: float = 30.0
+    from .metrics import Metrics
+    from .repair import Repairer
 
 
 def check_agent_socket(path: str) -> str:
@@ -77,7 +60,7 @@ class NodeAgent:
         self.options = options
         self.log = log
         self.bundle = Bundle(options.plugin_source, options.cni_bin_dir, log)
-        self.chain = Chain(options.cni_conf_dir, entry, log, options.conf_file, options.wait_log_interval)
+        self.chain = ChainInstaller(options.cni_conf_dir, entry, log, options.conf_file, options.wait_log_interval)
         self.token = secrets.token_hex(8)
         self.owner_file = options.cni_bin_dir / OWNER_FILE
 
@@ -192,30 +175,28 @@ def _bind_with_retry(make, log: Callable[..., None], port: int, seconds: float =
             time.sleep(0.5)
 
 
+def checked_entry(options: Options) -> dict:
+    """Our conflist entry from the admin's settings and flags, or SettingsError naming what is wrong."""
+    ours = load_entry_settings(options.entry_file)
+    if options.agent_socket is not None:
+        ours["agent_socket"] = check_agent_socket(str(options.agent_socket))
+    if options.repair not in REPAIR_MODES:
+        raise SettingsError(f"--repair {options.repair!r} must be one of {', '.join(REPAIR_MODES)}")
+    return ours
+
+
 def run(options: Options, log: Callable[..., None] | None = None, stop: threading.Event | None = None) -> int:
     """The node agent's main loop; returns the exit code."""
     log = log or JsonLog()
     stop = stop or threading.Event()
     try:
-        ours = load_entry(options.entry_file)
-        if options.agent_socket is not None:
-            ours["agent_socket"] = check_agent_socket(str(options.agent_socket))
-        from .repair import MODES
-
-        if options.repair not in MODES:
-            raise SettingsError(f"--repair {options.repair!r} must be one of {', '.join(MODES)}")
-    except Exception as exc:
+        ours = checked_entry(options)
+    except CniRedirectError as exc:
         message = getattr(exc, "msg", None) or str(exc)
         log("error", "invalid plugin settings; nothing installed", entry_file=str(options.entry_file), error=message)
         return 2
     agent = NodeAgent(options, log, ours)
-    metrics = _metrics() if options.readiness_port else None
-    server = None
-    if options.agent_socket is not None:
-        from ..cniserver import CniServer
-
-        server = CniServer(options.agent_socket, log, observe=metrics.observe if metrics else None)
-        server.start()  # before our entry names it: the first ADD must find it listening
+    services = _Services(options, log, agent)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
@@ -223,81 +204,131 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
         agent.install()
     except OSError as exc:
         log("error", "cannot install the plugin binary", error=str(exc))
-        if server is not None:
-            server.stop()
+        services.stop_server()
         return 1
     agent.claim()
-    superseded = False
-    if metrics is not None:
-        metrics.agent_up.set_function(lambda: 0 if superseded or (server is not None and server.problem()) else 1)
-    http_server = serve_readiness(agent, options.readiness_port, server, metrics) if options.readiness_port else None
-    repair_stop, repair_wake = threading.Event(), threading.Event()
-    repairer = _start_repair(options, log, server, repair_stop, repair_wake, metrics)
+    services.start()
     log("info", "agent started", bin_dir=str(options.cni_bin_dir), conf_dir=str(options.cni_conf_dir))
     try:
         while not stop.is_set():
             if agent.superseded():
-                if not superseded:
-                    log("info", "a newer node agent took over this node: handing over")
-                    superseded = True
-                    repair_stop.set()
-                    if http_server:  # probes now reach the successor only
-                        http_server.shutdown()
-                        http_server.server_close()
-                        http_server = None
+                services.hand_over()
             else:
-                writes = agent.chain.writes
-                agent.reconcile()
-                if agent.chain.writes != writes:
-                    repair_wake.set()  # pods may have started while our entry was gone
-                    if writes and metrics is not None:  # not the first insert: the entry had gone
-                        metrics.reinsertions.inc(agent.chain.writes - writes)
+                services.reconcile()
             stop.wait(options.poll_interval)
     finally:
-        repair_stop.set()
-        repair_wake.set()
-        if not superseded:
-            superseded = agent.wait_for_successor(options.handover_wait)
-        if superseded:
-            log("info", "stopping: a newer agent runs this node; entry and plugin stay in place")
-            if server is not None:
-                server.drain()
-        else:
-            log("info", "stopping: uninstalling")
-            agent.uninstall()  # the CNI server keeps serving through the grace period
-            if server is not None:
-                server.stop()
-        if repairer is not None:
-            repairer.close()
-        if http_server:
-            http_server.shutdown()
-            http_server.server_close()
+        services.finish()
         log("info", "agent stopped")
     return 0
 
 
-def _metrics():
+class _Services:
+    """What the agent runs beside its loop: the CNI server, probes and metrics, the repair thread."""
+
+    def __init__(self, options: Options, log: Callable[..., None], agent: NodeAgent) -> None:
+        self.options, self.log, self.agent = options, log, agent
+        self.metrics: Metrics | None = _metrics() if options.readiness_port else None
+        self.server: CniServer | None = None
+        self.http_server: http.server.ThreadingHTTPServer | None = None
+        self.repairer: Repairer | None = None
+        self.repair_stop, self.repair_wake = threading.Event(), threading.Event()
+        self.superseded = False
+        if options.agent_socket is not None:
+            from ..cniserver import CniServer
+
+            observe = self.metrics.observe if self.metrics else None
+            self.server = CniServer(options.agent_socket, log, observe=observe)
+            self.server.start()  # before our entry names it: the first ADD must find it listening
+
+    def start(self) -> None:
+        """Probes, metrics and repair: once this agent has claimed the node."""
+        server, metrics = self.server, self.metrics
+        if metrics is not None:
+            metrics.agent_up.set_function(
+                lambda: 0 if self.superseded or (server is not None and server.problem()) else 1
+            )
+        if self.options.readiness_port:
+            self.http_server = serve_readiness(self.agent, self.options.readiness_port, server, metrics)
+        self.repairer = _start_repair(self.options, self.log, server, self.repair_stop, self.repair_wake, metrics)
+
+    def reconcile(self) -> None:
+        chain = self.agent.chain
+        writes = chain.writes
+        self.agent.reconcile()
+        if chain.writes != writes:
+            self.repair_wake.set()  # pods may have started while our entry was gone
+            if writes and self.metrics is not None:  # not the first insert: the entry had gone
+                self.metrics.reinsertions.inc(chain.writes - writes)
+
+    def hand_over(self) -> None:
+        """A newer agent claimed the node: stop repairing and answering probes (they reach it now)."""
+        if self.superseded:
+            return
+        self.log("info", "a newer node agent took over this node: handing over")
+        self.superseded = True
+        self.repair_stop.set()
+        self._close_http()
+
+    def finish(self) -> None:
+        """SIGTERM: hand over to a successor that appears in time, else uninstall."""
+        self.repair_stop.set()
+        self.repair_wake.set()
+        if not self.superseded:
+            self.superseded = self.agent.wait_for_successor(self.options.handover_wait)
+        if self.superseded:
+            self.log("info", "stopping: a newer agent runs this node; entry and plugin stay in place")
+            if self.server is not None:
+                self.server.drain()
+        else:
+            self.log("info", "stopping: uninstalling")
+            self.agent.uninstall()  # the CNI server keeps serving through the grace period
+            self.stop_server()
+        if self.repairer is not None:
+            self.repairer.close()
+        self._close_http()
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def _close_http(self) -> None:
+        if self.http_server is not None:
+            self.http_server.shutdown()
+            self.http_server.server_close()
+            self.http_server = None
+
+
+def _metrics() -> Metrics:
     from .metrics import Metrics
 
     return Metrics()
 
 
-def _start_repair(options: Options, log, server, stop: threading.Event, wake: threading.Event, metrics=None):
+def _start_repair(
+    options: Options,
+    log: Callable[..., None],
+    server: CniServer | None,
+    stop: threading.Event,
+    wake: threading.Event,
+    metrics: Metrics | None = None,
+) -> Repairer | None:
     if options.repair == "off":
         return None
-    from .repair import Repairer
+    from ..cri import CriClient
+    from .repair import PassResult, Repairer
+    from .survey import kernel_sessions
 
-    def passed(result) -> None:
+    def passed(result: PassResult) -> None:
         if metrics is not None:
             metrics.pass_done(result.states, result.reasons)
 
     repairer = Repairer(
-        options.cri_socket,
+        CriClient(options.cri_socket),
         options.cni_conf_dir,
         log,
         mode=options.repair,
         conf_file=options.conf_file,
-        locks=server.locks if server is not None else None,
+        sessions=kernel_sessions(server.locks if server is not None else None),
         on_pass=passed,
     )
     thread = threading.Thread(

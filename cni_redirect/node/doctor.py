@@ -21,14 +21,21 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import wire
 from ..config import ANNOTATIONS_CAPABILITY
 from ..errors import ConfError, WireError
+from ..evaluation import Outcome
 from . import conflists
-from .chain import valid_configs
+from .chain import installed_entry, valid_configs
+from .inspect import printable
 from .procs import Process, descendants, processes
-from .survey import CAPTURED, DRIFTED, MISSING, PodView
+from .survey import DRIFTED, MISSING, PodView
+
+if TYPE_CHECKING:
+    from ..cri import CriClient
+    from ..spec import CaptureSpec
 
 TRAP, NOTE = "trap", "note"
 
@@ -120,17 +127,11 @@ def node_findings(conf_dir: Path, conf_file: str | None = None) -> list[Finding]
 def pod_findings(view: PodView, procs: list[Process], started_containers: list[float]) -> list[Finding]:
     """The traps of one captured pod; `started_containers`: when each of its running containers started (epoch s)."""
     findings: list[Finding] = []
-    if view.state in (MISSING, DRIFTED):
-        findings.append(
-            Finding(
-                "table",
-                TRAP,
-                f"{view.ref}: {view.drift}: repair (--repair in-place) puts it right",
-                view.ref,
-            )
-        )
-    spec = view.spec
-    if view.decision != CAPTURED or spec is None or view.netns is None:
+    if view.state in (MISSING, DRIFTED) and view.drift is not None:
+        message = f"{_ref(view)}: {view.drift.message}: repair (--repair in-place) puts it right"
+        findings.append(Finding("table", TRAP, message, view.ref))
+    spec = view.evaluation.spec if view.evaluation is not None else None
+    if view.decision is not Outcome.CAPTURED or spec is None or view.netns is None:
         return findings
     try:
         inode = os.stat(view.netns).st_ino
@@ -138,78 +139,59 @@ def pod_findings(view: PodView, procs: list[Process], started_containers: list[f
         return findings
     members = [p for p in procs if p.netns == inode]
     proxies = [p for p in members if p.uid == spec.proxy_uid and spec.outbound_port in p.listening]
+    if members and not proxies:
+        message = (
+            f"{_ref(view)}: nothing listens on :{spec.outbound_port} as the proxy UID {spec.proxy_uid}: captured "
+            "connections are refused; is the proxy running, as that UID?"
+        )
+        findings.append(Finding("proxy", TRAP, message, view.ref))
     proxy_tree: set[int] = set()
     for proxy in proxies:
         proxy_tree |= descendants(procs, proxy.pid)
-    if members and not proxies:
-        findings.append(
-            Finding(
-                "proxy",
-                TRAP,
-                f"{view.ref}: nothing listens on :{spec.outbound_port} as the proxy UID {spec.proxy_uid}: captured "
-                "connections are refused; is the proxy running, as that UID?",
-                view.ref,
-            )
-        )
     for process in members:
-        if process.pid in proxy_tree:
-            continue
-        if process.uid == spec.proxy_uid or (spec.proxy_gid is not None and process.gid == spec.proxy_gid):
-            what = (
-                f"UID {process.uid}, the proxy UID"
-                if process.uid == spec.proxy_uid
-                else f"GID {process.gid}, the proxy GID"
-            )
-            findings.append(
-                Finding(
-                    "proxy-uid",
-                    TRAP,
-                    f"{view.ref}: {process.comm} (pid {process.pid}) runs as {what}: its traffic bypasses the proxy; "
-                    "run it as another UID, or give the proxy one of its own (cni-redirect.io/proxy-uid)",
-                    view.ref,
-                )
-            )
-            continue
-        if process.uid in spec.exclude_uids and any(start > process.started for start in started_containers):
-            findings.append(
-                Finding(
-                    "exempt",
-                    TRAP,
-                    f"{view.ref}: {process.comm} (pid {process.pid}) runs as UID {process.uid}, in exclude-uids, and "
-                    "still runs after the pod's containers started: its traffic is never captured; exclude-uids is "
-                    "for init containers",
-                    view.ref,
-                )
-            )
-        taken = sorted(process.listening & {spec.outbound_port, spec.inbound_port, spec.dns_port})
-        for port in taken:
-            findings.append(
-                Finding(
-                    "port",
-                    TRAP,
-                    f"{view.ref}: {process.comm} (pid {process.pid}, UID {process.uid}) listens on {port}, one of the "
-                    "proxy's ports: captured traffic goes to it instead of the proxy; move it to another port",
-                    view.ref,
-                )
-            )
+        if process.pid not in proxy_tree:
+            findings += _process_findings(view, spec, process, started_containers)
     return findings
 
 
-def container_starts(cri, sandbox_id: str) -> list[float]:
-    """When each running container of a sandbox started, in seconds since the epoch."""
-    pb = cri.pb
-    request = pb.ListContainersRequest()
-    request.filter.pod_sandbox_id = sandbox_id
-    request.filter.state.state = pb.CONTAINER_RUNNING
-    starts = []
-    for container in cri.stub.ListContainers(request, timeout=cri.timeout).containers:
-        status = cri.stub.ContainerStatus(pb.ContainerStatusRequest(container_id=container.id), timeout=cri.timeout)
-        starts.append(status.status.started_at / 1e9)
-    return starts
+def _process_findings(
+    view: PodView, spec: CaptureSpec, process: Process, started_containers: list[float]
+) -> list[Finding]:
+    """One process of a captured pod that is not the proxy (nor started by it)."""
+    who = f"{_ref(view)}: {printable(process.comm)} (pid {process.pid}"
+    if process.uid == spec.proxy_uid or (spec.proxy_gid is not None and process.gid == spec.proxy_gid):
+        what = (
+            f"UID {process.uid}, the proxy UID"
+            if process.uid == spec.proxy_uid
+            else f"GID {process.gid}, the proxy GID"
+        )
+        message = (
+            f"{who}) runs as {what}: its traffic bypasses the proxy; "
+            "run it as another UID, or give the proxy one of its own (cni-redirect.io/proxy-uid)"
+        )
+        return [Finding("proxy-uid", TRAP, message, view.ref)]
+    findings = []
+    if process.uid in spec.exclude_uids and any(start > process.started for start in started_containers):
+        message = (
+            f"{who}) runs as UID {process.uid}, in exclude-uids, and still runs after the pod's containers "
+            "started: its traffic is never captured; exclude-uids is for init containers"
+        )
+        findings.append(Finding("exempt", TRAP, message, view.ref))
+    for port in sorted(process.listening & {spec.outbound_port, spec.inbound_port, spec.dns_port}):
+        message = (
+            f"{who}, UID {process.uid}) listens on {port}, one of the proxy's ports: captured traffic goes to it "
+            "instead of the proxy; move it to another port"
+        )
+        findings.append(Finding("port", TRAP, message, view.ref))
+    return findings
 
 
-def diagnose(cri, conf_dir: Path, conf_file: str | None, proc: Path) -> list[Finding]:
-    from .survey import Survey, installed_entry
+def _ref(view: PodView) -> str:
+    return printable(view.ref)
+
+
+def diagnose(cri: CriClient, conf_dir: Path, conf_file: str | None, proc: Path) -> list[Finding]:
+    from .survey import Survey
 
     findings = node_findings(conf_dir, conf_file)
     entry = installed_entry(conf_dir, conf_file)
@@ -217,6 +199,8 @@ def diagnose(cri, conf_dir: Path, conf_file: str | None, proc: Path) -> list[Fin
         return findings
     procs = processes(proc)
     for view in Survey(cri, entry).pods():
-        starts = container_starts(cri, view.sandbox_id) if view.decision == CAPTURED else []
+        for problem in view.problems:
+            findings.append(Finding("sandbox", NOTE, f"{_ref(view)}: {printable(problem)}", view.ref))
+        starts = cri.container_starts(view.sandbox_id) if view.decision is Outcome.CAPTURED else []
         findings += pod_findings(view, procs, starts)
     return findings

@@ -9,34 +9,56 @@ Read only.
 
 from __future__ import annotations
 
-from ..config import ANNOTATIONS_CAPABILITY, parse_conf
-from ..ruleset import nft_text
-from ..spec import merge_settings
-from .survey import PodView, counters
+from ..evaluation import Outcome
+from ..nfttext import nft_text
+from ..ruleset import counters
+from ..values import show
+from .survey import PodView
 
 COLUMNS = ("NAMESPACE/NAME", "DECISION", "STATE", "OUT", "IN", "DNS", "EXEMPT", "DETAIL")
+
+
+def view_json(view: PodView) -> dict:
+    """One sandbox as `inspect --json` prints it (the keys are a contract)."""
+    return {
+        "namespace": view.namespace,
+        "name": view.name,
+        "sandbox_id": view.sandbox_id,
+        "decision": view.decision.value,
+        "state": view.state,
+        "counters": counters(view.listing) if view.decision is Outcome.CAPTURED else {},
+        "reason": view.reason,
+        "drift": view.drift.message if view.drift is not None else "",
+        "problems": view.problems,
+    }
+
+
+def printable(text: str) -> str:
+    """Text a pod controls, safe for a terminal: non-printables escaped, as `values.show` does."""
+    return text if text.isprintable() else show(text)[1:-1]
 
 
 def table(views: list[PodView]) -> str:
     """The node at a glance; counter columns are connections (nat rules see a connection's first packet)."""
     rows = [COLUMNS]
     for view in views:
-        numbers = counters(view.listing) if view.listing is not None else {}
+        numbers = counters(view.listing)
 
         def packets(kind: str, numbers: dict = numbers) -> str:
             return str(numbers[kind]["packets"]) if kind in numbers else "-"
 
-        detail = view.drift or "; ".join(view.problems) or ("" if view.state else view.reason)
+        drift = view.drift.message if view.drift is not None else ""
+        detail = drift or "; ".join(view.problems) or ("" if view.state else view.reason)
         rows.append(
             (
-                view.ref,
-                view.decision,
+                printable(view.ref),
+                view.decision.value,
                 view.state or "-",
                 packets("outbound_redirected"),
                 packets("inbound_redirected"),
                 packets("dns_redirected"),
                 packets("proxy_exempt"),
-                detail,
+                printable(detail),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
@@ -46,26 +68,27 @@ def table(views: list[PodView]) -> str:
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
-def pod_detail(view: PodView, entry: dict) -> str:
-    """One pod in full: the decision, every setting and its source, the table with counters."""
+def pod_detail(view: PodView) -> str:
+    """One pod in full: the decision, every setting and where ADD's evaluation took it from, the table."""
+    drift = view.drift.message if view.drift is not None else ""
     out = [
-        f"pod        {view.ref}",
+        f"pod        {printable(view.ref)}",
         f"sandbox    {view.sandbox_id}",
         f"netns      {view.netns or '-'}",
-        f"decision   {view.decision}" + (f" ({view.reason})" if view.reason != view.decision else ""),
-        f"state      {view.state or '-'}" + (f": {view.drift}" if view.drift else ""),
+        f"decision   {view.decision.value}"
+        + (f" ({printable(view.reason)})" if view.reason != view.decision.value else ""),
+        f"state      {view.state or '-'}" + (f": {drift}" if drift else ""),
     ]
-    out += [f"problem    {problem}" for problem in view.problems]
-    if view.decision not in ("host-network", "excluded-namespace"):
-        conf = parse_conf({**entry, "runtimeConfig": {ANNOTATIONS_CAPABILITY: view.annotations}})
-        settings, ignored = merge_settings(conf.defaults, conf.annotations(), conf.annotation_policy, conf.pod_settable)
+    out += [f"problem    {printable(problem)}" for problem in view.problems]
+    evaluation = view.evaluation
+    if evaluation is not None and evaluation.settings:
         out += ["", "settings (value, and where it came from):"]
-        width = max(len(key) for key in settings)
-        out += [
-            f"  {key.ljust(width)}  {setting.value or '(empty)':<28} {setting.source}"
-            for key, setting in settings.items()
-        ]
-        out += [f"  ignored by annotation_policy restricted: {name}" for name in sorted(ignored)]
+        width = max(len(key) for key in evaluation.settings)
+        for key, setting in evaluation.settings.items():
+            value = printable(setting.value) or "(empty)"
+            why = f" ({printable(setting.why)})" if setting.why else ""
+            out.append(f"  {key.ljust(width)}  {value:<28} {printable(setting.source)}{why}")
+        out += [f"  ignored by annotation_policy restricted: {printable(name)}" for name in sorted(evaluation.ignored)]
     out += ["", "table:" if view.listing is not None else "table: none in the pod's netns"]
     if view.listing is not None:
         out.append(nft_text(view.listing, with_counters=True).rstrip())

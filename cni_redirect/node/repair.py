@@ -13,16 +13,22 @@ mid-pass is not an error.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .survey import CAPTURED, DRIFTED, MISSING, Survey, installed_entry
+from ..errors import CriError, SettingsError
+from . import REPAIR_MODES
+from .chain import installed_entry
+from .survey import DRIFTED, MISSING, PodView, SandboxSource, SessionFactory, Survey, kernel_sessions
 
-MODES = ("in-place", "report", "off")
+if TYPE_CHECKING:
+    import threading
+
+    from ..backend import Session
 
 
 @dataclass
@@ -36,78 +42,80 @@ class PassResult:
     error: str = ""
 
 
+def put_right(session: Session, view: PodView) -> None:
+    """Give the pod what its evaluation says, in its netns: the table (or none), and no stale routing."""
+    evaluation = view.evaluation
+    assert evaluation is not None
+    if evaluation.ruleset is None:
+        session.remove()  # the table and any routing of ours
+        return
+    session.apply(evaluation.ruleset)
+    if not evaluation.wants_routing and view.observed is not None and view.observed.routing:
+        session.clear_routing()
+
+
 class Repairer:
     def __init__(
         self,
-        cri_socket: str,
+        cri: SandboxSource,
         conf_dir: Path,
         log: Callable[..., None],
         mode: str = "in-place",
         conf_file: str | None = None,
-        locks=None,
+        sessions: SessionFactory | None = None,
         on_pass: Callable[[PassResult], None] | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"--repair {mode!r} must be one of {', '.join(MODES)}")
-        self.cri_socket = cri_socket
+        if mode not in REPAIR_MODES:
+            raise SettingsError(f"--repair {mode!r} must be one of {', '.join(REPAIR_MODES)}")
+        self.cri = cri
         self.conf_dir = conf_dir
         self.conf_file = conf_file
         self.log = log
         self.mode = mode
-        self.locks = locks
+        self.sessions = sessions or kernel_sessions()
         self.on_pass = on_pass
         self.passes = 0
         self.last: PassResult | None = None
         self.repairs: Counter = Counter()  # by reason: missing, drifted
-        self._cri = None
         self._last_error = ""
-
-    def cri(self):
-        if self._cri is None:
-            from ..cri import CriClient
-
-            self._cri = CriClient(self.cri_socket)
-        return self._cri
 
     def run_once(self) -> PassResult:
         """One pass over the node's ready sandboxes."""
-        import grpc
-
         result = PassResult()
         start = time.monotonic()
         entry = installed_entry(self.conf_dir, self.conf_file)
         if entry is None:
             result.error = "cni-redirect is not chained into the node's CNI config"
             return self._finish(result, start)
-        survey = Survey(self.cri(), entry, locks=self.locks)
+        survey = Survey(self.cri, entry, self.sessions)
         try:
             for view in survey.pods():
                 if view.state in (MISSING, DRIFTED):
                     self._repair(survey, view, result)
-                result.states[view.state or view.decision] += 1
-        except grpc.RpcError as exc:
-            result.error = f"CRI at {self.cri_socket}: {exc.code().name}: {exc.details()}"
+                result.states[view.state or view.decision.value] += 1
+        except CriError as exc:
+            result.error = str(exc)
         return self._finish(result, start)
 
-    def _repair(self, survey: Survey, view, result: PassResult) -> None:
-        what = f"{view.ref} ({view.sandbox_id[:13]}): {view.drift}"
+    def _repair(self, survey: Survey, view: PodView, result: PassResult) -> None:
+        drift = view.drift.message if view.drift is not None else ""
+        what = f"{view.ref} ({view.sandbox_id[:13]}): {drift}"
         if self.mode == "report":
             self.log("warning", f"repair needed: {what}", pod=view.ref, state=view.state, mode="report")
             return
         reason = view.state
+        assert view.netns is not None
         try:
-            with survey.opened(view.netns) as backend:
-                if view.ruleset is not None:
-                    backend.apply(view.netns, view.ruleset)
-                else:
-                    backend.remove(view.netns)
+            with self.sessions(view.netns) as session:
+                put_right(session, view)
         except Exception as exc:  # a sandbox torn down mid-pass, a kernel refusal: next pass tries again
             self.log("info", f"repair skipped: {view.ref}: {exc}", pod=view.ref)
             return
         self.repairs[reason] += 1
         result.repaired.append(view.ref)
         result.reasons[reason] += 1
-        self.log("warning", f"repaired {what}", pod=view.ref, state=reason, captured=view.decision == CAPTURED)
+        captured = view.evaluation is not None and view.evaluation.captured
+        self.log("warning", f"repaired {what}", pod=view.ref, state=reason, captured=captured)
         survey.compare(view)  # state now ok (or nothing expected)
 
     def _finish(self, result: PassResult, start: float) -> PassResult:
@@ -134,5 +142,6 @@ class Repairer:
             wake.wait(interval)
 
     def close(self) -> None:
-        if self._cri is not None:
-            self._cri.close()
+        close = getattr(self.cri, "close", None)
+        if callable(close):
+            close()

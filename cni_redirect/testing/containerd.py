@@ -171,6 +171,7 @@ class Containerd:
     def _wait_for_socket(self) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
+            assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"containerd exited: {(self.workdir / 'containerd.log').read_text()[-3000:]}")
             if self.socket.exists():

@@ -122,6 +122,7 @@ class Processes:
         cmd += ["--transparent"] if transparent else []
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.running.append(proc)
+        assert proc.stdout is not None and proc.stderr is not None
         line = proc.stdout.readline()
         if line.strip() != "ready":
             detail = proc.stderr.read() if proc.poll() is not None else ""
@@ -133,8 +134,9 @@ class Processes:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=5)
-            proc.stdout.close()
-            proc.stderr.close()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
         self.running.clear()
 
 

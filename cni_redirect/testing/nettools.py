@@ -32,6 +32,7 @@ import string
 import struct
 import sys
 import threading
+from typing import cast
 
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
@@ -88,7 +89,7 @@ def listen(name: str, port: int, udp: bool, bind: str, transparent: bool = False
     print("ready", flush=True)
     while True:
         for key, _ in selector.select():
-            sock = key.fileobj
+            sock = cast(socket.socket, key.fileobj)
             if udp:
                 _, peer = sock.recvfrom(2048)
                 reply = {"listener": name, "uid": os.getuid(), "peer": peer[0]}
@@ -145,10 +146,11 @@ def istio_validate(timeout: float = 5.0) -> int:
         print(json.dumps({"validator": "istio", "error": str(exc)}))
         return 126
     for key, _ in selector.select(timeout):
-        conn, _ = key.fileobj.accept()
+        listener = cast(socket.socket, key.fileobj)
+        conn, _ = listener.accept()
         with conn:
             port = int(original_dst(conn).rsplit(":", 1)[1])
-        accepted_on = key.fileobj.getsockname()[1]
+        accepted_on = listener.getsockname()[1]
         print(json.dumps({"validator": "istio", "accepted_on": accepted_on, "original_port": port}))
         return 0 if port == 15002 else 126
     print(json.dumps({"validator": "istio", "error": "no connection arrived"}))

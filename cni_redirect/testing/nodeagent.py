@@ -59,6 +59,7 @@ class NodeAgentProcess:
         self._reader.start()
 
     def _read(self) -> None:
+        assert self.proc.stdout is not None
         for line in self.proc.stdout:
             try:
                 self.lines.append(json.loads(line))

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cni_redirect.cri import CriClient
 from cni_redirect.node.repair import Repairer
 from cni_redirect.testing.containerd import GATEWAY
 from cni_redirect.testing.netlab import HOST, Netns, connect, enabled, host_ruleset
@@ -241,7 +242,7 @@ def test_repair_of_a_hundred_sandboxes_in_one_pass(node):
     agent = start("--repair=off")
     agent.wait_ready()
     lines: list[dict] = []
-    repairer = Repairer(str(client.runtime.socket), client.runtime.conf_dir, lambda *a, **k: lines.append(k))
+    repairer = Repairer(CriClient(str(client.runtime.socket)), client.runtime.conf_dir, lambda *a, **k: lines.append(k))
     try:
         first = repairer.run_once()
         second = repairer.run_once()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -43,3 +44,21 @@ def net(host_unchanged):
     network = PodNetwork.create()
     yield network
     network.delete()
+
+
+@pytest.fixture
+def socket_dir():
+    """Root's CNI server socket dir, made here if this machine has none (a fresh machine has none);
+    removed again if this fixture made it and nothing else is left in it."""
+    import os
+    from pathlib import Path
+
+    from cni_redirect.wire import SOCKET_DIRS
+
+    path = Path(SOCKET_DIRS[0])
+    made = not path.exists()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    yield path
+    if made:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)

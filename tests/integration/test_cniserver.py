@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -92,8 +93,8 @@ def test_server_down_means_slower_never_uncaptured(pod, tmp_path):
     assert run_plugin("DEL", "", plugin_conf(None, prev=False, agent_socket="/run/cni-redirect/x.sock")).rc == 0
 
 
-def test_a_server_that_never_answers_is_given_up_on_after_the_timeout(pod, host_unchanged):
-    path = f"/run/cni-redirect/hung-{os.getpid()}.sock"
+def test_a_server_that_never_answers_is_given_up_on_after_the_timeout(pod, host_unchanged, socket_dir):
+    path = f"{socket_dir}/hung-{os.getpid()}.sock"
     hung = socket.socket(socket.AF_UNIX)
     hung.bind(path)
     hung.listen(8)  # accepts into the backlog, never replies
@@ -180,8 +181,10 @@ def test_a_worker_is_in_the_pod_netns_while_it_works_and_home_before_it_ends(pod
         return libnftables()
 
     class PausingBackend(KernelBackend):
-        def apply(self, netns, ruleset):
-            super().apply(netns, ruleset)
+        @contextmanager
+        def session(self, netns):
+            with super().session(netns) as session:
+                yield session
             seen["tid"] = threading.get_native_id()
             paused.set()
             resume.wait(10)  # keep the worker alive while the test looks at it

@@ -9,12 +9,13 @@ import pytest
 from cni_redirect.backend import KernelBackend, libnftables
 from cni_redirect.fake import MemoryBackend
 from cni_redirect.netns import entered, open_netns
+from cni_redirect.testing.sessions import at
 from tests.support import CASES, REFUSED, REFUSED_FOLLOW_UP, render
 
 
 @pytest.mark.parametrize("case", REFUSED)
 def test_the_kernel_refuses_it_too(pod, case):
-    KernelBackend().apply(pod.path, render("defaults"))
+    at(KernelBackend(), pod.path).apply(render("defaults"))
     before = pod.ruleset()
     fd = open_netns(pod.path)
     try:
@@ -31,5 +32,5 @@ def test_the_kernel_refuses_it_too(pod, case):
 def test_fake_and_kernel_list_the_same_table(pod, case):
     kernel, fake = KernelBackend(), MemoryBackend()
     for backend in (kernel, fake):
-        backend.apply(pod.path, render(case))
-    assert fake.read(pod.path) == kernel.read(pod.path)
+        at(backend, pod.path).apply(render(case))
+    assert at(fake, pod.path).read() == at(kernel, pod.path).read()

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from cni_redirect.backend import KernelBackend, normalize
 from cni_redirect.errors import CniError, InternalError
 from cni_redirect.netns import open_netns
-from cni_redirect.ruleset import TCP_DPORT, Chain, Match, Rule, Ruleset, SetRef
+from cni_redirect.ruleset import TCP_DPORT, Chain, Match, Rule, RuleKind, Ruleset, SetRef
 from cni_redirect.testing.netlab import PLUGIN, Netns, enabled, plugin_conf, run_plugin
+from cni_redirect.testing.sessions import at
 from tests.support import INJECTIONS, render
 
 
@@ -30,7 +31,7 @@ def test_netns_vanishing_between_open_and_transaction(pod):
         assert not os.path.exists(netns)
         return fd
 
-    KernelBackend(reach=open_then_runtime_deletes).apply(pod.path, render("defaults"))
+    at(KernelBackend(reach=open_then_runtime_deletes), pod.path).apply(render("defaults"))
     # The netns is gone from the filesystem: a later ADD fails cleanly, a later DEL succeeds.
     run = run_plugin("ADD", pod.path, plugin_conf(enabled()))
     assert run.rc == 1 and run.json["code"] == 4 and "does not exist" in run.json["msg"]
@@ -40,20 +41,20 @@ def test_netns_vanishing_between_open_and_transaction(pod):
 def test_rejected_batch_is_a_clear_error_and_the_previous_table_survives(pod):
     backend = KernelBackend()
     good = render("exclude-everything")
-    backend.apply(pod.path, good)
-    before = backend.read(pod.path)
+    at(backend, pod.path).apply(good)
+    before = at(backend, pod.path).read()
     # A rule referencing a set that does not exist: libnftables rejects the whole transaction.
     prerouting, output = good.chains
     bad = Ruleset(good.sets, (prerouting, Chain("output", "output", (*output.rules, _broken_rule()))))
     with pytest.raises(InternalError) as info:
-        backend.apply(pod.path, bad)
+        at(backend, pod.path).apply(bad)
     assert "nftables rejected the apply transaction" in info.value.msg
     assert "missing_set" in info.value.details or "No such file" in info.value.details
-    assert backend.read(pod.path) == before, "a failed replace is all-or-nothing"
+    assert at(backend, pod.path).read() == before, "a failed replace is all-or-nothing"
 
 
 def _broken_rule() -> Rule:
-    return Rule((Match(TCP_DPORT, SetRef("missing_set")),), None, "refers to a set that does not exist")
+    return Rule((Match(TCP_DPORT, SetRef("missing_set")),), None, RuleKind.CAPTURE_OUTBOUND)  # a set that is not there
 
 
 def test_sigkill_mid_add_then_add_again_is_consistent(pod):
@@ -127,21 +128,21 @@ values = st.one_of(
 @given(st.dictionaries(keys, values, max_size=3))
 def test_real_kernel_holds_the_expected_table_or_the_previous_one(annotations):
     from cni_redirect.config import PodRef, parse_conf
-    from cni_redirect.plugin import decide
+    from tests.support import decide
 
     ns = Netns.create("prop")
     try:
         backend = KernelBackend()
         previous = render("defaults")
-        backend.apply(ns.path, previous)
+        at(backend, ns.path).apply(previous)
         conf = plugin_conf(enabled(**{k.replace("-", "_"): v for k, v in annotations.items()}))
         try:
             decision = decide(parse_conf(conf), PodRef("default", "p", None))
-            backend.apply(ns.path, decision.ruleset)
+            at(backend, ns.path).apply(decision.ruleset)
             expected = decision.ruleset
         except CniError as error:
             assert error.code in (7,), error.msg
             expected = previous
-        assert backend.read(ns.path) == normalize(expected.objects())
+        assert at(backend, ns.path).read() == normalize(expected.objects())
     finally:
         ns.delete()

@@ -8,6 +8,7 @@ import pytest
 
 from cni_redirect.backend import KernelBackend, normalize
 from cni_redirect.testing.netlab import sh
+from cni_redirect.testing.sessions import at
 from tests.support import CASES, GOLDEN_DIR, render
 
 
@@ -15,37 +16,38 @@ from tests.support import CASES, GOLDEN_DIR, render
 def test_golden_json_and_text_program_the_same_table(pod, case):
     ruleset = render(case)
     backend = KernelBackend()
-    backend.apply(pod.path, ruleset)
-    from_json = backend.read(pod.path)
+    at(backend, pod.path).apply(ruleset)
+    from_json = at(backend, pod.path).read()
     assert from_json == normalize(ruleset.objects())
 
-    backend.remove(pod.path)
-    assert backend.read(pod.path) is None
+    at(backend, pod.path).remove()
+    assert at(backend, pod.path).read() is None
     pod.run("nft", "-f", str(GOLDEN_DIR / f"{case}.nft"))
-    assert backend.read(pod.path) == from_json
+    assert at(backend, pod.path).read() == from_json
 
 
 def test_applying_twice_is_identical_and_remove_leaves_nothing(pod):
     ruleset = render("exclude-everything")
     backend = KernelBackend()
-    backend.apply(pod.path, ruleset)
+    at(backend, pod.path).apply(ruleset)
     once = pod.ruleset()
-    backend.apply(pod.path, ruleset)
+    at(backend, pod.path).apply(ruleset)
     assert pod.ruleset() == once
-    assert backend.remove(pod.path) is True
+    assert at(backend, pod.path).remove() is True
     assert pod.ruleset() == ""
-    assert backend.remove(pod.path) is False
+    assert at(backend, pod.path).remove() is False
 
 
 def test_backend_returns_to_the_callers_netns(pod):
     before = os.stat("/proc/thread-self/ns/net").st_ino
-    KernelBackend().apply(pod.path, render("defaults"))
+    at(KernelBackend(), pod.path).apply(render("defaults"))
     assert os.stat("/proc/thread-self/ns/net").st_ino == before
 
 
 def test_large_sets_apply_in_one_transaction(pod):
-    from cni_redirect.ruleset import build_ruleset
-    from cni_redirect.spec import build_spec, merge_settings
+    from cni_redirect.build import build_ruleset
+    from cni_redirect.settings import merge_settings
+    from cni_redirect.spec import build_spec
 
     cidrs = ",".join(f"10.{i // 256}.{i % 256}.0/24" for i in range(0, 20000, 2))
     ports = ",".join(str(p) for p in range(20000, 40000, 2))
@@ -54,6 +56,6 @@ def test_large_sets_apply_in_one_transaction(pod):
         {"cni-redirect.io/exclude-outbound-cidrs": cidrs, "cni-redirect.io/exclude-outbound-ports": ports},
     )
     ruleset = build_ruleset(build_spec(settings))
-    KernelBackend().apply(pod.path, ruleset)
+    at(KernelBackend(), pod.path).apply(ruleset)
     listing = sh("ip", "netns", "exec", pod.name, "nft", "-j", "list", "set", "inet", "cni_redirect", "out_exclude_v4")
     assert listing.stdout.count('"prefix"') == 10000

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from cni_redirect.errors import InvalidConfig
+from cni_redirect.errors import SettingsError
 from cni_redirect.node import conflists
-from cni_redirect.node.chain import BACKUP_PREFIX, load_entry
+from cni_redirect.node.chain import BACKUP_PREFIX, load_entry_settings
 from tests.support import NODE_SETTINGS as SETTINGS
 from tests.support import PRIMARY_DIR, TESTS
 
@@ -186,11 +186,11 @@ def test_an_edit_the_primary_makes_while_we_write_is_not_overwritten(host, monke
 def test_load_entry_validates_the_admins_settings(tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(SETTINGS))
-    assert load_entry(good)["capabilities"] == {"io.kubernetes.cri.pod-annotations": True}
+    assert load_entry_settings(good)["capabilities"] == {"io.kubernetes.cri.pod-annotations": True}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"defaults": {"proxy-uid": "0"}}))
-    with pytest.raises(InvalidConfig, match="allow_root_proxy_uid"):
-        load_entry(bad)
+    with pytest.raises(SettingsError, match="allow_root_proxy_uid"):
+        load_entry_settings(bad)
 
 
 def test_uninstall_keeps_what_another_installer_added_and_drops_only_our_entry(host):

@@ -9,6 +9,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.support import NODE_SETTINGS as SETTINGS
 from tests.support import AgentThread as Agent
 from tests.support import wait_for
@@ -70,14 +72,34 @@ def test_agent_readiness_endpoint(host):
         agent.terminate()
 
 
-def test_agent_refuses_invalid_settings(host, tmp_path):
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"defaults": {"outbound-port": "http"}}, "outbound-port"),
+        # Valid without the profile; under it, Istio's always-excluded ports exceed 2: every injected pod would fail.
+        ({"profile": "istio", "max_set_elements": 2}, "max_set_elements"),
+        ({"profile": "linkerd", "defaults": {"proxy-uid": "0"}}, "allow_root_proxy_uid"),
+        ([1], "must hold a JSON object"),
+    ],
+    ids=["bad-value", "istio-limit", "linkerd-root", "not-an-object"],
+)
+def test_agent_refuses_invalid_settings(host, tmp_path, settings, named):
     entry_file = tmp_path / "entry.json"
-    entry_file.write_text(json.dumps({"defaults": {"outbound-port": "http"}}))
+    entry_file.write_text(json.dumps(settings))
+    host.put("10-calico.conflist")
     agent = Agent(host, entry_file=entry_file)
     assert agent.terminate() == 2
     (error,) = [e for e in host.events() if e["level"] == "error"]
-    assert "outbound-port" in error["error"]
+    assert named in error["error"]
     assert sorted(os.listdir(host.bin)) == ["bridge"], "nothing installed"
+    assert host.entries("10-calico.conflist") == [], "nothing chained"
+
+
+def test_agent_refuses_an_entry_file_it_cannot_read(host, tmp_path):
+    agent = Agent(host, entry_file=tmp_path / "missing.json")
+    assert agent.terminate() == 2
+    (error,) = [e for e in host.events() if e["level"] == "error"]
+    assert "missing.json: cannot be read" in error["error"]
 
 
 def test_a_successor_takes_over_and_the_old_agent_leaves_everything_in_place(host):

@@ -6,23 +6,22 @@ import json
 
 import pytest
 
+from cni_redirect.backend import Observed
 from cni_redirect.config import PodRef, parse_conf
+from cni_redirect.evaluation import Outcome, compare
 from cni_redirect.node.doctor import TRAP, node_findings, pod_findings
 from cni_redirect.node.procs import Process
-from cni_redirect.node.survey import CAPTURED, PodView
-from cni_redirect.plugin import decide
+from cni_redirect.node.survey import PodView
 from cni_redirect.testing.netlab import enabled, plugin_conf
-from tests.support import PRIMARY_DIR
-
-POD_NETNS_INODE = 4026530000
+from tests.support import PRIMARY_DIR, decide
 
 
-def view_for(tmp_path, **annotations: str) -> PodView:
-    decision = decide(parse_conf(plugin_conf(enabled(**annotations))), PodRef("default", "web", None))
-    netns = tmp_path / "netns"
-    netns.write_text("")
-    view = PodView("abc123", "default", "web", "u", enabled(**annotations), netns=str(netns), decision=CAPTURED)
-    view.spec, view.ruleset, view.state = decision.spec, decision.ruleset, "ok"
+def view_for(netns, **annotations: str) -> PodView:
+    evaluation = decide(parse_conf(plugin_conf(enabled(**annotations))), PodRef("default", "web", None))
+    assert evaluation.ruleset is not None
+    view = PodView("abc123", "default", "web", "u", enabled(**annotations), netns=str(netns))
+    view.decision, view.evaluation = Outcome.CAPTURED, evaluation
+    view.observed = Observed(evaluation.ruleset.objects())  # the table as it should be: state ok
     return view
 
 
@@ -31,28 +30,29 @@ def proc(pid: int, comm: str, uid: int, ppid: int = 1, listening=(), started: fl
 
 
 @pytest.fixture
-def pod(tmp_path, monkeypatch):
-    """The made-up pod's netns inode is what os.stat reports for its path."""
-    import os
-
-    real_stat = os.stat
-
-    def fake_stat(path, *args, **kwargs):
-        if str(path) == str(tmp_path / "netns"):
-            return os.stat_result((0, POD_NETNS_INODE, 0, 0, 0, 0, 0, 0, 0, 0))
-        return real_stat(path, *args, **kwargs)
-
-    monkeypatch.setattr("cni_redirect.node.doctor.os.stat", fake_stat)
-    return lambda **annotations: view_for(tmp_path, **annotations)
+def netns_inode(tmp_path):
+    """A file stands for the pod's netns: doctor finds the pod's processes by its inode, as by a real netns's."""
+    path = tmp_path / "netns"
+    path.write_text("")
+    return path, path.stat().st_ino
 
 
-def in_pod(*processes: Process) -> list[Process]:
-    for process in processes:
-        process.netns = POD_NETNS_INODE
-    return [*processes, proc(999, "elsewhere", 101)]  # another pod's process: never considered
+@pytest.fixture
+def pod(netns_inode):
+    return lambda **annotations: view_for(netns_inode[0], **annotations)
 
 
-def test_the_seeds_trap_nginx_and_envoy_both_as_uid_101(pod):
+@pytest.fixture
+def in_pod(netns_inode):
+    def members(*processes: Process) -> list[Process]:
+        for process in processes:
+            process.netns = netns_inode[1]
+        return [*processes, proc(999, "elsewhere", 101)]  # another pod's process: never considered
+
+    return members
+
+
+def test_the_seeds_trap_nginx_and_envoy_both_as_uid_101(pod, in_pod):
     envoy = proc(10, "envoy", 101, listening={10000})
     nginx = proc(20, "nginx", 101, listening={80})
     findings = pod_findings(pod(proxy_uid="101", outbound_port="10000", inbound_port="10000"), in_pod(envoy, nginx), [])
@@ -60,7 +60,7 @@ def test_the_seeds_trap_nginx_and_envoy_both_as_uid_101(pod):
     assert findings[0].message.startswith("default/web: nginx (pid 20) runs as UID 101, the proxy UID")
 
 
-def test_the_fix_nginx_on_its_own_uid(pod):
+def test_the_fix_nginx_on_its_own_uid(pod, in_pod):
     envoy = proc(10, "envoy", 101, listening={10000})
     nginx = proc(20, "nginx", 102, listening={80})
     assert (
@@ -68,26 +68,26 @@ def test_the_fix_nginx_on_its_own_uid(pod):
     )
 
 
-def test_what_the_proxy_starts_may_share_its_uid(pod):
+def test_what_the_proxy_starts_may_share_its_uid(pod, in_pod):
     envoy = proc(10, "envoy", 1337, listening={15001})
     worker = proc(11, "envoy-worker", 1337, ppid=10)
     grandchild = proc(12, "hot-restart", 1337, ppid=11)
     assert pod_findings(pod(), in_pod(envoy, worker, grandchild), []) == []
 
 
-def test_the_proxy_gid_counts_too(pod):
+def test_the_proxy_gid_counts_too(pod, in_pod):
     envoy = proc(10, "envoy", 1337, listening={15001})
     app = Process(20, 1, "app", 1000, 1337, 0, 100.0)
     (finding,) = pod_findings(pod(proxy_gid="1337"), in_pod(envoy, app), [])
     assert "runs as GID 1337, the proxy GID" in finding.message
 
 
-def test_no_proxy_listening_on_the_outbound_port(pod):
+def test_no_proxy_listening_on_the_outbound_port(pod, in_pod):
     (finding,) = pod_findings(pod(), in_pod(proc(20, "app", 1000, listening={8080})), [])
     assert finding.check == "proxy" and "nothing listens on :15001 as the proxy UID 1337" in finding.message
 
 
-def test_an_exempt_uid_that_outlives_the_init_containers(pod):
+def test_an_exempt_uid_that_outlives_the_init_containers(pod, in_pod):
     envoy = proc(10, "envoy", 1337, listening={15001})
     job = proc(20, "curl", 1000, started=100.0)
     view = pod(exclude_uids="1000")
@@ -96,16 +96,19 @@ def test_an_exempt_uid_that_outlives_the_init_containers(pod):
     assert finding.check == "exempt" and "curl (pid 20) runs as UID 1000, in exclude-uids" in finding.message
 
 
-def test_a_port_of_the_proxy_taken_by_the_app(pod):
+def test_a_port_of_the_proxy_taken_by_the_app(pod, in_pod):
     envoy = proc(10, "envoy", 1337, listening={15001})
     app = proc(20, "python3", 1000, listening={15006, 8080})
     (finding,) = pod_findings(pod(), in_pod(envoy, app), [])
     assert finding.check == "port" and "python3 (pid 20, UID 1000) listens on 15006" in finding.message
 
 
-def test_a_missing_table_is_a_finding(pod):
+def test_a_missing_table_is_a_finding(pod, in_pod):
     view = pod()
-    view.state, view.drift = "missing", "table inet cni_redirect is missing from the pod network namespace"
+    view.observed = Observed(None)
+    assert view.evaluation is not None
+    view.drift = compare(view.evaluation, view.observed)
+    assert view.state == "missing"
     (finding,) = pod_findings(view, in_pod(proc(10, "envoy", 1337, listening={15001})), [])
     assert finding.check == "table" and "is missing" in finding.message
 

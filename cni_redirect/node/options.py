@@ -1,0 +1,31 @@
+"""The node agent's settings: one dataclass, and each setting's one default.
+
+`cli.py` builds the `install` flags from these defaults (each also read from
+its UPPER_SNAKE environment variable), so a default lives only here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..wire import DEFAULT_SOCKET
+from . import CONTAINERD_SOCKET
+
+
+@dataclass
+class Options:
+    cni_bin_dir: Path = Path("/host/opt/cni/bin")
+    cni_conf_dir: Path = Path("/host/etc/cni/net.d")
+    conf_file: str | None = None
+    plugin_source: Path = Path("/opt/cni-redirect/bundle/cni-redirect")
+    entry_file: Path | None = None
+    readiness_port: int = 0  # 0: no readiness endpoint
+    poll_interval: float = 0.2
+    wait_log_interval: float = 5.0
+    uninstall_grace: float = 2.0
+    handover_wait: float = 5.0  # on SIGTERM, how long a successor may take to show up before we uninstall
+    agent_socket: Path | None = Path(DEFAULT_SOCKET)  # the CNI server (the fast path); None: off
+    cri_socket: str = CONTAINERD_SOCKET
+    repair: str = "in-place"
+    repair_interval: float = 30.0

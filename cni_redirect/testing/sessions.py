@@ -1,0 +1,33 @@
+"""One-call sessions on a backend, for tests and benchmarks: `at(backend, netns).apply(ruleset)`."""
+
+from __future__ import annotations
+
+from cni_redirect.backend import Backend, Observed
+from cni_redirect.ruleset import Ruleset
+
+
+class At:
+    """A backend's session operations on one netns, one session per call: terse for tests."""
+
+    def __init__(self, backend: Backend, netns: str) -> None:
+        self.backend, self.netns = backend, netns
+
+    def apply(self, ruleset: Ruleset) -> None:
+        with self.backend.session(self.netns) as session:
+            session.apply(ruleset)
+
+    def remove(self) -> bool:
+        with self.backend.session(self.netns) as session:
+            return session.remove()
+
+    def read(self, raw: bool = False) -> list[dict] | None:
+        with self.backend.session(self.netns) as session:
+            return session.read(raw)
+
+    def observe(self, routing_wanted: bool = False) -> Observed:
+        with self.backend.session(self.netns) as session:
+            return session.observe(routing_wanted)
+
+
+def at(backend: Backend, netns: str) -> At:
+    return At(backend, netns)

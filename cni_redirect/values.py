@@ -1,0 +1,197 @@
+"""The value grammar: every setting arrives as a string, and these parse it into canonical values.
+
+Strings in, canonical values out, ValueError on bad input: ports and port
+ranges (merged, since nft interval sets reject overlaps), CIDRs (collapsed,
+never with a zone ID), UIDs, interface names, `*` selections. `show()` quotes
+a value for a message, escaped and cut short. Nothing here knows the
+catalogue or where a value came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BeforeValidator
+
+ALL: Literal["*"] = "*"
+MAX_UID = 4294967294  # (uid_t)-1 means "no change" to the kernel, never a real UID
+_MAX_SHOWN = 120  # characters of an offending value echoed back in a message
+
+PortRange = tuple[int, int]
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+_INT = re.compile(r"[0-9]{1,10}")
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,14}")
+
+
+def show(value: object) -> str:
+    """Quote a value for a message, cut short so hostile input cannot flood logs.
+
+    Strings are shown in double quotes; anything else (a JSON number or list in the wrong place) as its repr.
+    """
+    text = value if isinstance(value, str) else repr(value)
+    text = text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
+    if not isinstance(value, str):
+        return text.encode("unicode_escape").decode("ascii")
+    return '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
+
+
+def _items(value: str) -> list[str]:
+    """Split a comma list; an empty string is an empty list, an empty item is an error."""
+    text = value.strip()
+    if not text:
+        return []
+    items = [item.strip() for item in text.split(",")]
+    if "" in items:
+        raise ValueError("empty item in comma list")
+    return items
+
+
+def parse_bool(value: str) -> bool:
+    text = value.strip().lower()
+    if text == "true":
+        return True
+    if text == "false":
+        return False
+    raise ValueError('must be "true" or "false"')
+
+
+def _parse_int(text: str, what: str, low: int, high: int) -> int:
+    if not _INT.fullmatch(text):
+        raise ValueError(f"{show(text)} is not {what} ({low}-{high})")
+    number = int(text)
+    if not low <= number <= high:
+        raise ValueError(f"{number} is out of range for {what} ({low}-{high})")
+    return number
+
+
+def _parse_port(value: str) -> int:
+    return _parse_int(value.strip(), "a port", 1, 65535)
+
+
+def _parse_uid(value: str) -> int:
+    return _parse_int(value.strip(), "a UID", 0, MAX_UID)
+
+
+def _parse_optional_gid(value: str) -> int | None:
+    text = value.strip()
+    return None if not text else _parse_int(text, "a GID", 0, MAX_UID)
+
+
+def _parse_uid_list(value: str) -> tuple[int, ...]:
+    return tuple(sorted({_parse_int(item, "a UID", 0, MAX_UID) for item in _items(value)}))
+
+
+def merge_ranges(ranges: Iterable[PortRange]) -> tuple[PortRange, ...]:
+    """Sort and merge overlapping or adjacent ranges: nft interval sets reject overlaps."""
+    merged: list[PortRange] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return tuple(merged)
+
+
+def _parse_port_ranges(value: str) -> tuple[PortRange, ...]:
+    ranges = []
+    for item in _items(value):
+        low_text, dash, high_text = item.partition("-")
+        try:
+            low = _parse_int(low_text.strip(), "a port", 1, 65535)
+            high = _parse_int(high_text.strip(), "a port", 1, 65535) if dash else low
+        except ValueError:
+            raise ValueError(f"{show(item)} is not a port or port range (1-65535 or LOW-HIGH)") from None
+        if low > high:
+            raise ValueError(f"{show(item)} is an empty range: {low} > {high}")
+        ranges.append((low, high))
+    return merge_ranges(ranges)
+
+
+def _parse_networks(value: str) -> tuple[Network, ...]:
+    networks: list[Network] = []
+    for item in _items(value):
+        if "%" in item:  # ipaddress keeps any text after % (an IPv6 zone) and would carry it into the ruleset
+            raise ValueError(f"{show(item)}: a zone or scope ID (%...) is not allowed in a CIDR")
+        try:
+            network = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{show(item)} is not an IPv4 or IPv6 address or CIDR") from None
+        networks.append(network)
+    v4 = ipaddress.collapse_addresses(n for n in networks if n.version == 4)
+    v6 = ipaddress.collapse_addresses(n for n in networks if n.version == 6)
+    return (*v4, *v6)
+
+
+def _parse_interfaces(value: str) -> tuple[str, ...]:
+    names = set()
+    for item in _items(value):
+        if not _IFNAME.fullmatch(item) or item in (".", ".."):
+            raise ValueError(
+                f"{show(item)} is not an interface name (1-15 of A-Z a-z 0-9 _ . @ + -, not starting with a symbol)"
+            )
+        names.add(item)
+    return tuple(sorted(names))
+
+
+def _parse_inbound_mode(value: str) -> str:
+    text = value.strip().lower()
+    if text not in ("redirect", "tproxy"):
+        raise ValueError('must be "redirect" or "tproxy"')
+    return text
+
+
+Parser = Callable[[str], Any]
+
+
+def _selection(parse: Parser) -> Parser:
+    """Wrap a list parser so that a lone `*` means "everything"."""
+
+    def parse_selection(value: str) -> Any:
+        if value.strip() == ALL:
+            return ALL
+        if ALL in _items(value):
+            raise ValueError('"*" cannot be combined with other items')
+        return parse(value)
+
+    return parse_selection
+
+
+def _no_wildcard(parse: Parser) -> Parser:
+    def parse_exclusion(value: str) -> Any:
+        if ALL in _items(value):
+            raise ValueError('"*" is only accepted by include-* keys')
+        return parse(value)
+
+    return parse_exclusion
+
+
+def _strings_only(parse: Parser) -> Callable[[object], Any]:
+    """Reject non-string input before parsing, so a JSON number in the wrong place is named."""
+
+    def parse_string(value: object) -> Any:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, got {type(value).__name__}")
+        return parse(value)
+
+    return parse_string
+
+
+Bool = Annotated[bool, BeforeValidator(_strings_only(parse_bool))]
+Port = Annotated[int, BeforeValidator(_strings_only(_parse_port))]
+Uid = Annotated[int, BeforeValidator(_strings_only(_parse_uid))]
+OptionalGid = Annotated[Union[int, None], BeforeValidator(_strings_only(_parse_optional_gid))]
+UidList = Annotated[tuple[int, ...], BeforeValidator(_strings_only(_parse_uid_list))]
+PortList = Annotated[tuple[PortRange, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_port_ranges)))]
+PortSelection = Annotated[
+    Union[Literal["*"], tuple[PortRange, ...]], BeforeValidator(_strings_only(_selection(_parse_port_ranges)))
+]
+NetworkList = Annotated[tuple[Network, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_networks)))]
+NetworkSelection = Annotated[
+    Union[Literal["*"], tuple[Network, ...]], BeforeValidator(_strings_only(_selection(_parse_networks)))
+]
+InterfaceList = Annotated[tuple[str, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_interfaces)))]
+InboundMode = Annotated[Literal["redirect", "tproxy"], BeforeValidator(_strings_only(_parse_inbound_mode))]

@@ -22,15 +22,5 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The nftables bindings exist only as Debian's python3-nftables (they must match the host's
-# libnftables), so the venv is made from Debian's python with system site-packages visible.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import nftables" 2>/dev/null; then
-  rm -rf .venv
-  /usr/bin/python3 -m venv --system-site-packages .venv
-fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
-if [ ! -f "$stamp" ] || [ ! -x .venv/bin/cni-redirect ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-  rm -f .venv/.installed-* && touch "$stamp"
-fi
+scripts/venv.sh
 echo "setup: ready (.venv/bin/cni-redirect)" >&2

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, unit, real-netns and end-to-end tiers. Needs root; never skips.
-# Extra arguments go to pytest (e.g. scripts/test.sh tests/e2e -k concurrent).
+# The whole test suite: scripts/check.sh (lint, types, the unit tier), then the heavy unit tests and
+# every root tier (real netns, the kernel's nftables, containerd). Needs root; never skips.
+# Extra arguments go to the second pytest run only (e.g. scripts/test.sh tests/e2e -k concurrent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -8,6 +9,8 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 scripts/setup.sh
-.venv/bin/ruff check cni_redirect tests scripts bench
-.venv/bin/ruff format --check cni_redirect tests scripts bench
-exec .venv/bin/python -m pytest "${@:-tests}"
+scripts/check.sh
+if [ "$#" -gt 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+exec .venv/bin/python -m pytest -m "root or slow" tests

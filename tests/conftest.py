@@ -3,7 +3,9 @@
 Markers follow the directories: everything under `integration/` is marked
 `root` (network namespaces, the kernel's nftables), everything under `e2e/`
 `root` and `e2e` (a real container runtime), so `pytest -m "not root"` runs
-the unit tier, which needs nothing, in seconds.
+the unit tier, which needs nothing, in seconds. `slow` marks the heavy unit
+tests (100 000-entry lists, large property runs): the full suite runs them,
+`scripts/check.sh` leaves them out.
 """
 
 from __future__ import annotations
@@ -13,8 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from cni_redirect.testing.netlab import Processes
+
+# Every property test in the suite runs this many examples, without a deadline (the machine has 2 cores).
+settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import ipaddress
 import json
 
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cni_redirect.result import SUPPORTED_VERSIONS
@@ -21,9 +22,6 @@ from tests.support import DEFAULT_ENV, FAKE_NETNS, INJECTIONS, call
 CLEAN_CODES = {1, 4, 6, 7, 11}
 NETNS = FAKE_NETNS
 ENV = {**DEFAULT_ENV, "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=p"}
-
-settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("ci")
 
 
 def run_add(stdin: bytes, env: dict[str, str] = ENV):
@@ -194,6 +192,7 @@ def test_every_injection_in_every_field_is_refused():
             assert ANNOTATION_PREFIX + key in json.loads(out)["msg"]
 
 
+@pytest.mark.slow
 def test_hundred_thousand_entry_lists_hit_the_limit_cleanly():
     ports = ",".join(str(p) for p in range(1, 65536, 2))  # 32768 distinct single ports
     cidrs = ",".join(f"10.{i // 256 % 256}.{i % 256}.{(i // 65536) * 8}/29" for i in range(100_000))

@@ -113,8 +113,18 @@ OURS_BUT_ERRORS = {f"cni_redirect.{m}" for m in ("spec", "config", "plugin", "ba
 
 RULES = [
     # (module, what it must never reach, module-level imports only?, why)
-    ("cni_redirect.ruleset", KERNEL, False, "the ruleset is pure data: it never talks to the kernel"),
-    ("cni_redirect.spec", KERNEL, False, "validation never touches the kernel"),
+    ("cni_redirect.values", KERNEL | {"cni_redirect.spec", "cni_redirect.settings"}, False, "the grammar knows no key"),
+    ("cni_redirect.spec", KERNEL | {"cni_redirect.settings"}, False, "validation never touches the kernel"),
+    ("cni_redirect.settings", KERNEL | {"cni_redirect.config"}, False, "layering is pure: no kernel, no entry"),
+    ("cni_redirect.evaluation", KERNEL | NODE, False, "the evaluation and the comparison are pure"),
+    ("cni_redirect.build", KERNEL | {"cni_redirect.settings"}, False, "the builder reads a spec, nothing else"),
+    ("cni_redirect.nfttext", OURS_BUT_ERRORS | HEAVY | {"cni_redirect.ruleset"}, False, "it renders dicts"),
+    (
+        "cni_redirect.ruleset",
+        KERNEL | {"cni_redirect.spec"},
+        False,
+        "the ruleset is pure data: it never talks to the kernel",
+    ),
     ("cni_redirect.config", KERNEL, False, "validation never touches the kernel"),
     ("cni_redirect.profiles", KERNEL, False, "a mesh profile is data and a translation: no kernel"),
     ("cni_redirect.routing", NODE | {"nftables"}, False, "policy routing is netlink, not nftables or the node agent"),
@@ -169,3 +179,24 @@ def test_scripts_and_benchmarks_import_the_package_never_the_tests():
 
 def test_stdlib_detection_is_real():
     assert "_socket" in sys.stdlib_module_names and "pydantic" not in sys.stdlib_module_names
+
+
+def _callers(function: str) -> set[str]:
+    """The package's modules that call `function` by name (a bare call or an attribute call)."""
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name == function:
+                    found.add(_module_name(path))
+    return found
+
+
+def test_settings_are_layered_in_one_place_and_compared_in_one_place():
+    """Every surface (ADD, CHECK, render, inspect, doctor, repair, the agent's entry check) goes through these."""
+    assert _callers("merge_settings") == {"cni_redirect.evaluation"}
+    assert _callers("build_spec") == {"cni_redirect.evaluation"}
+    assert _callers("build_ruleset") == {"cni_redirect.evaluation"}
+    assert _callers("_table_drift") == {"cni_redirect.evaluation"}
+    assert _callers("compare") == {"cni_redirect.plugin", "cni_redirect.node.survey"}

@@ -136,12 +136,12 @@ def _expected(document: object) -> str | None:
     st.booleans(),
 )
 @settings(max_examples=400, deadline=None)
+@pytest.mark.slow
 def test_the_top_level_scanner_agrees_with_json_loads(document, indent, ascii_only, escape_key):
     text = json.dumps(document, indent=indent, ensure_ascii=ascii_only)
     if escape_key:  # same key for json.loads, different bytes for a naive search
         text = text.replace('"agent_socket"', '"agent\\u005fsocket"').replace("/cni-redirect/", "\\/cni-redirect\\/")
     raw = text.encode()
-    assert json.loads(raw) == json.loads(text)
     assert config_agent_socket(raw) == _expected(json.loads(raw))
 
 

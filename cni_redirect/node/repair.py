@@ -116,7 +116,7 @@ class Repairer:
         result.reasons[reason] += 1
         captured = view.evaluation is not None and view.evaluation.captured
         self.log("warning", f"repaired {what}", pod=view.ref, state=reason, captured=captured)
-        survey.compare(view)  # state now ok (or nothing expected)
+        survey.examine(view)  # state now ok (or nothing expected)
 
     def _finish(self, result: PassResult, start: float) -> PassResult:
         result.seconds = time.monotonic() - start

@@ -131,9 +131,9 @@ class Survey:
         if view.netns is None:
             view.problems.append("the runtime reports no network namespace path for this sandbox")
             return
-        self.compare(view)
+        self.examine(view)
 
-    def compare(self, view: PodView) -> None:
+    def examine(self, view: PodView) -> None:
         """Read the pod's table and routing, and compare them exactly as CHECK does."""
         assert view.evaluation is not None and view.netns is not None
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -59,3 +60,13 @@ def test_large_sets_apply_in_one_transaction(pod):
     at(KernelBackend(), pod.path).apply(ruleset)
     listing = sh("ip", "netns", "exec", pod.name, "nft", "-j", "list", "set", "inet", "cni_redirect", "out_exclude_v4")
     assert listing.stdout.count('"prefix"') == 10000
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_golden_is_what_the_kernel_lists(pod, case):
+    """The golden batch is held against the kernel's own listing (`nft -j list table` in the pod netns), not
+    against our renderer: what the golden files promise is what a pod's netns holds."""
+    at(KernelBackend(), pod.path).apply(render(case))
+    listing = json.loads(pod.run("nft", "-j", "-y", "-p", "list", "table", "inet", "cni_redirect").stdout)["nftables"]
+    golden = json.loads((GOLDEN_DIR / f"{case}.json").read_text())["nftables"]
+    assert normalize(listing) == normalize([command["add"] for command in golden])

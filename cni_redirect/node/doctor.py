@@ -52,7 +52,7 @@ class Finding:
 
 
 def node_findings(conf_dir: Path, conf_file: str | None = None) -> list[Finding]:
-    findings: list[Finding] = []
+    """What is wrong with how the node runs us: the primary config, our entry in it, its CNI server."""
     try:
         names = os.listdir(conf_dir)
     except OSError as exc:
@@ -69,59 +69,54 @@ def node_findings(conf_dir: Path, conf_file: str | None = None) -> list[Finding]
     plugins = document["plugins"]
     ours = [i for i, plugin in enumerate(plugins) if conflists.is_ours(plugin)]
     if not ours:
-        return [
-            Finding(
-                "chained",
-                TRAP,
-                f"cni-redirect is not in {name}'s chain: pods start uncaptured; is the node agent running?",
-            )
-        ]
-    entry = plugins[ours[-1]]
-    if not (entry.get("capabilities") or {}).get(ANNOTATIONS_CAPABILITY):
-        findings.append(
-            Finding(
-                "capability",
-                TRAP,
-                f'our entry in {name} lacks "capabilities": {{"{ANNOTATIONS_CAPABILITY}": true}}: the runtime '
-                "passes no pod annotations, so only the entry's defaults apply; add it (the node agent writes it)",
-            )
-        )
-    if ours[-1] != len(plugins) - 1:
-        after = ", ".join(str(p.get("type")) for p in plugins[ours[-1] + 1 :])
-        findings.append(
-            Finding(
-                "last",
-                TRAP,
-                f"our entry is not last in {name}'s chain (after it: {after}): a plugin after us may undo the capture; "
-                "move it last (the node agent does)",
-            )
-        )
-    socket = entry.get("agent_socket")
-    if isinstance(socket, str) and socket:
-        try:
-            code, _, _ = wire.exchange(socket, {"CNI_COMMAND": "VERSION"}, b'{"cniVersion": "1.0.0"}', None, 2.0)
-            if code != 0:
-                raise WireError(f"exit code {code}")
-        except WireError as exc:
-            findings.append(
-                Finding(
-                    "cni-server",
-                    TRAP,
-                    f"the CNI server at {socket} does not answer ({exc}): every ADD runs in-process, about 0.5 s "
-                    "slower; check the node agent (its /healthz, its log)",
-                )
-            )
+        message = f"cni-redirect is not in {name}'s chain: pods start uncaptured; is the node agent running?"
+        return [Finding("chained", TRAP, message)]
+    findings = _entry_findings(name, plugins, ours[-1]) + _server_findings(plugins[ours[-1]])
     others = valid_configs(conf_dir, names, {name})
     if others and conf_file is None:
-        findings.append(
-            Finding(
-                "conf-file",
-                NOTE,
-                f"other network configs exist ({', '.join(others)}): a runtime that picks its network by name "
-                "(CRI-O's cni_default_network) may use one without cni-redirect; set --conf-file to the one it uses",
-            )
+        message = (
+            f"other network configs exist ({', '.join(others)}): a runtime that picks its network by name "
+            "(CRI-O's cni_default_network) may use one without cni-redirect; set --conf-file to the one it uses"
         )
+        findings.append(Finding("conf-file", NOTE, message))
     return findings
+
+
+def _entry_findings(name: str, plugins: list[dict], index: int) -> list[Finding]:
+    """Our entry (at `index` of the chain in file `name`): its capability, its place."""
+    findings = []
+    if not (plugins[index].get("capabilities") or {}).get(ANNOTATIONS_CAPABILITY):
+        message = (
+            f'our entry in {name} lacks "capabilities": {{"{ANNOTATIONS_CAPABILITY}": true}}: the runtime '
+            "passes no pod annotations, so only the entry's defaults apply; add it (the node agent writes it)"
+        )
+        findings.append(Finding("capability", TRAP, message))
+    if index != len(plugins) - 1:
+        after = ", ".join(str(p.get("type")) for p in plugins[index + 1 :])
+        message = (
+            f"our entry is not last in {name}'s chain (after it: {after}): a plugin after us may undo the capture; "
+            "move it last (the node agent does)"
+        )
+        findings.append(Finding("last", TRAP, message))
+    return findings
+
+
+def _server_findings(entry: dict) -> list[Finding]:
+    """The CNI server our entry names, asked VERSION as the front would."""
+    socket = entry.get("agent_socket")
+    if not isinstance(socket, str) or not socket:
+        return []
+    try:
+        code, _, _ = wire.exchange(socket, {"CNI_COMMAND": "VERSION"}, b'{"cniVersion": "1.0.0"}', None, 2.0)
+        if code != 0:
+            raise WireError(f"exit code {code}")
+    except WireError as exc:
+        message = (
+            f"the CNI server at {socket} does not answer ({exc}): every ADD runs in-process, about 0.5 s "
+            "slower; check the node agent (its /healthz, its log)"
+        )
+        return [Finding("cni-server", TRAP, message)]
+    return []
 
 
 def pod_findings(view: PodView, procs: list[Process], started_containers: list[float]) -> list[Finding]:

@@ -14,6 +14,11 @@ exit code.
   in-process too, with one warning line saying why. Slower, never uncaptured
   and never stuck; the table is replaced, so a late server cannot leave two.
 - VERSION is answered here, from constants: libcni asks it on every load.
+- STATUS and GC go to the CNI server too; with none (or none answering) they
+  are answered here, loading nothing heavy (`status.py`): containerd 2.x asks
+  STATUS on every CRI `Status` call.
+- DEL of a netns that is gone is forwarded without an fd: the server answers
+  "nothing to do", as in-process DEL does, without the in-process start.
 - Not a CNI call (no CNI_COMMAND): the command-line interface.
 """
 
@@ -23,6 +28,8 @@ import sys
 from . import wire
 
 VERSIONS = b'{"cniVersion": "1.1.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}'
+FORWARDED = ("ADD", "CHECK", "DEL", "STATUS", "GC")  # to the CNI server, when the entry names one
+WITH_NETNS = ("ADD", "CHECK", "DEL")
 
 
 def _write(fd: int, data: bytes) -> None:
@@ -42,31 +49,54 @@ def main() -> int:
         _write(1, VERSIONS)
         return 0
     stdin = sys.stdin.buffer.read()
-    path = wire.config_agent_socket(stdin) if command in ("ADD", "CHECK", "DEL") else None
+    path = wire.config_agent_socket(stdin) if command in FORWARDED else None
     fallback = None
     if path is not None:
-        netns_fd = None
-        netns = env.get("CNI_NETNS", "")
-        if netns:
-            try:
-                netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                netns_fd = None  # let the in-process path give the precise error
-        if netns_fd is not None or (command == "DEL" and not netns):
-            try:
-                code, out, err = wire.exchange(path, env, stdin, netns_fd)
-            except wire.WireError() as exc:  # the expression is evaluated only when something was raised
-                fallback = f"CNI server at {path} did not answer ({exc}): doing the work in-process"
-            else:
-                _write(1, out)
-                _write(2, err)
-                return code
-            finally:
-                if netns_fd is not None:
-                    os.close(netns_fd)
+        try:
+            code, out, err = _forward(path, command, env, stdin)
+        except _NotForwarded:
+            pass
+        except wire.WireError() as exc:  # the expression is evaluated only when something else was raised
+            fallback = f"CNI server at {path} did not answer ({exc}): doing the work in-process"
+        else:
+            _write(1, out)
+            _write(2, err)
+            return code
+    if command in ("STATUS", "GC"):
+        from .status import answer
+
+        code, out = answer(env, stdin)
+        _write(1, out)
+        return code
     from .plugin import run_in_process
 
     return run_in_process(stdin, fallback)
+
+
+class _NotForwarded(Exception):
+    """The request is better done in-process (its netns cannot be opened for a reason DEL must report)."""
+
+
+def _forward(path: str, command: str, env: dict[str, str], stdin: bytes) -> tuple[int, bytes, bytes]:
+    """Send the request to the CNI server, with the pod netns as an fd when the command has one."""
+    netns = env.get("CNI_NETNS", "")
+    netns_fd = None
+    if netns and command in WITH_NETNS:
+        try:
+            netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if command != "DEL":
+                raise _NotForwarded() from None  # let the in-process path give the precise error
+            # DEL of a netns that is gone: the server answers "nothing to do", as in-process DEL does
+        except OSError:
+            raise _NotForwarded() from None
+    if netns_fd is None and command in ("ADD", "CHECK"):
+        raise _NotForwarded()  # no netns to hand over: the in-process path names what is wrong
+    try:
+        return wire.exchange(path, env, stdin, netns_fd)
+    finally:
+        if netns_fd is not None:
+            os.close(netns_fd)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -110,13 +110,13 @@ def dispatch(plugin: Plugin, env: Mapping[str, str], stdin: bytes, stdout: TextI
     except Exception as exc:  # a bug: still answer the runtime in CNI form
         stderr.write(traceback.format_exc())
         failure = InternalError(f"unexpected {type(exc).__name__}: {exc}")
-    version = request.cni_version if request else _error_version(stdin)
+    version = request.cni_version if request else error_version(stdin)
     stdout.write(json.dumps(failure.to_dict(version)))
     plugin.report_failure(request, failure)
     return 1
 
 
-def _error_version(stdin: bytes) -> str:
+def error_version(stdin: bytes) -> str:
     """The version to encode an early error in: the config's, if we speak it."""
     try:
         version = json.loads(stdin).get("cniVersion")

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from cni_redirect.front import VERSIONS
 from cni_redirect.result import SUPPORTED_VERSIONS
 
@@ -36,3 +38,50 @@ def test_version_is_answered_by_the_front_with_any_env():
         check=True,
     ).stdout
     assert "1.1.0" in json.loads(out)["supportedVersions"]
+
+
+HEAVY = ("pydantic", "pyroute2", "nftables", "grpc", "prometheus_client")
+
+
+def front_run(command: str, conf: dict) -> tuple[int, bytes, list[str]]:
+    """The front's main() in a fresh interpreter: exit code, stdout, and which heavy modules it loaded."""
+    code = (
+        "import io, json, os, sys\n"
+        f"os.environ['CNI_COMMAND'] = {command!r}\n"
+        f"sys.stdin = io.TextIOWrapper(io.BytesIO({json.dumps(conf).encode()!r}))\n"
+        "import cni_redirect.front as front\n"
+        "rc = front.main()\n"
+        f"print(json.dumps([rc, sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})]), file=sys.stderr)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    rc, loaded = json.loads(run.stderr.decode().strip().splitlines()[-1])
+    return rc, run.stdout, loaded
+
+
+@pytest.mark.parametrize("command", ["STATUS", "GC"])
+def test_status_and_gc_without_a_server_load_nothing_heavy(command):
+    rc, out, loaded = front_run(command, {"cniVersion": "1.1.0", "name": "n", "type": "cni-redirect"})
+    assert (rc, out, loaded) == (0, b"", [])
+
+
+def test_status_with_a_server_that_does_not_answer_loads_nothing_heavy():
+    conf = {"cniVersion": "1.1.0", "name": "n", "type": "cni-redirect", "agent_socket": "/run/cni-redirect/none.sock"}
+    assert front_run("STATUS", conf) == (0, b"", [])
+
+
+def test_status_is_checked_as_the_dispatcher_checks_it():
+    rc, out, loaded = front_run("STATUS", {"cniVersion": "1.0.0", "name": "n", "type": "cni-redirect"})
+    assert rc == 1 and json.loads(out)["code"] == 1 and "does not allow STATUS" in json.loads(out)["msg"]
+    assert loaded == []
+
+
+def test_status_names_what_the_in_process_path_would_lack(monkeypatch):
+    from cni_redirect import status
+
+    stdin = json.dumps({"cniVersion": "1.1.0", "name": "n", "type": "cni-redirect"}).encode()
+    assert status.answer({"CNI_COMMAND": "STATUS"}, stdin) == (0, b"")
+    monkeypatch.setattr(status, "library_dirs", lambda: ["/nonexistent"])
+    rc, out = status.answer({"CNI_COMMAND": "STATUS"}, stdin)
+    error = json.loads(out)
+    assert rc == 1 and error["code"] == 50 and "libnftables.so.1" in error["msg"]
+    assert status.answer({"CNI_COMMAND": "GC"}, stdin) == (0, b""), "GC needs no libnftables"

@@ -358,3 +358,34 @@ def test_racing_adds_on_one_netns_leave_exactly_one_table(pod, agent, mode):
         assert check.rc == 0, f"duplicated rules after racing ADDs: {check.stdout}"
     if mode == "agent":
         assert len(agent.locks) == 0, "per-netns locks are released"
+
+
+def test_status_gc_and_del_of_a_vanished_netns_are_served_by_the_server(agent, pod, tmp_path):
+    """What an idle node asks over and over (STATUS, GC) and what a node reboot asks (DEL of a netns that is gone)
+    are answered by the warm server, never by an in-process start."""
+    log = tmp_path / "plugin.log"
+    conf = via(agent, enabled(), cniVersion="1.1.0", log_file=str(log), log_level="info")
+    for command in ("STATUS", "GC"):
+        run = run_plugin(command, "", conf)
+        assert (run.rc, run.stdout) == (0, ""), run.stderr
+    gone = run_plugin("DEL", "/run/netns/cni-redirect-never-was", conf)
+    assert gone.rc == 0 and "in-process" not in gone.stderr, gone.stderr
+    assert agent.served == 3 and agent.failed == 0
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["command"], e["via"]) for e in events] == [
+        ("STATUS", "cni-server"),
+        ("GC", "cni-server"),
+        ("DEL", "cni-server"),
+    ]
+    assert events[-1]["outcome"] == "nothing to do: no table"
+    in_process = run_plugin("DEL", "/run/netns/cni-redirect-never-was", plugin_conf(enabled(), log_file=str(log)))
+    assert in_process.rc == 0 and json.loads(log.read_text().splitlines()[-1])["outcome"] == events[-1]["outcome"]
+
+
+def test_del_of_what_is_not_a_netns_answers_the_same_either_way(agent, pod, tmp_path):
+    not_a_netns = tmp_path / "dir"
+    not_a_netns.mkdir()
+    served = run_plugin("DEL", str(not_a_netns), via(agent, enabled()))
+    in_process = run_plugin("DEL", str(not_a_netns), plugin_conf(enabled()))
+    assert agent.served == 1
+    assert (served.rc, served.stdout) == (in_process.rc, in_process.stdout) == (0, ""), "its table went with it"

@@ -123,7 +123,13 @@ def _add_install_parser(commands: Any) -> None:
         "a number of seconds",
         help="on SIGTERM, seconds a successor agent may take to appear before this one uninstalls",
     )
-    flag("poll-interval", float, "a number of seconds")
+    flag("poll-interval", float, "a number of seconds", help="re-check interval where a dir cannot be watched")
+    flag(
+        "recheck-interval",
+        float,
+        "a number of seconds",
+        help="the dirs are watched (inotify); this is the slow periodic re-check beside it",
+    )
     flag(
         "agent-socket",
         help=f"serve CNI requests on this UNIX socket, the fast path (default {DEFAULT_SOCKET}; empty: off)",
@@ -250,6 +256,7 @@ def _install(args: argparse.Namespace) -> int:
         entry_file=Path(args.entry_file) if args.entry_file else None,
         readiness_port=args.readiness_port,
         poll_interval=args.poll_interval,
+        recheck_interval=args.recheck_interval,
         uninstall_grace=args.uninstall_grace,
         handover_wait=args.handover_wait,
         agent_socket=Path(args.agent_socket) if args.agent_socket else None,

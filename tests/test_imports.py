@@ -129,6 +129,8 @@ RULES = [
     ("cni_redirect.profiles", KERNEL, False, "a mesh profile is data and a translation: no kernel"),
     ("cni_redirect.routing", NODE | {"nftables"}, False, "policy routing is netlink, not nftables or the node agent"),
     ("cni_redirect.front", HEAVY, True, "the front loads on every pod start: stdlib only"),
+    ("cni_redirect.status", HEAVY | KERNEL, False, "STATUS without a server loads nothing heavy"),
+    ("cni_redirect.node.watch", HEAVY | KERNEL, False, "watching dirs is inotify and select only"),
     ("cni_redirect.wire", HEAVY | {"cni_redirect.spec", "cni_redirect.plugin"}, False, "the protocol is stdlib only"),
     ("cni_redirect.errors", HEAVY | {"cni_redirect.spec"}, False, "errors import nothing"),
     ("cni_redirect.node.bundle", KERNEL, False, "the installer never enters a netns or runs nft"),

@@ -37,6 +37,7 @@ from .bundle import Bundle
 from .chain import ChainInstaller, load_entry_settings
 from .files import write_atomic
 from .options import Options
+from .watch import DirWatch
 
 OWNER_FILE = ".cni-redirect-owner"
 
@@ -208,6 +209,13 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
         return 1
     agent.claim()
     services.start()
+    watch = DirWatch((options.cni_conf_dir, options.cni_bin_dir), options.recheck_interval, options.poll_interval)
+
+    def wake_on_stop() -> None:
+        stop.wait()
+        watch.wake()
+
+    threading.Thread(target=wake_on_stop, name="stop-waker", daemon=True).start()
     log("info", "agent started", bin_dir=str(options.cni_bin_dir), conf_dir=str(options.cni_conf_dir))
     try:
         while not stop.is_set():
@@ -215,9 +223,10 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
                 services.hand_over()
             else:
                 services.reconcile()
-            stop.wait(options.poll_interval)
+            watch.wait()  # a change in the conf or bin dir, a stop, or the periodic re-check
     finally:
         services.finish()
+        watch.close()
         log("info", "agent stopped")
     return 0
 

@@ -21,7 +21,8 @@ class Options:
     plugin_source: Path = Path("/opt/cni-redirect/bundle/cni-redirect")
     entry_file: Path | None = None
     readiness_port: int = 0  # 0: no readiness endpoint
-    poll_interval: float = 0.2
+    poll_interval: float = 0.2  # how often to look at a dir inotify cannot watch
+    recheck_interval: float = 10.0  # the periodic re-check beside inotify
     wait_log_interval: float = 5.0
     uninstall_grace: float = 2.0
     handover_wait: float = 5.0  # on SIGTERM, how long a successor may take to show up before we uninstall

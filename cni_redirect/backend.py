@@ -48,6 +48,12 @@ class Session(Protocol):
     def clear_routing(self) -> bool:
         """Delete our policy routing, whatever the table says; True if there was any."""
 
+    def generation(self) -> int:
+        """The netns's nftables generation: it changes with every committed transaction, of anyone's."""
+
+    def routing(self) -> tuple[dict, ...]:
+        """Our policy routing objects present (rules with our mark and table, routes in our table)."""
+
 
 class Backend(Protocol):
     def session(self, netns: str) -> AbstractContextManager[Session]:
@@ -66,9 +72,20 @@ class Nft(Protocol):
 class TableOps:
     """Our table's operations in one netns, over a real or fake libnftables context: a `Session`."""
 
-    def __init__(self, nft: Nft, routes: Routes) -> None:
+    def __init__(self, nft: Nft, routes: Routes, generation: Callable[[], int] | None = None) -> None:
         self.nft = nft
         self.routes = routes
+        self._generation = generation
+
+    def routing(self) -> tuple[dict, ...]:
+        return tuple(self.routes.read())
+
+    def generation(self) -> int:
+        if self._generation is None:
+            from .nftgen import ruleset_generation
+
+            return ruleset_generation()
+        return self._generation()
 
     def run(self, batch: dict, what: str) -> list[dict]:
         rc, output, error = self.nft.json_cmd(batch)
@@ -168,6 +185,19 @@ def libnftables() -> Nft:
     return nft
 
 
+class _Lazy:
+    """A libnftables context made on first use: a session that only reads the generation never makes one."""
+
+    def __init__(self, make: Callable[[], Nft]) -> None:
+        self.make = make
+        self.nft: Nft | None = None
+
+    def json_cmd(self, batch: dict) -> tuple[int, object, str]:
+        if self.nft is None:
+            self.nft = self.make()
+        return self.nft.json_cmd(batch)
+
+
 class KernelBackend:
     """Real kernel access: vet the netns, enter it, then create the nft context.
 
@@ -189,8 +219,8 @@ class KernelBackend:
     def session(self, netns: str) -> Iterator[TableOps]:
         fd = self.reach(netns)  # raises before any nft call if the netns is wrong
         try:
-            with entered(fd):
-                yield TableOps(self.context(), self.routes())  # after setns: its sockets live in the pod netns
+            with entered(fd):  # from here on, every socket opens in the pod netns
+                yield TableOps(_Lazy(self.context), self.routes())
         finally:
             os.close(fd)
 

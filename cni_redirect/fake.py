@@ -383,7 +383,8 @@ class MemoryBackend:
 
     def ops(self, netns: str) -> TableOps:
         """The netns's table operations, unrecorded: for setting a scene and for assertions."""
-        return TableOps(self.kernels.setdefault(netns, FakeNft()), self.routing.setdefault(netns, FakeRoutes()))
+        kernel = self.kernels.setdefault(netns, FakeNft())
+        return TableOps(kernel, self.routing.setdefault(netns, FakeRoutes()), lambda: kernel.transactions)
 
     @property
     def tables(self) -> dict[str, list[dict]]:
@@ -405,7 +406,8 @@ class _Recorded(TableOps):
     """A session of the MemoryBackend: TableOps over the netns's fakes, each operation recorded."""
 
     def __init__(self, backend: MemoryBackend, netns: str) -> None:
-        super().__init__(backend.kernels.setdefault(netns, FakeNft()), backend.routing.setdefault(netns, FakeRoutes()))
+        kernel = backend.kernels.setdefault(netns, FakeNft())
+        super().__init__(kernel, backend.routing.setdefault(netns, FakeRoutes()), lambda: kernel.transactions)
         self.backend = backend
         self.netns = netns
 
@@ -424,3 +426,7 @@ class _Recorded(TableOps):
     def clear_routing(self) -> bool:
         self.backend.calls.append(("clear_routing", self.netns))
         return super().clear_routing()
+
+    def generation(self) -> int:
+        self.backend.calls.append(("generation", self.netns))
+        return super().generation()

@@ -5,6 +5,10 @@ file: a pod starts before cni-redirect is chained and runs uncaptured. The
 node agent lists the ready sandboxes through CRI at start, after every
 re-insertion of our entry and every `--repair-interval` seconds, decides for
 each exactly as ADD would and compares exactly as CHECK would (`survey`).
+Passes share a `SurveyMemo`: a sandbox's status is asked once, its evaluation
+is redone only when the entry changes, and a netns whose nftables generation
+is unchanged since its last comparison is not listed again (every tenth pass
+compares everything in full).
 A missing or drifted table is programmed (`in-place`), or only logged
 (`report`); `off` does nothing. Never touched: host-network sandboxes,
 excluded namespaces, the agent's own netns; a sandbox that disappears
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING
 from ..errors import CriError, SettingsError
 from . import REPAIR_MODES
 from .chain import installed_entry
-from .survey import DRIFTED, MISSING, PodView, SandboxSource, SessionFactory, Survey, kernel_sessions
+from .survey import DRIFTED, MISSING, PodView, SandboxSource, SessionFactory, Survey, SurveyMemo, kernel_sessions
 
 if TYPE_CHECKING:
     import threading
@@ -77,6 +81,7 @@ class Repairer:
         self.passes = 0
         self.last: PassResult | None = None
         self.repairs: Counter = Counter()  # by reason: missing, drifted
+        self.memo = SurveyMemo()  # what earlier passes learnt: an idle node's pass costs almost nothing
         self._last_error = ""
 
     def run_once(self) -> PassResult:
@@ -87,7 +92,7 @@ class Repairer:
         if entry is None:
             result.error = "cni-redirect is not chained into the node's CNI config"
             return self._finish(result, start)
-        survey = Survey(self.cri, entry, self.sessions)
+        survey = Survey(self.cri, entry, self.sessions, self.memo)
         try:
             for view in survey.pods():
                 if view.state in (MISSING, DRIFTED):
@@ -116,7 +121,7 @@ class Repairer:
         result.reasons[reason] += 1
         captured = view.evaluation is not None and view.evaluation.captured
         self.log("warning", f"repaired {what}", pod=view.ref, state=reason, captured=captured)
-        survey.examine(view)  # state now ok (or nothing expected)
+        survey.examine(view, fresh=True)  # state now ok (or nothing expected)
 
     def _finish(self, result: PassResult, start: float) -> PassResult:
         result.seconds = time.monotonic() - start

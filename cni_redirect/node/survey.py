@@ -10,6 +10,7 @@ Reading only: nothing here changes a netns.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -95,20 +96,64 @@ class PodView:
         return self.observed.listing if self.observed is not None else None
 
 
+@dataclass
+class Seen:
+    """What earlier passes learnt of one sandbox (its status never changes; its evaluation only with the entry)."""
+
+    details: SandboxDetails
+    entry_key: str = ""
+    evaluation: Evaluation | None = None
+    generation: int | None = None  # the netns's nftables generation when its table was last compared
+    observed: Observed | None = None
+    drift: Drift | None = None
+
+
+@dataclass
+class SurveyMemo:
+    """Kept by the repair loop across passes, so a pass over a node where nothing changed costs almost nothing:
+    one ListPodSandbox, and per pod one netns entry and one netlink round trip (the nftables generation).
+
+    `full_every`: every so many passes, every pod is compared in full anyway (routing a pod changed itself
+    without an nftables transaction shows then)."""
+
+    seen: dict[str, Seen] = field(default_factory=dict)
+    full_every: int = 10
+    passes: int = 0
+    status_calls: int = 0  # PodSandboxStatus calls made
+    full: int = 0  # pods compared in full (table listed)
+    quick: int = 0  # pods found unchanged by their generation alone
+
+
 class Survey:
     """Walk the node's ready sandboxes and compare each netns with what ADD would program."""
 
-    def __init__(self, cri: SandboxSource, entry: dict, sessions: SessionFactory | None = None) -> None:
+    def __init__(
+        self,
+        cri: SandboxSource,
+        entry: dict,
+        sessions: SessionFactory | None = None,
+        memo: SurveyMemo | None = None,
+    ) -> None:
         self.cri = cri
         self.entry = entry
         self.sessions = sessions or kernel_sessions()
+        self.memo = memo
+        self.entry_key = json.dumps(entry, sort_keys=True)
+        self.full_pass = memo is None or memo.passes % memo.full_every == 0
+        if memo is not None:
+            memo.passes += 1
 
     def pods(self) -> Iterator[PodView]:
         """Every ready sandbox; one whose status the runtime cannot give is reported, and the walk goes on."""
-        for sandbox in self.cri.ready_sandboxes():
+        sandboxes = self.cri.ready_sandboxes()
+        if self.memo is not None:
+            listed = {sandbox.id for sandbox in sandboxes}
+            for gone in set(self.memo.seen) - listed:
+                del self.memo.seen[gone]
+        for sandbox in sandboxes:
             view = PodView(sandbox.id, sandbox.namespace, sandbox.name, sandbox.uid, sandbox.annotations)
             try:
-                details = self.cri.sandbox_details(sandbox.id)
+                details = self._details(sandbox.id)
             except CriError as error:
                 view.decision, view.reason = Outcome.UNKNOWN, str(error)
                 view.problems.append(str(error))
@@ -119,11 +164,32 @@ class Survey:
             self._classify(view, details)
             yield view
 
+    def _details(self, sandbox_id: str) -> SandboxDetails | None:
+        seen = self.memo.seen.get(sandbox_id) if self.memo is not None else None
+        if seen is not None:
+            return seen.details
+        details = self.cri.sandbox_details(sandbox_id)
+        if self.memo is not None:
+            self.memo.status_calls += 1
+            if details is not None:
+                self.memo.seen[sandbox_id] = Seen(details)
+        return details
+
+    def _evaluate(self, view: PodView) -> Evaluation:
+        """ADD's evaluation of the sandbox; remembered until the entry changes (its annotations never do)."""
+        seen = self.memo.seen.get(view.sandbox_id) if self.memo is not None else None
+        if seen is not None and seen.evaluation is not None and seen.entry_key == self.entry_key:
+            return seen.evaluation
+        evaluation = evaluate_sandbox(self.entry, PodRef(view.namespace, view.name, view.uid), view.annotations)
+        if seen is not None:
+            seen.evaluation, seen.entry_key, seen.generation = evaluation, self.entry_key, None
+        return evaluation
+
     def _classify(self, view: PodView, details: SandboxDetails) -> None:
         if details.host_network:
             view.decision, view.reason = Outcome.HOST_NETWORK, "uses the node's network namespace"
             return
-        evaluation = evaluate_sandbox(self.entry, PodRef(view.namespace, view.name, view.uid), view.annotations)
+        evaluation = self._evaluate(view)
         view.evaluation, view.decision, view.reason = evaluation, evaluation.outcome, evaluation.reason
         if evaluation.outcome in (Outcome.INVALID, Outcome.EXCLUDED_NAMESPACE):
             return  # never touched, never read
@@ -133,16 +199,38 @@ class Survey:
             return
         self.examine(view)
 
-    def examine(self, view: PodView) -> None:
-        """Read the pod's table and routing, and compare them exactly as CHECK does."""
-        assert view.evaluation is not None and view.netns is not None
+    def examine(self, view: PodView, fresh: bool = False) -> None:
+        """Read the pod's table and routing, and compare them exactly as CHECK does; with a memo, a netns whose
+        nftables generation (and routing, where the pod has or had some) is as at the last comparison is
+        not listed again. `fresh`: compare in full whatever the memo says (after a repair)."""
+        evaluation = view.evaluation
+        assert evaluation is not None and view.netns is not None
+        seen = self.memo.seen.get(view.sandbox_id) if self.memo is not None else None
         try:
             with self.sessions(view.netns) as session:
-                view.observed = session.observe(view.evaluation.wants_routing)
+                generation = session.generation() if seen is not None else None
+                if seen is not None and not fresh and not self.full_pass and self._unchanged(seen, generation, session):
+                    assert self.memo is not None
+                    self.memo.quick += 1
+                    view.observed, view.drift = seen.observed, seen.drift
+                    return
+                view.observed = session.observe(evaluation.wants_routing)
         except HostNetns:
             view.decision, view.reason = Outcome.HOST_NETWORK, "its netns is the node's own"
             return
         except InvalidEnvironment as error:
             view.problems.append(error.msg)  # gone since we listed it, or not a netns
             return
-        view.drift = compare(view.evaluation, view.observed)
+        view.drift = compare(evaluation, view.observed)
+        if seen is not None and self.memo is not None:
+            self.memo.full += 1
+            seen.generation, seen.observed, seen.drift = generation, view.observed, view.drift
+
+    @staticmethod
+    def _unchanged(seen: Seen, generation: int | None, session: Session) -> bool:
+        if seen.observed is None or seen.generation is None or seen.generation != generation:
+            return False
+        assert seen.evaluation is not None
+        if seen.evaluation.wants_routing or seen.observed.routing:
+            return session.routing() == seen.observed.routing  # a filtered dump: our mark and table only
+        return True

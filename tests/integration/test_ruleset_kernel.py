@@ -70,3 +70,21 @@ def test_the_golden_is_what_the_kernel_lists(pod, case):
     listing = json.loads(pod.run("nft", "-j", "-y", "-p", "list", "table", "inet", "cni_redirect").stdout)["nftables"]
     golden = json.loads((GOLDEN_DIR / f"{case}.json").read_text())["nftables"]
     assert normalize(listing) == normalize([command["add"] for command in golden])
+
+
+def test_the_generation_moves_with_every_transaction_and_only_then(pod):
+    """What repair's quick check rests on: listing leaves the generation alone, any commit (ours or not) moves it."""
+    backend = KernelBackend()
+
+    def generation() -> int:
+        with backend.session(pod.path) as session:
+            return session.generation()
+
+    before = generation()
+    at(backend, pod.path).apply(render("defaults"))
+    applied = generation()
+    assert applied > before
+    at(backend, pod.path).read()
+    assert generation() == applied, "a listing is no transaction"
+    pod.run("nft", "add", "table", "ip", "the-pods-own")
+    assert generation() > applied, "another table's change moves it too"

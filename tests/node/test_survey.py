@@ -243,3 +243,77 @@ def test_a_tproxy_pod_without_its_routing_is_drifted_and_repaired(node, tmp_path
     repair, _ = repairer(tmp_path, cri, backend)
     assert repair.run_once().repaired == ["default/p"]
     assert len(backend.routing[path].objects) == len(PolicyRouting().objects())
+
+
+# --- passes that remember: an idle node costs one listing and one generation read per pod ---
+
+
+def idle_node(tmp_path: Path, pods: int = 5):
+    cri, backend = FakeCri(), MemoryBackend()
+    paths = [cri.add(f"p{i}", enabled()) for i in range(pods)]
+    repair, _ = repairer(tmp_path, cri, backend)
+    first = repair.run_once()
+    assert len(first.repaired) == pods
+    return cri, backend, repair, paths
+
+
+def test_a_pass_where_nothing_changed_lists_no_table_and_asks_no_status(tmp_path):
+    cri, backend, repair, _paths = idle_node(tmp_path)
+    calls, statuses = len(backend.calls), len(cri.status_calls)
+    second = repair.run_once()
+    assert second.repaired == [] and second.states == {"ok": 5}
+    assert len(cri.status_calls) == statuses, "PodSandboxStatus only for sandboxes not seen before"
+    assert {what for what, _ in backend.calls[calls:]} == {"generation"}, "no listing, no routing dump"
+    assert repair.memo.quick == 5
+
+
+def test_a_generation_change_without_our_table_changing_is_compared_and_ok(tmp_path):
+    _cri, backend, repair, paths = idle_node(tmp_path)
+    other = {"nftables": [{"add": {"table": {"family": "ip", "name": "the-pods-own"}}}]}
+    assert backend.kernels[paths[0]].json_cmd(other)[0] == 0  # a pod with NET_ADMIN edits its own netns
+    calls = len(backend.calls)
+    result = repair.run_once()
+    assert result.repaired == [] and result.states == {"ok": 5}
+    assert backend.calls[calls:].count(("observe", paths[0])) == 1, "that pod compared in full, and ok"
+    assert [c for c in backend.calls[calls:] if c[0] == "observe"] == [("observe", paths[0])]
+
+
+@pytest.mark.parametrize("what", ["deleted table", "edited rule"])
+def test_drift_is_found_in_the_next_pass(tmp_path, what):
+    _cri, backend, repair, paths = idle_node(tmp_path)
+    ops = backend.ops(paths[1])
+    if what == "deleted table":
+        assert ops.remove()
+    else:
+        ops.apply(ruleset_for(enabled(exclude_outbound_ports="22")))
+    result = repair.run_once()
+    assert result.repaired == ["default/p1"] and result.reasons == {
+        "missing" if what == "deleted table" else "drifted": 1
+    }
+    assert repair.run_once().repaired == []
+
+
+def test_a_changed_entry_reevaluates_every_pod_once(tmp_path):
+    _cri, _backend, repair, _paths = idle_node(tmp_path)
+    installed(tmp_path, defaults={"outbound-port": "15010"})
+    assert sorted(repair.run_once().repaired) == [f"default/p{i}" for i in range(5)]
+    assert repair.run_once().repaired == []
+
+
+def test_tproxy_routing_removed_without_a_transaction_is_found_by_its_dump(tmp_path):
+    cri, backend = FakeCri(), MemoryBackend()
+    path = cri.add("t", enabled(inbound_mode="tproxy"))
+    repair, _ = repairer(tmp_path, cri, backend)
+    assert repair.run_once().repaired == ["default/t"]
+    assert repair.run_once().repaired == []
+    backend.routing[path].objects.pop()  # a route gone, nftables untouched
+    assert repair.run_once().repaired == ["default/t"]
+
+
+def test_stale_routing_a_pod_adds_itself_is_found_by_the_next_full_pass(tmp_path):
+    _cri, backend, repair, paths = idle_node(tmp_path)
+    repair.memo.full_every = 3
+    backend.routing[paths[2]].objects.append(STALE_RULE)  # no nftables transaction: the generation stays
+    found = [repair.run_once().repaired for _ in range(3)]
+    assert ["default/p2"] in found, found
+    assert backend.routing[paths[2]].objects == []

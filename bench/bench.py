@@ -12,6 +12,9 @@ with p50/p95/p99 and as a ratio to that baseline. Nothing here asserts a time.
    excluded CIDRs and ports, nft sets against the same lists as linear iptables rules.
 5. Peak RSS of the plugin process and the agent.
 6. One repair pass over 10, 50, 100 sandboxes on a real containerd; baseline: the CRI calls alone.
+7. Kernel work per pod, warm: REDIRECT against TPROXY.
+8. An idle node: STATUS, GC and DEL of a vanished netns through the front against VERSION; repair passes that
+   remember earlier ones against a full pass, on a real containerd.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import statistics
@@ -410,7 +414,7 @@ def bench_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
                 cri.sandbox_status(sandbox.id)
             baseline = time.perf_counter() - start
             cri.close()
-            repairer = Repairer(str(runtime.socket), runtime.conf_dir, lambda *a, **k: None)
+            repairer = Repairer(CriClient(str(runtime.socket)), runtime.conf_dir, lambda *a, **k: None)
             missing = repairer.run_once()
             ok = repairer.run_once()
             repairer.close()
@@ -429,6 +433,193 @@ def bench_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
         snapshot.restore()
         shutil.rmtree(workdir, ignore_errors=True)
     return rows
+
+
+def _child_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench_idle_front(bundle: Path, runs: int) -> dict:
+    """What an idle node's runtime asks over and over, through the bundle's front: STATUS and GC with and without
+    a CNI server, and DEL of a netns that is gone (every stale sandbox after a reboot); baseline: VERSION. CPU is
+    the child's user+sys (rusage), wall its lifetime; medians of interleaved runs."""
+    agent = Agent(bundle)
+    try:
+        served = {"cniVersion": "1.1.0", "name": "n", "type": "cni-redirect", "agent_socket": str(agent.path)}
+        alone = {"cniVersion": "1.1.0", "name": "n", "type": "cni-redirect"}
+        variants = {
+            "VERSION (baseline)": ("VERSION", alone, "/run/netns/none"),
+            "STATUS via the CNI server": ("STATUS", served, ""),
+            "STATUS, no CNI server": ("STATUS", alone, ""),
+            "GC via the CNI server": ("GC", served, ""),
+            "GC, no CNI server": ("GC", alone, ""),
+            "DEL of a vanished netns via the CNI server": ("DEL", served, "/run/netns/cni-redirect-bench-gone"),
+            "DEL of a vanished netns in-process": ("DEL", alone, "/run/netns/cni-redirect-bench-gone"),
+        }
+        cpu: dict[str, list[float]] = {name: [] for name in variants}
+        wall: dict[str, list[float]] = {name: [] for name in variants}
+        names = list(variants)
+        for index in range(runs):
+            random.Random(index).shuffle(names)
+            for name in names:
+                command, conf, netns = variants[name]
+                before = _child_cpu()
+                seconds, code = spawn([str(bundle)], cni_env(command, netns), json.dumps(conf).encode())
+                assert code == 0, (name, code)
+                cpu[name].append((_child_cpu() - before) * 1000)
+                wall[name].append(seconds * 1000)
+    finally:
+        agent.stop()
+    base_cpu = statistics.median(cpu["VERSION (baseline)"])
+    base_wall = statistics.median(wall["VERSION (baseline)"])
+    return {
+        name: {
+            "cpu_ms_p50": statistics.median(cpu[name]),
+            "wall_ms_p50": statistics.median(wall[name]),
+            "cpu_ratio": statistics.median(cpu[name]) / base_cpu,
+            "wall_ratio": statistics.median(wall[name]) / base_wall,
+            "runs": runs,
+        }
+        for name in variants
+    }
+
+
+def bench_idle_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
+    """Repair passes over N ready sandboxes, all fine, on a real containerd: the CPU a pass costs (this process's,
+    every thread) when it remembers earlier passes, against the first pass that compares every pod in full, a full
+    pass of every tenth, and a pass after every table was deleted by hand (all need repair)."""
+    from cni_redirect.cri import CriClient
+    from cni_redirect.node.repair import Repairer
+    from cni_redirect.testing.containerd import Containerd, conflist, new_workdir
+    from cni_redirect.testing.host import HostSnapshot
+
+    snapshot = HostSnapshot.take()
+    workdir = new_workdir()
+    runtime = Containerd(workdir, with_plugin=False)
+    rows = []
+    client = None
+    try:
+        runtime.start()
+        client = runtime.connect()
+        (runtime.bin_dir / "cni-redirect").symlink_to(Path(sys.executable).parent / "cni-redirect")
+        runtime.write_conflist(conflist(workdir))
+        made = 0
+        for size in sizes:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(lambda i: client.run_pod(f"idle-{i}", annotations=enabled()), range(made, size)))
+            made = size
+            repairer = Repairer(CriClient(str(runtime.socket)), runtime.conf_dir, lambda *a, **k: None)
+
+            def timed_pass(repairer: Repairer = repairer) -> tuple[float, float, object]:
+                cpu, start = time.process_time(), time.perf_counter()
+                result = repairer.run_once()
+                return (time.process_time() - cpu) * 1000, (time.perf_counter() - start) * 1000, result
+
+            first_cpu, _, first = timed_pass()
+            quick = [timed_pass() for _ in range(9)]  # passes 2-10: remembered
+            full_cpu, _, _ = timed_pass()  # pass 11: every tenth compares in full
+            for pod in client.list_sandboxes():
+                Netns.at(client.netns(pod.id)).run("nft", "delete", "table", "inet", "cni_redirect", check=False)
+            fix_cpu, fix_wall, fixed = timed_pass()
+            repairer.close()
+            assert first.states["ok"] == size and all(r.states["ok"] == size for *_, r in quick), (first, quick)
+            assert len(fixed.repaired) == size, fixed
+            quick_cpu = statistics.median(c for c, _, _ in quick)
+            rows.append(
+                {
+                    "sandboxes": size,
+                    "first_pass_cpu_ms": first_cpu,
+                    "quick_pass_cpu_ms": quick_cpu,
+                    "quick_pass_wall_ms": statistics.median(w for _, w, _ in quick),
+                    "full_pass_cpu_ms": full_cpu,
+                    "all_missing_cpu_ms": fix_cpu,
+                    "all_missing_wall_ms": fix_wall,
+                    "quick_cpu_ms_per_sandbox": quick_cpu / size,
+                    # The default interval: 30 s, and every tenth pass in full.
+                    "core_share_at_30s": (9 * quick_cpu + full_cpu) / 10 / 30_000,
+                }
+            )
+    finally:
+        if client is not None:
+            client.remove_all()
+            client.close()
+        runtime.stop()
+        snapshot.restore()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_idle_stack(bundle_dir: Path, minutes: float, pods: int = 100, status_every: float = 5.0) -> dict:
+    """The whole idle stack on a real containerd: the bundle's node agent (CNI server, repair at the default 30 s
+    interval, its dirs watched) with `pods` ready sandboxes, and kubelet's STATUS cadence simulated (a STATUS
+    through the installed front every `status_every` s). The agent's CPU from /proc/<pid>/stat and the fronts'
+    (rusage) over `minutes`, as a share of one core."""
+    from cni_redirect.testing.containerd import Containerd, new_workdir
+    from cni_redirect.testing.host import HostSnapshot
+    from cni_redirect.testing.nodeagent import NodeAgentProcess
+
+    snapshot = HostSnapshot.take()
+    workdir = new_workdir()
+    runtime = Containerd(workdir, with_plugin=False)
+    client = agent = None
+    try:
+        runtime.start()
+        client = runtime.connect()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda i: client.run_pod(f"stack-{i}", annotations=enabled()), range(pods)))
+        entry = {"exclude_namespaces": ["kube-system"]}
+        agent = NodeAgentProcess(
+            bundle_dir / "cni-redirect", runtime.bin_dir, runtime.conf_dir, bundle_dir, entry, workdir,
+            str(runtime.socket),
+        )  # fmt: skip
+        agent.wait_ready()
+        deadline = time.monotonic() + 60
+        while sum(m.startswith("repaired ") for m in agent.messages()) < pods and time.monotonic() < deadline:
+            time.sleep(0.5)  # the first pass captures the pods that started before the agent
+        conflist_doc = json.loads(next(runtime.conf_dir.glob("*.conflist")).read_text())
+        ours = next(p for p in conflist_doc["plugins"] if p["type"] == "cni-redirect")
+        status_conf = json.dumps({**ours, "cniVersion": "1.1.0", "name": conflist_doc["name"]}).encode()
+        front = runtime.bin_dir / "cni-redirect"
+        time.sleep(35)  # past the next (remembered) pass before measuring
+        agent_start, fronts_start, start = _proc_cpu(agent.proc.pid), _child_cpu(), time.monotonic()
+        statuses = failures = 0
+        while time.monotonic() - start < minutes * 60:
+            _, code = spawn([str(front)], cni_env("STATUS", ""), status_conf)
+            statuses += 1
+            failures += code != 0
+            time.sleep(max(0.0, start + statuses * status_every - time.monotonic()))
+        seconds = time.monotonic() - start
+        agent_cpu, fronts_cpu = _proc_cpu(agent.proc.pid) - agent_start, _child_cpu() - fronts_start
+        passes = sum(1 for line in agent.lines if line.get("msg", "").startswith("repair"))
+        assert agent.terminate() == 0
+        agent = None
+    finally:
+        if agent is not None:
+            agent.kill()
+        if client is not None:
+            client.remove_all()
+            client.close()
+        runtime.stop()
+        snapshot.restore()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "pods": pods,
+        "seconds": seconds,
+        "statuses": statuses,
+        "status_failures": failures,
+        "agent_cpu_s": agent_cpu,
+        "fronts_cpu_s": fronts_cpu,
+        "agent_core_share": agent_cpu / seconds,
+        "fronts_core_share": fronts_cpu / seconds,
+        "total_core_share": (agent_cpu + fronts_cpu) / seconds,
+        "repair_log_lines": passes,
+    }
 
 
 def bench_backend(runs: int = 200) -> dict:
@@ -492,13 +683,22 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument(
-        "--only", choices=["repair", "backend"], help="run one section and merge it into the last results"
+        "--only",
+        choices=["repair", "backend", "idle", "idle-stack"],
+        help="run one section and merge it into the last results",
     )
+    parser.add_argument("--idle-minutes", type=float, default=10.0, help="how long the idle stack is measured")
     args = parser.parse_args()
     assert os.geteuid() == 0, "benchmarks need root"
     if args.only:
         results = json.loads((args.out / "benchmarks.json").read_text())
-        results[args.only] = bench_repair() if args.only == "repair" else bench_backend(args.runs)
+        if args.only == "idle":
+            results["idle_front"] = bench_idle_front(args.bundle, min(args.runs, 60))
+            results["idle_repair"] = bench_idle_repair()
+        elif args.only == "idle-stack":
+            results["idle_stack"] = bench_idle_stack(args.bundle.parent, args.idle_minutes)
+        else:
+            results[args.only] = bench_repair() if args.only == "repair" else bench_backend(args.runs)
         (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))
         from bench.report import write_report
 
@@ -523,6 +723,11 @@ def main() -> int:
     results["repair"] = bench_repair()
     print("backend (REDIRECT vs TPROXY) ...", flush=True)
     results["backend"] = bench_backend(args.runs)
+    print("idle: STATUS, GC, DEL of a vanished netns; repair passes that remember ...", flush=True)
+    results["idle_front"] = bench_idle_front(args.bundle, min(args.runs, 60))
+    results["idle_repair"] = bench_idle_repair()
+    print(f"idle stack, {args.idle_minutes} minutes ...", flush=True)
+    results["idle_stack"] = bench_idle_stack(args.bundle.parent, args.idle_minutes)
     args.out.mkdir(exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))
     from bench.report import write_report

@@ -13,9 +13,10 @@ what paths can say:
 - GC has nothing to collect: every rule we make lives and dies with its pod
   netns.
 
-The request is checked as the dispatcher checks it (`skel.build_request`: a
-JSON object, a supported `cniVersion` that allows the command); the entry's
-own fields are ADD's to validate.
+The request is checked as the dispatcher checks it (a JSON object, a
+supported `cniVersion` that allows the command; skel itself is not loaded:
+its imports cost as much as the rest of the answer); the entry's own fields
+are ADD's to validate.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import os
 import sys
 from collections.abc import Mapping
 
-from .errors import CniError, NotAvailable
-from .skel import build_request, error_version
+from .errors import CniError, DecodeError, IncompatibleVersion, NotAvailable
+from .result import LATEST_VERSION, SUPPORTED_VERSIONS, require_supported, version_tuple
 
 LIBNFTABLES = "libnftables.so.1"
+MIN_VERSION = (1, 1, 0)  # STATUS and GC exist from CNI 1.1.0 on (skel.MIN_VERSION, which the front does not load)
 
 
 def library_dirs() -> list[str]:
@@ -46,15 +48,20 @@ def library_dirs() -> list[str]:
     return dirs
 
 
+def bindings_present() -> bool:
+    """The nftables bindings, by path: frozen into the bundle, or a package on sys.path (not imported)."""
+    if getattr(sys, "frozen", False):
+        return True  # install/build-bundle.sh fails without them
+    return any(
+        os.path.exists(os.path.join(entry or ".", "nftables", "__init__.py"))
+        or os.path.exists(os.path.join(entry or ".", "nftables.py"))
+        for entry in sys.path
+    )
+
+
 def missing_parts() -> str:
     """What the in-process path would lack, or "" when everything is there."""
-    from importlib.util import find_spec
-
-    try:
-        found = find_spec("nftables") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
+    if not bindings_present():
         return "the nftables Python bindings are not installed (Debian: python3-nftables)"
     if not any(os.path.exists(os.path.join(d, LIBNFTABLES)) for d in library_dirs()):
         return f"{LIBNFTABLES} is not in the bundle or the system's library dirs (Debian: libnftables1)"
@@ -62,13 +69,32 @@ def missing_parts() -> str:
 
 
 def answer(env: Mapping[str, str], stdin: bytes) -> tuple[int, bytes]:
-    """The exit code and stdout for STATUS or GC, the config checked as the dispatcher checks it."""
+    """The exit code and stdout for STATUS or GC, the request checked as the dispatcher checks it
+    (tests/test_front.py holds the two to the same answers)."""
+    command = env.get("CNI_COMMAND", "")
     try:
-        request = build_request(env, stdin)
+        config = _config(stdin)
     except CniError as error:
-        return 1, json.dumps(error.to_dict(error_version(stdin))).encode()
-    problem = missing_parts() if request.command == "STATUS" else ""
-    if problem:
-        unavailable = NotAvailable(f"cni-redirect cannot program pods on this node: {problem}")
-        return 1, json.dumps(unavailable.to_dict(request.cni_version)).encode()
+        return 1, json.dumps(error.to_dict(LATEST_VERSION)).encode()
+    declared = config.get("cniVersion")
+    version = declared if isinstance(declared, str) and declared in SUPPORTED_VERSIONS else LATEST_VERSION
+    try:
+        require_supported(declared)
+        if version_tuple(version) < MIN_VERSION:
+            raise IncompatibleVersion(f"config version {version} does not allow {command}")
+        problem = missing_parts() if command == "STATUS" else ""
+        if problem:
+            raise NotAvailable(f"cni-redirect cannot program pods on this node: {problem}")
+    except CniError as error:
+        return 1, json.dumps(error.to_dict(version)).encode()
     return 0, b""
+
+
+def _config(stdin: bytes) -> dict:
+    try:
+        config = json.loads(stdin)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"stdin is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise DecodeError(f"stdin must be a JSON object, got {type(config).__name__}")
+    return config

@@ -85,3 +85,31 @@ def test_status_names_what_the_in_process_path_would_lack(monkeypatch):
     error = json.loads(out)
     assert rc == 1 and error["code"] == 50 and "libnftables.so.1" in error["msg"]
     assert status.answer({"CNI_COMMAND": "GC"}, stdin) == (0, b""), "GC needs no libnftables"
+
+
+@pytest.mark.parametrize(
+    "stdin",
+    [
+        b"",
+        b"[]",
+        b"{not json",
+        b'{"cniVersion": "9.9.9", "name": "n", "type": "cni-redirect"}',
+        b'{"cniVersion": 1, "name": "n", "type": "cni-redirect"}',
+        b'{"cniVersion": "1.0.0", "name": "n", "type": "cni-redirect"}',
+        b'{"cniVersion": "1.1.0", "name": "n", "type": "cni-redirect"}',
+    ],
+    ids=["empty", "a-list", "not-json", "unknown-version", "version-not-a-string", "too-old", "fine"],
+)
+@pytest.mark.parametrize("command", ["STATUS", "GC"])
+def test_the_fronts_status_answers_as_the_dispatcher_does(command, stdin):
+    import io
+
+    from cni_redirect import status
+    from cni_redirect.fake import MemoryBackend
+    from cni_redirect.logs import EventLog
+    from cni_redirect.plugin import RedirectPlugin
+    from cni_redirect.skel import dispatch
+
+    out = io.StringIO()
+    rc = dispatch(RedirectPlugin(MemoryBackend(), EventLog(io.StringIO())), {"CNI_COMMAND": command}, stdin, out, out)
+    assert status.answer({"CNI_COMMAND": command}, stdin) == (rc, out.getvalue().encode())

@@ -260,7 +260,10 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    stack, repair = results.get("idle_stack"), results.get("idle_repair")
+    panels = 3 if stack and repair else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8))
+    left, right = axes[0], axes[1]
     names = list(results["add"])
     p50 = [results["add"][n]["p50"] for n in names]
     p99 = [results["add"][n]["p99"] for n in names]
@@ -284,5 +287,20 @@ def _plot(results: dict, path: Path) -> None:
     right.set_ylabel("new connections / s")
     right.set_title("Datapath through capture")
     right.legend()
+    if panels == 3:
+        _plot_idle(axes[2], stack, repair)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def _plot_idle(axis, stack: dict, repair: list[dict]) -> None:
+    """An idle node's cost as a share of one core: the repair passes as every pass cost before they remembered
+    (the same run's first, full pass, every 30 s), against the whole idle stack measured over minutes."""
+    full = next(row for row in repair if row["sandboxes"] == stack["pods"])["first_pass_cpu_ms"] / 30_000
+    names = ["repair, every pass in full", "node agent, measured", "STATUS fronts, measured", "idle stack, total"]
+    values = [full, stack["agent_core_share"], stack["fronts_core_share"], stack["total_core_share"]]
+    axis.barh(range(len(names)), [v * 100 for v in values], color=["#d0652c", "#3b6fb6", "#3b6fb6", "#1f3f73"])
+    axis.set_yticks(list(range(len(names))), names, fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlabel("% of one core")
+    axis.set_title(f"An idle node, {stack['pods']} sandboxes")

@@ -55,17 +55,20 @@ def config_agent_socket(config: bytes) -> str | None:
     CNI server. A document that is not a JSON object gives None, and the in-process
     path reports it properly.
     """
+    path = top_level_string(config, b"agent_socket")
+    return path if path is not None and trusted_socket_path(path) else None
+
+
+def top_level_string(config: bytes, key: bytes) -> str | None:
+    """The string under `key` in the config object itself (the last one, as `json.loads` keeps), or None:
+    absent, not a string, or a document the scanner cannot read (then the caller's JSON path reports it)."""
     try:
-        value = _top_level_value(config, b"agent_socket")
-    except (ValueError, IndexError):
+        value = _top_level_value(config, key)
+        if value is None or value[:1] != b'"':
+            return None
+        return _decode_string(value)
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError):  # KeyError: an invalid escape such as \q
         return None
-    if value is None or value[:1] != b'"':
-        return None
-    try:
-        path = _decode_string(value)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return path if trusted_socket_path(path) else None
 
 
 _WHITESPACE = b" \t\n\r"

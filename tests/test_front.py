@@ -44,11 +44,15 @@ HEAVY = ("pydantic", "pyroute2", "nftables", "grpc", "prometheus_client")
 
 
 def front_run(command: str, conf: dict) -> tuple[int, bytes, list[str]]:
+    return front_run_raw(command, json.dumps(conf).encode())
+
+
+def front_run_raw(command: str, stdin: bytes) -> tuple[int, bytes, list[str]]:
     """The front's main() in a fresh interpreter: exit code, stdout, and which heavy modules it loaded."""
     code = (
         "import io, json, os, sys\n"
         f"os.environ['CNI_COMMAND'] = {command!r}\n"
-        f"sys.stdin = io.TextIOWrapper(io.BytesIO({json.dumps(conf).encode()!r}))\n"
+        f"sys.stdin = io.TextIOWrapper(io.BytesIO({stdin!r}))\n"
         "import cni_redirect.front as front\n"
         "rc = front.main()\n"
         f"print(json.dumps([rc, sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})]), file=sys.stderr)\n"
@@ -113,3 +117,23 @@ def test_the_fronts_status_answers_as_the_dispatcher_does(command, stdin):
     out = io.StringIO()
     rc = dispatch(RedirectPlugin(MemoryBackend(), EventLog(io.StringIO())), {"CNI_COMMAND": command}, stdin, out, out)
     assert status.answer({"CNI_COMMAND": command}, stdin) == (rc, out.getvalue().encode())
+
+
+def test_the_status_versions_are_the_supported_ones_from_1_1_0_on():
+    from cni_redirect.result import version_tuple
+    from cni_redirect.skel import MIN_VERSION
+    from cni_redirect.status import STATUS_VERSIONS
+
+    expected = tuple(v for v in SUPPORTED_VERSIONS if version_tuple(v) >= MIN_VERSION["STATUS"])
+    assert expected == STATUS_VERSIONS and MIN_VERSION["STATUS"] == MIN_VERSION["GC"]
+
+
+@pytest.mark.parametrize("key", [b'"na\\qme"', b'"agent\\qsocket"'])
+def test_an_invalid_escape_in_a_top_level_key_is_no_traceback(key):
+    """An invalid JSON escape in a key (a KeyError in the scanner) must end in the in-process path's error."""
+    from cni_redirect.wire import config_agent_socket, top_level_string
+
+    doc = b'{"cniVersion": "1.1.0", ' + key + b': 1, "agent_socket": "/run/cni-redirect/\\x41.sock"}'
+    assert config_agent_socket(doc) is None and top_level_string(doc, b"cniVersion") is None
+    rc, out, loaded = front_run_raw("STATUS", doc)
+    assert rc == 1 and json.loads(out)["code"] == 6 and loaded == []

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import select
 import socket
 import threading
@@ -125,9 +126,8 @@ class CniServer:
         os.chmod(self.path.parent, 0o700)  # kubelet's DirectoryOrCreate makes it 0755: root only, as documented
         # Bind under a temp name, then rename over the shared path: a predecessor's socket is replaced
         # in one step, so every new connection reaches this server and none finds no socket.
-        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with suppress(FileNotFoundError):
-            staging.unlink()
+        # A random name (every agent in a container is PID 1): bind() creates it exclusively.
+        staging = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}.tmp")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket is born 0600: root only
         try:

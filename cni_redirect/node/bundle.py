@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from .files import tree_digest, write_atomic
+from .files import copy_tree_atomic, temp_name, tree_digest, write_atomic
 
 BINARY = "cni-redirect"
 BUNDLE_PREFIX = "cni-redirect-bundle-"
@@ -48,17 +48,12 @@ class Bundle:
             raise FileNotFoundError(f"--plugin-source {self.source} has no {BINARY} executable")
         version = f"{BUNDLE_PREFIX}{tree_digest(self.source)}"
         target = self.bin_dir / version
-        if not target.exists():
-            staging = self.bin_dir / f".{version}.tmp-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(self.source, staging, symlinks=True)
-            os.replace(staging, target)
+        if not target.exists() and copy_tree_atomic(self.source, target):
             self.log("info", "copied plugin bundle", path=str(target))
         wanted = f"{version}/{BINARY}"
         if not (self.link.is_symlink() and os.readlink(self.link) == wanted):
-            tmp_link = self.bin_dir / f".{BINARY}.link-{os.getpid()}"
-            tmp_link.unlink(missing_ok=True)
-            tmp_link.symlink_to(wanted)
+            tmp_link = temp_name(self.link, "link")
+            tmp_link.symlink_to(wanted)  # fails rather than reuse a name: symlink() creates exclusively
             os.replace(tmp_link, self.link)
             self.log("info", "linked plugin", path=str(self.link), target=wanted)
         self._prune(keep={version, *self._previous(version)})

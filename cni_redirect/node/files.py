@@ -4,7 +4,34 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
+
+
+def temp_name(path: Path, kind: str) -> Path:
+    """A name beside `path` that no other writer uses: in a container every agent is PID 1, so a name from
+    the PID is shared by an old and a new agent during a surge. Random, and created exclusively by the caller."""
+    return path.with_name(f".{path.name}.cni-redirect-{kind}-{secrets.token_hex(8)}")
+
+
+def copy_tree_atomic(source: Path, target: Path) -> bool:
+    """Copy a folder to `target` through a staging dir of its own beside it, then rename: `target` appears
+    whole or not at all. False if another writer put `target` there first; the staging dir never stays."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.cni-redirect-staging-", dir=target.parent))
+    try:
+        shutil.copytree(source, staging, symlinks=True, dirs_exist_ok=True)
+        os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if target.is_dir():
+                return False  # another agent copied the same version meanwhile: theirs is as good
+            raise
+        return True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_atomic(path: Path, data: bytes, mode: int | None = None, expect: bytes | None = None) -> bool:
@@ -19,9 +46,9 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None, expect: bytes
             mode = path.stat().st_mode & 0o777
         except FileNotFoundError:
             mode = 0o644
-    tmp = path.with_name(f".{path.name}.cni-redirect-tmp-{os.getpid()}")
+    tmp = temp_name(path, "tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
             view = memoryview(data)
             while view:

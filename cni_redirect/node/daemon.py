@@ -116,13 +116,34 @@ class NodeAgent:
 
 
 class _SharedPortServer(http.server.ThreadingHTTPServer):
-    """Old and new agent share the node's port during a surge (SO_REUSEPORT); the old one closes first."""
+    """Old and new agent share the node's port during a surge (SO_REUSEPORT); the old one closes first.
+
+    Dual-stack: one IPv6 socket with IPV6_V6ONLY off answers IPv4 (as ::ffff:a.b.c.d) and IPv6, so
+    probes and scrapes reach it on IPv4, IPv6 single-stack and dual-stack clusters alike."""
 
     daemon_threads = True
+    address_family = socket.AF_INET6
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
+
+
+class _SharedPortServerV4(_SharedPortServer):
+    """For a kernel without IPv6 (ipv6.disable=1): IPv4 only, as before."""
+
+    address_family = socket.AF_INET
+
+
+def _probe_server(port: int, handler: type) -> http.server.ThreadingHTTPServer:
+    try:
+        return _SharedPortServer(("::", port), handler)
+    except OSError as exc:
+        if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            raise
+        return _SharedPortServerV4(("", port), handler)
 
 
 def serve_readiness(
@@ -158,7 +179,7 @@ def serve_readiness(
         def log_message(self, *args: object) -> None:
             return None
 
-    http_server = _bind_with_retry(lambda: _SharedPortServer(("", port), Handler), agent.log, port)
+    http_server = _bind_with_retry(lambda: _probe_server(port, Handler), agent.log, port)
     threading.Thread(target=http_server.serve_forever, name="readyz", daemon=True).start()
     return http_server
 

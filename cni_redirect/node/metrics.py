@@ -14,6 +14,10 @@ from collections import Counter as Tally
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..skel import REQUIRED_ENV
+
+#: Every CNI error code we answer with (errors.py), and 0 for success.
+CNI_CODES = frozenset({0, 1, 2, 4, 6, 7, 11, 50, 999})
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -69,8 +73,12 @@ class Metrics:
             except (ValueError, AttributeError, TypeError):
                 cni_code = 999
         outcome = "ok" if code == 0 else "error"
-        self.requests.labels(command or "-", outcome, str(cni_code)).inc()
-        self.duration.labels(command or "-").observe(seconds)
+        # Label values come from a closed set: a made-up CNI_COMMAND (any root process on the node can send
+        # one) must not grow the scrape without bound.
+        known = command if command in REQUIRED_ENV else "other"
+        cni_code = cni_code if cni_code in CNI_CODES else 999
+        self.requests.labels(known, outcome, str(cni_code)).inc()
+        self.duration.labels(known).observe(seconds)
 
     def pass_done(self, states: Tally, repaired: dict[str, int]) -> None:
         for state in self._pod_states - set(states):

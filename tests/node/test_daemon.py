@@ -51,13 +51,15 @@ def test_agent_waits_for_primary_then_keeps_entry_through_50_rewrites(host, tmp_
     assert sorted(os.listdir(host.bin)) == ["bridge"]
 
 
-def test_agent_readiness_endpoint(host):
+@pytest.mark.parametrize("address", ["127.0.0.1", "[::1]"], ids=["ipv4", "ipv6"])
+def test_agent_readiness_endpoint(host, address):
+    """Probes and scrapes answer on both families: an IPv6 single-stack cluster probes over IPv6."""
     agent = Agent(host, readiness_port=18399)
     try:
 
         def status() -> int:
             try:
-                return urllib.request.urlopen("http://127.0.0.1:18399/readyz", timeout=2).status
+                return urllib.request.urlopen(f"http://{address}:18399/readyz", timeout=2).status
             except urllib.error.HTTPError as exc:
                 return exc.code
             except OSError:

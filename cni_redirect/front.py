@@ -83,7 +83,7 @@ def _forward(path: str, command: str, env: dict[str, str], stdin: bytes) -> tupl
     netns_fd = None
     if netns and command in WITH_NETNS:
         try:
-            netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block
         except FileNotFoundError:
             if command != "DEL":
                 raise _NotForwarded() from None  # let the in-process path give the precise error

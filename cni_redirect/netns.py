@@ -36,7 +36,8 @@ def own_netns() -> tuple[int, int]:
 def open_netns(path: str) -> int:
     """Open and vet a netns path; the caller owns the returned fd."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO (or another special file) at the path must not block us; the vetting refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise NetnsGone(f'CNI_NETNS "{path}" does not exist') from None
     except OSError as exc:
@@ -95,6 +96,16 @@ def libc():
     return _libc
 
 
+STUCK_EXIT = 70  # EX_SOFTWARE: a thread left inside a pod's netns
+
+
+def stuck(why: str) -> None:
+    """A thread that cannot return to its own netns stops the process: every later netns check, socket
+    and table of that thread would be the pod's (for the node agent: a repair pass could program the node)."""
+    os.write(2, f"cni-redirect: {why}; a thread is stuck in a pod network namespace, exiting\n".encode())
+    os._exit(STUCK_EXIT)
+
+
 @contextmanager
 def entered(netns_fd: int) -> Iterator[None]:
     """Run the body inside the netns behind a vetted fd, then come back."""
@@ -111,7 +122,7 @@ def entered(netns_fd: int) -> Iterator[None]:
         finally:
             try:
                 setns(home, flags=0, libc=libc())
-            except OSError as exc:  # pragma: no cover - would mean the kernel took our own netns away
-                raise InternalError(f"could not return to the original network namespace: {exc}") from None
+            except OSError as exc:
+                stuck(f"could not return to the original network namespace: {exc}")
     finally:
         os.close(home)

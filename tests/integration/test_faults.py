@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -146,3 +147,40 @@ def test_real_kernel_holds_the_expected_table_or_the_previous_one(annotations):
         assert at(backend, ns.path).read() == normalize(expected.objects())
     finally:
         ns.delete()
+
+
+def test_a_fifo_at_the_netns_path_is_refused_at_once(tmp_path):
+    """A sandbox whose netns path is a FIFO must not block repair (or the front) in open()."""
+    from cni_redirect.errors import NotANetns
+
+    fifo = tmp_path / "netns"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    with pytest.raises(NotANetns):
+        open_netns(str(fifo))
+    assert time.monotonic() - start < 5
+    run = run_plugin("DEL", str(fifo), plugin_conf(enabled(), agent_socket="/run/cni-redirect/none.sock"))
+    assert run.rc == 0 and run.seconds < 10, "the front's open does not block either"
+
+
+def test_a_thread_that_cannot_return_home_stops_the_process(pod):
+    """Injected: the setns back home fails (ENOMEM). The process exits rather than keep a thread in the pod's netns,
+    where a later repair pass would take the pod's netns for its own and could program the node's."""
+    code = f"""
+import errno, pyroute2.netns
+from cni_redirect.backend import KernelBackend
+calls = []
+real = pyroute2.netns.setns
+def flaky(fd, flags=0, libc=None):
+    calls.append(fd)
+    if len(calls) == 2:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+    return real(fd, flags=flags, libc=libc)
+pyroute2.netns.setns = flaky
+with KernelBackend().session({pod.path!r}) as session:
+    session.read()
+print("returned", flush=True)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 70, (run.returncode, run.stdout, run.stderr)
+    assert "returned" not in run.stdout and "stuck in a pod network namespace" in run.stderr

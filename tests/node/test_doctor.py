@@ -151,3 +151,11 @@ def test_not_chained_at_all(tmp_path):
     (tmp_path / "10-calico.conflist").write_bytes((PRIMARY_DIR / "10-calico.conflist").read_bytes())
     (finding,) = node_findings(tmp_path)
     assert finding.check == "chained" and "not in 10-calico.conflist's chain" in finding.message
+
+
+def test_what_a_pod_controls_reaches_the_terminal_escaped(pod, in_pod):
+    """A process name is the pod's to choose: `\\x1b[2J\\x1b[8m` would clear the admin's screen and hide the rest."""
+    envoy = proc(10, "envoy", 1337, listening={15001})
+    hostile = proc(20, "\x1b[2J\x1b[8mx", 1337)
+    (finding,) = pod_findings(pod(), in_pod(envoy, hostile), [])
+    assert "\x1b" not in finding.message and "\\x1b[2J\\x1b[8mx" in finding.message

@@ -64,10 +64,11 @@ class NodeAgent:
         self.chain = ChainInstaller(options.cni_conf_dir, entry, log, options.conf_file, options.wait_log_interval)
         self.token = secrets.token_hex(8)
         self.owner_file = options.cni_bin_dir / OWNER_FILE
+        self.problem = ""  # the last iteration's failure (a reinstall on a full disk, EROFS, EIO): unready, retried
 
     @property
     def ready_reason(self) -> str:
-        return self.chain.ready_reason
+        return self.problem or self.chain.ready_reason
 
     def install(self) -> None:
         self.bundle.install()
@@ -93,9 +94,23 @@ class NodeAgent:
             time.sleep(0.1)
 
     def reconcile(self) -> bool:
-        """One pass: the plugin in the bin dir and our entry in the primary config. Returns readiness."""
-        self.bundle.ensure()
-        return self.chain.reconcile()
+        """One pass: the plugin in the bin dir and our entry in the primary config. Returns readiness.
+
+        A failure is this iteration's, not the agent's: it is logged once, makes the agent unready with the
+        reason, and the next iteration tries again. It never leaves the loop (leaving it means uninstalling)."""
+        try:
+            self.bundle.ensure()
+            ready = self.chain.reconcile()
+        except Exception as exc:  # a full disk, EROFS, EIO, or a bug: never a reason to uninstall
+            problem = f"cannot keep the plugin installed: {type(exc).__name__}: {exc}"
+            if problem != self.problem:
+                self.log("error", problem)
+            self.problem = problem
+            return False
+        if self.problem:
+            self.log("info", "recovered", was=self.problem)
+        self.problem = ""
+        return ready
 
     def uninstall(self) -> None:
         """Our entry out, then, after the grace period, the bundle and our token: unless a config still names us."""

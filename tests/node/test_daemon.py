@@ -163,3 +163,38 @@ def test_readyz_carries_the_warning_while_ready(host):
         assert "warning: other network configs exist (20-stale-entry.conflist)" in body()
     finally:
         agent.terminate()
+
+
+def test_a_failing_iteration_makes_the_agent_unready_and_is_retried_never_an_uninstall(host, tmp_path):
+    """The plugin vanishes from the bin dir and cannot be reinstalled (its source is gone too): the loop logs it,
+    turns unready with the reason, keeps the entry, and recovers once it can reinstall."""
+    import shutil
+
+    host.put("10-calico.conflist")
+    source = tmp_path / "source"
+    shutil.copytree(host.bundle, source, symlinks=True)
+    agent = Agent(host, plugin_source=source, readiness_port=18398, recheck_interval=0.2)
+
+    def readyz() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:18398/readyz", timeout=2) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:
+            return 0, ""
+
+    try:
+        wait_for(lambda: readyz()[0] == 200)
+        shutil.rmtree(source)
+        (host.bin / "cni-redirect").unlink()
+        wait_for(lambda: readyz()[0] == 503)
+        assert "cannot keep the plugin installed" in readyz()[1] and "does not exist" in readyz()[1]
+        assert agent.thread.is_alive() and host.entries("10-calico.conflist"), "entry kept, agent still running"
+        shutil.copytree(host.bundle, source, symlinks=True)
+        wait_for(lambda: readyz()[0] == 200)
+        assert (host.bin / "cni-redirect").exists()
+    finally:
+        agent.terminate()
+    errors = [e for e in host.events() if e["level"] == "error"]
+    assert len(errors) == 1, "the failure is logged once, not once per retry"

@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from ..errors import CniRedirectError, SettingsError
@@ -138,6 +138,29 @@ class _SharedPortServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     address_family = socket.AF_INET6
+    #: At most this many connections are served at once (a thread each); more are closed at once.
+    max_connections = 16
+    request_queue_size = 128  # a burst of connects waits in the kernel, not in SYN retries
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.slots = threading.BoundedSemaphore(self.max_connections)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # an idle flood costs a close, never a thread
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -168,6 +191,8 @@ def serve_readiness(
     /metrics: Prometheus text (node/metrics.py)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = 5  # seconds a connection may take to send its request: an idle one is closed then
+
         def do_GET(self) -> None:
             warning = ""
             content_type = "text/plain"

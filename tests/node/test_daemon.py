@@ -198,3 +198,43 @@ def test_a_failing_iteration_makes_the_agent_unready_and_is_retried_never_an_uni
         agent.terminate()
     errors = [e for e in host.events() if e["level"] == "error"]
     assert len(errors) == 1, "the failure is logged once, not once per retry"
+
+
+@pytest.mark.slow
+def test_idle_connections_cost_a_bounded_number_of_threads_and_are_closed(host):
+    """Idle connections made a thread each, open for good (600 from one client: 600 threads): now 100 of them
+    cost at most 16 threads, the rest are closed on arrival, and an idle one is closed after its 5 s read
+    timeout."""
+    import socket
+    import threading
+
+    agent = Agent(host, readiness_port=18397)
+    idle = []
+    try:
+        wait_for(lambda: _port_open(18397))
+        before = threading.active_count()
+        for _ in range(100):
+            idle.append(socket.create_connection(("127.0.0.1", 18397), timeout=5))
+        time.sleep(0.5)
+        assert threading.active_count() - before <= 16 + 2
+        closed = 0
+        for conn in idle:
+            conn.settimeout(8)
+            try:
+                closed += conn.recv(1) == b""
+            except OSError:
+                closed += 1
+        assert closed == len(idle), "every idle connection ends: at once past the cap, else by the read timeout"
+        assert _port_open(18397)
+    finally:
+        for conn in idle:
+            conn.close()
+        agent.terminate()
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False

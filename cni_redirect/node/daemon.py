@@ -389,8 +389,8 @@ def _start_repair(
     from .survey import kernel_sessions
 
     def passed(result: PassResult) -> None:
-        if metrics is not None:
-            metrics.pass_done(result.states, result.reasons)
+        if metrics is not None and result.chained:  # before the first insert (the agent's start) is no failure
+            metrics.pass_done(result.states, result.reasons, result.error, result.failed)
 
     repairer = Repairer(
         CriClient(options.cri_socket),

@@ -62,6 +62,21 @@ class Metrics:
             "1 while the node agent does its job (its CNI server serves)",
             registry=self.registry,
         )
+        self.pass_failures = Counter(
+            "cni_redirect_repair_pass_failures",
+            "Repair passes that could not walk the node (CRI unreachable, not chained)",
+            registry=self.registry,
+        )
+        self.sandbox_failures = Counter(
+            "cni_redirect_repair_sandbox_failures",
+            "Sandboxes a repair pass could not check or repair (status, netns or kernel failure); the pass went on",
+            registry=self.registry,
+        )
+        self.last_pass_ok = Gauge(
+            "cni_redirect_repair_last_pass_ok",
+            "1 if the last repair pass walked the node (cni_redirect_pods is from it), else 0",
+            registry=self.registry,
+        )
         self._pod_states: set[str] = set()
 
     def observe(self, command: str, code: int, stdout: bytes, seconds: float) -> None:
@@ -80,7 +95,14 @@ class Metrics:
         self.requests.labels(known, outcome, str(cni_code)).inc()
         self.duration.labels(known).observe(seconds)
 
-    def pass_done(self, states: Tally, repaired: dict[str, int]) -> None:
+    def pass_done(self, states: Tally, repaired: dict[str, int], error: str = "", failed: int = 0) -> None:
+        """One repair pass. A failed pass counts as one and sets no pod gauge (they would be the last good
+        pass's, or nothing): `cni_redirect_repair_last_pass_ok` says whether they are current."""
+        self.sandbox_failures.inc(failed)
+        self.last_pass_ok.set(0 if error else 1)
+        if error:
+            self.pass_failures.inc()
+            return
         for state in self._pod_states - set(states):
             self.pods.labels(state).set(0)
         for state, count in states.items():

@@ -44,6 +44,8 @@ class PassResult:
     reasons: Counter = field(default_factory=Counter)  # what was wrong with the repaired ones
     seconds: float = 0.0
     error: str = ""
+    failed: int = 0  # sandboxes whose status, netns or repair failed (each recorded, the pass went on)
+    chained: bool = True  # False: our entry is not in the node's config (yet), so there was nothing to walk
 
 
 def put_right(session: Session, view: PodView) -> None:
@@ -90,7 +92,7 @@ class Repairer:
         start = time.monotonic()
         entry = installed_entry(self.conf_dir, self.conf_file)
         if entry is None:
-            result.error = "cni-redirect is not chained into the node's CNI config"
+            result.error, result.chained = "cni-redirect is not chained into the node's CNI config", False
             return self._finish(result, start)
         survey = Survey(self.cri, entry, self.sessions, self.memo)
         try:
@@ -98,6 +100,7 @@ class Repairer:
                 if view.state in (MISSING, DRIFTED):
                     self._repair(survey, view, result)
                 result.states[view.state or view.decision.value] += 1
+                result.failed += 1 if view.problems else 0
         except CriError as exc:
             result.error = str(exc)
         return self._finish(result, start)
@@ -115,6 +118,7 @@ class Repairer:
                 put_right(session, view)
         except Exception as exc:  # a sandbox torn down mid-pass, a kernel refusal: next pass tries again
             self.log("info", f"repair skipped: {view.ref}: {exc}", pod=view.ref)
+            view.problems.append(f"repair failed: {exc}")
             return
         self.repairs[reason] += 1
         result.repaired.append(view.ref)
@@ -130,7 +134,7 @@ class Repairer:
         if result.error and result.error != self._last_error:
             self.log("error", f"repair pass failed: {result.error}")
         self._last_error = result.error
-        if self.on_pass is not None and not result.error:
+        if self.on_pass is not None:
             self.on_pass(result)
         return result
 

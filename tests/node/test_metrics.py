@@ -31,3 +31,16 @@ def test_the_closed_sets_are_the_dispatchers_and_the_error_trees():
     codes = {cls.code for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.CniError)}
     assert codes | {0} == CNI_CODES
     assert set(REQUIRED_ENV) == {"ADD", "CHECK", "DEL", "STATUS", "GC", "VERSION"}
+
+
+def test_a_failed_pass_says_so_and_failed_sandboxes_are_counted():
+    from collections import Counter
+
+    metrics = Metrics()
+    metrics.pass_done(Counter({"ok": 3}), {}, "", failed=1)
+    text = metrics.render().decode()
+    assert 'cni_redirect_pods{state="ok"} 3.0' in text and "cni_redirect_repair_last_pass_ok 1.0" in text
+    assert "cni_redirect_repair_sandbox_failures_total 1.0" in text
+    metrics.pass_done(Counter(), {}, "CRI ListPodSandbox at /run/containerd/containerd.sock: UNAVAILABLE")
+    text = metrics.render().decode()
+    assert "cni_redirect_repair_last_pass_ok 0.0" in text and "cni_redirect_repair_pass_failures_total 1.0" in text

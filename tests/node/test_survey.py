@@ -317,3 +317,15 @@ def test_stale_routing_a_pod_adds_itself_is_found_by_the_next_full_pass(tmp_path
     found = [repair.run_once().repaired for _ in range(3)]
     assert ["default/p2"] in found, found
     assert backend.routing[paths[2]].objects == []
+
+
+def test_a_pass_counts_the_sandboxes_it_could_not_check(node, tmp_path):
+    cri, backend = node
+    cri.add("first", enabled(), error="UNAVAILABLE")
+    backend.gone.add(cri.add("second", enabled()))
+    cri.add("third", enabled())
+    passes = []
+    repair = Repairer(cri, installed(tmp_path), lambda *a, **k: None, sessions=backend.session, on_pass=passes.append)
+    result = repair.run_once()
+    assert result.error == "" and result.failed == 2 and result.repaired == ["default/third"]
+    assert passes == [result], "every pass is reported, failed sandboxes and all"

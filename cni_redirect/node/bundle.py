@@ -51,20 +51,25 @@ class Bundle:
         if not target.exists() and copy_tree_atomic(self.source, target):
             self.log("info", "copied plugin bundle", path=str(target))
         wanted = f"{version}/{BINARY}"
+        before = self._linked_version()
         if not (self.link.is_symlink() and os.readlink(self.link) == wanted):
             tmp_link = temp_name(self.link, "link")
             tmp_link.symlink_to(wanted)  # fails rather than reuse a name: symlink() creates exclusively
             os.replace(tmp_link, self.link)
             self.log("info", "linked plugin", path=str(self.link), target=wanted)
-        self._prune(keep={version, *self._previous(version)})
+        # Keep the bundle the link pointed to a moment ago: a pod setup already running from it must finish.
+        # (Not the newest by mtime: copytree copies the image's mtimes, and after a rollback the newest is
+        # not the one in use.)
+        self._prune(keep={version, *([before] if before else [])})
 
-    def _previous(self, current: str) -> list[str]:
-        """Keep the newest older bundle: a pod setup already running from it must finish."""
-        bundles = sorted(
-            (p for p in self.bin_dir.glob(f"{BUNDLE_PREFIX}*") if p.name != current),
-            key=lambda p: p.stat().st_mtime,
-        )
-        return [bundles[-1].name] if bundles else []
+    def _linked_version(self) -> str | None:
+        """The bundle folder the link points to now, if it is one of ours."""
+        try:
+            target = os.readlink(self.link)
+        except OSError:
+            return None
+        folder = target.split("/", 1)[0]
+        return folder if folder.startswith(BUNDLE_PREFIX) else None
 
     def _prune(self, keep: set[str]) -> None:
         for path in self.bin_dir.glob(f"{BUNDLE_PREFIX}*"):

@@ -176,9 +176,9 @@ class ChainInstaller:
             return self._not_ready(f"primary config left untouched: {exc}{crio}")
         self._warn_about_others(self._valid_configs(names, skip=name, also=conflists.conflist_name(name)))
         desired = conflists.with_entry(document, self.entry)
+        if not single and conflists.names_us(document) and (self.managed is None or self.managed.name != name):
+            self._adopt(name, data, document)  # a restarted or upgraded agent: the primary's bytes are in a backup
         if not single and document == desired:
-            if self.managed is None or self.managed.name != name:
-                self._adopt(name, data, document)
             return self._ready(name)
         try:
             target = self._write(name, data, desired, single)
@@ -201,20 +201,29 @@ class ChainInstaller:
         self.warning = warning
 
     def _adopt(self, name: str, data: bytes, document: dict) -> None:
-        """Our entry is already there (an agent restart): find the primary's bytes to restore later."""
+        """An entry of ours is already there (an agent restart, an upgrade): find the primary's bytes to restore
+        later, from the backups themselves (a converted `.conf` is gone from the dir; its backup is not)."""
         primary = conflists.without_entry(document)
-        for original_name in (name, *(n for n in os.listdir(self.conf_dir) if n != name)):
+        for original_name in self._backed_up():
             if original_name != name and conflists.conflist_name(original_name) != name:
                 continue
-            backup = self._backup(original_name)
             try:
-                original = backup.read_bytes()
+                original = self._backup(original_name).read_bytes()
                 if conflists.without_entry(conflists.parse(original_name, original)[0]) == primary:
                     self.managed = Managed(name, original_name, original, data)
                     return
             except (OSError, ConfError):
                 continue
         self.managed = Managed(name, name, conflists.render(primary), data)
+
+    def _backed_up(self) -> list[str]:
+        """The names whose primary bytes we keep a backup of, from the backup files' own names."""
+        suffix = ".bak"
+        return sorted(
+            n[len(BACKUP_PREFIX) : -len(suffix)]
+            for n in os.listdir(self.conf_dir)
+            if n.startswith(BACKUP_PREFIX) and n.endswith(suffix)
+        )
 
     def _write(self, name: str, data: bytes, desired: dict, single: bool) -> str | None:
         """Write our entry in; returns the file that now holds it, or None if the primary changed it meanwhile."""

@@ -44,3 +44,22 @@ def test_deleted_binary_is_reinstalled(host):
     (host.bin / "cni-redirect").unlink()
     assert installer.reconcile()
     assert os.access(host.bin / "cni-redirect", os.X_OK)
+
+
+def test_pruning_keeps_the_bundle_the_link_pointed_to_not_the_newest(host):
+    """v1 -> v2 -> rollback to v1 -> v3: the bundle in use a moment ago is v1, whatever the mtimes say."""
+    installer = host.agent()
+    link = host.bin / "cni-redirect"
+    versions = {}
+    for name in ("v1", "v2"):
+        host.set_bundle_version(name)
+        installer.install()
+        versions[name] = os.readlink(link).split("/")[0]
+    host.set_bundle_version("v1")
+    installer.install()  # the rollback
+    assert os.readlink(link).split("/")[0] == versions["v1"]
+    os.utime(host.bin / versions["v2"], (2_000_000_000, 2_000_000_000))  # copytree copies the image's mtimes
+    host.set_bundle_version("v3")
+    installer.install()
+    kept = {p.name for p in host.bin.glob(f"{BUNDLE_PREFIX}*")}
+    assert versions["v1"] in kept and versions["v2"] not in kept and len(kept) == 2

@@ -277,3 +277,37 @@ def test_another_valid_network_is_a_warning_and_conf_file_silences_it(host):
     assert installer.reconcile() and [e["msg"] for e in host.events()].count(installer.chain.warning) == 1, "once"
     pinned = host.agent(conf_file="10-calico.conflist")
     assert pinned.reconcile() and pinned.chain.warning == ""
+
+
+def test_restart_then_uninstall_restores_a_converted_conf(host):
+    """The agent turned a .conf into a .conflist, then restarted: uninstall still brings the .conf back."""
+    original = host.put("10-legacy-bridge.conf")
+    first = host.agent()
+    first.install()
+    first.reconcile()
+    assert sorted(p.name for p in host.conf.iterdir() if not p.name.startswith(".")) == ["10-legacy-bridge.conflist"]
+    second = host.agent()  # restarted: no memory of the conversion
+    second.install()
+    assert second.reconcile()
+    second.uninstall()
+    assert sorted(p.name for p in host.conf.iterdir()) == ["10-legacy-bridge.conf"], "no .conflist, no backup left"
+    assert (host.conf / "10-legacy-bridge.conf").read_bytes() == original
+
+
+def test_an_upgrade_that_changes_the_entry_keeps_the_primarys_bytes(host):
+    """A new version with other entry settings: uninstall still restores what the primary wrote, byte for byte."""
+    from cni_redirect.logs import JsonLog
+    from cni_redirect.node.daemon import NodeAgent
+
+    document = json.loads((PRIMARY_DIR / "10-flannel.conflist").read_text())
+    original = host.put("10-flannel.conflist", json.dumps(document, indent=3).encode() + b"\n\n")  # its own style
+    old = host.agent()
+    old.install()
+    old.reconcile()
+    settings = {**SETTINGS, "defaults": {"proxy-uid": "2000"}}
+    new = NodeAgent(host.options(), JsonLog(host.log), conflists.entry(settings))
+    new.install()
+    assert new.reconcile()
+    assert host.entries("10-flannel.conflist")[0]["defaults"] == {"proxy-uid": "2000"}
+    new.uninstall()
+    assert (host.conf / "10-flannel.conflist").read_bytes() == original

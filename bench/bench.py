@@ -488,7 +488,7 @@ def bench_idle_front(bundle: Path, runs: int) -> dict:
 def bench_idle_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
     """Repair passes over N ready sandboxes, all fine, on a real containerd: the CPU a pass costs (this process's,
     every thread) when it remembers earlier passes, against the first pass that compares every pod in full, a full
-    pass of every tenth, and a pass after every table was deleted by hand (all need repair)."""
+    pass (every `full_every`-th), and a pass after every table was deleted by hand (all need repair)."""
     from cni_redirect.cri import CriClient
     from cni_redirect.node.repair import Repairer
     from cni_redirect.testing.containerd import Containerd, conflist, new_workdir
@@ -517,8 +517,9 @@ def bench_idle_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
                 return (time.process_time() - cpu) * 1000, (time.perf_counter() - start) * 1000, result
 
             first_cpu, _, first = timed_pass()
-            quick = [timed_pass() for _ in range(9)]  # passes 2-10: remembered
-            full_cpu, _, _ = timed_pass()  # pass 11: every tenth compares in full
+            every = repairer.memo.full_every
+            quick = [timed_pass() for _ in range(every - 1)]  # the passes that remember
+            full_cpu, _, _ = timed_pass()  # every `every`-th pass compares in full
             for pod in client.list_sandboxes():
                 Netns.at(client.netns(pod.id)).run("nft", "delete", "table", "inet", "cni_redirect", check=False)
             fix_cpu, fix_wall, fixed = timed_pass()
@@ -536,8 +537,9 @@ def bench_idle_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
                     "all_missing_cpu_ms": fix_cpu,
                     "all_missing_wall_ms": fix_wall,
                     "quick_cpu_ms_per_sandbox": quick_cpu / size,
-                    # The default interval: 30 s, and every tenth pass in full.
-                    "core_share_at_30s": (9 * quick_cpu + full_cpu) / 10 / 30_000,
+                    # The default interval: 30 s, and every `every`-th pass in full.
+                    "full_every": every,
+                    "core_share_at_30s": ((every - 1) * quick_cpu + full_cpu) / every / 30_000,
                 }
             )
     finally:

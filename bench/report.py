@@ -178,9 +178,9 @@ def _idle_lines(results: dict) -> list[str]:
         "",
         "Repair passes over N ready sandboxes, all fine, on a real containerd, CPU of the agent's process (every",
         "thread). The first pass compares every pod in full (the baseline: what every pass cost before passes",
-        "remembered); passes 2-10 remember (one ListPodSandbox, then per pod one netns entry and one netlink",
-        "round trip for the nftables generation); every tenth pass compares all in full again. Share of a core:",
-        "nine remembered passes and one full one per 300 s, at the default 30 s interval.",
+        "remembered); the passes after it remember (one ListPodSandbox, then per pod one netns entry and one",
+        f"netlink round trip for the nftables generation); every {repair[0].get('full_every', 10)}th pass compares "
+        "all in full again. Share of a core: that mix, at the default 30 s interval.",
         "",
         "| sandboxes | first pass | remembered pass | ratio | per sandbox | full pass | all deleted by hand | "
         "share of a core |",

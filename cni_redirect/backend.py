@@ -185,6 +185,9 @@ def libnftables() -> Nft:
     return nft
 
 
+_WORKED: set[Callable[[], Nft]] = set()  # the contexts status() has made once in this process
+
+
 class _Lazy:
     """A libnftables context made on first use: a session that only reads the generation never makes one."""
 
@@ -225,4 +228,8 @@ class KernelBackend:
             os.close(fd)
 
     def status(self) -> None:
-        self.context()  # loads the bindings and libnftables; runs no command
+        """Loads the bindings and libnftables (runs no command), once per process: in the CNI server, where
+        STATUS comes every few seconds, the answer is then its own state."""
+        if self.context not in _WORKED:
+            self.context()
+            _WORKED.add(self.context)

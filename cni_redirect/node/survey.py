@@ -113,11 +113,11 @@ class SurveyMemo:
     """Kept by the repair loop across passes, so a pass over a node where nothing changed costs almost nothing:
     one ListPodSandbox, and per pod one netns entry and one netlink round trip (the nftables generation).
 
-    `full_every`: every so many passes, every pod is compared in full anyway (routing a pod changed itself
-    without an nftables transaction shows then)."""
+    `full_every`: every so many passes (20: every 10 minutes at the default interval), every pod is compared
+    in full anyway (routing a pod changed itself without an nftables transaction shows then)."""
 
     seen: dict[str, Seen] = field(default_factory=dict)
-    full_every: int = 10
+    full_every: int = 20
     passes: int = 0
     status_calls: int = 0  # PodSandboxStatus calls made
     full: int = 0  # pods compared in full (table listed)

@@ -221,7 +221,24 @@ def _idle_lines(results: dict) -> list[str]:
             f"| STATUS fronts | {stack['fronts_cpu_s']:.2f} s | {stack['fronts_core_share'] * 100:.3f} % |",
             f"| total | {stack['agent_cpu_s'] + stack['fronts_cpu_s']:.2f} s | "
             f"{stack['total_core_share'] * 100:.3f} % |",
+            "",
+            "| target | measured | |",
+            "|---|---|---|",
+            f"| the node agent <= {IDLE_TARGETS['core_share_100'] * 100:.1f} % of a core at {stack['pods']} sandboxes "
+            f"(repair, dirs watched, STATUS served) | {stack['agent_core_share'] * 100:.3f} % | "
+            f"{_verdict(stack['agent_core_share'] <= IDLE_TARGETS['core_share_100'])} |",
         ]
+        full = next((row for row in repair if row["sandboxes"] == stack["pods"]), None)
+        if full is not None:
+            every = full.get("full_every", 10)
+            spread = full["full_pass_cpu_ms"] / (every * 30_000)
+            lines += [
+                "",
+                f"A window shorter than {every * 30 // 60} minutes may hold no full pass (every {every}th): at "
+                f"{stack['pods']} sandboxes one costs {full['full_pass_cpu_ms']:.0f} ms, {spread * 100:.3f} % of a "
+                f"core spread over its {every * 30 // 60} minutes, to add to the agent's figure above when the "
+                "window held none.",
+            ]
     return lines
 
 

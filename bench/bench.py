@@ -30,8 +30,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # bench.report, beside this file
@@ -385,23 +388,41 @@ def profile_front(agent: Agent) -> dict:
     }
 
 
-def bench_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
-    """One repair pass over N ready sandboxes on a real containerd: all missing, then all ok; baseline: the
-    CRI calls alone (list + one status per sandbox) in the same process."""
-    from cni_redirect.cri import CriClient
-    from cni_redirect.node.repair import Repairer
-    from cni_redirect.testing.containerd import Containerd, conflist, new_workdir
+@contextmanager
+def private_node(venv_plugin: bool = True) -> Iterator[tuple[Any, Any, Path]]:
+    """A private containerd (no plugin chained yet) and its CRI client; everything stopped and the host
+    restored afterwards. `venv_plugin`: the venv's cni-redirect is in its CNI bin dir."""
+    from cni_redirect.testing.containerd import Containerd, new_workdir
     from cni_redirect.testing.host import HostSnapshot
 
     snapshot = HostSnapshot.take()
     workdir = new_workdir()
     runtime = Containerd(workdir, with_plugin=False)
-    rows = []
     client = None
     try:
         runtime.start()
         client = runtime.connect()
-        (runtime.bin_dir / "cni-redirect").symlink_to(Path(sys.executable).parent / "cni-redirect")
+        if venv_plugin:
+            (runtime.bin_dir / "cni-redirect").symlink_to(Path(sys.executable).parent / "cni-redirect")
+        yield runtime, client, workdir
+    finally:
+        if client is not None:
+            client.remove_all()
+            client.close()
+        runtime.stop()
+        snapshot.restore()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def bench_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
+    """One repair pass over N ready sandboxes on a real containerd: all missing, then all ok; baseline: the
+    CRI calls alone (list + one status per sandbox) in the same process."""
+    from cni_redirect.cri import CriClient
+    from cni_redirect.node.repair import Repairer
+    from cni_redirect.testing.containerd import conflist
+
+    rows = []
+    with private_node() as (runtime, client, workdir):
         made = 0
         for size in sizes:
             with ThreadPoolExecutor(max_workers=8) as pool:
@@ -425,13 +446,6 @@ def bench_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
             for pod in client.list_sandboxes():  # next size starts from uncaptured pods again
                 Netns.at(client.netns(pod.id)).run("nft", "delete", "table", "inet", "cni_redirect", check=False)
             runtime.write_conflist(conflist(workdir, with_plugin=False))
-    finally:
-        if client is not None:
-            client.remove_all()
-            client.close()
-        runtime.stop()
-        snapshot.restore()
-        shutil.rmtree(workdir, ignore_errors=True)
     return rows
 
 
@@ -491,18 +505,10 @@ def bench_idle_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
     pass (every `full_every`-th), and a pass after every table was deleted by hand (all need repair)."""
     from cni_redirect.cri import CriClient
     from cni_redirect.node.repair import Repairer
-    from cni_redirect.testing.containerd import Containerd, conflist, new_workdir
-    from cni_redirect.testing.host import HostSnapshot
+    from cni_redirect.testing.containerd import conflist
 
-    snapshot = HostSnapshot.take()
-    workdir = new_workdir()
-    runtime = Containerd(workdir, with_plugin=False)
     rows = []
-    client = None
-    try:
-        runtime.start()
-        client = runtime.connect()
-        (runtime.bin_dir / "cni-redirect").symlink_to(Path(sys.executable).parent / "cni-redirect")
+    with private_node() as (runtime, client, workdir):
         runtime.write_conflist(conflist(workdir))
         made = 0
         for size in sizes:
@@ -542,13 +548,6 @@ def bench_idle_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
                     "core_share_at_30s": ((every - 1) * quick_cpu + full_cpu) / every / 30_000,
                 }
             )
-    finally:
-        if client is not None:
-            client.remove_all()
-            client.close()
-        runtime.stop()
-        snapshot.restore()
-        shutil.rmtree(workdir, ignore_errors=True)
     return rows
 
 
@@ -562,54 +561,40 @@ def bench_idle_stack(bundle_dir: Path, minutes: float, pods: int = 100, status_e
     interval, its dirs watched) with `pods` ready sandboxes, and kubelet's STATUS cadence simulated (a STATUS
     through the installed front every `status_every` s). The agent's CPU from /proc/<pid>/stat and the fronts'
     (rusage) over `minutes`, as a share of one core."""
-    from cni_redirect.testing.containerd import Containerd, new_workdir
-    from cni_redirect.testing.host import HostSnapshot
     from cni_redirect.testing.nodeagent import NodeAgentProcess
 
-    snapshot = HostSnapshot.take()
-    workdir = new_workdir()
-    runtime = Containerd(workdir, with_plugin=False)
-    client = agent = None
-    try:
-        runtime.start()
-        client = runtime.connect()
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda i: client.run_pod(f"stack-{i}", annotations=enabled()), range(pods)))
-        entry = {"exclude_namespaces": ["kube-system"]}
-        agent = NodeAgentProcess(
-            bundle_dir / "cni-redirect", runtime.bin_dir, runtime.conf_dir, bundle_dir, entry, workdir,
-            str(runtime.socket),
-        )  # fmt: skip
-        agent.wait_ready()
-        deadline = time.monotonic() + 60
-        while sum(m.startswith("repaired ") for m in agent.messages()) < pods and time.monotonic() < deadline:
-            time.sleep(0.5)  # the first pass captures the pods that started before the agent
-        conflist_doc = json.loads(next(runtime.conf_dir.glob("*.conflist")).read_text())
-        ours = next(p for p in conflist_doc["plugins"] if p["type"] == "cni-redirect")
-        status_conf = json.dumps({**ours, "cniVersion": "1.1.0", "name": conflist_doc["name"]}).encode()
-        front = runtime.bin_dir / "cni-redirect"
-        time.sleep(35)  # past the next (remembered) pass before measuring
-        agent_start, fronts_start, start = _proc_cpu(agent.proc.pid), _child_cpu(), time.monotonic()
-        statuses = failures = 0
-        while time.monotonic() - start < minutes * 60:
-            _, code = spawn([str(front)], cni_env("STATUS", ""), status_conf)
-            statuses += 1
-            failures += code != 0
-            time.sleep(max(0.0, start + statuses * status_every - time.monotonic()))
-        seconds = time.monotonic() - start
-        agent_cpu, fronts_cpu = _proc_cpu(agent.proc.pid) - agent_start, _child_cpu() - fronts_start
-        passes = sum(1 for line in agent.lines if line.get("msg", "").startswith("repair"))
-        assert agent.terminate() == 0
-        agent = None
-    finally:
-        if agent is not None:
-            agent.kill()
-        if client is not None:
-            client.remove_all()
-            client.close()
-        runtime.stop()
-        snapshot.restore()
-        shutil.rmtree(workdir, ignore_errors=True)
+    agent = None
+    with private_node(venv_plugin=False) as (runtime, client, workdir):
+        try:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(lambda i: client.run_pod(f"stack-{i}", annotations=enabled()), range(pods)))
+            entry = {"exclude_namespaces": ["kube-system"]}
+            executable, socket = bundle_dir / "cni-redirect", str(runtime.socket)
+            agent = NodeAgentProcess(executable, runtime.bin_dir, runtime.conf_dir, bundle_dir, entry, workdir, socket)
+            agent.wait_ready()
+            deadline = time.monotonic() + 60
+            while sum(m.startswith("repaired ") for m in agent.messages()) < pods and time.monotonic() < deadline:
+                time.sleep(0.5)  # the first pass captures the pods that started before the agent
+            conflist_doc = json.loads(next(runtime.conf_dir.glob("*.conflist")).read_text())
+            ours = next(p for p in conflist_doc["plugins"] if p["type"] == "cni-redirect")
+            status_conf = json.dumps({**ours, "cniVersion": "1.1.0", "name": conflist_doc["name"]}).encode()
+            front = runtime.bin_dir / "cni-redirect"
+            time.sleep(35)  # past the next (remembered) pass before measuring
+            agent_start, fronts_start, start = _proc_cpu(agent.proc.pid), _child_cpu(), time.monotonic()
+            statuses = failures = 0
+            while time.monotonic() - start < minutes * 60:
+                _, code = spawn([str(front)], cni_env("STATUS", ""), status_conf)
+                statuses += 1
+                failures += code != 0
+                time.sleep(max(0.0, start + statuses * status_every - time.monotonic()))
+            seconds = time.monotonic() - start
+            agent_cpu, fronts_cpu = _proc_cpu(agent.proc.pid) - agent_start, _child_cpu() - fronts_start
+            passes = sum(1 for line in agent.lines if line.get("msg", "").startswith("repair"))
+            assert agent.terminate() == 0
+            agent = None
+        finally:
+            if agent is not None:
+                agent.kill()
     return {
         "pods": pods,
         "seconds": seconds,

@@ -43,6 +43,9 @@ def run_cli(argv: Sequence[str]) -> int:
         "inspect": _inspect,
         "doctor": _doctor,
         "render": _render,
+        "uninstall": _uninstall,
+        "ready": _probe,
+        "healthy": _probe,
     }[args.command]
     try:
         return run(args)
@@ -116,12 +119,17 @@ def _add_install_parser(commands: Any) -> None:
     flag("plugin-source", help="the bundle folder (or a single executable) to install")
     flag("entry-file", help="JSON object with our conflist entry's settings (defaults, exclude_namespaces, ...)")
     flag("readiness-port", int, "a port number")
-    flag("uninstall-grace", float, "a number of seconds")
+    flag("uninstall-grace", float, "a number of seconds", help="kept for compatibility: see `uninstall`")
     flag(
         "handover-wait",
         float,
         "a number of seconds",
-        help="on SIGTERM, seconds a successor agent may take to appear before this one uninstalls",
+        help="no effect: stopping never uninstalls (`cni-redirect uninstall` does); kept for compatibility",
+    )
+    flag(
+        "probe-socket",
+        help="answer `cni-redirect ready|healthy` (the pod's exec probes) on this UNIX socket, a path private "
+        "to the agent's container",
     )
     flag("poll-interval", float, "a number of seconds", help="re-check interval where a dir cannot be watched")
     flag(
@@ -147,6 +155,32 @@ def _add_install_parser(commands: Any) -> None:
     flag("repair-interval", float, "a number of seconds", metavar="SECONDS")
     agent = commands.add_parser("agent", help="run the CNI server alone: serve the thin front on a UNIX socket")
     agent.add_argument("--socket", default=_env("AGENT_SOCKET") or DEFAULT_SOCKET)
+    _add_uninstall_parser(commands)
+    for question, text in (("ready", "installed and chained"), ("healthy", "able to serve")):
+        probe = commands.add_parser(question, help=f"exec probe: exit 0 when this container's agent is {text}")
+        probe.add_argument("--probe-socket", default=_env("PROBE_SOCKET"), help="the agent's --probe-socket")
+
+
+def _add_uninstall_parser(commands: Any) -> None:
+    remove = commands.add_parser(
+        "uninstall",
+        help="remove cni-redirect from this node: entry out (the primary's file restored), then the plugin; "
+        "run once no agent runs here (each flag also reads its UPPER_SNAKE env var)",
+    )
+    remove.add_argument("--cni-bin-dir", default=_env("CNI_BIN_DIR", DEFAULTS["cni_bin_dir"]))
+    remove.add_argument("--cni-conf-dir", default=_env("CNI_CONF_DIR", DEFAULTS["cni_conf_dir"]))
+    remove.add_argument("--conf-file", default=_env("CONF_FILE"), help="the primary conflist's file name")
+    remove.add_argument(
+        "--uninstall-grace",
+        type=_typed("UNINSTALL_GRACE", float, "a number of seconds"),
+        default=_env("UNINSTALL_GRACE", DEFAULTS["uninstall_grace"]),
+        help="seconds between taking the entry out and removing the plugin (a runtime may still exec it)",
+    )
+    remove.add_argument("--force", action="store_true", help="even while an agent runs (it puts the entry back)")
+    remove.add_argument("--check", action="store_true", help="change nothing; exit 1 while anything of ours is left")
+    remove.add_argument(
+        "--stay", action="store_true", help="then wait for SIGTERM (the uninstall DaemonSet's pod stays running)"
+    )
 
 
 def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
@@ -259,12 +293,50 @@ def _install(args: argparse.Namespace) -> int:
         recheck_interval=args.recheck_interval,
         uninstall_grace=args.uninstall_grace,
         handover_wait=args.handover_wait,
+        probe_socket=Path(args.probe_socket) if args.probe_socket else None,
         agent_socket=Path(args.agent_socket) if args.agent_socket else None,
         cri_socket=args.cri_socket,
         repair=args.repair,
         repair_interval=args.repair_interval,
     )
     return run(options)
+
+
+def _probe(args: argparse.Namespace) -> int:
+    """The same as the front's fast path (`front.main`), for a `cni-redirect` run another way."""
+    from .node.probe import main as probe
+
+    return probe([args.command, *(["--probe-socket", args.probe_socket] if args.probe_socket else [])])
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from pathlib import Path
+
+    from .errors import CniRedirectError
+    from .logs import JsonLog
+    from .node.uninstall import leftovers, uninstall
+
+    bin_dir, conf_dir = Path(args.cni_bin_dir), Path(args.cni_conf_dir)
+    for flag, path in (("--cni-bin-dir", bin_dir), ("--cni-conf-dir", conf_dir)):
+        if not path.is_dir():
+            raise CliError(f"{flag} {path} is not a directory")
+    if args.check:
+        left = leftovers(bin_dir, conf_dir)
+        print(f"left on this node: {', '.join(left)}" if left else "nothing of cni-redirect is left on this node")
+        return 1 if left else 0
+    try:
+        still = uninstall(bin_dir, conf_dir, JsonLog(), args.conf_file or None, args.uninstall_grace, args.force)
+    except CniRedirectError as exc:
+        raise CliError(getattr(exc, "msg", None) or str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot uninstall: {exc}") from None
+    if args.stay:
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stop.wait()
+    return 1 if still else 0
 
 
 def _agent(args: argparse.Namespace) -> int:

@@ -115,8 +115,15 @@ class CniServer:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._bound: tuple[int, int] | None = None
+        self._staging: Path | None = None
 
     def start(self) -> None:
+        self.bind()
+        self.publish()
+
+    def bind(self) -> None:
+        """Listen under a private temp name: serving, but nobody reaches it yet (the node agent publishes it
+        only once it can do its job, so a successor that fails to install never takes the shared path)."""
         # Load now what every request needs, so the first pod does not pay for it.
         import nftables  # noqa: F401
         from pyroute2.netns import setns  # noqa: F401
@@ -124,8 +131,6 @@ class CniServer:
         self.created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.path.parent, 0o700)  # kubelet's DirectoryOrCreate makes it 0755: root only, as documented
-        # Bind under a temp name, then rename over the shared path: a predecessor's socket is replaced
-        # in one step, so every new connection reaches this server and none finds no socket.
         # A random name (every agent in a container is PID 1): bind() creates it exclusively.
         staging = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}.tmp")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -138,12 +143,30 @@ class CniServer:
         sock.listen(256)
         st = staging.stat()
         self._bound = (st.st_dev, st.st_ino)
-        os.replace(staging, self.path)
+        self._staging = staging
         self.sock = sock
         self._stopping.clear()
         self._thread = threading.Thread(target=self._accept_loop, name="cni-server", daemon=True)
         self._thread.start()
+
+    def publish(self) -> None:
+        """Rename over the shared path: a predecessor's socket is replaced in one step, so every new
+        connection reaches this server and none finds no socket."""
+        if self._staging is None:
+            raise RuntimeError("publish() before bind()")
+        os.replace(self._staging, self.path)
+        self._staging = None
         self.log("info", "agent serving CNI requests", socket=str(self.path))
+
+    def take_path(self) -> None:
+        """Make the shared path ours: publish what is bound, or, if a successor replaced our socket and went
+        away (its dead socket, or none, is there), bind a new one and publish it."""
+        if self.sock is not None and self._staging is None and self.owns_path():
+            return
+        if self._staging is None:
+            self.stop()
+            self.bind()
+        self.publish()
 
     def owns_path(self) -> bool:
         """Whether the socket path is still the socket this server bound (not removed, not replaced)."""
@@ -153,13 +176,14 @@ class CniServer:
             return False
         return (st.st_dev, st.st_ino) == self._bound
 
-    def problem(self) -> str:
-        """Why the server cannot serve, or "" when it can: for the node agent's /healthz."""
+    def problem(self, own_path: bool = True) -> str:
+        """Why the server cannot serve, or "" when it can: for the node agent's health probe. `own_path` False:
+        the shared path is expected to be another agent's (a standby agent)."""
         if self.sock is None or self._thread is None:
             return "CNI server not started"
         if not self._thread.is_alive():
             return "CNI server accept loop has stopped"
-        if not self.owns_path():
+        if own_path and self._staging is None and not self.owns_path():
             return f"CNI server socket {self.path} is gone or was replaced"
         return ""
 
@@ -181,7 +205,11 @@ class CniServer:
             self.sock = None
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self.owns_path():
+        if self._staging is not None:  # never published: the shared path is another agent's, or nobody's
+            with suppress(FileNotFoundError):
+                self._staging.unlink()
+            self._staging = None
+        elif self.owns_path():  # never a path another agent has taken since
             self.path.unlink()
         if self.created_dir:
             with suppress(OSError):

@@ -42,6 +42,10 @@ def main() -> int:
     env = dict(os.environ)
     command = env.get("CNI_COMMAND")
     if command is None:
+        if sys.argv[1:2] in (["ready"], ["healthy"]):  # the exec probes, every few seconds: nothing else loaded
+            from .node.probe import main as probe
+
+            return probe(sys.argv[1:])
         from .cli import run_cli
 
         return run_cli(sys.argv[1:])

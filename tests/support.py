@@ -199,6 +199,12 @@ class NodeHost:
     def agent(self, **overrides) -> NodeAgent:
         return NodeAgent(self.options(**overrides), JsonLog(self.log), conflists.entry(NODE_SETTINGS))
 
+    def uninstall(self) -> list[str]:
+        """`cni-redirect uninstall` on this node: a new process, knowing only what is on disk."""
+        from cni_redirect.node.uninstall import uninstall
+
+        return uninstall(self.bin, self.conf, JsonLog(self.log), grace=0.0)
+
     def put(self, name: str, data: bytes | None = None) -> bytes:
         data = data if data is not None else (PRIMARY_DIR / name).read_bytes()
         (self.conf / name).write_bytes(data)

@@ -186,6 +186,21 @@ class ChainInstaller:
             return self._not_ready(f"cannot write into --cni-conf-dir {self.conf_dir}: {exc.strerror}")
         return self._ready(target) if target else False
 
+    def adopt_installed(self) -> bool:
+        """Find our entry where an earlier agent left it, to undo it (`cni-redirect uninstall`); writes nothing."""
+        try:
+            name = conflists.pick_primary(os.listdir(self.conf_dir), self.conf_file)
+            if name is None:
+                return False
+            data = self._real(name).read_bytes()
+            document, single = conflists.parse(name, data)
+        except (OSError, ConfError):
+            return False
+        if single or not conflists.names_us(document):
+            return False
+        self._adopt(name, data, document)
+        return True
+
     def _valid_configs(self, names: list[str], skip: str, also: str = "") -> list[str]:
         return valid_configs(self.conf_dir, names, {skip, also}, self._real)
 

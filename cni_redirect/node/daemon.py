@@ -1,27 +1,28 @@
-"""The node agent's process: install the bundle, keep our entry chained, repair, serve readiness and health.
+"""The node agent's process: install the bundle, keep our entry chained, repair, serve probes and metrics.
 
 It runs as the DaemonSet's main process with the host's CNI bin and conf
-dirs mounted. It starts the CNI server (`--agent-socket`, on by default)
-before our entry names the socket, so the first ADD finds it listening.
+dirs mounted. Start-up order, so that nothing is claimed that cannot be
+served: probe socket (private), CNI server listening under a temp name,
+bundle installed, HTTP port bound; only then is the CNI socket renamed over
+the shared path, the node claimed (`ownership.py`) and our entry chained.
+A failure before that leaves the node as it was: the predecessor's socket,
+token and entry untouched.
 
 Upgrades without a gap (the DaemonSet surges: the new pod starts before the
-old one stops): the new agent renames its socket over the shared path, so
-every new connection reaches it, installs its bundle, then writes its token
-into `<bin dir>/.cni-redirect-owner` and adopts the entry. The old agent sees
-the token change, stops editing anything and stops answering probes; on
-SIGTERM it drains its socket and exits, leaving entry and bundle in place.
+old one stops): the new agent claims the node once it can serve; the old one
+sees a live successor, stops editing and repairing (standby), and on SIGTERM
+drains its socket and exits. If the successor goes away (a rollout undone, a
+surge pod deleted, a crash) the old agent takes the node back.
 
-Uninstall: SIGTERM while the token is still ours (and none appears within
-`--handover-wait` seconds) removes our entry, then, after a grace period (a
-runtime that loaded the old config may still exec the plugin), the bundle,
-the backups, the token and the socket.
+Stopping never uninstalls: SIGTERM without a successor is as often a
+liveness restart as a DaemonSet deletion. Entry and bundle stay (the plugin
+works in-process with no agent); `cni-redirect uninstall` removes them.
 """
 
 from __future__ import annotations
 
 import errno
 import http.server
-import secrets
 import signal
 import socket
 import threading
@@ -35,15 +36,16 @@ from ..logs import JsonLog
 from . import REPAIR_MODES
 from .bundle import Bundle
 from .chain import ChainInstaller, load_entry_settings
-from .files import write_atomic
 from .options import Options
+from .ownership import OWNER_FILE, Ownership, State
 from .watch import DirWatch
 
-OWNER_FILE = ".cni-redirect-owner"
+__all__ = ["OWNER_FILE", "NodeAgent", "run"]
 
 if TYPE_CHECKING:
     from ..cniserver import CniServer
     from .metrics import Metrics
+    from .probe import ProbeServer
     from .repair import Repairer
 
 
@@ -55,15 +57,16 @@ def check_agent_socket(path: str) -> str:
 
 
 class NodeAgent:
-    """The bundle and the chain on one node, reconciled together, and who owns them."""
+    """The bundle and the chain on one node, reconciled together, and this agent's place among the node's agents."""
 
     def __init__(self, options: Options, log: Callable[..., None], entry: dict) -> None:
         self.options = options
         self.log = log
         self.bundle = Bundle(options.plugin_source, options.cni_bin_dir, log)
         self.chain = ChainInstaller(options.cni_conf_dir, entry, log, options.conf_file, options.wait_log_interval)
-        self.token = secrets.token_hex(8)
-        self.owner_file = options.cni_bin_dir / OWNER_FILE
+        self.ownership = Ownership(options.cni_bin_dir)
+        self.token = self.ownership.token
+        self.owner_file = self.ownership.owner_file
         self.problem = ""  # the last iteration's failure (a reinstall on a full disk, EROFS, EIO): unready, retried
 
     @property
@@ -71,37 +74,24 @@ class NodeAgent:
         return self.problem or self.chain.ready_reason
 
     def install(self) -> None:
-        self.bundle.install()
-
-    def claim(self) -> None:
-        """From now on this agent owns the node's install; a predecessor sees it and hands over."""
-        write_atomic(self.owner_file, self.token.encode() + b"\n", mode=0o644)
+        with self.ownership.installing():
+            self.bundle.install()
 
     def superseded(self) -> bool:
-        """Whether a newer agent has claimed the node since we did."""
-        try:
-            return self.owner_file.read_bytes().strip() != self.token.encode()
-        except FileNotFoundError:
-            return False
-
-    def wait_for_successor(self, seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        while True:
-            if self.superseded():
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
+        """Whether a live newer agent runs the node now."""
+        return self.ownership.state() is State.STANDBY
 
     def reconcile(self) -> bool:
         """One pass: the plugin in the bin dir and our entry in the primary config. Returns readiness.
 
         A failure is this iteration's, not the agent's: it is logged once, makes the agent unready with the
-        reason, and the next iteration tries again. It never leaves the loop (leaving it means uninstalling)."""
+        reason, and the next iteration tries again."""
         try:
-            self.bundle.ensure()
+            if not self.bundle.present():
+                with self.ownership.installing():
+                    self.bundle.ensure()
             ready = self.chain.reconcile()
-        except Exception as exc:  # a full disk, EROFS, EIO, or a bug: never a reason to uninstall
+        except Exception as exc:  # a full disk, EROFS, EIO, or a bug: never a reason to stop
             problem = f"cannot keep the plugin installed: {type(exc).__name__}: {exc}"
             if problem != self.problem:
                 self.log("error", problem)
@@ -111,23 +101,6 @@ class NodeAgent:
             self.log("info", "recovered", was=self.problem)
         self.problem = ""
         return ready
-
-    def uninstall(self) -> None:
-        """Our entry out, then, after the grace period, the bundle and our token: unless a config still names us."""
-        self.chain.uninstall()
-        # A runtime that loaded the old conflist may still exec us for a moment.
-        time.sleep(self.options.uninstall_grace)
-        still = self.chain.files_naming_us()
-        if still:
-            self.log(
-                "warning",
-                "left the plugin in the bin dir: configs still name cni-redirect, and every pod would fail without it",
-                files=still,
-            )
-            return
-        self.bundle.remove()
-        if not self.superseded():
-            self.owner_file.unlink(missing_ok=True)
 
 
 class _SharedPortServer(http.server.ThreadingHTTPServer):
@@ -185,10 +158,11 @@ def _probe_server(port: int, handler: type) -> http.server.ThreadingHTTPServer:
 
 
 def serve_readiness(
-    agent: NodeAgent, port: int, server: CniServer | None = None, metrics=None
+    agent: NodeAgent, port: int, answer: Callable[[str], str], metrics=None
 ) -> http.server.ThreadingHTTPServer:
     """/readyz: installed and chained. /healthz: the process can do its job (its CNI server, if any, serves).
-    /metrics: Prometheus text (node/metrics.py)."""
+    /metrics: Prometheus text (node/metrics.py). The port is shared by every agent on the node (host network):
+    the DaemonSet probes each pod's own agent with `cni-redirect ready|healthy` instead; these are for people."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         timeout = 5  # seconds a connection may take to send its request: an idle one is closed then
@@ -197,9 +171,9 @@ def serve_readiness(
             warning = ""
             content_type = "text/plain"
             if self.path == "/readyz":
-                reason, warning = agent.ready_reason, agent.chain.warning
+                reason, warning = answer("ready"), agent.chain.warning
             elif self.path == "/healthz":
-                reason = server.problem() if server is not None else ""
+                reason = answer("healthy")
             elif self.path == "/metrics" and metrics is not None:
                 self._answer(200, metrics.render(), metrics.CONTENT_TYPE)
                 return
@@ -257,69 +231,104 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
         message = getattr(exc, "msg", None) or str(exc)
         log("error", "invalid plugin settings; nothing installed", entry_file=str(options.entry_file), error=message)
         return 2
-    agent = NodeAgent(options, log, ours)
-    services = _Services(options, log, agent)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-    try:
-        agent.install()
-    except OSError as exc:
-        log("error", "cannot install the plugin binary", error=str(exc))
-        services.stop_server()
-        return 1
-    agent.claim()
-    services.start()
+    agent = NodeAgent(options, log, ours)
     watch = DirWatch((options.cni_conf_dir, options.cni_bin_dir), options.recheck_interval, options.poll_interval)
-
-    def wake_on_stop() -> None:
-        stop.wait()
-        watch.wake()
-
-    threading.Thread(target=wake_on_stop, name="stop-waker", daemon=True).start()
-    log("info", "agent started", bin_dir=str(options.cni_bin_dir), conf_dir=str(options.cni_conf_dir))
+    services = _Services(options, log, agent, watch.wake)
     try:
+        try:
+            services.prepare()  # nothing shared is touched yet
+            agent.install()
+            services.bind_port()
+        except OSError as exc:
+            log("error", "cannot start: nothing taken over on this node", error=f"{type(exc).__name__}: {exc}")
+            return 1
+        services.take_node()
+
+        def wake_on_stop() -> None:
+            stop.wait()
+            watch.wake()
+
+        threading.Thread(target=wake_on_stop, name="stop-waker", daemon=True).start()
+        log("info", "agent started", bin_dir=str(options.cni_bin_dir), conf_dir=str(options.cni_conf_dir))
         while not stop.is_set():
-            if agent.superseded():
-                services.hand_over()
-            else:
-                services.reconcile()
-            watch.wait()  # a change in the conf or bin dir, a stop, or the periodic re-check
+            services.step()
+            watch.wait()  # a change in the conf or bin dir, a stop, the owner's end, or the periodic re-check
     finally:
         services.finish()
         watch.close()
-        log("info", "agent stopped")
+        log("info", "agent stopped: entry and plugin stay in place (cni-redirect uninstall removes them)")
     return 0
 
 
 class _Services:
-    """What the agent runs beside its loop: the CNI server, probes and metrics, the repair thread."""
+    """What the agent runs beside its loop: probes, the CNI server, the HTTP port, the repair thread; and the
+    agent's state among the node's agents (owner, standby), which decides which of them run."""
 
-    def __init__(self, options: Options, log: Callable[..., None], agent: NodeAgent) -> None:
-        self.options, self.log, self.agent = options, log, agent
+    def __init__(self, options: Options, log: Callable[..., None], agent: NodeAgent, wake: Callable[[], None]) -> None:
+        self.options, self.log, self.agent, self.wake = options, log, agent, wake
         self.metrics: Metrics | None = _metrics() if options.readiness_port else None
         self.server: CniServer | None = None
+        self.probe: ProbeServer | None = None
         self.http_server: http.server.ThreadingHTTPServer | None = None
         self.repairer: Repairer | None = None
         self.repair_stop, self.repair_wake = threading.Event(), threading.Event()
-        self.superseded = False
-        if options.agent_socket is not None:
+        self.state = "starting"  # "starting", then State.OWNER.value or State.STANDBY.value
+        self.watching: str | None = None  # the owner whose end we wait for, in standby
+
+    # --- start-up: nothing shared is taken before the agent can serve ---
+
+    def prepare(self) -> None:
+        self.agent.ownership.enter()
+        if self.options.probe_socket is not None:
+            from .probe import ProbeServer
+
+            self.probe = ProbeServer(self.options.probe_socket, self.answer)
+            self.probe.start()
+        if self.options.agent_socket is not None:
             from ..cniserver import CniServer
 
             observe = self.metrics.observe if self.metrics else None
-            self.server = CniServer(options.agent_socket, log, observe=observe)
-            self.server.start()  # before our entry names it: the first ADD must find it listening
+            self.server = CniServer(self.options.agent_socket, self.log, observe=observe)
+            self.server.bind()  # listening, but under a temp name: the shared path is still the predecessor's
 
-    def start(self) -> None:
-        """Probes, metrics and repair: once this agent has claimed the node."""
-        server, metrics = self.server, self.metrics
-        if metrics is not None:
+    def bind_port(self) -> None:
+        if self.metrics is not None:
+            server, metrics = self.server, self.metrics
             metrics.agent_up.set_function(
-                lambda: 0 if self.superseded or (server is not None and server.problem()) else 1
+                lambda: 1 if self.state == State.OWNER.value and not (server is not None and server.problem()) else 0
             )
-        if self.options.readiness_port:
-            self.http_server = serve_readiness(self.agent, self.options.readiness_port, server, metrics)
-        self.repairer = _start_repair(self.options, self.log, server, self.repair_stop, self.repair_wake, metrics)
+        self._open_http()
+
+    def take_node(self) -> None:
+        """Publish our socket, claim the node, start repairing: from now on we run it."""
+        if self.server is not None:
+            self.server.take_path()
+        self.agent.ownership.claim()
+        self.state = State.OWNER.value
+        self.watching = None
+        if self.http_server is None:
+            self._open_http()
+        self.repair_stop.clear()
+        self.repairer = _start_repair(
+            self.options, self.log, self.server, self.repair_stop, self.repair_wake, self.metrics
+        )
+
+    # --- the loop ---
+
+    def step(self) -> None:
+        state = self.agent.ownership.state()
+        if state is State.STANDBY:
+            self.stand_by()
+        elif state is State.UNOWNED:
+            self.log("info", "the agent that had taken over this node is gone: taking it back")
+            self.take_node()
+            self.reconcile()
+        else:
+            self.keep_socket()
+            self.reconcile()
 
     def reconcile(self) -> None:
         chain = self.agent.chain
@@ -330,36 +339,71 @@ class _Services:
             if writes and self.metrics is not None:  # not the first insert: the entry had gone
                 self.metrics.reinsertions.inc(chain.writes - writes)
 
-    def hand_over(self) -> None:
-        """A newer agent claimed the node: stop repairing and answering probes (they reach it now)."""
-        if self.superseded:
+    def keep_socket(self) -> None:
+        """The shared path holds a dead agent's socket, or none: ours again, unless a live agent is starting
+        (it renames its socket over the path just before it claims the node)."""
+        server = self.server
+        if server is None or server.owns_path():
             return
-        self.log("info", "a newer node agent took over this node: handing over")
-        self.superseded = True
-        self.repair_stop.set()
-        self._close_http()
+        others = [t for t in self.agent.ownership.live_agents() if t != self.agent.token]
+        if others:
+            return
+        self.log("info", "the CNI socket path is not ours any more and no other agent runs: serving it again")
+        server.take_path()
+
+    def stand_by(self) -> None:
+        """A newer agent runs the node: stop repairing and serving the port (scrapes reach it now); wake the
+        loop the moment it ends."""
+        owner = self.agent.ownership.owner()
+        if self.state != State.STANDBY.value:
+            self.log("info", "a newer node agent took over this node: standing by", owner=owner)
+            self.state = State.STANDBY.value
+            self.repair_stop.set()
+            self.repair_wake.set()
+            if self.repairer is not None:
+                self.repairer.close()
+                self.repairer = None
+            self._close_http()
+        if owner is not None and owner != self.watching:
+            self.watching = owner
+            self.agent.ownership.when_gone(owner, self.wake)
+
+    def answer(self, question: str) -> str:
+        """The exec probes' answer, from this agent's own state: "" when all is well, else why not."""
+        server = self.server
+        if question == "healthy":
+            if server is None:
+                return ""
+            return server.problem(own_path=self.state == State.OWNER.value)
+        if self.state == "starting":
+            return "starting: installing the plugin"
+        if self.state == State.STANDBY.value:
+            return f"standby: agent {self.agent.ownership.owner()} runs this node"
+        return self.agent.ready_reason
+
+    # --- the end ---
 
     def finish(self) -> None:
-        """SIGTERM: hand over to a successor that appears in time, else uninstall."""
+        """SIGTERM (or a failed start): stop, leaving entry and bundle in place; drop only what is ours."""
         self.repair_stop.set()
         self.repair_wake.set()
-        if not self.superseded:
-            self.superseded = self.agent.wait_for_successor(self.options.handover_wait)
-        if self.superseded:
-            self.log("info", "stopping: a newer agent runs this node; entry and plugin stay in place")
-            if self.server is not None:
+        if self.state == State.STANDBY.value:
+            self.log("info", "stopping: a newer agent runs this node")
+        if self.server is not None:
+            if self.state == State.STANDBY.value:
                 self.server.drain()
-        else:
-            self.log("info", "stopping: uninstalling")
-            self.agent.uninstall()  # the CNI server keeps serving through the grace period
-            self.stop_server()
+            else:
+                self.server.stop()  # unlinks the shared path only if it is still our socket
         if self.repairer is not None:
             self.repairer.close()
         self._close_http()
+        if self.probe is not None:
+            self.probe.close()
+        self.agent.ownership.leave()
 
-    def stop_server(self) -> None:
-        if self.server is not None:
-            self.server.stop()
+    def _open_http(self) -> None:
+        if self.options.readiness_port:
+            self.http_server = serve_readiness(self.agent, self.options.readiness_port, self.answer, self.metrics)
 
     def _close_http(self) -> None:
         if self.http_server is not None:

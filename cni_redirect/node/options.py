@@ -24,8 +24,9 @@ class Options:
     poll_interval: float = 0.2  # how often to look at a dir inotify cannot watch
     recheck_interval: float = 10.0  # the periodic re-check beside inotify
     wait_log_interval: float = 5.0
-    uninstall_grace: float = 2.0
-    handover_wait: float = 5.0  # on SIGTERM, how long a successor may take to show up before we uninstall
+    uninstall_grace: float = 2.0  # `cni-redirect uninstall`: how long a runtime may still exec us after the entry went
+    handover_wait: float = 5.0  # no effect since stopping never uninstalls; accepted so existing manifests keep working
+    probe_socket: Path | None = None  # answers `cni-redirect ready|healthy` (exec probes); a container-private path
     agent_socket: Path | None = Path(DEFAULT_SOCKET)  # the CNI server (the fast path); None: off
     cri_socket: str = CONTAINERD_SOCKET
     repair: str = "in-place"

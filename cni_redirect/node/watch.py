@@ -90,6 +90,8 @@ class DirWatch:
         return bool(data)
 
     def wake(self) -> None:
+        if self._wake_w < 0:  # closed: nobody waits any more (and the fd number may be another file's now)
+            return
         try:
             os.write(self._wake_w, b"x")
         except OSError as exc:  # the pipe is full: a wake is pending anyway
@@ -100,7 +102,7 @@ class DirWatch:
         for fd in (self.fd, self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
-        self.fd = -1
+        self.fd = self._wake_r = self._wake_w = -1
 
 
 def _drain(fd: int) -> bytes:

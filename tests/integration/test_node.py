@@ -74,3 +74,69 @@ def test_agent_socket_is_served_and_named_in_the_entry(host):
     finally:
         assert agent.terminate() == 0
     assert not socket_path.exists()
+
+
+def _server_sockets() -> list[str]:
+    return sorted(p.name for p in Path("/run/cni-redirect").iterdir() if p.name.startswith((".agent-", "agent-")))
+
+
+@pytest.mark.parametrize("failure", ["no-plugin-source", "port-taken"])
+def test_a_successor_that_cannot_start_never_takes_the_socket(host, socket_dir, tmp_path, failure):
+    """The new agent cannot install (its plugin source is missing) or cannot bind its port: it exits 1 and
+    the shared socket path is still the old agent's, which stays healthy and keeps the node."""
+    import socket
+
+    from cni_redirect.node.probe import ask
+
+    path = socket_dir / f"agent-{os.getpid()}.sock"
+    host.put("10-calico.conflist")
+    old_probe = tmp_path / "old.sock"
+    old = Agent(host, agent_socket=path, probe_socket=old_probe)
+    squatter = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        wait_for(lambda: ask(str(old_probe), "ready")[0])
+        before = path.stat().st_ino
+        token = (host.bin / ".cni-redirect-owner").read_bytes()
+        if failure == "no-plugin-source":
+            new = Agent(host, agent_socket=path, plugin_source=tmp_path / "missing")
+        else:
+            squatter.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            squatter.bind(("::", 18395))
+            squatter.listen(1)
+            from unittest import mock
+
+            with mock.patch("cni_redirect.node.daemon._bind_with_retry", lambda make, log, port: make()):
+                new = Agent(host, agent_socket=path, readiness_port=18395)
+                new.thread.join(timeout=30)
+        assert new.terminate() == 1
+        assert path.stat().st_ino == before, "the old agent's socket is still the shared path"
+        assert (host.bin / ".cni-redirect-owner").read_bytes() == token
+        assert ask(str(old_probe), "healthy") == (True, "ok") and ask(str(old_probe), "ready") == (True, "ok")
+        assert _server_sockets() == [path.name], "the successor's temp socket is gone too"
+    finally:
+        squatter.close()
+        assert old.terminate() == 0
+    assert not path.exists()
+
+
+def test_the_old_agent_serves_the_socket_again_after_an_undone_handover(host, socket_dir, tmp_path):
+    """A successor took the socket and the node, then went away: the old agent publishes a new socket."""
+    from cni_redirect.node.probe import ask
+
+    path = socket_dir / f"agent-{os.getpid()}.sock"
+    host.put("10-calico.conflist")
+    old_probe = tmp_path / "old.sock"
+    old = Agent(host, agent_socket=path, probe_socket=old_probe, recheck_interval=60.0)
+    try:
+        wait_for(lambda: ask(str(old_probe), "ready")[0])
+        first = path.stat().st_ino
+        new = Agent(host, agent_socket=path)
+        wait_for(lambda: ask(str(old_probe), "ready")[1].startswith("standby"))
+        assert path.stat().st_ino != first
+        assert new.terminate() == 0
+        wait_for(lambda: ask(str(old_probe), "ready")[0])
+        wait_for(lambda: path.exists())
+        assert ask(str(old_probe), "healthy") == (True, "ok"), "its socket is the shared path again"
+        assert _server_sockets() == [path.name]
+    finally:
+        assert old.terminate() == 0

@@ -36,7 +36,7 @@ def test_install_then_uninstall_every_primary_golden(host, name):
     assert len(host.entries(installed.name)) == 1 and host.entries(installed.name)[0]["defaults"]["proxy-uid"] == "1337"
     assert json.loads(installed.read_text())["plugins"][-1]["type"] == "cni-redirect"
 
-    installer.uninstall()
+    host.uninstall()
     assert sorted(os.listdir(host.conf)) == [name]
     document, _ = conflists.parse(name, original)
     if conflists.names_us(document):  # a stale entry of ours: restoring it byte for byte would break every pod
@@ -72,7 +72,7 @@ def test_restarted_agent_adopts_its_entry_and_still_restores_exact_bytes(host):
     second.install()
     assert second.reconcile()
     assert (host.conf / "10-flannel.conflist").read_bytes() == written
-    second.uninstall()
+    host.uninstall()
     assert (host.conf / "10-flannel.conflist").read_bytes() == original
 
 
@@ -142,7 +142,7 @@ def test_symlinked_primary_inside_conf_dir_is_edited_through_the_link(host):
     assert installer.reconcile()
     assert (host.conf / "10-calico.conflist").is_symlink(), "the link is kept"
     assert host.entries("10-calico.conflist")
-    installer.uninstall()
+    host.uninstall()
     assert (host.conf / "10-calico.conflist").is_symlink()
     assert (real / "10-calico.conflist").read_bytes() == original
 
@@ -179,7 +179,7 @@ def test_an_edit_the_primary_makes_while_we_write_is_not_overwritten(host, monke
     assert installer.reconcile()
     document = json.loads((host.conf / "10-calico.conflist").read_text())
     assert document["plugins"][0]["mtu"] == 1450 and host.entries("10-calico.conflist")
-    installer.uninstall()
+    host.uninstall()
     assert (host.conf / "10-calico.conflist").read_bytes() == edited
 
 
@@ -207,7 +207,7 @@ def test_uninstall_keeps_what_another_installer_added_and_drops_only_our_entry(h
         "other-chained",
         "cni-redirect",
     ]
-    installer.uninstall()
+    host.uninstall()
     plugins = json.loads((host.conf / "10-calico.conflist").read_text())["plugins"]
     assert [p["type"] for p in plugins] == ["calico", "portmap", "bandwidth", "other-chained"]
     assert not installer.chain.files_naming_us()
@@ -221,7 +221,7 @@ def test_the_binary_stays_while_any_config_still_names_us(host):
     installer = host.agent()
     installer.install()
     assert installer.reconcile()
-    installer.uninstall()
+    host.uninstall()
     assert "cni-redirect" not in (host.conf / "10-calico.conflist").read_text()
     assert (host.bin / "cni-redirect").exists(), "99-extra.conflist still execs cni-redirect"
     assert any(e["msg"].startswith("left the plugin in the bin dir") for e in host.events())
@@ -236,7 +236,7 @@ def test_uninstall_keeps_the_file_mode_when_the_primary_changed_the_file(host):
     edited = json.loads((host.conf / "10-calico.conflist").read_text())
     edited["plugins"][0]["mtu"] = 1400  # the primary rewrote its file in place (mode kept)
     (host.conf / "10-calico.conflist").write_text(json.dumps(edited))
-    installer.uninstall()
+    host.uninstall()
     path = host.conf / "10-calico.conflist"
     assert path.stat().st_mode & 0o777 == 0o600
     assert json.loads(path.read_text())["plugins"][0]["mtu"] == 1400 and "cni-redirect" not in path.read_text()
@@ -251,7 +251,7 @@ def test_a_conf_is_never_converted_over_a_conflist_we_did_not_write(host):
     assert not installer.reconcile()
     assert "would overwrite 10-net.conflist" in installer.ready_reason
     assert (host.conf / "10-net.conf").read_bytes() == conf and (host.conf / "10-net.conflist").read_bytes() == conflist
-    installer.uninstall()
+    host.uninstall()
     assert (host.conf / "10-net.conflist").read_bytes() == conflist, "uninstall deletes nothing it did not write"
     assert sorted(os.listdir(host.conf)) == ["10-net.conf", "10-net.conflist"]
 
@@ -289,7 +289,7 @@ def test_restart_then_uninstall_restores_a_converted_conf(host):
     second = host.agent()  # restarted: no memory of the conversion
     second.install()
     assert second.reconcile()
-    second.uninstall()
+    host.uninstall()
     assert sorted(p.name for p in host.conf.iterdir()) == ["10-legacy-bridge.conf"], "no .conflist, no backup left"
     assert (host.conf / "10-legacy-bridge.conf").read_bytes() == original
 
@@ -309,5 +309,5 @@ def test_an_upgrade_that_changes_the_entry_keeps_the_primarys_bytes(host):
     new.install()
     assert new.reconcile()
     assert host.entries("10-flannel.conflist")[0]["defaults"] == {"proxy-uid": "2000"}
-    new.uninstall()
+    host.uninstall()
     assert (host.conf / "10-flannel.conflist").read_bytes() == original

@@ -8,9 +8,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
+from cni_redirect.errors import NodeError
+from cni_redirect.logs import JsonLog
+from cni_redirect.node.ownership import Ownership
+from cni_redirect.node.probe import ask
+from cni_redirect.node.uninstall import leftovers, uninstall
 from tests.support import NODE_SETTINGS as SETTINGS
 from tests.support import AgentThread as Agent
 from tests.support import wait_for
@@ -45,6 +51,8 @@ def test_agent_waits_for_primary_then_keeps_entry_through_50_rewrites(host, tmp_
         assert writes() == 51, "no rewrite when nothing changed"
     finally:
         assert agent.terminate() == 0
+    assert len(host.entries("10-calico.conflist")) == 1, "stopping keeps the entry"
+    assert uninstall(host.bin, host.conf, JsonLog(host.log), grace=0.0) == []
     last = json.loads(original)
     last["plugins"][0]["mtu"] = 49
     assert (host.conf / "10-calico.conflist").read_bytes() == json.dumps(last, indent=4).encode()
@@ -113,32 +121,103 @@ def test_a_successor_takes_over_and_the_old_agent_leaves_everything_in_place(hos
     assert old.terminate() == 0
     assert len(host.entries("10-calico.conflist")) == 1 and (host.bin / "cni-redirect").exists()
     assert any(e["msg"].startswith("stopping: a newer agent runs this node") for e in host.events())
-    assert new.terminate() == 0, "the last agent uninstalls"
-    assert not host.entries("10-calico.conflist") and sorted(os.listdir(host.bin)) == ["bridge"]
-
-
-def test_sigterm_waits_for_a_successor_before_uninstalling(host):
-    host.put("10-calico.conflist")
-    old = Agent(host, handover_wait=10.0)
-    wait_for(lambda: bool(host.entries("10-calico.conflist")))
-    old.stop.set()  # SIGTERM, before the successor has even started
-    new = Agent(host)
-    assert old.terminate() == 0
-    assert len(host.entries("10-calico.conflist")) == 1, "the old agent saw the successor arrive and handed over"
     assert new.terminate() == 0
-    assert sorted(os.listdir(host.bin)) == ["bridge"] and not host.entries("10-calico.conflist")
+    assert len(host.entries("10-calico.conflist")) == 1, "the last agent's stop is no uninstall either"
 
 
-def test_sigterm_without_a_successor_uninstalls_everything(host):
+def test_a_stop_is_never_an_uninstall_and_uninstall_restores_the_node(host):
+    """SIGTERM comes from liveness restarts and drains as well as from deleting the DaemonSet: entry and bundle
+    stay (the plugin works in-process meanwhile). `uninstall` restores the primary byte for byte."""
     original = host.put("10-calico.conflist")
-    agent = Agent(host, handover_wait=0.2)
+    agent = Agent(host)
     wait_for(lambda: bool(host.entries("10-calico.conflist")))
+    with pytest.raises(NodeError, match="still running on this node"):
+        uninstall(host.bin, host.conf, JsonLog(host.log), grace=0.0)
     assert agent.terminate() == 0
-    assert (
-        sorted(os.listdir(host.conf)) == ["10-calico.conflist"]
-        and (host.conf / "10-calico.conflist").read_bytes() == original
-    )
-    assert sorted(os.listdir(host.bin)) == ["bridge"], "bundle, link and owner token gone"
+    assert host.entries("10-calico.conflist") and os.access(host.bin / "cni-redirect", os.X_OK)
+    restarted = Agent(host)  # the container's restart: it adopts what is there
+    wait_for(lambda: any(e["msg"] == "agent started" for e in host.events()))
+    assert restarted.terminate() == 0
+    assert len(host.entries("10-calico.conflist")) == 1
+    assert leftovers(host.bin, host.conf) != []
+    assert uninstall(host.bin, host.conf, JsonLog(host.log), grace=0.0) == []
+    assert sorted(os.listdir(host.conf)) == ["10-calico.conflist"]
+    assert (host.conf / "10-calico.conflist").read_bytes() == original
+    assert sorted(os.listdir(host.bin)) == ["bridge"], "bundle, link, owner token and agents' locks gone"
+    assert leftovers(host.bin, host.conf) == []
+
+
+def test_probes_reach_only_their_own_agent_through_a_surge(host, tmp_path):
+    """Host network: both surge pods share every port. The exec probe asks its own agent: the new one is not
+    ready while it installs (here: waiting for the install lock, as on a slow disk), the old one stays the
+    owner and ready until the new one has claimed the node."""
+    host.put("10-calico.conflist")
+    old_probe, new_probe = tmp_path / "old" / "probe.sock", tmp_path / "new" / "probe.sock"
+    old = Agent(host, probe_socket=old_probe)
+    new = None
+    try:
+        wait_for(lambda: ask(str(old_probe), "ready")[0])
+        with Ownership(host.bin).installing():  # the new agent's install cannot finish
+            new = Agent(host, probe_socket=new_probe)
+            wait_for(lambda: new_probe.exists())
+            time.sleep(0.3)
+            assert ask(str(new_probe), "ready") == (False, "starting: installing the plugin")
+            assert ask(str(new_probe), "healthy")[0]
+            assert ask(str(old_probe), "ready") == (True, "ok"), "the old agent still runs the node"
+        wait_for(lambda: ask(str(new_probe), "ready")[0])
+        wait_for(lambda: ask(str(old_probe), "ready")[1].startswith("standby: agent "))
+        assert ask(str(old_probe), "healthy")[0], "standing by is healthy: no liveness restart of the old pod"
+    finally:
+        if new is not None:
+            new.terminate()
+        old.terminate()
+    assert ask(str(old_probe), "ready")[0] is False and not old_probe.exists()
+
+
+def test_an_undone_handover_gives_the_node_back_to_the_old_agent(host, tmp_path):
+    """The successor claimed the node, then went away (rollout undone, surge pod deleted): the old agent
+    follows the owner, not a latch: it claims the node again, answers ready, and keeps the entry again."""
+    original = host.put("10-calico.conflist")
+    old_probe = tmp_path / "old.sock"
+    old = Agent(host, probe_socket=old_probe, recheck_interval=60.0)  # no periodic re-check helps here
+    try:
+        wait_for(lambda: bool(host.entries("10-calico.conflist")))
+        old_token = (host.bin / ".cni-redirect-owner").read_text()
+        new = Agent(host)
+        wait_for(lambda: (host.bin / ".cni-redirect-owner").read_text() != old_token)
+        wait_for(lambda: ask(str(old_probe), "ready")[1].startswith("standby"))
+        assert new.terminate() == 0
+        wait_for(lambda: (host.bin / ".cni-redirect-owner").read_text() == old_token)
+        wait_for(lambda: ask(str(old_probe), "ready")[0])
+        host.put("10-calico.conflist", original)  # the primary rewrites its file: the old agent edits again
+        wait_for(lambda: len(host.entries("10-calico.conflist")) == 1)
+    finally:
+        assert old.terminate() == 0
+    assert any(e["msg"].startswith("the agent that had taken over this node is gone") for e in host.events())
+
+
+def test_a_port_squatter_stops_the_agent_before_it_claims_anything(host):
+    """Something else holds the readiness port: the agent exits 1 with one line, before claiming the node,
+    chaining or touching its predecessor's token."""
+    import socket
+
+    host.put("10-calico.conflist")
+    (host.bin / ".cni-redirect-owner").write_text("0123456789abcdef\n")  # a predecessor's token
+    squatter = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    squatter.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    squatter.bind(("::", 18396))
+    squatter.listen(1)
+    try:
+        with mock.patch("cni_redirect.node.daemon._bind_with_retry", lambda make, log, port: make()):
+            agent = Agent(host, readiness_port=18396)
+            assert agent.terminate() == 1
+    finally:
+        squatter.close()
+    (error,) = [e for e in host.events() if e["level"] == "error"]
+    assert error["msg"].startswith("cannot start: nothing taken over") and "Address already in use" in error["error"]
+    assert (host.bin / ".cni-redirect-owner").read_text() == "0123456789abcdef\n"
+    assert host.entries("10-calico.conflist") == []
+    assert os.listdir(host.bin / ".cni-redirect-agents") == ["install.lock"], "its lifetime lock is gone with it"
 
 
 def test_agent_socket_outside_the_trusted_dir_is_refused(host):

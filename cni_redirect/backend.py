@@ -23,6 +23,7 @@ from typing import Protocol
 
 from .errors import KernelError, NotAvailable
 from .netns import NetnsOpener, entered, open_netns
+from .nftsize import DEFAULT_BOUND, Bound, over
 from .routing import KernelRoutes, Routes
 from .ruleset import FAMILY, TABLE, Observed, Ruleset, normalize
 
@@ -38,12 +39,13 @@ class Session(Protocol):
     def remove(self) -> bool:
         """Delete our table and our routing if present; True if something was deleted."""
 
-    def read(self, raw: bool = False) -> list[dict] | None:
+    def read(self, raw: bool = False, bound: Bound | None = None) -> list[dict] | None:
         """Our table's objects in `Ruleset.objects()` form, or None if absent; `raw` keeps counters."""
 
-    def observe(self, routing_wanted: bool) -> Observed:
+    def observe(self, routing_wanted: bool, bound: Bound | None = None) -> Observed:
         """The table and our routing, for the one comparison (evaluation.compare). The routing is read
-        in full only when wanted or present (one rule dump otherwise)."""
+        in full only when wanted or present (one rule dump otherwise). A table over `bound` is not
+        listed: `Observed.oversized` says why (a pod's process filled it; it is drift)."""
 
     def clear_routing(self) -> bool:
         """Delete our policy routing, whatever the table says; True if there was any."""
@@ -72,10 +74,23 @@ class Nft(Protocol):
 class TableOps:
     """Our table's operations in one netns, over a real or fake libnftables context: a `Session`."""
 
-    def __init__(self, nft: Nft, routes: Routes, generation: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        nft: Nft,
+        routes: Routes,
+        generation: Callable[[], int] | None = None,
+        oversized: Callable[[Bound], str] | None = None,
+    ) -> None:
         self.nft = nft
         self.routes = routes
         self._generation = generation
+        self._oversized = oversized
+
+    def oversized(self, bound: Bound | None) -> str:
+        """Why our table is too large to list ("" when it is not): counted from a stream, never listed."""
+        if self._oversized is None:  # a context with no size counter (a bare fake in a logic test)
+            return ""
+        return self._oversized(bound or DEFAULT_BOUND)
 
     def routing(self) -> tuple[dict, ...]:
         return tuple(self.routes.read())
@@ -154,15 +169,28 @@ class TableOps:
             removed = self.clear_routing() or removed
         return removed
 
-    def observe(self, routing_wanted: bool) -> Observed:
-        listing = self.read(raw=True)
+    def observe(self, routing_wanted: bool, bound: Bound | None = None) -> Observed:
+        listing: list[dict] | None = None
+        oversized = ""
+        if self.exists():
+            oversized = self.oversized(bound)
+            if not oversized:
+                listing = self._list(raw=True)
         if not routing_wanted and not self.routes.any_rule():
-            return Observed(listing)  # the common case, one rule dump: no TPROXY wanted, none there
-        return Observed(listing, tuple(self.routes.read()), self.routes.ipv6())
+            return Observed(listing, oversized=oversized)  # the common case, one rule dump: no TPROXY, none there
+        return Observed(listing, tuple(self.routes.read()), self.routes.ipv6(), oversized)
 
-    def read(self, raw: bool = False) -> list[dict] | None:
+    def read(self, raw: bool = False, bound: Bound | None = None) -> list[dict] | None:
         if not self.exists():
             return None
+        oversized = self.oversized(bound)
+        if oversized:
+            raise KernelError(
+                f"our table in this netns is too large to read: {oversized}", "a process in the pod added to it"
+            )
+        return self._list(raw)
+
+    def _list(self, raw: bool) -> list[dict]:
         listing = self.run({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]}, "list")
         return [o for o in listing if "metainfo" not in o] if raw else normalize(listing)
 
@@ -223,7 +251,7 @@ class KernelBackend:
         fd = self.reach(netns)  # raises before any nft call if the netns is wrong
         try:
             with entered(fd):  # from here on, every socket opens in the pod netns
-                yield TableOps(_Lazy(self.context), self.routes())
+                yield TableOps(_Lazy(self.context), self.routes(), oversized=over)
         finally:
             os.close(fd)
 

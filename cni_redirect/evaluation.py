@@ -23,6 +23,7 @@ from enum import Enum
 from .build import build_ruleset
 from .config import ANNOTATIONS_CAPABILITY, PluginConf, PodRef, parse_conf
 from .errors import CniError
+from .nftsize import DEFAULT_BOUND, Bound, bound_for
 from .profiles import profile_named
 from .ruleset import FAMILY, TABLE, Observed, Ruleset, describe, normalize
 from .settings import Setting, is_enabled, merge_settings
@@ -63,6 +64,11 @@ class Evaluation:
     @property
     def wants_routing(self) -> bool:
         return self.ruleset is not None and self.ruleset.routing is not None
+
+    @property
+    def read_bound(self) -> Bound:
+        """How much of our table a reader lists in this pod's netns: room for what we would write, and more."""
+        return DEFAULT_BOUND if self.ruleset is None else bound_for(self.ruleset.objects())
 
     def raise_if_invalid(self) -> None:
         if self.error is not None:
@@ -149,6 +155,16 @@ def compare(evaluation: Evaluation, observed: Observed) -> Drift | None:
     """What differs between what the pod should have and what its netns holds; None when nothing does."""
     ruleset = evaluation.ruleset
     expected = None if ruleset is None else normalize(ruleset.objects())
+    if observed.oversized:
+        if expected is None:
+            return Drift(
+                DriftKind.UNEXPECTED, f"{TABLE_NAME} exists but the pod should not be captured ({evaluation.reason})"
+            )
+        return Drift(
+            DriftKind.DRIFTED,
+            f"{TABLE_NAME} is far larger than what the pod's annotations require ({observed.oversized}); not read",
+            "a process in the pod added to our table; it is replaced",
+        )
     actual = None if observed.listing is None else normalize(observed.listing)
     if actual != expected:
         return _table_drift(expected, actual, evaluation.reason)

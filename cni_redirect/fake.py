@@ -31,14 +31,15 @@ import copy
 import errno
 import ipaddress
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .backend import Observed, TableOps
 from .errors import KernelError, NetnsGone
+from .nftsize import Bound, counts
 from .nfttext import nft_text
-from .ruleset import TPROXY_MARK, PolicyRouting, Ruleset, describe
+from .ruleset import FAMILY, TABLE, TPROXY_MARK, PolicyRouting, Ruleset, describe
 
 ENOENT = "No such file or directory"
 EEXIST = "File exists"
@@ -384,22 +385,44 @@ class MemoryBackend:
     def ops(self, netns: str) -> TableOps:
         """The netns's table operations, unrecorded: for setting a scene and for assertions."""
         kernel = self.kernels.setdefault(netns, FakeNft())
-        return TableOps(kernel, self.routing.setdefault(netns, FakeRoutes()), lambda: kernel.transactions)
+        return TableOps(
+            kernel, self.routing.setdefault(netns, FakeRoutes()), lambda: kernel.transactions, counted(kernel)
+        )
 
     @property
     def tables(self) -> dict[str, list[dict]]:
         """Every netns that holds our table, with its objects (normalized listing)."""
         found = {}
         for netns, kernel in self.kernels.items():
-            listing = TableOps(kernel, FakeRoutes()).read()
+            listing = TableOps(kernel, FakeRoutes(), oversized=counted(kernel)).read(bound=UNBOUNDED)
             if listing is not None:
                 found[netns] = listing
         return found
 
     def dump(self, netns: str) -> str:
         """Our table in this netns, in nft syntax ("" when absent)."""
-        listing = TableOps(self.kernels.get(netns, FakeNft()), FakeRoutes()).read(raw=True)
+        kernel = self.kernels.get(netns, FakeNft())
+        listing = TableOps(kernel, FakeRoutes(), oversized=counted(kernel)).read(raw=True, bound=UNBOUNDED)
         return "" if listing is None else nft_text(listing)
+
+
+UNBOUNDED = Bound(rules=1 << 62, elements=1 << 62)
+
+
+def counted(kernel: FakeNft) -> Callable[[Bound], str]:
+    """The fake's `nftsize.over`: our table's rules and elements counted from its state, as the kernel counts."""
+
+    def over(bound: Bound) -> str:
+        rc, output, _ = kernel.json_cmd({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]})
+        objects = output.get("nftables", []) if rc == 0 and isinstance(output, dict) else []
+        rules, elements = counts([o for o in objects if "metainfo" not in o])
+        if rules > bound.rules:
+            return f"more than {bound.rules} rules"
+        if elements > bound.elements:
+            return f"more than {bound.elements} set elements"
+        return ""
+
+    return over
 
 
 class _Recorded(TableOps):
@@ -407,7 +430,8 @@ class _Recorded(TableOps):
 
     def __init__(self, backend: MemoryBackend, netns: str) -> None:
         kernel = backend.kernels.setdefault(netns, FakeNft())
-        super().__init__(kernel, backend.routing.setdefault(netns, FakeRoutes()), lambda: kernel.transactions)
+        routes = backend.routing.setdefault(netns, FakeRoutes())
+        super().__init__(kernel, routes, lambda: kernel.transactions, counted(kernel))
         self.backend = backend
         self.netns = netns
 
@@ -419,9 +443,9 @@ class _Recorded(TableOps):
         self.backend.calls.append(("remove", self.netns))
         return super().remove()
 
-    def observe(self, routing_wanted: bool) -> Observed:
+    def observe(self, routing_wanted: bool, bound: Bound | None = None) -> Observed:
         self.backend.calls.append(("observe", self.netns))
-        return super().observe(routing_wanted)
+        return super().observe(routing_wanted, bound)
 
     def clear_routing(self) -> bool:
         self.backend.calls.append(("clear_routing", self.netns))

@@ -76,7 +76,7 @@ class RedirectPlugin:
             raise InvalidConfig("prevResult is missing: CHECK needs the result of the ADD it checks")
         evaluation = self._evaluate(conf, request)
         with self.backend.session(request.netns) as session:
-            observed = session.observe(evaluation.wants_routing)
+            observed = session.observe(evaluation.wants_routing, evaluation.read_bound)
         drift = compare(evaluation, observed)
         if drift is not None:
             raise InternalError(drift.message, drift.details)

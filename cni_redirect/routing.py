@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 from .errors import KernelError
+from .netlink import NETLINK_ROUTE, attr, attrs, dump
 from .ruleset import TPROXY_MARK, TPROXY_TABLE, describe
 
 _FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
@@ -72,27 +74,26 @@ class KernelRoutes:
             return False  # no IPv6 in this kernel or netns
 
     def read(self) -> list[dict]:
+        """Streamed (`netlink.dump`): a pod may hold 40 000 rules of its own; only ours are kept."""
         found: list[dict] = []
-        with self._netlink() as ipr:
-            lo = ipr.link_lookup(ifname="lo")
-            for family, af in _FAMILIES.items():
-                if af == socket.AF_INET6 and not self.ipv6():
-                    continue
-                for rule in ipr.get_rules(family=af):
-                    if _ours(rule):
-                        found.append({"rule": {"family": family, "fwmark": TPROXY_MARK, "table": TPROXY_TABLE}})
-                for route in ipr.get_routes(family=af, table=TPROXY_TABLE):
-                    if route.get_attr("RTA_TABLE") != TPROXY_TABLE:
-                        continue
-                    dev = "lo" if lo and route.get_attr("RTA_OIF") == lo[0] else str(route.get_attr("RTA_OIF"))
-                    if route["type"] == RTN_LOCAL and route["dst_len"] == 0:
-                        body = {"family": family, "dst": _DEFAULT[family], "type": "local", "dev": dev}
-                        found.append({"route": {**body, "table": TPROXY_TABLE}})
+        try:
+            lo = socket.if_nametoindex("lo")
+        except OSError:
+            lo = 0
+        for family, af in _FAMILIES.items():
+            if af == socket.AF_INET6 and not self.ipv6():
+                continue
+            if any(True for _ in _our_rules(af)):
+                found.append({"rule": {"family": family, "fwmark": TPROXY_MARK, "table": TPROXY_TABLE}})
+            for rtype, dst_len, oif in _our_routes(af):
+                if rtype == RTN_LOCAL and dst_len == 0:
+                    dev = "lo" if lo and oif == lo else str(oif)
+                    body = {"family": family, "dst": _DEFAULT[family], "type": "local", "dev": dev}
+                    found.append({"route": {**body, "table": TPROXY_TABLE}})
         return found
 
     def any_rule(self) -> bool:
-        with self._netlink() as ipr:
-            return any(_ours(rule) for rule in ipr.get_rules(family=socket.AF_INET))
+        return any(True for _ in _our_rules(socket.AF_INET))
 
     def add(self, objects: list[dict]) -> list[dict]:
         from pyroute2.netlink.exceptions import NetlinkError
@@ -142,6 +143,40 @@ class KernelRoutes:
                 raise
 
 
-def _ours(rule: Any) -> bool:
-    table = rule.get_attr("FRA_TABLE") or rule["table"]
-    return rule.get_attr("FRA_FWMARK") == TPROXY_MARK and table == TPROXY_TABLE
+RTM_GETRULE, RTM_GETROUTE = 34, 26
+FRA_FWMARK, FRA_TABLE = 10, 15
+RTA_OIF, RTA_TABLE = 4, 15
+_RULE_HDR = struct.Struct("=BBBBBBBBI")  # struct fib_rule_hdr
+_RTMSG = struct.Struct("=BBBBBBBBI")  # struct rtmsg
+
+
+def _our_rules(af: int) -> Iterator[None]:
+    """One item per rule with our mark and table, from a streamed dump of the family's rules."""
+    request = _RULE_HDR.pack(af, 0, 0, 0, 0, 0, 0, 0, 0)
+    for _kind, payload in dump(NETLINK_ROUTE, RTM_GETRULE, request, "the pod's policy rules"):
+        if len(payload) < _RULE_HDR.size:
+            continue
+        table, fwmark = payload[4], None
+        for kind, value in attrs(payload, _RULE_HDR.size):
+            if kind == FRA_FWMARK and len(value) >= 4:
+                (fwmark,) = struct.unpack_from("=I", value)
+            elif kind == FRA_TABLE and len(value) >= 4:
+                (table,) = struct.unpack_from("=I", value)
+        if fwmark == TPROXY_MARK and table == TPROXY_TABLE:
+            yield None
+
+
+def _our_routes(af: int) -> Iterator[tuple[int, int, int]]:
+    """(type, dst_len, oif) of each route in our table; the kernel filters the dump by table (strict check)."""
+    request = _RTMSG.pack(af, 0, 0, 0, TPROXY_TABLE, 0, 0, 0, 0) + attr(RTA_TABLE, struct.pack("=I", TPROXY_TABLE))
+    for _kind, payload in dump(NETLINK_ROUTE, RTM_GETROUTE, request, "the pod's routes", strict=True):
+        if len(payload) < _RTMSG.size:
+            continue
+        table, oif = payload[4], 0
+        for kind, value in attrs(payload, _RTMSG.size):
+            if kind == RTA_TABLE and len(value) >= 4:
+                (table,) = struct.unpack_from("=I", value)
+            elif kind == RTA_OIF and len(value) >= 4:
+                (oif,) = struct.unpack_from("=I", value)
+        if table == TPROXY_TABLE:
+            yield payload[7], payload[1], oif

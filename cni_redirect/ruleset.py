@@ -347,6 +347,7 @@ class Observed:
     listing: list[dict] | None
     routing: tuple[dict, ...] = ()
     ipv6: bool = True
+    oversized: str = ""  # the table is there but too large to list (and so not listed): why
 
 
 def normalize(objects: list[dict]) -> list[dict]:

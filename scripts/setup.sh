@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh Debian 12 machine: apt packages, then .venv with the plugin installed.
+# Idempotent set-up for a fresh Debian 12 machine: apt packages, .venv with the plugin installed, the peers.
 # Run as root (the plugin and its tests program network namespaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +23,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 scripts/venv.sh
-echo "setup: ready (.venv/bin/cni-redirect)" >&2
+# The real peers and the current runtime (containerd 2.4, crictl, CNI plugins v1.10, istio-cni, pilot-agent),
+# built from the Go module proxy once per machine into a cache outside the repo (scripts/peers.sh).
+peers_bin=$(scripts/peers.sh)
+echo "setup: ready (.venv/bin/cni-redirect; peers in $peers_bin)" >&2

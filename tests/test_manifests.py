@@ -114,9 +114,16 @@ def test_runs_on_every_node_early_and_reports_readiness(base):
     spec = pod_spec(base)
     assert spec["priorityClassName"] == "system-node-critical" and {"operator": "Exists"} in spec["tolerations"]
     values = env(base)
-    assert container(base)["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": int(values["READINESS_PORT"])}
-    assert container(base)["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": int(values["READINESS_PORT"])}
     mounts = {m["name"]: m["mountPath"] for m in container(base)["volumeMounts"]}
+    # Exec probes that ask this pod's own agent, over a socket in this pod's own emptyDir (not a host path):
+    # host network means both surge pods share every port.
+    executable = container(base)["command"][0]
+    for probe, question in (("readinessProbe", "ready"), ("livenessProbe", "healthy")):
+        assert "httpGet" not in container(base)[probe]
+        command = container(base)[probe]["exec"]["command"]
+        assert command == [executable, question, "--probe-socket", values["PROBE_SOCKET"]]
+    assert values["PROBE_SOCKET"].startswith(mounts["tmp"] + "/")
+    assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}["tmp"]
     assert mounts["cni-bin"] == values["CNI_BIN_DIR"] and mounts["cni-conf"] == values["CNI_CONF_DIR"]
     assert values["ENTRY_FILE"].startswith(mounts["entry"] + "/")
 

@@ -214,7 +214,7 @@ class Survey:
                     self.memo.quick += 1
                     view.observed, view.drift = seen.observed, seen.drift
                     return
-                view.observed = session.observe(evaluation.wants_routing)
+                view.observed = session.observe(evaluation.wants_routing, evaluation.read_bound)
         except HostNetns:
             view.decision, view.reason = Outcome.HOST_NETWORK, "its netns is the node's own"
             return

@@ -42,7 +42,7 @@ def _mounts_under(prefix: str) -> list[str]:
     return points
 
 
-def conflist(workdir: Path, with_plugin: bool = True, **entry: object) -> dict:
+def conflist(workdir: Path, with_plugin: bool = True, cni_version: str = "1.0.0", **entry: object) -> dict:
     plugins: list[dict] = [
         {
             "type": "bridge",
@@ -67,7 +67,7 @@ def conflist(workdir: Path, with_plugin: bool = True, **entry: object) -> dict:
                 **entry,
             }
         )
-    return {"cniVersion": "1.0.0", "name": NETWORK, "plugins": plugins}
+    return {"cniVersion": cni_version, "name": NETWORK, "plugins": plugins}
 
 
 CONTAINERD_CONFIG = """\
@@ -104,6 +104,52 @@ state = "{d}/state"
 """
 
 
+# containerd 2.x: config version 3 (the CRI plugin split into io.containerd.cri.v1.images and .runtime,
+# `bin_dirs`); nothing outside the workdir: no imports, NRI off, opt under the workdir.
+CONTAINERD2_CONFIG = """\
+version = 3
+root = "{d}/root"
+state = "{d}/state"
+imports = []
+
+[grpc]
+  address = "{d}/containerd.sock"
+
+[ttrpc]
+  address = "{d}/containerd-ttrpc.sock"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+
+[plugins."io.containerd.nri.v1.nri"]
+  disable = true
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{image}"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  netns_mounts_under_state_dir = {netns_private}
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "{d}/runc"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{d}/cni-bin"]
+    conf_dir = "{d}/cni-conf"
+    max_conf_num = 1
+"""
+
+#: The containerd versions every containerd tier runs against: Debian 12's, and the current one built from source.
+VERSIONS = ("1.6", "2.4")
+
+
 @dataclass
 class Containerd:
     """A containerd we started, its CRI client, and the pods we made with it."""
@@ -111,6 +157,7 @@ class Containerd:
     workdir: Path
     with_plugin: bool = True  # False: a node before cni-redirect is installed
     node_netns: bool = False  # True: pod netns under /var/run/netns, as on a real node (the DaemonSet tier)
+    version: str = "1.6"  # "1.6": Debian's containerd and CNI plugins; "2.4": built by scripts/peers.sh
     process: subprocess.Popen | None = None
     pods: list[str] = field(default_factory=list)
 
@@ -138,26 +185,44 @@ class Containerd:
             return found
         return [e for e in found if pod_id.startswith(e.get("container_id") or "-")]
 
+    @property
+    def cni_version(self) -> str:
+        """The conflist's cniVersion: 1.1.0 on 2.x, where it makes containerd run STATUS through the chain."""
+        return "1.1.0" if self.version == "2.4" else "1.0.0"
+
     def start(self) -> None:
-        binary = shutil.which("containerd")
-        assert binary, "containerd is missing: run scripts/setup.sh (apt package containerd)"
+        assert self.version in VERSIONS, f"containerd {self.version}: not one of {VERSIONS}"
         assert shutil.which("runc"), "runc is missing: run scripts/setup.sh (apt package runc)"
-        assert Path("/usr/lib/cni/bridge").exists(), "CNI plugins missing: apt package containernetworking-plugins"
+        env = dict(os.environ)
+        if self.version == "1.6":
+            binary = shutil.which("containerd")
+            assert binary, "containerd is missing: run scripts/setup.sh (apt package containerd)"
+            assert Path("/usr/lib/cni/bridge").exists(), "CNI plugins missing: apt package containernetworking-plugins"
+            plugins = sorted(Path("/usr/lib/cni").iterdir())
+            template = CONTAINERD_CONFIG
+        else:
+            from .peers import CNI_PLUGINS, peer
+
+            binary = str(peer("containerd"))
+            shim = peer("containerd-shim-runc-v2")
+            env["PATH"] = f"{shim.parent}:{env.get('PATH', '/usr/bin:/bin')}"  # containerd finds its shim on PATH
+            plugins = [peer(name) for name in CNI_PLUGINS]
+            template = CONTAINERD2_CONFIG
         d = self.workdir
         bin_dir = d / "cni-bin"
         bin_dir.mkdir()
         (d / "cni-conf").mkdir()
-        for plugin in Path("/usr/lib/cni").iterdir():
+        for plugin in plugins:
             (bin_dir / plugin.name).symlink_to(plugin)
         if self.with_plugin:
             (bin_dir / "cni-redirect").symlink_to(PLUGIN)
-        self.write_conflist(conflist(d, with_plugin=self.with_plugin))
+        self.write_conflist(conflist(d, with_plugin=self.with_plugin, cni_version=self.cni_version))
         config = d / "containerd.toml"
         netns_private = "false" if self.node_netns else "true"
-        config.write_text(CONTAINERD_CONFIG.format(d=d, image=PAUSE_IMAGE, netns_private=netns_private))
+        config.write_text(template.format(d=d, image=PAUSE_IMAGE, netns_private=netns_private))
         log = (d / "containerd.log").open("w")
         self.process = subprocess.Popen(
-            [binary, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [binary, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
         log.close()
         self._wait_for_socket()
@@ -184,6 +249,10 @@ class Containerd:
         client.wait_ready()
         client.wait_network_ready()
         return client
+
+    def conflist(self, with_plugin: bool = True, **entry: object) -> dict:
+        """The tier's conflist for this runtime (its cniVersion), with our entry's settings."""
+        return conflist(self.workdir, with_plugin=with_plugin, cni_version=self.cni_version, **entry)
 
     def write_conflist(self, document: dict) -> None:
         """Replace the one conflist atomically; containerd reloads it live."""

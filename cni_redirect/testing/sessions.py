@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cni_redirect.backend import Backend, Observed
+from cni_redirect.nftsize import Bound
 from cni_redirect.ruleset import Ruleset
 
 
@@ -20,13 +21,13 @@ class At:
         with self.backend.session(self.netns) as session:
             return session.remove()
 
-    def read(self, raw: bool = False) -> list[dict] | None:
+    def read(self, raw: bool = False, bound: Bound | None = None) -> list[dict] | None:
         with self.backend.session(self.netns) as session:
-            return session.read(raw)
+            return session.read(raw, bound)
 
-    def observe(self, routing_wanted: bool = False) -> Observed:
+    def observe(self, routing_wanted: bool = False, bound: Bound | None = None) -> Observed:
         with self.backend.session(self.netns) as session:
-            return session.observe(routing_wanted)
+            return session.observe(routing_wanted, bound)
 
 
 def at(backend: Backend, netns: str) -> At:

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from cni_redirect.testing.containerd import Containerd, new_workdir
+from cni_redirect.testing.containerd import VERSIONS, Containerd, new_workdir
 from cni_redirect.testing.host import HostSnapshot, tear_down
 
 
@@ -41,16 +41,16 @@ def running_containerd(host_snapshot, prepare=None, **options):
             tear_down(runtime, host_snapshot, workdir)
 
 
-@pytest.fixture(scope="module")
-def containerd(host_snapshot, tmp_path_factory):
-    """containerd whose chain already ends with cni-redirect (the venv's plugin)."""
-    yield from running_containerd(host_snapshot, with_plugin=True)
+@pytest.fixture(scope="module", params=VERSIONS, ids=[f"containerd-{v}" for v in VERSIONS])
+def containerd(host_snapshot, request):
+    """containerd whose chain already ends with cni-redirect (the venv's plugin); each tested version in turn."""
+    yield from running_containerd(host_snapshot, with_plugin=True, version=request.param)
 
 
-@pytest.fixture(scope="module")
-def bare_containerd(host_snapshot, tmp_path_factory):
-    """containerd on a node where cni-redirect is not installed yet."""
-    yield from running_containerd(host_snapshot, with_plugin=False)
+@pytest.fixture(scope="module", params=VERSIONS, ids=[f"containerd-{v}" for v in VERSIONS])
+def bare_containerd(host_snapshot, request):
+    """containerd on a node where cni-redirect is not installed yet; each tested version in turn."""
+    yield from running_containerd(host_snapshot, with_plugin=False, version=request.param)
 
 
 @pytest.fixture(scope="module")

@@ -46,10 +46,14 @@ def _quantity_bytes(text: str) -> int:
 
 @dataclass
 class Probe:
+    """An httpGet probe (path, port) or an exec probe (command, run in the container through CRI ExecSync)."""
+
     path: str
     port: int
     period: float
     failure_threshold: int = 3
+    command: list[str] = field(default_factory=list)
+    timeout: float = 1.0
 
 
 @dataclass
@@ -59,7 +63,7 @@ class PodRun:
     sandbox: object
     container: object
     readiness: Probe
-    liveness: Probe
+    liveness: Probe | None
     grace_seconds: int
     prepared: list[Path] = field(default_factory=list)
 
@@ -147,7 +151,8 @@ def translate(template: dict, configmaps: dict[str, dict], node_paths: dict[str,
         context.namespace_options.network = pb.NODE
 
     readiness = _probe(_take(container, "readinessProbe", "container"), "readinessProbe")
-    liveness = _probe(_take(container, "livenessProbe", "container"), "livenessProbe")
+    live = _take(container, "livenessProbe", "container")
+    liveness = _probe(live, "livenessProbe") if live is not None else None
 
     run = PodRun(sandbox, config, readiness, liveness, grace)
     for mount in _take(container, "volumeMounts", "container", []):
@@ -173,10 +178,17 @@ def translate(template: dict, configmaps: dict[str, dict], node_paths: dict[str,
 
 
 def _probe(probe: dict, where: str) -> Probe:
-    http = probe.pop("httpGet")
-    result = Probe(http.pop("path"), int(http.pop("port")), float(probe.pop("periodSeconds", 10)))
+    period = float(probe.pop("periodSeconds", 10))
+    if "exec" in probe:
+        exec_ = probe.pop("exec")
+        result = Probe("", 0, period, command=list(exec_.pop("command")))
+        _done(exec_, f"{where}.exec")
+    else:
+        http = probe.pop("httpGet")
+        result = Probe(http.pop("path"), int(http.pop("port")), period)
+        _done(http, f"{where}.httpGet")
     result.failure_threshold = int(probe.pop("failureThreshold", 3))
-    _done(http, f"{where}.httpGet")
+    result.timeout = float(probe.pop("timeoutSeconds", 1))
     _done(probe, where)
     return result
 
@@ -229,10 +241,30 @@ def _volume_source(volume: dict, configmaps: dict, node_paths: dict[str, Path], 
     raise Untranslated(f"volume {name}: {sorted(volume)}")
 
 
-def poll(probe: Probe, timeout: float) -> int:
-    """Poll as kubelet polls, every period: the first status that is not a connection error, 0 on timeout."""
+def check(probe: Probe, client=None, container_id: str = "") -> bool:
+    """One probe, as kubelet runs it: an exec probe through CRI ExecSync in the container, else HTTP."""
+    if probe.command:
+        request = pb.ExecSyncRequest(container_id=container_id, cmd=probe.command, timeout=int(probe.timeout))
+        try:
+            return client.stub.ExecSync(request, timeout=probe.timeout + 10).exit_code == 0
+        except Exception:  # the container is gone or not running: a failed probe, as for kubelet
+            return False
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{probe.port}{probe.path}", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def poll(probe: Probe, timeout: float, client=None, container_id: str = "") -> int:
+    """Poll as kubelet polls, every period: 200 once the probe passes, 0 on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if probe.command:
+            if check(probe, client, container_id):
+                return 200
+            time.sleep(min(probe.period, 1.0))
+            continue
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{probe.port}{probe.path}", timeout=1) as response:
                 if response.status == 200:

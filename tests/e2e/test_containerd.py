@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from cni_redirect.cniserver import CniServer
-from cni_redirect.testing.containerd import GATEWAY, conflist
+from cni_redirect.testing.containerd import GATEWAY
 from cni_redirect.testing.netlab import HOST, Netns, connect, enabled
 
 PROXY_UID = 1337
@@ -122,15 +122,15 @@ def test_run_pod_sandbox_time_with_and_without_the_plugin(containerd):
     agent = CniServer(Path(f"/run/cni-redirect/e2e-{os.getpid()}.sock"), lambda *a, **k: None)
     agent.start()
     try:
-        runtime.write_conflist(conflist(runtime.workdir, agent_socket=str(agent.path)))
+        runtime.write_conflist(runtime.conflist(agent_socket=str(agent.path)))
         time.sleep(2)  # containerd reloads asynchronously; the plugin runs in both configs
         via_agent = timed("agent", enabled())
         assert agent.served >= 5, "the pods went through the agent"
-        runtime.write_conflist(conflist(runtime.workdir, with_plugin=False))
+        runtime.write_conflist(runtime.conflist(with_plugin=False))
         containerd.wait_for_reload(expect_plugin=False)
         without = timed("without", {})
     finally:
-        runtime.write_conflist(conflist(runtime.workdir))
+        runtime.write_conflist(runtime.conflist())
         containerd.wait_for_reload(expect_plugin=True)
         agent.stop()
     print(

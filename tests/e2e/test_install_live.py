@@ -31,7 +31,7 @@ def readiness() -> int:
         return 0
 
 
-def test_agent_installs_into_containerd_and_uninstalls_on_sigterm(bare_containerd, bundle, tmp_path):
+def test_agent_installs_into_containerd_keeps_it_on_sigterm_and_uninstall_removes_it(bare_containerd, bundle, tmp_path):
     runtime = bare_containerd.runtime
     (conflist_path,) = runtime.conf_dir.glob("*.conflist")
     original = conflist_path.read_bytes()
@@ -75,10 +75,24 @@ def test_agent_installs_into_containerd_and_uninstalls_on_sigterm(bare_container
         agent_log.close()
     lines = [json.loads(line) for line in (tmp_path / "agent.log").read_text().splitlines()]
     assert rc == 0, lines[-5:]
+    assert "cni-redirect" in conflist_path.read_text(), "a stop (a restart as far as the agent knows) keeps the entry"
+    removed = subprocess.run(
+        [
+            str(bundle / "cni-redirect"),
+            "uninstall",
+            f"--cni-bin-dir={runtime.bin_dir}",
+            f"--cni-conf-dir={runtime.conf_dir}",
+            "--uninstall-grace=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert removed.returncode == 0, removed.stderr
     assert conflist_path.read_bytes() == original, "the primary's file is back to its exact bytes"
     assert not (runtime.bin_dir / "cni-redirect").exists()
     assert not list(runtime.bin_dir.glob("cni-redirect-bundle-*"))
-    assert any(line["msg"] == "agent stopped" for line in lines)
+    assert any(line["msg"].startswith("agent stopped") for line in lines)
     assert any(line["msg"] == "agent serving CNI requests" for line in lines)
     assert not agent_socket.exists()
 

@@ -8,6 +8,7 @@ starts without us (`bare_containerd`); containerd reloads it live.
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +34,8 @@ def node(bare_containerd, bundle, tmp_path):
     runtime = bare_containerd.runtime
     agents: list[NodeAgentProcess] = []
 
-    def start(*extra: str, **kwargs) -> NodeAgentProcess:
-        entry = {"log_file": str(runtime.log_path), "exclude_namespaces": ["kube-system"]}
+    def start(*extra: str, entry_settings: dict | None = None, **kwargs) -> NodeAgentProcess:
+        entry = {"log_file": str(runtime.log_path), "exclude_namespaces": ["kube-system"], **(entry_settings or {})}
         agent = NodeAgentProcess(
             bundle / "cni-redirect",
             runtime.bin_dir,
@@ -55,7 +56,15 @@ def node(bare_containerd, bundle, tmp_path):
         if agent.proc.poll() is None:
             agent.terminate()
     bare_containerd.remove_all()
+    uninstall(bundle, runtime)  # a stopped agent leaves entry and plugin: the explicit step removes them
     assert {p.name: p.read_bytes() for p in runtime.conf_dir.iterdir()} == conf_before
+
+
+def uninstall(bundle: Path, runtime, *extra: str) -> subprocess.CompletedProcess:
+    """`cni-redirect uninstall`, the bundle's own command, as the uninstall DaemonSet runs it."""
+    argv = [str(bundle / "cni-redirect"), "uninstall", f"--cni-bin-dir={runtime.bin_dir}"]
+    argv += [f"--cni-conf-dir={runtime.conf_dir}", "--uninstall-grace=0.5", *extra]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
 def has_table(client, pod: str) -> bool:
@@ -216,7 +225,9 @@ def test_a_killed_agent_costs_speed_not_capture(node, procs):
     assert again.terminate() == 0
 
 
-def test_uninstall_leaves_nothing_and_old_pods_still_tear_down(node):
+def test_a_stopped_agent_leaves_capture_working_and_uninstall_leaves_nothing(node, bundle):
+    """SIGTERM keeps entry and plugin: a pod started with no agent is captured in-process. `uninstall` refuses
+    while an agent runs, then restores the node: the conflist byte for byte (the fixture checks), the bin dir."""
     client, start = node
     runtime = client.runtime
     bin_before = sorted(p.name for p in runtime.bin_dir.iterdir())
@@ -225,14 +236,23 @@ def test_uninstall_leaves_nothing_and_old_pods_still_tear_down(node):
     client.wait_for_reload(expect_plugin=True)
     old = client.run_pod("before-uninstall", annotations=enabled())
     assert has_table(client, old)
+    refused = uninstall(bundle, runtime)
+    assert refused.returncode == 2 and "still running on this node" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, "one line, no traceback"
     assert agent.terminate() == 0
-    assert sorted(p.name for p in runtime.bin_dir.iterdir()) == bin_before, "bundle, link and owner token gone"
-    assert not Path(agent.socket).exists()
+    assert not Path(agent.socket).exists(), "its own socket goes with it"
+    unattended = client.run_pod("no-agent", annotations=enabled())
+    (add,) = adds(client, unattended)
+    assert has_table(client, unattended) and add["via"] == "in-process", add
+    done = uninstall(bundle, runtime)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert sorted(p.name for p in runtime.bin_dir.iterdir()) == bin_before, "bundle, link, owner files gone"
     client.wait_for_reload(expect_plugin=False)
     new = client.run_pod("after-uninstall", annotations=enabled())
     assert not has_table(client, new) and not adds(client, new)
-    client.stop_pod(old)
-    client.remove_pod(old)  # the node fixture then checks the conf dir is byte-identical
+    for pod in (old, unattended):
+        client.stop_pod(pod)
+        client.remove_pod(pod)  # the node fixture then checks the conf dir is byte-identical
 
 
 def test_repair_of_a_hundred_sandboxes_in_one_pass(node):
@@ -255,4 +275,57 @@ def test_repair_of_a_hundred_sandboxes_in_one_pass(node):
         f"\n[lifecycle] repair pass over 100 sandboxes: {first.seconds:.2f} s repairing all "
         f"({first.seconds * 10:.1f} ms per pod), {second.seconds:.2f} s when all are ok"
     )
+    assert agent.terminate() == 0
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+def test_a_pod_that_fills_its_netns_cannot_blow_the_agents_memory(node, tmp_path):
+    """A pod with NET_ADMIN in its own netns adds 300 000 elements to our table and 40 000 policy rules. The
+    agent's repair pass counts the table from a stream (never lists it), calls it drifted and replaces it;
+    the routing is read as a stream too, and DEL removes it all. The agent's peak RSS stays far below the
+    DaemonSet's 192 Mi limit (it was 269 MiB for one read of that table)."""
+    client, start = node
+    agent = start(entry_settings={"defaults": {"exclude-interfaces": "eth9"}})
+    agent.wait_ready()
+    client.wait_for_reload(expect_plugin=True)
+    pod = client.run_pod("hostile", annotations=enabled())
+    netns = Netns.at(client.netns(pod))
+    assert "exclude_ifaces" in netns.ruleset()
+    batch = tmp_path / "elements.nft"
+    with batch.open("w") as out:
+        for chunk in range(30):
+            names = ", ".join(f'"x{chunk}-{i}"' for i in range(10_000))
+            out.write(f"add element inet cni_redirect exclude_ifaces {{ {names} }}\n")
+    netns.run("nft", "-f", str(batch))
+    rules = tmp_path / "rules.batch"
+    rules.write_text(
+        "".join(
+            f"rule add from 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255} table 100 pref {41_000 - i}\n"
+            for i in range(40_000)
+        )
+    )
+    netns.run("ip", "-batch", str(rules))
+    baseline = _peak_rss_mib(agent.proc.pid)
+    wait_for(lambda: any(m.startswith("repaired default/hostile") for m in agent.messages()), timeout=60)
+    (repaired,) = [line for line in agent.lines if line.get("msg", "").startswith("repaired default/hostile")]
+    assert "far larger than what the pod's annotations require" in repaired["msg"], repaired
+    assert netns.ruleset().count('"x') == 0, "the table was replaced with the one the pod should have"
+    after_repair = _peak_rss_mib(agent.proc.pid)
+    client.stop_pod(pod)  # DEL through the agent's CNI server: the table and our routing (none) go
+    after_del = _peak_rss_mib(agent.proc.pid)
+    (delete,) = [e for e in client.runtime.events(pod) if e["command"] == "DEL"]
+    assert delete["via"] == "cni-server" and "error" not in delete, delete
+    print(
+        f"\n[lifecycle] agent peak RSS: {baseline:.0f} MiB before the pod filled its netns, "
+        f"{after_repair:.0f} MiB after the repair pass, {after_del:.0f} MiB after DEL (limit 192 MiB)"
+    )
+    assert after_del < 192
+    client.remove_pod(pod)
     assert agent.terminate() == 0

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cni_redirect.testing.containerd import GATEWAY, conflist
+from cni_redirect.testing.containerd import GATEWAY
 from cni_redirect.testing.netlab import HOST, Netns, connect, validate
 from tests.support import injected
 
@@ -36,12 +36,12 @@ def wait_until(containerd, annotations: dict[str, str], expect: bool, timeout: f
 def profile(containerd, mesh: str):
     """The node's entry switched to a mesh profile for the block; containerd reloads it live."""
     runtime = containerd.runtime
-    runtime.write_conflist(conflist(runtime.workdir, profile=mesh))
+    runtime.write_conflist(runtime.conflist(profile=mesh))
     wait_until(containerd, injected(mesh), expect=True)
     try:
         yield
     finally:
-        runtime.write_conflist(conflist(runtime.workdir))
+        runtime.write_conflist(runtime.conflist())
         wait_until(containerd, injected(mesh), expect=False)  # our default entry ignores the mesh's annotations
 
 

@@ -15,6 +15,9 @@ with p50/p95/p99 and as a ratio to that baseline. Nothing here asserts a time.
 7. Kernel work per pod, warm: REDIRECT against TPROXY.
 8. An idle node: STATUS, GC and DEL of a vanished netns through the front against VERSION; repair passes that
    remember earlier ones against a full pass, on a real containerd.
+9. Side by side with the real peer (`--only peers`): istio-cni's ADD (iptables and native_nftables modes,
+   against a local fake API) beside ours via the agent and in-process, Go portmap v1.10 and the bundle's bare
+   start, all for the same Istio-injected pod; and RunPodSandbox on containerd 2.4 with each last in the chain.
 """
 
 from __future__ import annotations
@@ -662,6 +665,161 @@ def bench_backend(runs: int = 200) -> dict:
     return {name: {**summary(v), "ratio_to_redirect_add": statistics.median(v) / floor} for name, v in samples.items()}
 
 
+def _istio_pod_conf(agent: Agent | None) -> tuple[dict, dict]:
+    """Our entry under the istio profile and the annotations Istio's injector writes (the fixture's)."""
+    annotations = json.loads((REPO / "tests/fixtures/mesh/istio-injected.json").read_text())["annotations"]
+    entry: dict = {"profile": "istio"}
+    if agent is not None:
+        entry["agent_socket"] = str(agent.path)
+    return entry, annotations
+
+
+def bench_peers_add(bundle: Path, agent: Agent, runs: int) -> dict:
+    """ADD of one Istio-injected pod: istio-cni (both modes) beside ours, interleaved, fresh netns each."""
+    from cni_redirect.testing.istio import FakeKube, IstioCni, injected_pod
+    from cni_redirect.testing.peers import peer
+
+    kube = FakeKube()
+    run_dir = Path(tempfile_dir("istio-cni-bench"))
+    try:
+        via_entry, annotations = _istio_pod_conf(agent)
+        ours_agent = json.dumps(plugin_conf(annotations, **via_entry)).encode()
+        ours_local = json.dumps(plugin_conf(annotations, profile="istio")).encode()
+        portmap_conf = json.dumps(
+            {**plugin_conf(None), "type": "portmap", "capabilities": {"portMappings": True}, "snat": True}
+        ).encode()
+        pod = injected_pod("bench", "default", annotations)
+        kube.pods[("default", "bench")] = pod
+        plugins = {
+            mode: IstioCni(run_dir / mode, kube, native_nftables=mode == "nftables")
+            for mode in ("iptables", "nftables")
+        }
+        variants: dict[str, tuple[list[str], str, bytes, dict[str, str]]] = {
+            "bundle: bare start (VERSION)": ([str(bundle)], "VERSION", b'{"cniVersion":"1.0.0"}', {}),
+            "cni-redirect: ADD via agent": ([str(bundle)], "ADD", ours_agent, {}),
+            "cni-redirect: ADD in-process": ([str(bundle)], "ADD", ours_local, {}),
+            "Go portmap v1.10: pass-through ADD": ([str(peer("portmap"))], "ADD", portmap_conf, {}),
+        }
+        k8s_args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=bench;K8S_POD_INFRA_CONTAINER_ID=x"
+        for mode, plugin in plugins.items():
+            stdin = json.dumps(plugin.config()).encode()
+            variants[f"istio-cni ({mode}): ADD"] = ([str(peer("istio-cni"))], "ADD", stdin, {"CNI_ARGS": k8s_args})
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        failures: dict[str, int] = dict.fromkeys(variants, 0)
+        names = list(variants)
+        for index in range(runs):
+            random.Random(index).shuffle(names)
+            for name in names:
+                argv, command, stdin, extra = variants[name]
+                ns = Netns.create("p")
+                try:
+                    seconds, code = spawn(argv, {**cni_env(command, ns.path), **extra}, stdin)
+                    captured = (
+                        command != "ADD" or "portmap" in name or "nat" in ns.ruleset() or "cni_redirect" in ns.ruleset()
+                    )
+                    samples[name].append(seconds * 1000)
+                    failures[name] += 0 if code == 0 and captured else 1
+                finally:
+                    ns.delete()
+    finally:
+        kube.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    istio = statistics.median(samples["istio-cni (iptables): ADD"])
+    floor = statistics.median(samples["bundle: bare start (VERSION)"])
+    return {
+        name: {
+            **summary(values),
+            "ratio_to_istio_cni": statistics.median(values) / istio,
+            "ratio_to_bundle_start": statistics.median(values) / floor,
+            "failures": failures[name],
+        }
+        for name, values in samples.items()
+    }
+
+
+def bench_peers(bundle: Path, runs: int, pod_runs: int) -> dict:
+    agent = Agent(bundle)
+    try:
+        add = bench_peers_add(bundle, agent, min(runs, 100))
+    finally:
+        agent.stop()
+    return {"add": add, "run_pod_sandbox": bench_peers_run_pod_sandbox(bundle, pod_runs)}
+
+
+def tempfile_dir(prefix: str) -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=f"{prefix}-")
+
+
+def bench_peers_run_pod_sandbox(bundle: Path, runs: int) -> dict:
+    """RunPodSandbox on containerd 2.4 (cniVersion 1.1.0, CNI plugins v1.10), the Istio-injected pod, with
+    nothing, cni-redirect (via its agent) or istio-cni (each mode) last in the chain."""
+    from cni_redirect.testing.containerd import Containerd, new_workdir
+    from cni_redirect.testing.host import HostSnapshot
+    from cni_redirect.testing.istio import FakeKube, IstioCni, injected_pod
+    from cni_redirect.testing.peers import peer
+
+    snapshot = HostSnapshot.take()
+    workdir = new_workdir()
+    runtime = Containerd(workdir, version="2.4")
+    kube = FakeKube()
+    agent = client = None
+    results: dict[str, list[float]] = {}
+    try:
+        runtime.start()
+        link = runtime.bin_dir / "cni-redirect"
+        link.unlink()
+        link.symlink_to(bundle)
+        (runtime.bin_dir / "istio-cni").symlink_to(peer("istio-cni"))
+        client = runtime.connect()
+        agent = Agent(bundle)
+        entry, annotations = _istio_pod_conf(agent)
+
+        def timed(label: str, last: dict | None) -> None:
+            document = runtime.conflist(with_plugin=False)
+            if last is not None:
+                document["plugins"].append(last)
+            runtime.write_conflist(document)
+            time.sleep(2)
+            client.wait_for_reload(expect_plugin=last is not None and last["type"] == "cni-redirect")
+            samples = []
+            for index in range(runs):
+                name = f"bench-{label.split()[0]}-{index}-{time.monotonic_ns()}"
+                kube.pods[("default", name)] = injected_pod(name, "default", annotations)
+                start = time.perf_counter()
+                pod = client.run_pod(name, annotations=annotations)
+                samples.append((time.perf_counter() - start) * 1000)
+                client.stop_pod(pod)
+                client.remove_pod(pod)
+            results[label] = samples
+
+        ours = {"type": "cni-redirect", "capabilities": {"io.kubernetes.cri.pod-annotations": True}, **entry}
+        timed("without a capture plugin", None)
+        timed("cni-redirect via agent", ours)
+        for mode in ("iptables", "nftables"):
+            config = IstioCni(workdir / f"istio-{mode}", kube, native_nftables=mode == "nftables").config()
+            timed(
+                f"istio-cni ({mode})",
+                {k: v for k, v in config.items() if k not in ("cniVersion", "name", "prevResult")},
+            )
+    finally:
+        if agent:
+            agent.stop()
+        if client:
+            client.remove_all()
+            client.close()
+        kube.close()
+        runtime.stop()
+        snapshot.restore()
+        shutil.rmtree(workdir, ignore_errors=True)
+    base = statistics.median(results["without a capture plugin"])
+    return {
+        label: {**summary(v), "overhead_ms": statistics.median(v) - base, "ratio": statistics.median(v) / base}
+        for label, v in results.items()
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bundle", type=Path, default=REPO / "build" / "bundle" / "cni-redirect" / "cni-redirect")
@@ -671,7 +829,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument(
         "--only",
-        choices=["repair", "backend", "idle", "idle-stack"],
+        choices=["repair", "backend", "idle", "idle-stack", "peers"],
         help="run one section and merge it into the last results",
     )
     parser.add_argument("--idle-minutes", type=float, default=10.0, help="how long the idle stack is measured")
@@ -684,6 +842,8 @@ def main() -> int:
             results["idle_repair"] = bench_idle_repair()
         elif args.only == "idle-stack":
             results["idle_stack"] = bench_idle_stack(args.bundle.parent, args.idle_minutes)
+        elif args.only == "peers":
+            results["peers"] = bench_peers(args.bundle, args.runs, args.pod_runs)
         else:
             results[args.only] = bench_repair() if args.only == "repair" else bench_backend(args.runs)
         (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))
@@ -713,6 +873,8 @@ def main() -> int:
     print("idle: STATUS, GC, DEL of a vanished netns; repair passes that remember ...", flush=True)
     results["idle_front"] = bench_idle_front(args.bundle, min(args.runs, 60))
     results["idle_repair"] = bench_idle_repair()
+    print("side by side with istio-cni ...", flush=True)
+    results["peers"] = bench_peers(args.bundle, args.runs, args.pod_runs)
     print(f"idle stack, {args.idle_minutes} minutes ...", flush=True)
     results["idle_stack"] = bench_idle_stack(args.bundle.parent, args.idle_minutes)
     args.out.mkdir(exist_ok=True)

@@ -108,7 +108,7 @@ def run_daemonset_pod(client, docs: dict, tmp_path: Path):
         # only /run/netns (made shared by iproute2, as on any node) does.
         "/var/run/netns": Path("/run/netns"),
     }
-    configmaps = {docs["ConfigMap"]["metadata"]["name"]: docs["ConfigMap"]}
+    configmaps = {docs["ConfigMap"]["metadata"]["name"]: docs["ConfigMap"]} if "ConfigMap" in docs else {}
     run = translate(docs["DaemonSet"]["spec"]["template"], configmaps, node_paths, tmp_path)
     sandbox_id = client.stub.RunPodSandbox(pb.RunPodSandboxRequest(config=run.sandbox), timeout=120).pod_sandbox_id
     runtime.pods.append(sandbox_id)

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from .errors import KernelError, NotAvailable
 from .netns import NetnsOpener, entered, open_netns
-from .nftsize import DEFAULT_BOUND, Bound, over
+from .nftsize import DEFAULT_BOUND, Bound, over, table_exists
 from .routing import KernelRoutes, Routes
 from .ruleset import FAMILY, TABLE, Observed, Ruleset, normalize
 
@@ -80,11 +80,13 @@ class TableOps:
         routes: Routes,
         generation: Callable[[], int] | None = None,
         oversized: Callable[[Bound], str] | None = None,
+        exists: Callable[[], bool] | None = None,
     ) -> None:
         self.nft = nft
         self.routes = routes
         self._generation = generation
         self._oversized = oversized
+        self._exists = exists
 
     def oversized(self, bound: Bound | None) -> str:
         """Why our table is too large to list ("" when it is not): counted from a stream, never listed."""
@@ -111,6 +113,10 @@ class TableOps:
         return []
 
     def exists(self) -> bool:
+        """Whether our table is there. The kernel's sessions ask netlink (`nftsize.table_exists`): libnftables'
+        own listing loads every set's elements into its cache first, whatever a pod put there."""
+        if self._exists is not None:
+            return self._exists()
         tables = self.run({"nftables": [{"list": {"tables": None}}]}, "list tables")
         return any(
             t.get("table", {}).get("family") == FAMILY and t.get("table", {}).get("name") == TABLE for t in tables
@@ -251,7 +257,7 @@ class KernelBackend:
         fd = self.reach(netns)  # raises before any nft call if the netns is wrong
         try:
             with entered(fd):  # from here on, every socket opens in the pod netns
-                yield TableOps(_Lazy(self.context), self.routes(), oversized=over)
+                yield TableOps(_Lazy(self.context), self.routes(), oversized=over, exists=table_exists)
         finally:
             os.close(fd)
 

@@ -16,7 +16,8 @@ from .ruleset import TABLE
 
 NFNL_SUBSYS_NFTABLES = 10
 NFPROTO_INET = 1
-NFT_MSG_GETRULE, NFT_MSG_GETSET, NFT_MSG_GETSETELEM = 7, 10, 13
+NFT_MSG_GETTABLE, NFT_MSG_GETRULE, NFT_MSG_GETSET, NFT_MSG_GETSETELEM = 1, 7, 10, 13
+NFTA_TABLE_NAME = 1
 NFTA_RULE_TABLE = 1
 NFTA_SET_TABLE, NFTA_SET_NAME = 1, 2
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
@@ -52,6 +53,16 @@ def counts(objects: list[dict]) -> tuple[int, int]:
 def bound_for(objects: list[dict]) -> Bound:
     """The bound for a netns that should hold `objects` (a ruleset's)."""
     return Bound.around(*counts(objects))
+
+
+def table_exists() -> bool:
+    """Whether our table is in this netns, from a dump of the inet tables' names. (libnftables' `list tables`
+    fills its cache with every set's elements first: 200 MiB for a table a pod filled with 300 000.)"""
+    name = _name(TABLE)
+    for _, payload in _dump(NFT_MSG_GETTABLE, b"", "the netns's tables"):
+        if any(kind == NFTA_TABLE_NAME and value == name for kind, value in attrs(payload, len(_NFGEN))):
+            return True
+    return False
 
 
 def over(bound: Bound) -> str:

@@ -138,3 +138,47 @@ def test_run_pod_sandbox_time_with_and_without_the_plugin(containerd):
         f"{in_process:.0f} ms with it in-process ({in_process / without:.2f}x), "
         f"{via_agent:.0f} ms through the agent ({via_agent / without:.2f}x)"
     )
+
+
+def test_containerd_2_runs_status_through_the_chain_and_the_node_follows_our_answer(containerd):
+    """containerd 2.x asks every plugin of a cniVersion 1.1.0 chain for STATUS on each CRI Status call: each one
+    is in our log_file, and a STATUS error turns the node's NetworkReady false with our message, until the entry is
+    fixed. containerd 1.6 (its conflist at 1.0.0) never asks."""
+    runtime = containerd.runtime
+    agent = CniServer(Path(f"/run/cni-redirect/e2e-status-{os.getpid()}.sock"), lambda *a, **k: None)
+    agent.start()
+
+    def statuses() -> int:
+        return sum(1 for e in runtime.events() if e.get("command") == "STATUS")
+
+    def network_ready() -> tuple[bool, str]:
+        status = containerd.stub.Status(containerd.pb.StatusRequest(), timeout=30).status
+        (network,) = [c for c in status.conditions if c.type == "NetworkReady"]
+        return network.status, network.message
+
+    try:
+        runtime.write_conflist(runtime.conflist(agent_socket=str(agent.path)))
+        containerd.wait_for_reload(expect_plugin=True)
+        before = statuses()
+        for _ in range(3):
+            assert network_ready()[0]
+        if runtime.version == "1.6":
+            assert statuses() == before, "containerd 1.6 has no STATUS"
+            return
+        assert statuses() >= before + 3, "one STATUS through our plugin per CRI Status call"
+        runtime.write_conflist(runtime.conflist(agent_socket=str(agent.path), max_set_elements=0))
+        deadline = time.monotonic() + 20
+        while network_ready()[0] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ready, message = network_ready()
+        print(f"\n[e2e] containerd {runtime.version} NetworkReady after a bad entry: {ready}: {message[:200]}")
+        assert not ready and "max_set_elements" in message
+        runtime.write_conflist(runtime.conflist(agent_socket=str(agent.path)))
+        deadline = time.monotonic() + 20
+        while not network_ready()[0] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert network_ready()[0], "fixed entry, ready node"
+    finally:
+        runtime.write_conflist(runtime.conflist())
+        containerd.wait_for_reload(expect_plugin=True)
+        agent.stop()

@@ -298,6 +298,7 @@ def test_a_pod_that_fills_its_netns_cannot_blow_the_agents_memory(node, tmp_path
     pod = client.run_pod("hostile", annotations=enabled())
     netns = Netns.at(client.netns(pod))
     assert "exclude_ifaces" in netns.ruleset()
+    baseline = _peak_rss_mib(agent.proc.pid)  # before the pod fills anything (repair runs every second)
     batch = tmp_path / "elements.nft"
     with batch.open("w") as out:
         for chunk in range(30):
@@ -312,7 +313,6 @@ def test_a_pod_that_fills_its_netns_cannot_blow_the_agents_memory(node, tmp_path
         )
     )
     netns.run("ip", "-batch", str(rules))
-    baseline = _peak_rss_mib(agent.proc.pid)
     wait_for(lambda: any(m.startswith("repaired default/hostile") for m in agent.messages()), timeout=60)
     (repaired,) = [line for line in agent.lines if line.get("msg", "").startswith("repaired default/hostile")]
     assert "far larger than what the pod's annotations require" in repaired["msg"], repaired

@@ -38,7 +38,13 @@ ENGINES = ("istio-cni iptables", "istio-cni nftables", "cni-redirect")
 #: Rows where cni-redirect answers differently from istio-cni (both modes), and why. Held exactly by the test.
 DIFFERENCES = {
     "our own annotation wins over istio's": "cni-redirect.io/* annotations are ours: istio-cni does not read them",
+    "interceptionMode NONE": "istio-cni refuses the pod (ADD fails: interceptionMode invalid: NONE); we leave it "
+    "uncaptured and let it start",
 }
+
+
+#: Rows where istio-cni's native_nftables mode answers differently from its iptables mode (Istio's own).
+ISTIO_MODES_DIFFER: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -85,35 +91,53 @@ def run_engine(net, kube, run_dir, engine: str, annotations: dict[str, str], pro
     plugin = IstioCni(run_dir, kube, native_nftables=engine.endswith("nftables"))
     pod = injected_pod("app", "default", annotations)
     ran = plugin.run("ADD", net.pod.path, pod)
-    assert ran.returncode == 0, (ran.stdout + ran.stderr)[-3000:]
+    if ran.returncode != 0:  # istio-cni refuses the pod: it does not start at all
+        clean(net.pod)
+        return ["ADD fails"] * len(probes)
     try:
         return [probe(net, kind, port) for kind, port in probes]
     finally:
-        net.pod.run("nft", "flush", "ruleset")  # this test's own netns: istio-cni's tables, iptables-nft's
+        clean(net.pod)
+
+
+def clean(pod) -> None:
+    """This test's own pod netns, emptied of istio-cni's rules: its nftables tables, and the x_tables ones
+    (istio-cni picks iptables-legacy-restore or the nft variant by what it finds on the node)."""
+    pod.run("nft", "flush", "ruleset")
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        for table in ("nat", "mangle", "raw", "filter"):
+            pod.run(tool, "-t", table, "-F", check=False)
+            pod.run(tool, "-t", table, "-X", check=False)
 
 
 def test_cni_redirect_captures_what_istio_cni_captures(lab):
     net, kube, run_dir = lab
     rows = {**ISTIO_ROWS, **EXTRA_ROWS}
-    table, differing = [], {}
+    table, ours_differ, modes_differ = [], {}, {}
     for row, (changes, expected) in rows.items():
         annotations = overlay(injected("istio"), changes)
         probes = list(dict.fromkeys([(d, p) for d, p, _ in expected] + COMMON))
         results = {engine: run_engine(net, kube, run_dir, engine, annotations, probes) for engine in ENGINES}
-        assert "cni_redirect" not in net.pod.ruleset() and "istio" not in net.pod.ruleset()
-        istio_modes_agree = results["istio-cni iptables"] == results["istio-cni nftables"]
+        assert "cni_redirect" not in net.pod.ruleset() and "istio" not in net.pod.ruleset().lower()
+        assert "ISTIO" not in net.pod.run("iptables-legacy-save").stdout
         for index, (kind, port) in enumerate(probes):
-            cells = [results[engine][index] for engine in ENGINES]
-            table.append((row, f"{kind} {port}", *cells))
-            if len(set(cells)) > 1:
-                differing.setdefault(row, []).append((f"{kind} {port}", *cells))
-        assert istio_modes_agree or row in DIFFERENCES, f"istio-cni's own two modes differ on {row!r}"
+            ipt, nft, ours = (results[engine][index] for engine in ENGINES)
+            table.append((row, f"{kind} {port}", ipt, nft, ours))
+            if ours != ipt:
+                ours_differ.setdefault(row, []).append((f"{kind} {port}", ipt, ours))
+            if nft != ipt:
+                modes_differ.setdefault(row, []).append((f"{kind} {port}", ipt, nft))
     print("\n| row | probe | " + " | ".join(ENGINES) + " |\n|---|---|" + "---|" * len(ENGINES))
     for line in table:
         print("| " + " | ".join(line) + " |")
-    for row, cells in differing.items():
-        print(f"DIFFERENT {row}: {cells}")
-    assert set(differing) == set(DIFFERENCES), {row: differing.get(row) for row in set(differing) ^ set(DIFFERENCES)}
+    for row, cells in ours_differ.items():
+        print(f"OURS DIFFER {row}: {cells}")
+    for row, cells in modes_differ.items():
+        print(f"ISTIO MODES DIFFER {row}: {cells}")
+    assert set(modes_differ) == set(ISTIO_MODES_DIFFER), sorted(set(modes_differ) ^ set(ISTIO_MODES_DIFFER))
+    assert set(ours_differ) == set(DIFFERENCES), {
+        row: ours_differ.get(row) for row in set(ours_differ) ^ set(DIFFERENCES)
+    }
 
 
 def test_istios_own_validator_passes_on_our_capture_and_fails_without_it():
@@ -127,7 +151,7 @@ def test_istios_own_validator_passes_on_our_capture_and_fails_without_it():
     try:
         annotations = injected("istio")
         bare = run_validation(net.pod.path, annotations, timeout=3)
-        assert bare.returncode != 0 and "validation timeout" in bare.stdout + bare.stderr, bare.stdout[-2000:]
+        assert bare.returncode != 0 and "iptables validation failed" in bare.stdout + bare.stderr, bare.stdout[-2000:]
         add(net.pod, "istio", annotations)
         ran = run_validation(net.pod.path, annotations)
         assert ran.returncode == 0, (ran.stdout + ran.stderr)[-3000:]

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))  # bench.report, beside this file
 from cni_redirect.backend import KernelBackend  # noqa: E402
 from cni_redirect.config import PodRef, parse_conf  # noqa: E402
 from cni_redirect.evaluation import evaluate  # noqa: E402
-from cni_redirect.testing.netlab import PEER_V4, Netns, PodNetwork, enabled, plugin_conf  # noqa: E402
+from cni_redirect.testing.netlab import PEER_V4, POD_V4, Netns, PodNetwork, enabled, plugin_conf  # noqa: E402
 from cni_redirect.testing.sessions import at  # noqa: E402
 
 TOOLS = REPO / "bench" / "tools.py"
@@ -713,6 +713,10 @@ def bench_peers_add(bundle: Path, agent: Agent, runs: int) -> dict:
                 argv, command, stdin, extra = variants[name]
                 ns = Netns.create("p")
                 try:
+                    # istio-cni needs the pod's interface and address (as the primary plugin left them)
+                    ns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")  # no dummy module
+                    ns.run("ip", "addr", "add", f"{POD_V4}/24", "dev", "eth0")
+                    ns.run("ip", "link", "set", "eth0", "up")
                     seconds, code = spawn(argv, {**cni_env(command, ns.path), **extra}, stdin)
                     captured = (
                         command != "ADD" or "portmap" in name or "nat" in ns.ruleset() or "cni_redirect" in ns.ruleset()
@@ -794,7 +798,12 @@ def bench_peers_run_pod_sandbox(bundle: Path, runs: int) -> dict:
                 client.remove_pod(pod)
             results[label] = samples
 
-        ours = {"type": "cni-redirect", "capabilities": {"io.kubernetes.cri.pod-annotations": True}, **entry}
+        ours = {
+            "type": "cni-redirect",
+            "capabilities": {"io.kubernetes.cri.pod-annotations": True},
+            "log_file": str(runtime.log_path),
+            **entry,
+        }
         timed("without a capture plugin", None)
         timed("cni-redirect via agent", ours)
         for mode in ("iptables", "nftables"):

@@ -52,7 +52,8 @@ def injected_pod(
 
 
 class FakeKube:
-    """An HTTP server answering GET /api/v1/namespaces/<ns>/pods/<name> from `pods`; 404 for anything else."""
+    """An HTTP server answering GET /api/v1/namespaces/<ns>/pods/<name> from `pods` (any other pod: a plain,
+    not injected one); 404 for anything else."""
 
     def __init__(self) -> None:
         self.pods: dict[tuple[str, str], dict] = {}
@@ -65,7 +66,7 @@ class FakeKube:
                 parts = self.path.split("?")[0].strip("/").split("/")
                 pod = None
                 if len(parts) == 6 and parts[:2] == ["api", "v1"] and parts[2] == "namespaces" and parts[4] == "pods":
-                    pod = pods.get((parts[3], parts[5]))
+                    pod = pods.get((parts[3], parts[5])) or _plain_pod(parts[5], parts[3])
                 body = json.dumps(pod if pod is not None else _not_found(self.path)).encode()
                 self.send_response(200 if pod is not None else 404)
                 self.send_header("Content-Type", "application/json")
@@ -95,6 +96,16 @@ class FakeKube:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _plain_pod(name: str, namespace: str) -> dict:
+    """Any other pod the runtime starts (a real API server knows every pod): not injected."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "annotations": {}},
+        "spec": {"containers": [{"name": "app", "image": "app"}]},
+    }
 
 
 def _not_found(path: str) -> dict:

@@ -14,17 +14,15 @@ import socket
 import struct
 
 from .errors import KernelError
+from .netlink import ATTR as _ATTR
+from .netlink import HEADER as _HEADER
+from .netlink import NETLINK_NETFILTER, NLM_F_REQUEST, NLMSG_ERROR
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
 NFT_MSG_GETGEN = 16
-NLMSG_ERROR = 2
-NLM_F_REQUEST = 1
 NFTA_GEN_ID = 1
-_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr: len, type, flags, seq, pid
 _NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version, res_id (big-endian, 0 here)
-_ATTR = struct.Struct("=HH")  # struct nlattr: len, type
 
 
 def ruleset_generation() -> int:

@@ -55,8 +55,12 @@ def node(bare_containerd, bundle, tmp_path):
     for agent in agents:
         if agent.proc.poll() is None:
             agent.terminate()
+    # A stopped agent leaves entry and plugin (each DEL would then run in-process, ~0.7 s a pod): the
+    # explicit step removes them first, then the pods go.
+    removed = uninstall(bundle, runtime)
+    assert removed.returncode == 0, removed.stderr
+    bare_containerd.wait_for_reload(expect_plugin=False)
     bare_containerd.remove_all()
-    uninstall(bundle, runtime)  # a stopped agent leaves entry and plugin: the explicit step removes them
     assert {p.name: p.read_bytes() for p in runtime.conf_dir.iterdir()} == conf_before
 
 

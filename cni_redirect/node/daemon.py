@@ -37,10 +37,8 @@ from . import REPAIR_MODES
 from .bundle import Bundle
 from .chain import ChainInstaller, load_entry_settings
 from .options import Options
-from .ownership import OWNER_FILE, Ownership, State
+from .ownership import Ownership, State
 from .watch import DirWatch
-
-__all__ = ["OWNER_FILE", "NodeAgent", "run"]
 
 if TYPE_CHECKING:
     from ..cniserver import CniServer
@@ -65,8 +63,6 @@ class NodeAgent:
         self.bundle = Bundle(options.plugin_source, options.cni_bin_dir, log)
         self.chain = ChainInstaller(options.cni_conf_dir, entry, log, options.conf_file, options.wait_log_interval)
         self.ownership = Ownership(options.cni_bin_dir)
-        self.token = self.ownership.token
-        self.owner_file = self.ownership.owner_file
         self.problem = ""  # the last iteration's failure (a reinstall on a full disk, EROFS, EIO): unready, retried
 
     @property
@@ -76,10 +72,6 @@ class NodeAgent:
     def install(self) -> None:
         with self.ownership.installing():
             self.bundle.install()
-
-    def superseded(self) -> bool:
-        """Whether a live newer agent runs the node now."""
-        return self.ownership.state() is State.STANDBY
 
     def reconcile(self) -> bool:
         """One pass: the plugin in the bin dir and our entry in the primary config. Returns readiness.
@@ -345,7 +337,7 @@ class _Services:
         server = self.server
         if server is None or server.owns_path():
             return
-        others = [t for t in self.agent.ownership.live_agents() if t != self.agent.token]
+        others = [t for t in self.agent.ownership.live_agents() if t != self.agent.ownership.token]
         if others:
             return
         self.log("info", "the CNI socket path is not ours any more and no other agent runs: serving it again")

@@ -18,6 +18,9 @@ with p50/p95/p99 and as a ratio to that baseline. Nothing here asserts a time.
 9. Side by side with the real peer (`--only peers`): istio-cni's ADD (iptables and native_nftables modes,
    against a local fake API) beside ours via the agent and in-process, Go portmap v1.10 and the bundle's bare
    start, all for the same Istio-injected pod; and RunPodSandbox on containerd 2.4 with each last in the chain.
+10. The datapath side by side (`--only datapath-peers`, bench/datapath.py): haproxy as the sidecar (proxy UID),
+   nginx behind it, wrk as the app: no proxy, the explicit proxy, our capture, istio-cni's two modes, the
+   article's two iptables rules, and the loopback-MSS experiment; keep-alive, a request per connection, bulk.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # bench.report, beside this file
 
+from bench.datapath import bench_datapath_side_by_side  # noqa: E402
 from cni_redirect.backend import KernelBackend  # noqa: E402
 from cni_redirect.config import PodRef, parse_conf  # noqa: E402
 from cni_redirect.evaluation import evaluate  # noqa: E402
@@ -806,6 +810,7 @@ def bench_peers_run_pod_sandbox(bundle: Path, runs: int) -> dict:
         }
         timed("without a capture plugin", None)
         timed("cni-redirect via agent", ours)
+        timed("Go portmap v1.10 (pass-through)", {"type": "portmap", "capabilities": {"portMappings": True}})
         for mode in ("iptables", "nftables"):
             config = IstioCni(workdir / f"istio-{mode}", kube, native_nftables=mode == "nftables").config()
             timed(
@@ -838,9 +843,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument(
         "--only",
-        choices=["repair", "backend", "idle", "idle-stack", "peers"],
+        choices=["repair", "backend", "idle", "idle-stack", "peers", "datapath-peers"],
         help="run one section and merge it into the last results",
     )
+    parser.add_argument("--datapath-seconds", type=float, default=5.0, help="each wrk load, per variant and round")
     parser.add_argument("--idle-minutes", type=float, default=10.0, help="how long the idle stack is measured")
     args = parser.parse_args()
     assert os.geteuid() == 0, "benchmarks need root"
@@ -853,6 +859,8 @@ def main() -> int:
             results["idle_stack"] = bench_idle_stack(args.bundle.parent, args.idle_minutes)
         elif args.only == "peers":
             results["peers"] = bench_peers(args.bundle, args.runs, args.pod_runs)
+        elif args.only == "datapath-peers":
+            results["datapath_peers"] = bench_datapath_side_by_side(args.datapath_seconds)
         else:
             results[args.only] = bench_repair() if args.only == "repair" else bench_backend(args.runs)
         (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))
@@ -884,6 +892,8 @@ def main() -> int:
     results["idle_repair"] = bench_idle_repair()
     print("side by side with istio-cni ...", flush=True)
     results["peers"] = bench_peers(args.bundle, args.runs, args.pod_runs)
+    print("the datapath side by side (haproxy, nginx, wrk) ...", flush=True)
+    results["datapath_peers"] = bench_datapath_side_by_side(args.datapath_seconds)
     print(f"idle stack, {args.idle_minutes} minutes ...", flush=True)
     results["idle_stack"] = bench_idle_stack(args.bundle.parent, args.idle_minutes)
     args.out.mkdir(exist_ok=True)

@@ -1,0 +1,375 @@
+"""The datapath side by side: a real proxy as the sidecar, a real app, each capture's rules.
+
+    app (wrk, UID 1000) -> [capture] -> haproxy (UID 1337, :15001) -> nginx (another netns)
+
+Each variant gets a fresh pod netns and backend netns (PodNetwork), its own haproxy and nginx, and
+its own rules; wrk then runs three loads: keep-alive, one request per connection, and a bulk
+download. Reported per load: requests/s, p50/p99 latency (wrk's), CPU per request (the whole
+machine's busy time from /proc/stat over the run: app, proxy, backend and softirq all count), and
+loopback packets per request in the pod netns, with the MSS wrk's socket used (from `ss -ti`).
+
+haproxy's captured frontend connects to the connection's original destination (SO_ORIGINAL_DST,
+`server 0.0.0.0:0`), so a variant that lost the original destination would fail its requests.
+The explicit-proxy variant dials a second frontend that forwards to the backend by address.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cni_redirect.testing.netlab import PEER_V4, Netns, PodNetwork
+
+PROXY_UID = 1337
+APP_UID = 1000
+CAPTURED_PORT = 15001  # the capture's outbound port (Istio's, our istio profile's)
+EXPLICIT_PORT = 15002  # a plain forward to the backend, for the app that dials its proxy itself
+BULK_MB = 256
+LOADS = ("keep-alive", "one request per connection", "bulk download")
+
+HAPROXY_CFG = """\
+global
+    uid {uid}
+    gid {uid}
+    nbthread 1
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+frontend captured
+    bind 0.0.0.0:{captured}
+    default_backend original_destination
+backend original_destination
+    server original 0.0.0.0:0
+frontend explicit
+    bind 127.0.0.1:{explicit}
+    default_backend backend_by_address
+backend backend_by_address
+    server nginx {backend}:80
+"""
+
+NGINX_CFG = """\
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    sendfile on;
+    keepalive_requests 1000000;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    server {{
+        listen 80 backlog=4096;
+        root {root}/www;
+    }}
+}}
+"""
+
+ARTICLE_RULES = f"""\
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A OUTPUT -p tcp -m owner ! --uid-owner {PROXY_UID} -j REDIRECT --to-ports {CAPTURED_PORT}
+-A PREROUTING -p tcp -j REDIRECT --to-ports 15006
+COMMIT
+"""
+
+
+def injected_annotations() -> dict[str, str]:
+    """The pod as Istio's injector writes it (the test fixture), for every capture variant alike."""
+    fixture = Path(__file__).resolve().parents[1] / "tests/fixtures/mesh/istio-injected.json"
+    return json.loads(fixture.read_text())["annotations"]
+
+
+def _busy_jiffies() -> int:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+
+def _lo_packets(ns: Netns) -> int:
+    stats = json.loads(ns.run("ip", "-s", "-j", "link", "show", "lo").stdout)[0]["stats64"]
+    return int(stats["tx"]["packets"])
+
+
+_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
+_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def _latency_ms(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    return float(number) * _SECONDS[unit] * 1000
+
+
+def parse_wrk(out: str) -> dict:
+    """wrk's summary with --latency: requests/s, transfer/s, p50/p99, errors."""
+    if "Requests/sec:" not in out:
+        raise RuntimeError(f"wrk printed no summary: {out!r}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    number, unit = re.search(r"Transfer/sec:\s+([\d.]+)([KMG]?)B", out).groups()  # type: ignore[union-attr]
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failed = int(errors.group(1)) if errors else 0
+    failed += sum(int(v) for v in socket_errors.groups()) if socket_errors else 0
+    return {
+        "requests": requests,
+        "rps": rps,
+        "mb_s": float(number) * _UNITS[unit] / 1e6,
+        "p50_ms": _latency_ms(latency["50"]),
+        "p99_ms": _latency_ms(latency["99"]),
+        "failed": failed,
+    }
+
+
+class Sidecar:
+    """One variant's pod: a fresh pod netns and backend netns, nginx in the backend, haproxy in the pod."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.chmod(0o755)  # nginx's workers run as an unprivileged user
+        self.net = PodNetwork.create()
+        self.procs: list[subprocess.Popen] = []
+        self.facts: list[Callable[[], dict]] = []  # what a variant reads back before its netns goes
+        www = root / "www"
+        www.mkdir(parents=True)
+        (www / "small").write_bytes(b"x" * 612)  # the size of nginx's welcome page
+        with (www / "bulk").open("wb") as f:
+            f.truncate(BULK_MB << 20)
+        for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (root / name).mkdir()
+        (root / "nginx.conf").write_text(NGINX_CFG.format(root=root))
+        (root / "haproxy.cfg").write_text(
+            HAPROXY_CFG.format(uid=PROXY_UID, captured=CAPTURED_PORT, explicit=EXPLICIT_PORT, backend=PEER_V4)
+        )
+        try:
+            self._start(self.net.peer, ["nginx", "-e", str(root / "error.log"), "-c", str(root / "nginx.conf")])
+            self._start(self.net.pod, ["haproxy", "-W", "-db", "-f", str(root / "haproxy.cfg")])
+            self._wait_listening(self.net.peer, 80)
+            self._wait_listening(self.net.pod, CAPTURED_PORT)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, ns: Netns, argv: list[str]) -> None:
+        daemon_off = ["-g", "daemon off;"] if argv[0] == "nginx" else []
+        self.procs.append(
+            subprocess.Popen(
+                ["nsenter", f"--net={ns.path}", *argv, *daemon_off],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+
+    @staticmethod
+    def _wait_listening(ns: Netns, port: int) -> None:
+        deadline = time.monotonic() + 10
+        while f":{port} " not in ns.run("ss", "-Htln").stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on :{port} in {ns.name}")
+            time.sleep(0.05)
+
+    def wrk(self, target: str, load: str, seconds: float) -> dict:
+        """wrk as the app's UID in the pod, one thread, with the loopback packets and CPU it cost."""
+        path, connections, headers = {
+            "keep-alive": ("/small", 16, []),
+            "one request per connection": ("/small", 16, ["-H", "Connection: close"]),
+            "bulk download": ("/bulk", 1, []),
+        }[load]
+        argv = ["nsenter", f"--net={self.net.pod.path}", "setpriv", f"--reuid={APP_UID}", f"--regid={APP_UID}"]
+        argv += ["--clear-groups", "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", *headers]
+        argv.append(f"http://{target}{path}")
+        lo, busy, start = _lo_packets(self.net.pod), _busy_jiffies(), time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        mss = self._app_mss(target, proc) if load == "bulk download" else None
+        out, _ = proc.communicate(timeout=seconds + 30)
+        wall = time.perf_counter() - start
+        result = parse_wrk(out)
+        cpu_seconds = (_busy_jiffies() - busy) / 100  # USER_HZ
+        result["cpu_us_per_request"] = cpu_seconds / max(result["requests"], 1) * 1e6
+        result["cpu_cores"] = cpu_seconds / wall
+        result["lo_packets_per_request"] = (_lo_packets(self.net.pod) - lo) / max(result["requests"], 1)
+        result["app_mss"] = mss
+        return result
+
+    def _app_mss(self, target: str, proc: subprocess.Popen) -> int | None:
+        """The MSS of wrk's own socket (owned by the app UID) while the download runs."""
+        time.sleep(0.5)
+        host, _, port = target.partition(":")
+        out = self.net.pod.run("ss", "-Htin", "state", "established", "dst", f"{host}:{port or 80}").stdout
+        found = re.search(r"\bmss:(\d+)", out)
+        return int(found.group(1)) if found and proc.poll() is None else None
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.net.delete()
+
+
+Capture = Callable[[Sidecar], None]
+
+
+def no_rules(sidecar: Sidecar) -> None:
+    """(a) and (b): nothing in the pod's netfilter."""
+
+
+def article_rules(sidecar: Sidecar) -> None:
+    subprocess.run(
+        ["nsenter", f"--net={sidecar.net.pod.path}", "iptables-restore"], input=ARTICLE_RULES, text=True, check=True
+    )
+
+
+def ours(sidecar: Sidecar) -> None:
+    from cni_redirect.backend import KernelBackend
+    from cni_redirect.config import PodRef, parse_conf
+    from cni_redirect.evaluation import evaluate
+    from cni_redirect.testing.netlab import plugin_conf
+    from cni_redirect.testing.sessions import at
+
+    pod = PodRef("default", "bench", None)
+    ruleset = evaluate(parse_conf(plugin_conf(injected_annotations(), profile="istio")), pod).ruleset
+    assert ruleset is not None, "the Istio-injected pod is captured under the istio profile"
+    at(KernelBackend(), sidecar.net.pod.path).apply(ruleset)
+
+
+# Not shipped; the experiment behind docs/benchmarks.md's "loopback MSS" paragraph. A SYN's MSS option comes
+# from the route the socket looked up at connect(): the pod's eth0 route, 1460, even when NAT then sends the
+# connection over loopback to the proxy, whose replies are then cut to the app's 1460 instead of loopback's
+# 65483. nftables cannot raise an MSS (the kernel's exthdr set refuses increases), so the raise has to be the
+# route's advmss; a clamp to the route MTU in postrouting then lowers every SYN that does leave through eth0
+# (the proxy's own, excluded destinations, SYN-ACKs to inbound peers) back to what that path carries.
+MSS_CLAMP = """\
+table inet bench_mss_clamp {
+    counter over { }
+    counter leaving { }
+    chain postrouting {
+        type filter hook postrouting priority mangle; policy accept;
+        tcp flags & (syn | rst) == syn tcp option maxseg size set rt mtu
+        oifname != "lo" tcp flags & (syn | rst) == syn tcp option maxseg size > 1460 counter name "over"
+        oifname != "lo" tcp flags & (syn | rst) == syn counter name "leaving"
+    }
+}
+"""
+
+
+def ours_with_loopback_mss(sidecar: Sidecar) -> None:
+    """(g): our capture, plus advmss 65483 on the pod's IPv4 routes and the MSS clamp to the route MTU."""
+    ours(sidecar)
+    pod = sidecar.net.pod
+    for route in pod.run("ip", "-4", "route", "show", "table", "main").stdout.splitlines():
+        pod.run("ip", "route", "change", *route.split(), "advmss", "65483")
+    subprocess.run(["nsenter", f"--net={pod.path}", "nft", "-f", "-"], input=MSS_CLAMP, text=True, check=True)
+
+    def clamped() -> dict:
+        counters = json.loads(pod.run("nft", "-j", "list", "counters", "table", "inet", "bench_mss_clamp").stdout)
+        packets = {c["counter"]["name"]: c["counter"]["packets"] for c in counters["nftables"] if "counter" in c}
+        return {"syns_leaving_eth0": packets["leaving"], "syns_leaving_eth0_over_1460": packets["over"]}
+
+    sidecar.facts.append(clamped)
+
+
+def explicit_with_conntrack(sidecar: Sidecar) -> None:
+    """(b) with our table loaded: the app still dials the proxy itself (loopback is never captured), but
+    conntrack now follows every packet, as it does for any NAT capture: the floor under (c) to (g)."""
+    ours(sidecar)
+
+
+def istio_cni(native_nftables: bool) -> Capture:
+    def capture(sidecar: Sidecar) -> None:
+        from cni_redirect.testing.istio import FakeKube, IstioCni, injected_pod
+
+        kube = FakeKube()
+        try:
+            plugin = IstioCni(sidecar.root / "istio-cni", kube, native_nftables=native_nftables)
+            done = plugin.run("ADD", sidecar.net.pod.path, injected_pod("bench", "default", injected_annotations()))
+            if done.returncode != 0:
+                raise RuntimeError(f"istio-cni ADD failed: {done.stdout.decode()} {done.stderr.decode()}")
+        finally:
+            kube.close()
+
+    return capture
+
+
+BACKEND = f"{PEER_V4}:80"
+VARIANTS: dict[str, tuple[Capture, str]] = {
+    "(a) no proxy: app -> backend": (no_rules, BACKEND),
+    "(b) app dials the proxy explicitly": (no_rules, f"127.0.0.1:{EXPLICIT_PORT}"),
+    "(b+ct) explicit, conntrack on (our table loaded)": (explicit_with_conntrack, f"127.0.0.1:{EXPLICIT_PORT}"),
+    "(c) cni-redirect capture": (ours, BACKEND),
+    "(d) istio-cni (iptables) capture": (istio_cni(False), BACKEND),
+    "(e) istio-cni (nftables) capture": (istio_cni(True), BACKEND),
+    "(f) the article's two iptables rules": (article_rules, BACKEND),
+    "(g) (c) + advmss on the pod's routes + MSS clamp (not shipped)": (ours_with_loopback_mss, BACKEND),
+}
+
+
+@contextmanager
+def sidecar_for(capture: Capture) -> Iterator[Sidecar]:
+    root = Path(tempfile.mkdtemp(prefix="cni-redirect-datapath-"))
+    sidecar = None
+    try:
+        sidecar = Sidecar(root)
+        capture(sidecar)
+        yield sidecar
+    finally:
+        if sidecar is not None:
+            sidecar.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def bench_datapath_side_by_side(seconds: float = 5.0, rounds: int = 3, variants: dict | None = None) -> dict:
+    """Every variant `rounds` times in shuffled order; each figure is the median over rounds."""
+    variants = variants or VARIANTS
+    samples: dict[str, dict[str, list[dict]]] = {name: {load: [] for load in LOADS} for name in variants}
+    facts: dict[str, dict[str, int]] = {}
+    names = list(variants)
+    for index in range(rounds):
+        random.Random(index).shuffle(names)
+        for name in names:
+            capture, target = variants[name]
+            with sidecar_for(capture) as sidecar:
+                sidecar.wrk(target, "keep-alive", 1.0)  # warm-up, discarded
+                for load in LOADS:
+                    samples[name][load].append(sidecar.wrk(target, load, seconds))
+                for read in sidecar.facts:
+                    for key, value in read().items():
+                        facts.setdefault(name, {}).setdefault(key, 0)
+                        facts[name][key] += value
+    explicit = "(b) app dials the proxy explicitly"
+    results: dict = {}
+    for name, loads in samples.items():
+        results[name] = {}
+        for load, runs in loads.items():
+            row = {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != "app_mss"}
+            row["app_mss"] = runs[-1]["app_mss"]
+            row["failed"] = sum(r["failed"] for r in runs)
+            row["rounds"] = len(runs)
+            results[name][load] = row
+    for loads in results.values():
+        for load, row in loads.items():
+            base = results[explicit][load]
+            row["rps_vs_explicit"] = row["rps"] / base["rps"]
+            row["mb_s_vs_explicit"] = row["mb_s"] / base["mb_s"]
+    return {"loads": results, "facts": facts, "seconds": seconds, "rounds": rounds, "bulk_mb": BULK_MB}

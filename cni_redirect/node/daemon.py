@@ -267,7 +267,7 @@ class _Services:
         self.http_server: http.server.ThreadingHTTPServer | None = None
         self.repairer: Repairer | None = None
         self.repair_stop, self.repair_wake = threading.Event(), threading.Event()
-        self.state = "starting"  # "starting", then State.OWNER.value or State.STANDBY.value
+        self.state: State | None = None  # None while starting, then State.OWNER or State.STANDBY
         self.watching: str | None = None  # the owner whose end we wait for, in standby
 
     # --- start-up: nothing shared is taken before the agent can serve ---
@@ -290,7 +290,7 @@ class _Services:
         if self.metrics is not None:
             server, metrics = self.server, self.metrics
             metrics.agent_up.set_function(
-                lambda: 1 if self.state == State.OWNER.value and not (server is not None and server.problem()) else 0
+                lambda: 1 if self.state == State.OWNER and not (server is not None and server.problem()) else 0
             )
         self._open_http()
 
@@ -299,7 +299,7 @@ class _Services:
         if self.server is not None:
             self.server.take_path()
         self.agent.ownership.claim()
-        self.state = State.OWNER.value
+        self.state = State.OWNER
         self.watching = None
         if self.http_server is None:
             self._open_http()
@@ -347,9 +347,9 @@ class _Services:
         """A newer agent runs the node: stop repairing and serving the port (scrapes reach it now); wake the
         loop the moment it ends."""
         owner = self.agent.ownership.owner()
-        if self.state != State.STANDBY.value:
+        if self.state != State.STANDBY:
             self.log("info", "a newer node agent took over this node: standing by", owner=owner)
-            self.state = State.STANDBY.value
+            self.state = State.STANDBY
             self.repair_stop.set()
             self.repair_wake.set()
             if self.repairer is not None:
@@ -366,10 +366,10 @@ class _Services:
         if question == "healthy":
             if server is None:
                 return ""
-            return server.problem(own_path=self.state == State.OWNER.value)
-        if self.state == "starting":
+            return server.problem(own_path=self.state == State.OWNER)
+        if self.state is None:
             return "starting: installing the plugin"
-        if self.state == State.STANDBY.value:
+        if self.state == State.STANDBY:
             return f"standby: agent {self.agent.ownership.owner()} runs this node"
         return self.agent.ready_reason
 
@@ -379,10 +379,10 @@ class _Services:
         """SIGTERM (or a failed start): stop, leaving entry and bundle in place; drop only what is ours."""
         self.repair_stop.set()
         self.repair_wake.set()
-        if self.state == State.STANDBY.value:
+        if self.state == State.STANDBY:
             self.log("info", "stopping: a newer agent runs this node")
         if self.server is not None:
-            if self.state == State.STANDBY.value:
+            if self.state == State.STANDBY:
                 self.server.drain()
             else:
                 self.server.stop()  # unlinks the shared path only if it is still our socket

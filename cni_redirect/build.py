@@ -212,9 +212,9 @@ def _output(spec: CaptureSpec, s: _Sets) -> tuple[Rule, ...]:
     return (
         *_output_exclusions(spec, s),
         *_own_ip_inbound(spec, s),
-        Rule((Match(OIFNAME, "lo"),), RETURN, K.LOOPBACK_INTERFACE),
         *_exemptions(spec, s),
-        *_dns(spec),
+        *_dns(spec),  # before lo's return: an app's DNS to a resolver on loopback goes to the proxy, as in Istio
+        Rule((Match(OIFNAME, "lo"),), RETURN, K.LOOPBACK_INTERFACE),
         *_destination_exclusions(s),
         *_outbound_capture(spec, s),
     )

@@ -149,6 +149,19 @@ def test_dns_capture_udp_and_default_off(mesh):
     assert connect(mesh.pod, PEER_V4, 53, udp=True, uid=PROXY_UID)["listener"] == "peer-dns"
 
 
+def test_dns_to_a_resolver_on_loopback_is_captured_but_other_loopback_traffic_is_not(mesh, procs):
+    """A resolver on 127.0.0.53 (systemd-resolved style) is DNS like any other: to the DNS port, as in Istio.
+    The proxy's own lookups there, and the app's other loopback traffic, stay where they were sent."""
+    procs.listen(mesh.pod, "local-resolver", 53, uid=APP_UID, udp=True, bind="127.0.0.53")
+    procs.listen(mesh.pod, "local-app", 8081, uid=APP_UID, bind="127.0.0.1")
+    add(mesh, enabled())
+    assert connect(mesh.pod, "127.0.0.53", 53, udp=True)["listener"] == "local-resolver"
+    add(mesh, enabled(capture_dns="true"))
+    assert connect(mesh.pod, "127.0.0.53", 53, udp=True)["listener"] == "proxy-dns"
+    assert connect(mesh.pod, "127.0.0.53", 53, udp=True, uid=PROXY_UID)["listener"] == "local-resolver"
+    assert connect(mesh.pod, "127.0.0.1", 8081)["listener"] == "local-app"
+
+
 def test_excluded_interface_is_not_captured(mesh):
     add(mesh, enabled(exclude_interfaces="eth0"))
     assert connect(mesh.pod, PEER_V4, 80)["listener"] == "peer"

@@ -20,6 +20,7 @@ from .ruleset import (
     IP_SADDR,
     L4PROTO,
     MANGLE_PRIORITY,
+    NFPROTO,
     OIFNAME,
     PROXY_PASSTHROUGH_V4,
     PROXY_PASSTHROUGH_V6,
@@ -58,14 +59,17 @@ DADDR = {4: IP_DADDR, 6: IP6_DADDR}
 def build_ruleset(spec: CaptureSpec) -> Ruleset:
     """Render a validated spec into the pod's table. Pure: same spec, same ruleset."""
     sets = _declare(spec)
+    first = [] if spec.capture_ipv6 else [Rule((Match(NFPROTO, "ipv6"),), RETURN, K.IPV6_NOT_CAPTURED)]
     chains = []
     nat_in = _reroute(spec, sets) + ([] if spec.tproxy or not spec.captures_inbound else _redirect_inbound(spec, sets))
     if nat_in:
-        chains.append(Chain("prerouting", "prerouting", tuple(nat_in)))
+        chains.append(Chain("prerouting", "prerouting", (*first, *nat_in)))
     if spec.tproxy:
-        chains.append(Chain("tproxy_prerouting", "prerouting", _tproxy_inbound(spec, sets), MANGLE_PRIORITY, "filter"))
-    chains.append(Chain("output", "output", _output(spec, sets)))
-    return Ruleset(tuple(sets.declared), tuple(chains), routing=PolicyRouting() if spec.tproxy else None)
+        tproxy = (*first, *_tproxy_inbound(spec, sets))
+        chains.append(Chain("tproxy_prerouting", "prerouting", tproxy, MANGLE_PRIORITY, "filter"))
+    chains.append(Chain("output", "output", (*first, *_output(spec, sets))))
+    routing = PolicyRouting(ipv6=spec.capture_ipv6) if spec.tproxy else None
+    return Ruleset(tuple(sets.declared), tuple(chains), routing=routing)
 
 
 # --- the named sets ---
@@ -85,6 +89,7 @@ class _Sets:
     out_exclude_ports: SetRef | None = None
     out_include_ports: SetRef | None = None
     out_capture_ports: SetRef | None = None
+    families: tuple[int, ...] = (4, 6)  # the IP versions captured: (4,) with `capture-ipv6: false`
     out_exclude: dict[int, SetRef | None] = field(default_factory=dict)
     out_include: dict[int, SetRef | None] = field(default_factory=dict)
     loopback: dict[int, Value | None] = field(default_factory=dict)
@@ -98,7 +103,11 @@ class _Sets:
 
 
 def _declare(spec: CaptureSpec) -> _Sets:
-    s = _Sets()
+    s = _Sets(families=(4, 6) if spec.capture_ipv6 else (4,))
+
+    def networks(cidrs: Iterable[Network], version: int) -> tuple[Value, ...]:
+        return _networks(cidrs, version) if version in s.families else ()
+
     s.exclude_ifaces = s.named("exclude_ifaces", "ifname", tuple(spec.exclude_interfaces), interval=False)
     s.reroute_ifaces = s.named("reroute_ifaces", "ifname", tuple(spec.reroute_interfaces), interval=False)
     s.exclude_uids = s.named("exclude_uids", "uid", tuple(spec.exclude_uids), interval=False)
@@ -107,7 +116,7 @@ def _declare(spec: CaptureSpec) -> _Sets:
     if spec.include_inbound_ports != ALL:
         s.in_include_ports = s.named("in_include_ports", "inet_service", _ports(spec.include_inbound_ports))
     for saddr, v in ((IP_SADDR, 4), (IP6_SADDR, 6)):
-        ref = s.named(f"in_exclude_src_v{v}", f"ipv{v}_addr", _networks(spec.exclude_inbound_cidrs, v))
+        ref = s.named(f"in_exclude_src_v{v}", f"ipv{v}_addr", networks(spec.exclude_inbound_cidrs, v))
         if ref is not None:
             s.in_exclude_src.append((saddr, ref))
     s.out_exclude_ports = s.named("out_exclude_ports", "inet_service", _ports(spec.exclude_outbound_ports))
@@ -115,14 +124,14 @@ def _declare(spec: CaptureSpec) -> _Sets:
         s.out_include_ports = s.named("out_include_ports", "inet_service", _ports(spec.include_outbound_ports))
     s.out_capture_ports = s.named("out_capture_ports", "inet_service", _ports(spec.capture_outbound_ports))
     for v in (4, 6):
-        s.out_exclude[v] = s.named(f"out_exclude_v{v}", f"ipv{v}_addr", _networks(spec.exclude_outbound_cidrs, v))
+        s.out_exclude[v] = s.named(f"out_exclude_v{v}", f"ipv{v}_addr", networks(spec.exclude_outbound_cidrs, v))
     for v in (4, 6):
         include = spec.include_outbound_cidrs
         s.out_include[v] = (
-            None if include == ALL else s.named(f"out_include_v{v}", f"ipv{v}_addr", _networks(include, v))
+            None if include == ALL else s.named(f"out_include_v{v}", f"ipv{v}_addr", networks(include, v))
         )
     for v in (4, 6):
-        s.loopback[v] = _one_or_set(s, v, spec)
+        s.loopback[v] = _one_or_set(s, v, spec) if v in s.families else None
     return s
 
 
@@ -184,8 +193,9 @@ def _tproxy_inbound(spec: CaptureSpec, s: _Sets) -> tuple[Rule, ...]:
     """TPROXY inbound (mangle prerouting): established flows to their socket, new ones to the proxy's port."""
     established = (Match(L4PROTO, TCP), Match(SOCKET_TRANSPARENT, 1))
     rules = [*_inbound_exclusions(spec, s), Rule(established, MarkAccept(TPROXY_MARK), K.ESTABLISHED_INBOUND)]
-    for family, kind in (("ip", K.CAPTURE_INBOUND_IPV4), ("ip6", K.CAPTURE_INBOUND_IPV6)):
-        rules.append(Rule((_inbound_ports(s),), TProxy(spec.inbound_port, family, TPROXY_MARK), kind))
+    for version, family, kind in ((4, "ip", K.CAPTURE_INBOUND_IPV4), (6, "ip6", K.CAPTURE_INBOUND_IPV6)):
+        if version in s.families:
+            rules.append(Rule((_inbound_ports(s),), TProxy(spec.inbound_port, family, TPROXY_MARK), kind))
     return tuple(rules)
 
 
@@ -236,8 +246,9 @@ def _output_exclusions(spec: CaptureSpec, s: _Sets) -> list[Rule]:
         rules.append(Rule((Match(TCP_DPORT, s.out_exclude_ports),), RETURN, K.EXCLUDED_OUTBOUND_PORTS))
         if spec.capture_dns:
             rules.append(Rule((Match(UDP_DPORT, s.out_exclude_ports),), RETURN, K.EXCLUDED_OUTBOUND_PORTS_UDP))
-    for saddr, passthrough in ((IP_SADDR, PROXY_PASSTHROUGH_V4), (IP6_SADDR, PROXY_PASSTHROUGH_V6)):
-        rules.append(Rule((Match(OIFNAME, "lo"), Match(saddr, passthrough)), RETURN, K.PROXY_PASSTHROUGH))
+    for version, saddr, passthrough in ((4, IP_SADDR, PROXY_PASSTHROUGH_V4), (6, IP6_SADDR, PROXY_PASSTHROUGH_V6)):
+        if version in s.families:
+            rules.append(Rule((Match(OIFNAME, "lo"), Match(saddr, passthrough)), RETURN, K.PROXY_PASSTHROUGH))
     return rules
 
 
@@ -248,7 +259,7 @@ def _own_ip_inbound(spec: CaptureSpec, s: _Sets) -> list[Rule]:
     assert s.in_exclude_ports is not None
     rules = []
     for selector, owner, _, kind in _owners(spec):
-        for family in (4, 6):
+        for family in s.families:
             matches = [Match(OIFNAME, "lo")]
             loopback = s.loopback[family]
             if loopback is not None:

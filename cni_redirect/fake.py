@@ -53,6 +53,7 @@ SELECTOR_TYPES = {
     ("meta", "skuid"): "uid",
     ("meta", "skgid"): "gid",
     ("meta", "l4proto"): "inet_proto",
+    ("meta", "nfproto"): "nfproto",
     ("meta", "mark"): "mark",
     ("socket", "transparent"): "bit",
     ("ip", "saddr"): "ipv4_addr",
@@ -100,6 +101,9 @@ def _check_scalar(kind: str, value: object) -> None:
     elif kind == "bit":
         if value not in (0, 1) or isinstance(value, bool):
             raise Rejected(f"{value!r} is not 0 or 1")
+    elif kind == "nfproto":
+        if value not in ("ipv4", "ipv6"):
+            raise Rejected(f"{value!r} is not a family (ipv4 or ipv6)")
     elif kind == "inet_proto":
         if not isinstance(value, int) or not 0 <= value <= 255:
             raise Rejected(f"{value!r} is not a protocol number")

@@ -102,6 +102,7 @@ IIFNAME = _meta("iifname")
 SKUID = _meta("skuid")
 SKGID = _meta("skgid")
 L4PROTO = _meta("l4proto")
+NFPROTO = _meta("nfproto")  # the packet's family in an inet table: "ipv4" or "ipv6"
 IP_SADDR = _payload("ip", "saddr")
 IP_DADDR = _payload("ip", "daddr")
 IP6_SADDR = _payload("ip6", "saddr")
@@ -145,6 +146,7 @@ Verdict = Union[Redirect, MarkAccept, TProxy, None]
 class RuleKind(Enum):
     """What a rule is for. The value is the rule's comment in the kernel: a stable contract."""
 
+    IPV6_NOT_CAPTURED = "ipv6 not captured"
     EXCLUDED_INTERFACE = "excluded interface"
     EXCLUDED_OUTBOUND_PORTS = "excluded outbound ports"
     EXCLUDED_OUTBOUND_PORTS_UDP = "excluded outbound ports udp"
@@ -241,10 +243,12 @@ class PolicyRouting:
 
     mark: int = TPROXY_MARK
     table: int = TPROXY_TABLE
+    ipv6: bool = True  # False with `capture-ipv6: false`: IPv4 only
 
     def objects(self, ipv6: bool = True) -> list[dict]:
-        """Our rules and routes, in the canonical form the routing backends read back."""
-        families = ("inet", "inet6") if ipv6 else ("inet",)
+        """Our rules and routes, in the canonical form the routing backends read back; `ipv6` says whether the
+        netns has IPv6 at all."""
+        families = ("inet", "inet6") if ipv6 and self.ipv6 else ("inet",)
         rules = [{"rule": {"family": f, "fwmark": self.mark, "table": self.table}} for f in families]
         dst = {"inet": "0.0.0.0/0", "inet6": "::/0"}
         routes = [

@@ -75,6 +75,7 @@ class CaptureSpec(BaseModel):
     reroute_interfaces: InterfaceList = _key("", list_=True)
     loopback_cidrs: NetworkList = _key("127.0.0.0/8,::1/128", list_=True)
     capture_own_ip: Bool = _key("true")
+    capture_ipv6: Bool = _key("true")
     capture_dns: Bool = _key("false")
     dns_port: Port = _key("15053")
 

@@ -104,6 +104,7 @@ CASES: dict[str, dict[str, str]] = {
         "capture-outbound-ports": "3306,5432",
         "exclude-inbound-cidrs": "192.168.0.0/16",
     },
+    "ipv4-only-tproxy": {"capture-ipv6": "false", "inbound-mode": "tproxy", "capture-dns": "true"},
     "linkerd-like": {
         "capture-own-ip": "false",
         "loopback-cidrs": "127.0.0.1/32,127.0.0.53/32,::1/128",

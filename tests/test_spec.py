@@ -41,7 +41,8 @@ def test_catalogue_is_exactly_the_documented_keys():
         "include-outbound-ports", "exclude-outbound-ports", "capture-outbound-ports",
         "include-outbound-cidrs", "exclude-outbound-cidrs",
         "include-inbound-ports", "exclude-inbound-ports", "exclude-inbound-cidrs",
-        "exclude-interfaces", "reroute-interfaces", "loopback-cidrs", "capture-own-ip", "capture-dns", "dns-port",
+        "exclude-interfaces", "reroute-interfaces", "loopback-cidrs", "capture-own-ip", "capture-ipv6", "capture-dns",
+        "dns-port",
     }  # fmt: skip
     assert OPT_IN_KEY == "enabled"
 

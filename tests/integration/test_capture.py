@@ -57,6 +57,18 @@ def test_outbound_ipv6_is_captured(mesh):
     assert answer["original_dst"] == f"[{PEER_V6}]:81"
 
 
+def test_capture_ipv6_false_leaves_ipv6_alone_in_and_out(mesh):
+    """A dual-stack pod whose proxy listens on IPv4 only: IPv6 goes where it was sent, IPv4 is captured."""
+    add(mesh, enabled(capture_ipv6="false", capture_dns="true"))
+    assert connect(mesh.pod, PEER_V6, 81, uid=APP_UID)["listener"] == "peer"
+    assert connect(mesh.peer, POD_V6, 8080, uid=0)["listener"] == "app"
+    assert connect(mesh.pod, PEER_V6, 53, udp=True)["listener"] == "peer-dns"
+    assert connect(mesh.pod, PEER_V4, 81, uid=APP_UID)["listener"] == "proxy-out"
+    assert connect(mesh.peer, POD_V4, 8080, uid=0)["listener"] == "proxy-in"
+    assert connect(mesh.pod, PEER_V4, 53, udp=True)["listener"] == "proxy-dns"
+    assert "ip6" not in mesh.pod.ruleset()  # no IPv6 rule is left in a table that never sees IPv6
+
+
 def test_without_plugin_traffic_is_direct(mesh):
     assert connect(mesh.pod, PEER_V4, 80, uid=APP_UID)["listener"] == "peer"
 

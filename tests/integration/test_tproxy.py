@@ -134,3 +134,15 @@ def test_tproxy_in_a_pod_without_ipv6_routes_ipv4_only(net):
     assert run("CHECK", net, TPROXY).rc == 0
     assert run("DEL", net, TPROXY).rc == 0
     assert "0x539" not in routing(net)
+
+
+def test_capture_ipv6_false_routes_and_captures_ipv4_only(pod_with_proxy):
+    net = pod_with_proxy
+    assert run("ADD", net, {**TPROXY, "cni-redirect.io/capture-ipv6": "false"}).rc == 0
+    assert connect(net.peer, POD_V4, 8080, uid=0)["local"] == f"{POD_V4}:8080"
+    assert connect(net.peer, POD_V6, 8080, uid=0)["listener"] == "app"
+    assert "lookup 133" in net.pod.run("ip", "rule").stdout
+    assert "133" not in net.pod.run("ip", "-6", "rule").stdout
+    assert run("CHECK", net, {**TPROXY, "cni-redirect.io/capture-ipv6": "false"}).rc == 0
+    assert run("DEL", net, {**TPROXY, "cni-redirect.io/capture-ipv6": "false"}).rc == 0
+    assert "133" not in net.pod.run("ip", "rule").stdout

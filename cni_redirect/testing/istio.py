@@ -25,16 +25,22 @@ PROXY_UID = 1337
 
 
 def injected_pod(
-    name: str, namespace: str, annotations: dict[str, str], proxy_env: dict[str, str] | None = None
+    name: str,
+    namespace: str,
+    annotations: dict[str, str],
+    proxy_env: dict[str, str] | None = None,
+    proxy_user: tuple[int, int] = (PROXY_UID, PROXY_UID),
 ) -> dict:
-    """The pod object Istio's injector produces in CNI mode: an app, the istio-proxy sidecar running as 1337,
-    and the istio-validation init container (not istio-init: with the CNI plugin there is none)."""
+    """The pod object Istio's injector produces in CNI mode: an app, the istio-proxy sidecar running as
+    `proxy_user` (1337:1337; for interceptionMode TPROXY the injector writes 0:1337), and the istio-validation
+    init container (not istio-init: with the CNI plugin there is none)."""
+    uid, gid = proxy_user
     proxy = {
         "name": "istio-proxy",
         "image": "docker.io/istio/proxyv2",
         "args": ["proxy", "sidecar", "--domain", f"{namespace}.svc.cluster.local"],
         "env": [{"name": k, "value": v} for k, v in (proxy_env or {}).items()],
-        "securityContext": {"runAsUser": PROXY_UID, "runAsGroup": PROXY_UID, "runAsNonRoot": True},
+        "securityContext": {"runAsUser": uid, "runAsGroup": gid, "runAsNonRoot": uid != 0},
     }
     validation = {
         "name": "istio-validation",

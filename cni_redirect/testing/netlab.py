@@ -110,14 +110,17 @@ class Processes:
         bind: str = "any",
         program: str | None = None,
         transparent: bool = False,
+        gid: int | None = None,
     ) -> subprocess.Popen:
-        """A listener in netns as uid; `program` names the process (its /proc comm), as nginx or envoy would be."""
+        """A listener in netns as uid (and gid, else the uid's number); `program` names the process (its /proc
+        comm), as nginx or envoy would be."""
         python = sys.executable
         if program is not None:  # exec the interpreter through a link of that name: comm is the link's name
             link = Path(tempfile.mkdtemp(prefix="cnir-prog-")) / program
             link.symlink_to(sys.executable)
             python = str(link)
         cmd = [python, str(NETTOOLS), "--netns", netns.path, "--uid", str(uid)]
+        cmd += ["--gid", str(gid)] if gid is not None else []
         cmd += ["listen", name, str(port), "--bind", bind] + (["--udp"] if udp else [])
         cmd += ["--transparent"] if transparent else []
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -140,9 +143,20 @@ class Processes:
         self.running.clear()
 
 
-def connect(netns: Netns, host: str, port: int, uid: int = 1000, udp: bool = False, source: str | None = None) -> dict:
-    """Connect from inside netns as uid; return the answering listener's JSON (or an error dict)."""
-    cmd = [sys.executable, str(NETTOOLS), "--netns", netns.path, "--uid", str(uid), "connect", host, str(port)]
+def connect(
+    netns: Netns,
+    host: str,
+    port: int,
+    uid: int = 1000,
+    udp: bool = False,
+    source: str | None = None,
+    gid: int | None = None,
+) -> dict:
+    """Connect from inside netns as uid (and gid, else the uid's number); return the answering listener's JSON
+    (or an error dict)."""
+    cmd = [sys.executable, str(NETTOOLS), "--netns", netns.path, "--uid", str(uid)]
+    cmd += ["--gid", str(gid)] if gid is not None else []
+    cmd += ["connect", host, str(port)]
     cmd += (["--udp"] if udp else []) + (["--source", source] if source else [])
     out = sh(*cmd).stdout.strip()
     return json.loads(out) if out else {"error": "no answer"}

@@ -19,8 +19,9 @@ with p50/p95/p99 and as a ratio to that baseline. Nothing here asserts a time.
    against a local fake API) beside ours via the agent and in-process, Go portmap v1.10 and the bundle's bare
    start, all for the same Istio-injected pod; and RunPodSandbox on containerd 2.4 with each last in the chain.
 10. The datapath side by side (`--only datapath-peers`, bench/datapath.py): haproxy as the sidecar (proxy UID),
-   nginx behind it, wrk as the app: no proxy, the explicit proxy, our capture, istio-cni's two modes, the
-   article's two iptables rules, and the loopback-MSS experiment; keep-alive, a request per connection, bulk.
+   nginx behind it, wrk as the app: no proxy, the explicit proxy (bare, with conntrack, through a port NAT),
+   our capture, istio-cni's two modes, the article's two iptables rules, and the loopback-MSS experiment;
+   keep-alive, a request per connection, bulk.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Each variant gets a fresh pod netns and backend netns (PodNetwork), its own hapr
 its own rules; wrk then runs three loads: keep-alive, one request per connection, and a bulk
 download. Reported per load: requests/s, p50/p99 latency (wrk's), CPU per request (the whole
 machine's busy time from /proc/stat over the run: app, proxy, backend and softirq all count), and
-loopback packets per request in the pod netns, with the MSS wrk's socket used (from `ss -ti`).
+loopback packets per request in the pod netns, with the MSS wrk's socket used and the receive buffer it grew
+to (from `ss -tim`).
 
 haproxy's captured frontend connects to the connection's original destination (SO_ORIGINAL_DST,
 `server 0.0.0.0:0`), so a variant that lost the original destination would fail its requests.
@@ -15,6 +16,7 @@ The explicit-proxy variant dials a second frontend that forwards to the backend 
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -23,7 +25,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +35,7 @@ PROXY_UID = 1337
 APP_UID = 1000
 CAPTURED_PORT = 15001  # the capture's outbound port (Istio's, our istio profile's)
 EXPLICIT_PORT = 15002  # a plain forward to the backend, for the app that dials its proxy itself
+REDIRECTED_PORT = 15003  # (b+nat): the app dials this, a loopback port redirect sends it to EXPLICIT_PORT
 BULK_MB = 256
 LOADS = ("keep-alive", "one request per connection", "bulk download")
 
@@ -117,7 +120,8 @@ def _latency_ms(text: str) -> float:
 
 
 def parse_wrk(out: str) -> dict:
-    """wrk's summary with --latency: requests/s, transfer/s, p50/p99, errors."""
+    """wrk's summary with --latency: requests/s, transfer/s, p50/p99 (None when wrk printed no distribution,
+    which it sometimes does for a few long requests; the bulk table reports none), errors."""
     if "Requests/sec:" not in out:
         raise RuntimeError(f"wrk printed no summary: {out!r}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -132,8 +136,8 @@ def parse_wrk(out: str) -> dict:
         "requests": requests,
         "rps": rps,
         "mb_s": float(number) * _UNITS[unit] / 1e6,
-        "p50_ms": _latency_ms(latency["50"]),
-        "p99_ms": _latency_ms(latency["99"]),
+        "p50_ms": _latency_ms(latency["50"]) if "50" in latency else None,
+        "p99_ms": _latency_ms(latency["99"]) if "99" in latency else None,
         "failed": failed,
     }
 
@@ -190,14 +194,15 @@ class Sidecar:
         path, connections, headers = {
             "keep-alive": ("/small", 16, []),
             "one request per connection": ("/small", 16, ["-H", "Connection: close"]),
-            "bulk download": ("/bulk", 1, []),
+            # wrk keeps no latency above its timeout (2 s by default); a slow machine's download can take longer
+            "bulk download": ("/bulk", 1, ["--timeout", "30s"]),
         }[load]
         argv = ["nsenter", f"--net={self.net.pod.path}", "setpriv", f"--reuid={APP_UID}", f"--regid={APP_UID}"]
         argv += ["--clear-groups", "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", *headers]
         argv.append(f"http://{target}{path}")
         lo, busy, start = _lo_packets(self.net.pod), _busy_jiffies(), time.perf_counter()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        mss = self._app_mss(target, proc) if load == "bulk download" else None
+        socket = self._app_socket(target, proc) if load == "bulk download" else {"app_mss": None, "app_rcvbuf": None}
         out, _ = proc.communicate(timeout=seconds + 30)
         wall = time.perf_counter() - start
         result = parse_wrk(out)
@@ -205,16 +210,24 @@ class Sidecar:
         result["cpu_us_per_request"] = cpu_seconds / max(result["requests"], 1) * 1e6
         result["cpu_cores"] = cpu_seconds / wall
         result["lo_packets_per_request"] = (_lo_packets(self.net.pod) - lo) / max(result["requests"], 1)
-        result["app_mss"] = mss
+        result.update(socket)
         return result
 
-    def _app_mss(self, target: str, proc: subprocess.Popen) -> int | None:
-        """The MSS of wrk's own socket (owned by the app UID) while the download runs."""
+    def _app_socket(self, target: str, proc: subprocess.Popen) -> dict:
+        """wrk's own socket (the app UID's, not the proxy's upstream one to the same address) while the download
+        runs: its MSS and the receive buffer autotuning has grown it to."""
         time.sleep(0.5)
         host, _, port = target.partition(":")
-        out = self.net.pod.run("ss", "-Htin", "state", "established", "dst", f"{host}:{port or 80}").stdout
-        found = re.search(r"\bmss:(\d+)", out)
-        return int(found.group(1)) if found and proc.poll() is None else None
+        out = self.net.pod.run("ss", "-Htinme", "state", "established", "dst", f"{host}:{port or 80}").stdout
+        lines = out.splitlines()
+        for head, info in itertools.pairwise(lines):
+            if f"uid:{APP_UID} " in head and proc.poll() is None:
+                mss, rcvbuf = re.search(r"\bmss:(\d+)", info), re.search(r"\brb(\d+)", info)
+                return {
+                    "app_mss": int(mss.group(1)) if mss else None,
+                    "app_rcvbuf": int(rcvbuf.group(1)) if rcvbuf else None,
+                }
+        return {"app_mss": None, "app_rcvbuf": None}
 
     def close(self) -> None:
         for proc in self.procs:
@@ -290,10 +303,37 @@ def ours_with_loopback_mss(sidecar: Sidecar) -> None:
     sidecar.facts.append(clamped)
 
 
+def ours_with_loopback_mss_and_rcvbuf(sidecar: Sidecar) -> None:
+    """(h): (g), and the pod's TCP receive buffers start at 8 MiB (net.ipv4.tcp_rmem, per netns), to test whether
+    what (g) leaves is receive-buffer autotuning: the captured app socket's buffer grows less than the explicit
+    path's."""
+    ours_with_loopback_mss(sidecar)
+    sidecar.net.pod.run("sysctl", "-qw", "net.ipv4.tcp_rmem=4096 8388608 33554432")
+
+
 def explicit_with_conntrack(sidecar: Sidecar) -> None:
     """(b) with our table loaded: the app still dials the proxy itself (loopback is never captured), but
     conntrack now follows every packet, as it does for any NAT capture: the floor under (c) to (g)."""
     ours(sidecar)
+
+
+PORT_REDIRECT = f"""\
+table ip bench_port_redirect {{
+    chain output {{
+        type nat hook output priority -100; policy accept;
+        tcp dport {REDIRECTED_PORT} redirect to :{EXPLICIT_PORT}
+    }}
+}}
+"""
+
+
+def explicit_through_nat(sidecar: Sidecar) -> None:
+    """(b+nat): (b+ct) with NAT on every packet: the app dials a loopback port that one rule redirects to the
+    explicit frontend. Conntrack and NAT as under any capture, but loopback's MSS from connect() on: the NAT
+    floor without the MSS of the pod's route that (c) to (f) carry."""
+    ours(sidecar)
+    pod = sidecar.net.pod
+    subprocess.run(["nsenter", f"--net={pod.path}", "nft", "-f", "-"], input=PORT_REDIRECT, text=True, check=True)
 
 
 def istio_cni(native_nftables: bool) -> Capture:
@@ -317,12 +357,19 @@ VARIANTS: dict[str, tuple[Capture, str]] = {
     "(a) no proxy: app -> backend": (no_rules, BACKEND),
     "(b) app dials the proxy explicitly": (no_rules, f"127.0.0.1:{EXPLICIT_PORT}"),
     "(b+ct) explicit, conntrack on (our table loaded)": (explicit_with_conntrack, f"127.0.0.1:{EXPLICIT_PORT}"),
+    "(b+nat) explicit, through a loopback port redirect": (explicit_through_nat, f"127.0.0.1:{REDIRECTED_PORT}"),
     "(c) cni-redirect capture": (ours, BACKEND),
     "(d) istio-cni (iptables) capture": (istio_cni(False), BACKEND),
     "(e) istio-cni (nftables) capture": (istio_cni(True), BACKEND),
     "(f) the article's two iptables rules": (article_rules, BACKEND),
     "(g) (c) + advmss on the pod's routes + MSS clamp (not shipped)": (ours_with_loopback_mss, BACKEND),
+    "(h) (g) + the pod's TCP receive buffers from 8 MiB (not shipped)": (ours_with_loopback_mss_and_rcvbuf, BACKEND),
 }
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 @contextmanager
@@ -339,7 +386,7 @@ def sidecar_for(capture: Capture) -> Iterator[Sidecar]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def bench_datapath_side_by_side(seconds: float = 5.0, rounds: int = 3, variants: dict | None = None) -> dict:
+def bench_datapath_side_by_side(seconds: float = 5.0, rounds: int = 5, variants: dict | None = None) -> dict:
     """Every variant `rounds` times in shuffled order; each figure is the median over rounds."""
     variants = variants or VARIANTS
     samples: dict[str, dict[str, list[dict]]] = {name: {load: [] for load in LOADS} for name in variants}
@@ -362,8 +409,8 @@ def bench_datapath_side_by_side(seconds: float = 5.0, rounds: int = 3, variants:
     for name, loads in samples.items():
         results[name] = {}
         for load, runs in loads.items():
-            row = {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != "app_mss"}
-            row["app_mss"] = runs[-1]["app_mss"]
+            row = {key: _median(r[key] for r in runs) for key in runs[0] if key != "app_mss"}
+            row["app_mss"] = runs[-1]["app_mss"]  # the same in every round; the rcvbuf is a median
             row["failed"] = sum(r["failed"] for r in runs)
             row["rounds"] = len(runs)
             results[name][load] = row

@@ -37,6 +37,7 @@ CAPTURED_PORT = 15001  # the capture's outbound port (Istio's, our istio profile
 EXPLICIT_PORT = 15002  # a plain forward to the backend, for the app that dials its proxy itself
 REDIRECTED_PORT = 15003  # (b+nat): the app dials this, a loopback port redirect sends it to EXPLICIT_PORT
 BULK_MB = 256
+NO_SOCKET_READING: dict[str, int | None] = {"app_mss": None, "app_rcvbuf": None}  # not a download, or wrk ended
 LOADS = ("keep-alive", "one request per connection", "bulk download")
 
 HAPROXY_CFG = """\
@@ -202,7 +203,7 @@ class Sidecar:
         argv.append(f"http://{target}{path}")
         lo, busy, start = _lo_packets(self.net.pod), _busy_jiffies(), time.perf_counter()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        socket = self._app_socket(target, proc) if load == "bulk download" else {"app_mss": None, "app_rcvbuf": None}
+        socket = self._app_socket(target, proc) if load == "bulk download" else dict(NO_SOCKET_READING)
         out, _ = proc.communicate(timeout=seconds + 30)
         wall = time.perf_counter() - start
         result = parse_wrk(out)
@@ -227,7 +228,7 @@ class Sidecar:
                     "app_mss": int(mss.group(1)) if mss else None,
                     "app_rcvbuf": int(rcvbuf.group(1)) if rcvbuf else None,
                 }
-        return {"app_mss": None, "app_rcvbuf": None}
+        return dict(NO_SOCKET_READING)
 
     def close(self) -> None:
         for proc in self.procs:
@@ -249,9 +250,7 @@ def no_rules(sidecar: Sidecar) -> None:
 
 
 def article_rules(sidecar: Sidecar) -> None:
-    subprocess.run(
-        ["nsenter", f"--net={sidecar.net.pod.path}", "iptables-restore"], input=ARTICLE_RULES, text=True, check=True
-    )
+    sidecar.net.pod.run("iptables-restore", input=ARTICLE_RULES)
 
 
 def ours(sidecar: Sidecar) -> None:
@@ -293,7 +292,7 @@ def ours_with_loopback_mss(sidecar: Sidecar) -> None:
     pod = sidecar.net.pod
     for route in pod.run("ip", "-4", "route", "show", "table", "main").stdout.splitlines():
         pod.run("ip", "route", "change", *route.split(), "advmss", "65483")
-    subprocess.run(["nsenter", f"--net={pod.path}", "nft", "-f", "-"], input=MSS_CLAMP, text=True, check=True)
+    pod.run("nft", "-f", "-", input=MSS_CLAMP)
 
     def clamped() -> dict:
         counters = json.loads(pod.run("nft", "-j", "list", "counters", "table", "inet", "bench_mss_clamp").stdout)
@@ -332,8 +331,7 @@ def explicit_through_nat(sidecar: Sidecar) -> None:
     explicit frontend. Conntrack and NAT as under any capture, but loopback's MSS from connect() on: the NAT
     floor without the MSS of the pod's route that (c) to (f) carry."""
     ours(sidecar)
-    pod = sidecar.net.pod
-    subprocess.run(["nsenter", f"--net={pod.path}", "nft", "-f", "-"], input=PORT_REDIRECT, text=True, check=True)
+    sidecar.net.pod.run("nft", "-f", "-", input=PORT_REDIRECT)
 
 
 def istio_cni(native_nftables: bool) -> Capture:

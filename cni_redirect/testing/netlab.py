@@ -52,8 +52,8 @@ class Netns:
         """An existing netns we did not create (a sandbox's, or our own)."""
         return cls(name or path, path)
 
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        return sh("nsenter", f"--net={self.path}", *cmd, check=check)
+    def run(self, *cmd: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+        return sh("nsenter", f"--net={self.path}", *cmd, check=check, input=input)
 
     def ruleset(self) -> str:
         return self.run("nft", "list", "ruleset").stdout

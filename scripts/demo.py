@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from cni_redirect.testing.netlab import (
@@ -26,9 +27,12 @@ from cni_redirect.testing.netlab import (
     run_plugin,
 )
 
+# Bold headings on a terminal only (https://no-color.org: NO_COLOR set to anything turns it off).
+BOLD, PLAIN = ("\033[1m", "\033[0m") if sys.stdout.isatty() and not os.environ.get("NO_COLOR") else ("", "")
+
 
 def step(title: str) -> None:
-    print(f"\n\033[1m== {title}\033[0m")
+    print(f"\n{BOLD}== {title}{PLAIN}")
 
 
 def show_call(command: str, run) -> None:

@@ -6,5 +6,5 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "demo: must run as root (it creates network namespaces)" >&2
   exit 1
 fi
-scripts/setup.sh
+scripts/setup.sh --demo   # apt + .venv only: the demo builds nothing
 exec .venv/bin/python scripts/demo.py

@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 machine: apt packages, .venv with the plugin installed, the peers.
 # Run as root (the plugin and its tests program network namespaces).
+#   scripts/setup.sh          everything the test suite uses (scripts/test.sh)
+#   scripts/setup.sh --demo   only what the demo uses: the plugin's packages and the .venv, no Go builds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+demo=0
+[ "${1:-}" = "--demo" ] && demo=1
+
 APT_PACKAGES=(
   nftables python3-nftables python3-venv iproute2   # the plugin: libnftables + its official bindings
-  containerd runc containernetworking-plugins       # the end-to-end tier: a real CRI runtime and CNI chain
-  podman busybox-static                             # the end-to-end tier: libcni through podman's CNI backend
-  gcc libc6-dev                                     # the e2e tier builds its pause image from source
-  mmdebstrap                                        # install/build-image.sh: a debian:12 base when no registry is reachable
 )
+if [ "$demo" = 0 ]; then
+  APT_PACKAGES+=(
+    containerd runc containernetworking-plugins     # the end-to-end tier: a real CRI runtime and CNI chain
+    podman busybox-static                           # the end-to-end tier: libcni through podman's CNI backend
+    gcc libc6-dev                                   # the e2e tier builds its pause image from source
+    mmdebstrap                                      # install/build-image.sh: a debian:12 base when no registry is reachable
+  )
+fi
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -23,6 +32,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 scripts/venv.sh
+if [ "$demo" = 1 ]; then
+  echo "setup: ready for the demo (.venv/bin/cni-redirect)" >&2
+  exit 0
+fi
 # The real peers and the current runtime (containerd 2.4, crictl, CNI plugins v1.10, istio-cni, pilot-agent),
 # built from the Go module proxy once per machine into a cache outside the repo (scripts/peers.sh).
 peers_bin=$(scripts/peers.sh)

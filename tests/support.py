@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -68,6 +69,15 @@ def injected(mesh: str, **extra: str) -> dict[str, str]:
     """The annotations a mesh's injector writes (tests/fixtures/mesh/<mesh>-injected.json), plus `extra`."""
     annotations = json.loads((MESH_FIXTURES / f"{mesh}-injected.json").read_text())["annotations"]
     return {**annotations, **extra}
+
+
+def free_port() -> int:
+    """A TCP port nobody holds now, on both families (the agent's port is dual-stack): never a fixed number that a
+    parallel run or another service may hold."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe.bind(("::", 0))
+        return probe.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.005) -> float:

@@ -106,7 +106,6 @@ def test_a_reply_too_short_is_a_wire_error():
 def test_exchange_with_nobody_listening_is_a_wire_error(tmp_path):
     with pytest.raises(WireError):
         wire.exchange(str(tmp_path / "none.sock"), {}, b"{}", None, timeout=1)
-    assert json.loads(b"{}") == {}
 
 
 # --- the scanner agrees with json.loads on where agent_socket is, for any document ---

@@ -29,16 +29,7 @@ BACKUP_PREFIX = ".cni-redirect-original-"
 
 
 def load_entry_settings(path: Path | None) -> dict:
-    """Our conflist entry from the admin's settings (ConfigMap), checked as ADD would evaluate it.
-
-    The entry is evaluated under its own profile for a pod that opts in the way that profile opts in
-    (`evaluation.evaluate_opted_in`): an entry that would fail every such pod is refused here, with a
-    message naming the field, before anything is installed.
-    """
-    from ..config import parse_conf
-    from ..errors import CniError
-    from ..evaluation import evaluate_opted_in
-
+    """Our conflist entry from the admin's settings (ConfigMap), checked by `check_entry`."""
     settings: object = {}
     if path is not None:
         try:
@@ -49,13 +40,27 @@ def load_entry_settings(path: Path | None) -> dict:
             raise SettingsError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(settings, dict):
         raise SettingsError(f"{path}: must hold a JSON object")
+    return check_entry(settings, str(path or "entry settings"))
+
+
+def check_entry(settings: dict, where: str, cni_version: str = "1.0.0") -> dict:
+    """Our entry from its settings, checked as ADD would evaluate it; SettingsError naming the field if not.
+
+    The entry is evaluated under its own profile for a pod that opts in the way that profile opts in
+    (`evaluation.evaluate_opted_in`): an entry that would fail every such pod is refused, before anything is
+    installed. The agent and the test of the shipped conflists both check through here.
+    """
+    from ..config import parse_conf
+    from ..errors import CniError
+    from ..evaluation import evaluate_opted_in
+
     ours = conflists.entry(settings)
     try:
-        conf = parse_conf({"cniVersion": "1.0.0", **ours})
+        conf = parse_conf({"cniVersion": cni_version, **ours})
         evaluate_opted_in(conf).raise_if_invalid()
     except CniError as error:
         detail = f" ({error.details})" if error.details else ""
-        raise SettingsError(f"{path or 'entry settings'}: {error.msg}{detail}") from None
+        raise SettingsError(f"{where}: {error.msg}{detail}") from None
     return ours
 
 

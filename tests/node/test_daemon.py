@@ -19,7 +19,7 @@ from cni_redirect.node.probe import ask
 from cni_redirect.node.uninstall import leftovers, uninstall
 from tests.support import NODE_SETTINGS as SETTINGS
 from tests.support import AgentThread as Agent
-from tests.support import wait_for
+from tests.support import free_port, wait_for
 
 
 def test_agent_waits_for_primary_then_keeps_entry_through_50_rewrites(host, tmp_path):
@@ -62,12 +62,13 @@ def test_agent_waits_for_primary_then_keeps_entry_through_50_rewrites(host, tmp_
 @pytest.mark.parametrize("address", ["127.0.0.1", "[::1]"], ids=["ipv4", "ipv6"])
 def test_agent_readiness_endpoint(host, address):
     """Probes and scrapes answer on both families: an IPv6 single-stack cluster probes over IPv6."""
-    agent = Agent(host, readiness_port=18399)
+    port = free_port()
+    agent = Agent(host, readiness_port=port)
     try:
 
         def status() -> int:
             try:
-                return urllib.request.urlopen(f"http://{address}:18399/readyz", timeout=2).status
+                return urllib.request.urlopen(f"http://{address}:{port}/readyz", timeout=2).status
             except urllib.error.HTTPError as exc:
                 return exc.code
             except OSError:
@@ -205,11 +206,12 @@ def test_a_port_squatter_stops_the_agent_before_it_claims_anything(host):
     (host.bin / ".cni-redirect-owner").write_text("0123456789abcdef\n")  # a predecessor's token
     squatter = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     squatter.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    squatter.bind(("::", 18396))
+    port = free_port()
+    squatter.bind(("::", port))
     squatter.listen(1)
     try:
         with mock.patch("cni_redirect.node.daemon._bind_with_retry", lambda make, log, port: make()):
-            agent = Agent(host, readiness_port=18396)
+            agent = Agent(host, readiness_port=port)
             assert agent.terminate() == 1
     finally:
         squatter.close()
@@ -229,12 +231,13 @@ def test_agent_socket_outside_the_trusted_dir_is_refused(host):
 def test_readyz_carries_the_warning_while_ready(host):
     host.put("10-calico.conflist")
     host.put("20-stale-entry.conflist")
-    agent = Agent(host, readiness_port=18398)
+    port = free_port()
+    agent = Agent(host, readiness_port=port)
     try:
 
         def body() -> str:
             try:
-                return urllib.request.urlopen("http://127.0.0.1:18398/readyz", timeout=2).read().decode()
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).read().decode()
             except OSError:
                 return ""
 
@@ -252,11 +255,12 @@ def test_a_failing_iteration_makes_the_agent_unready_and_is_retried_never_an_uni
     host.put("10-calico.conflist")
     source = tmp_path / "source"
     shutil.copytree(host.bundle, source, symlinks=True)
-    agent = Agent(host, plugin_source=source, readiness_port=18398, recheck_interval=0.2)
+    port = free_port()
+    agent = Agent(host, plugin_source=source, readiness_port=port, recheck_interval=0.2)
 
     def readyz() -> tuple[int, str]:
         try:
-            with urllib.request.urlopen("http://127.0.0.1:18398/readyz", timeout=2) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
@@ -287,13 +291,14 @@ def test_idle_connections_cost_a_bounded_number_of_threads_and_are_closed(host):
     import socket
     import threading
 
-    agent = Agent(host, readiness_port=18397)
+    port = free_port()
+    agent = Agent(host, readiness_port=port)
     idle = []
     try:
-        wait_for(lambda: _port_open(18397))
+        wait_for(lambda: _port_open(port))
         before = threading.active_count()
         for _ in range(100):
-            idle.append(socket.create_connection(("127.0.0.1", 18397), timeout=5))
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
         time.sleep(0.5)
         assert threading.active_count() - before <= 16 + 2
         closed = 0
@@ -304,7 +309,7 @@ def test_idle_connections_cost_a_bounded_number_of_threads_and_are_closed(host):
             except OSError:
                 closed += 1
         assert closed == len(idle), "every idle connection ends: at once past the cap, else by the read timeout"
-        assert _port_open(18397)
+        assert _port_open(port)
     finally:
         for conn in idle:
             conn.close()

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from .errors import InvalidConfig
 from .profiles import OWN_VOCABULARY, PROFILE_NAMES
@@ -29,14 +29,15 @@ class PluginConf(BaseModel):
     cni_version: str = Field(alias="cniVersion")
     name: str = ""
     type: str = PLUGIN_TYPE
-    capabilities: dict[str, bool] = Field(default_factory=dict)
+    # JSON's own types, no lax coercion ("true" is not a boolean): status.status_of checks the same without pydantic.
+    capabilities: dict[str, StrictBool] = Field(default_factory=dict)
     defaults: dict[str, str] = Field(default_factory=dict)
     exclude_namespaces: list[str] = Field(default_factory=lambda: ["kube-system"])
     profile: str = OWN_VOCABULARY
     annotation_policy: Literal["open", "restricted"] = "open"
     pod_settable: list[str] = Field(default_factory=list)
-    allow_root_proxy_uid: bool = False
-    max_set_elements: int = Field(DEFAULT_MAX_SET_ELEMENTS, ge=1, le=1_000_000)
+    allow_root_proxy_uid: StrictBool = False
+    max_set_elements: StrictInt = Field(DEFAULT_MAX_SET_ELEMENTS, ge=1, le=1_000_000)
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     log_file: str | None = None
     prev_result: dict | None = Field(None, alias="prevResult")

@@ -21,7 +21,7 @@
         ├── SettingsError         the admin's flags or entry settings are invalid
         └── CriError              the container runtime's CRI answered with an error
 
-Messages name the field, annotation or file and the offending value, so the
+Messages name the field, annotation or file and the offending value (`show`), so the
 operator can fix it without reading our source. This module imports only `errno` and
 `os` (loaded in every process anyway): the thin front and the wire protocol use it too.
 """
@@ -154,3 +154,18 @@ class CriError(NodeError):
     def __init__(self, msg: str, status: str = "") -> None:
         super().__init__(msg)
         self.status = status
+
+
+_MAX_SHOWN = 120  # characters of an offending value echoed back in a message
+
+
+def show(value: object) -> str:
+    """Quote a value for a message, cut short so hostile input cannot flood logs.
+
+    Strings are shown in double quotes; anything else (a JSON number or list in the wrong place) as its repr.
+    """
+    text = value if isinstance(value, str) else repr(value)
+    text = text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
+    if not isinstance(value, str):
+        return text.encode("unicode_escape").decode("ascii")
+    return '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'

@@ -20,6 +20,7 @@ from .evaluation import NO_NAMESPACE_NOTE, Evaluation, compare, evaluate
 from .logs import EventLog
 from .result import convert_result
 from .skel import Request, dispatch
+from .status import status_of
 
 
 class RedirectPlugin:
@@ -83,26 +84,35 @@ class RedirectPlugin:
         self._finish(request, f"consistent: {evaluation.reason}")
 
     def status(self, request: Request) -> None:
-        self._conf(request)
+        """The same answer the front gives without us (`status.status_of`), then the backend's own check."""
+        self._settled(request)
         self.backend.status()
         self._finish(request, "ready")
 
     def gc(self, request: Request) -> None:
         """Nothing to collect: every rule we make lives and dies with its pod netns."""
-        self._conf(request)
+        self._settled(request)
         self._finish(request, "nothing to collect")
+
+    def _settled(self, request: Request) -> None:
+        self._configure_log(request)
+        problem = status_of(request.command, request.config)
+        if problem is not None:
+            raise problem
 
     # --- bookkeeping ---
 
     def _conf(self, request: Request) -> PluginConf:
-        raw = request.config
-        level, path = raw.get("log_level"), raw.get("log_file")
-        # Configure logging first, so even a config error reaches the admin's log file.
+        self._configure_log(request)
+        return parse_conf(request.config)
+
+    def _configure_log(self, request: Request) -> None:
+        """First, so that even a config error reaches the admin's log file."""
+        level, path = request.config.get("log_level"), request.config.get("log_file")
         self.log.configure(level if isinstance(level, str) else "warning", path if isinstance(path, str) else None)
         if "fallback" in self._notes and not self._notes.get("warned"):
             self._notes["warned"] = True
             self.log.log("warning", str(self._notes["fallback"]))
-        return parse_conf(raw)
 
     def _evaluate(self, conf: PluginConf, request: Request) -> Evaluation:
         evaluation = evaluate(conf, self._pod(request))

@@ -16,27 +16,16 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BeforeValidator
 
+from .errors import show
+
 ALL: Literal["*"] = "*"
 MAX_UID = 4294967294  # (uid_t)-1 means "no change" to the kernel, never a real UID
-_MAX_SHOWN = 120  # characters of an offending value echoed back in a message
 
 PortRange = tuple[int, int]
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 _INT = re.compile(r"[0-9]{1,10}")
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,14}")
-
-
-def show(value: object) -> str:
-    """Quote a value for a message, cut short so hostile input cannot flood logs.
-
-    Strings are shown in double quotes; anything else (a JSON number or list in the wrong place) as its repr.
-    """
-    text = value if isinstance(value, str) else repr(value)
-    text = text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
-    if not isinstance(value, str):
-        return text.encode("unicode_escape").decode("ascii")
-    return '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
 
 
 def _items(value: str) -> list[str]:

@@ -410,18 +410,21 @@ class MemoryBackend:
         return "" if listing is None else nft_text(listing)
 
 
-UNBOUNDED = Bound(rules=1 << 62, elements=1 << 62)
+UNBOUNDED = Bound(rules=1 << 62, elements=1 << 62, objects=1 << 62)
 
 
 def counted(kernel: FakeNft) -> Callable[[Bound], str]:
-    """The fake's `nftsize.over`: our table's rules and elements counted from its state, as the kernel counts."""
+    """The fake's `nftsize.over`: our table's rules, elements and named things counted from its state, as the
+    kernel counts (the kernel's order: rules, named things, elements)."""
 
     def over(bound: Bound) -> str:
         rc, output, _ = kernel.json_cmd({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]})
         objects = output.get("nftables", []) if rc == 0 and isinstance(output, dict) else []
-        rules, elements = counts([o for o in objects if "metainfo" not in o])
+        rules, elements, named = counts([o for o in objects if "metainfo" not in o])
         if rules > bound.rules:
             return f"more than {bound.rules} rules"
+        if named > bound.objects:
+            return f"more than {bound.objects} chains, sets and objects"
         if elements > bound.elements:
             return f"more than {bound.elements} set elements"
         return ""

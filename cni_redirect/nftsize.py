@@ -3,8 +3,9 @@
 Listing a table through libnftables builds it whole in memory (JSON text,
 then Python objects): 300 000 elements a pod's process added to one of our
 sets cost a reader 269 MiB. This counts rules and set elements with netlink
-dumps filtered by the kernel to our table, stopping at the bound, so a reader
-can refuse to list a table that is not one we could have written.
+dumps filtered to our table, stopping at the bound, so a reader can refuse
+to list a table that is not one we could have written. Chains and named
+objects count too: 150 000 empty chains list as ~60 MiB of JSON as well.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from .ruleset import TABLE
 
 NFNL_SUBSYS_NFTABLES = 10
 NFPROTO_INET = 1
-NFT_MSG_GETTABLE, NFT_MSG_GETRULE, NFT_MSG_GETSET, NFT_MSG_GETSETELEM = 1, 7, 10, 13
+NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETSET, NFT_MSG_GETSETELEM = 1, 4, 7, 10, 13
+NFT_MSG_GETOBJ, NFT_MSG_GETFLOWTABLE = 19, 23
 NFTA_TABLE_NAME = 1
+NFTA_CHAIN_TABLE = 1
 NFTA_RULE_TABLE = 1
+NFTA_OBJ_TABLE = 1
+NFTA_FLOWTABLE_TABLE = 1
 NFTA_SET_TABLE, NFTA_SET_NAME = 1, 2
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 _NFGEN = bytes([NFPROTO_INET, 0, 0, 0])  # struct nfgenmsg: family, version, res_id
@@ -26,28 +31,35 @@ _NFGEN = bytes([NFPROTO_INET, 0, 0, 0])  # struct nfgenmsg: family, version, res
 
 @dataclass(frozen=True)
 class Bound:
-    """At most this many rules and set elements (as the kernel counts them: an interval is two)."""
+    """At most this many rules, set elements (as the kernel counts them: an interval is two) and named things
+    (chains, sets, maps, stateful objects, flowtables)."""
 
     rules: int
     elements: int
+    objects: int
 
     @classmethod
-    def around(cls, rules: int, elements: int) -> Bound:
+    def around(cls, rules: int, elements: int, objects: int) -> Bound:
         """Room for what we would write, and more: only a table far beyond it is refused."""
-        return cls(rules=4 * rules + 1024, elements=4 * elements + 4096)
+        return cls(rules=4 * rules + 1024, elements=4 * elements + 4096, objects=4 * objects + 256)
 
 
 #: For a reader that has no evaluation to size by (an `inspect --pod` listing, a table not expected at all).
-DEFAULT_BOUND = Bound.around(rules=64, elements=8192)
+DEFAULT_BOUND = Bound.around(rules=64, elements=8192, objects=32)
+
+#: The kinds of a listing that are named things of the table (everything but the table, rules and elements).
+_NAMED = ("chain", "set", "map", "flowtable", "counter", "quota", "limit", "ct helper", "ct timeout",
+          "ct expectation", "secmark", "synproxy")  # fmt: skip
 
 
-def counts(objects: list[dict]) -> tuple[int, int]:
-    """Rules and set elements in JSON objects, as the kernel counts them (an interval as two)."""
+def counts(objects: list[dict]) -> tuple[int, int, int]:
+    """Rules, set elements and named things in JSON objects, as the kernel counts them (an interval as two)."""
     rules = sum(1 for obj in objects if "rule" in obj)
     elements = sum(
         2 * len(body.get("elem", ())) for obj in objects for kind, body in obj.items() if kind in ("set", "element")
     )
-    return rules, elements
+    named = sum(1 for obj in objects for kind in obj if kind in _NAMED)
+    return rules, elements, named
 
 
 def bound_for(objects: list[dict]) -> Bound:
@@ -71,14 +83,26 @@ def over(bound: Bound) -> str:
     for rules, _ in enumerate(_dump(NFT_MSG_GETRULE, attr(NFTA_RULE_TABLE, table), "our table's rules"), 1):
         if rules > bound.rules:
             return f"more than {bound.rules} rules"
+    named = 0
+    # The kernel filters a chain dump by nothing: every inet chain streams past, only ours are counted.
+    for _, payload in _dump(NFT_MSG_GETCHAIN, b"", "the netns's chains"):
+        named += _attr(payload, NFTA_CHAIN_TABLE) == table
+        if named > bound.objects:
+            return f"more than {bound.objects} chains, sets and objects"
     sets = []
     for _, payload in _dump(NFT_MSG_GETSET, attr(NFTA_SET_TABLE, table), "our table's sets"):
-        for kind, value in attrs(payload, len(_NFGEN)):
-            if kind == NFTA_SET_NAME:
-                sets.append(value)
+        sets.append(_attr(payload, NFTA_SET_NAME))
+        if named + len(sets) > bound.objects:
+            return f"more than {bound.objects} chains, sets and objects"
+    named += len(sets)
+    for message, key in ((NFT_MSG_GETOBJ, NFTA_OBJ_TABLE), (NFT_MSG_GETFLOWTABLE, NFTA_FLOWTABLE_TABLE)):
+        for _, payload in _dump(message, attr(key, table), "our table's named objects"):
+            named += _attr(payload, key) == table
+            if named > bound.objects:
+                return f"more than {bound.objects} chains, sets and objects"
     elements = 0
     for name in sets:
-        request = attr(NFTA_SET_ELEM_LIST_TABLE, table) + attr(NFTA_SET_ELEM_LIST_SET, name)
+        request = attr(NFTA_SET_ELEM_LIST_TABLE, table) + attr(NFTA_SET_ELEM_LIST_SET, name or b"")
         for _, payload in _dump(NFT_MSG_GETSETELEM, request, "our sets' elements"):
             for kind, value in attrs(payload, len(_NFGEN)):
                 if kind == NFTA_SET_ELEM_LIST_ELEMENTS:
@@ -86,6 +110,11 @@ def over(bound: Bound) -> str:
             if elements > bound.elements:
                 return f"more than {bound.elements} set elements"
     return ""
+
+
+def _attr(payload: bytes, wanted: int) -> bytes | None:
+    """One attribute of an nftables message (after its nfgenmsg), or None."""
+    return next((value for kind, value in attrs(payload, len(_NFGEN)) if kind == wanted), None)
 
 
 def _name(text: str) -> bytes:

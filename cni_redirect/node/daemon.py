@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import http.server
+import io
 import signal
 import socket
 import threading
@@ -127,6 +128,9 @@ class _SharedPortServer(http.server.ThreadingHTTPServer):
         finally:
             self.slots.release()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client cut off at its deadline, or gone mid-answer: nothing to report, and no traceback on stderr."""
+
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if self.address_family == socket.AF_INET6:
@@ -149,6 +153,28 @@ def _probe_server(port: int, handler: type) -> http.server.ThreadingHTTPServer:
         return _SharedPortServerV4(("", port), handler)
 
 
+REQUEST_DEADLINE = 10.0
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reads, each waiting at most `idle` seconds and all of them together at most `deadline`:
+    no thread of its own, the slot is free when the time is up (the handler answers a timeout by closing)."""
+
+    def __init__(self, sock: socket.socket, idle: float, deadline: float) -> None:
+        self.sock, self.idle = sock, idle
+        self.end = time.monotonic() + deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took longer than its deadline")
+        self.sock.settimeout(min(self.idle, left))  # also bounds the answer's write (sendall's total time)
+        return self.sock.recv_into(buffer)
+
+
 def serve_readiness(
     agent: NodeAgent, port: int, answer: Callable[[str], str], metrics=None
 ) -> http.server.ThreadingHTTPServer:
@@ -157,7 +183,14 @@ def serve_readiness(
     the DaemonSet probes each pod's own agent with `cni-redirect ready|healthy` instead; these are for people."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        timeout = 5  # seconds a connection may take to send its request: an idle one is closed then
+        timeout = 5  # seconds between two reads of the request: an idle connection is closed then
+        #: seconds a whole exchange may take, however the client paces it: a request line dripped a byte every
+        #: 2 s passes every read's timeout, and would hold one of the few slots for as long as it likes.
+        deadline = REQUEST_DEADLINE
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self.timeout, self.deadline))
 
         def do_GET(self) -> None:
             warning = ""

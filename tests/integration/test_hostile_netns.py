@@ -80,3 +80,84 @@ def test_policy_routing_is_read_as_a_stream_keeping_only_ours(pod, tmp_path):
         assert session.remove()
         assert session.routing() == ()
     assert pod.run("ip", "rule").stdout.count("lookup 100") == RULES, "the pod's own rules are not ours to touch"
+
+
+CHAINS = 150_000
+
+
+def test_a_table_the_pod_filled_with_empty_chains_is_counted_never_listed(pod, tmp_path):
+    """150 000 empty chains (no rule, no element): the bound counts chains and named objects too (#31 item 4)."""
+    ruleset = render("defaults")
+    backend = KernelBackend()
+    with backend.session(pod.path) as session:
+        session.apply(ruleset)
+    batch = tmp_path / "chains.nft"
+    batch.write_text("".join(f"add chain inet cni_redirect pod_{i}\n" for i in range(CHAINS)))
+    pod.run("nft", "-f", str(batch))
+    bound = bound_for(ruleset.objects())
+    with backend.session(pod.path) as session:
+        observed, peak = _peak_kib(lambda: session.observe(False, bound))
+    print(f"\n[hostile] observe of a table with {CHAINS} extra chains: {peak} KiB peak (Python heap)")
+    assert observed.listing is None and observed.oversized == f"more than {bound.objects} chains, sets and objects"
+    assert peak < 4096
+    with backend.session(pod.path) as session:
+        session.apply(ruleset)  # repair replaces the table whole: the chains go with it
+        observed = session.observe(False, bound)
+    assert observed.oversized == "" and normalize(observed.listing) == normalize(ruleset.objects())
+
+
+def test_inspect_shows_whatever_a_pod_wrote_into_our_table_escaped(pod):
+    """A pod with NET_ADMIN adds a chain without a hook, statements we never write, a set of its own and comments
+    holding terminal escapes: `inspect --pod` shows all of it, escaped, and no traceback."""
+    from cni_redirect.node.inspect import pod_detail, table
+    from cni_redirect.node.survey import DRIFTED, Survey, kernel_sessions
+    from cni_redirect.testing.netlab import enabled
+    from tests.node.fakecri import FakeCri
+
+    backend = KernelBackend()
+    with backend.session(pod.path) as session:
+        session.apply(render("defaults"))
+    evil = "\x1b[2J\x1b]0;owned\x07\nnext line"
+    hostile = [
+        {"add": {"chain": {"family": "inet", "table": "cni_redirect", "name": "pod_chain"}}},
+        {"add": {"set": {"family": "inet", "table": "cni_redirect", "name": "pod_set", "type": "ipv4_addr"}}},
+        {"add": {"counter": {"family": "inet", "table": "cni_redirect", "name": "pod_counter"}}},
+        {
+            "add": {
+                "rule": {
+                    "family": "inet",
+                    "table": "cni_redirect",
+                    "chain": "pod_chain",
+                    "comment": evil,
+                    "expr": [
+                        {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established"]}},
+                        {"limit": {"rate": 10, "per": "second"}},
+                        {"log": {"prefix": evil}},
+                        {"accept": None},
+                    ],
+                }
+            }
+        },
+        {
+            "add": {
+                "rule": {
+                    "family": "inet",
+                    "table": "cni_redirect",
+                    "chain": "output",
+                    "comment": evil,
+                    "expr": [{"jump": {"target": "pod_chain"}}],
+                }
+            }
+        },
+    ]
+    with backend.session(pod.path) as session:
+        session.run({"nftables": hostile}, "the pod's own additions")
+    cri = FakeCri()
+    cri.add("web", enabled(), netns=pod.path)
+    entry = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "cni-redirect"}
+    (view,) = list(Survey(cri, entry, kernel_sessions()).pods())
+    shown = pod_detail(view) + table([view])
+    assert view.state == DRIFTED
+    assert "\x1b" not in shown and "\x07" not in shown and "\\x1b[2J" in shown
+    assert "chain pod_chain {" in shown and '"limit"' in shown and '"log"' in shown and "pod_counter" in shown
+    assert "next line" in shown and "\nnext line" not in shown

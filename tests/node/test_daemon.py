@@ -316,6 +316,53 @@ def test_idle_connections_cost_a_bounded_number_of_threads_and_are_closed(host):
         agent.terminate()
 
 
+@pytest.mark.slow
+def test_clients_dripping_their_request_hold_no_slot_past_the_whole_request_deadline(host):
+    """Every slot taken by a client that sends its request line a byte every 2 s (each read well inside the
+    5 s idle timeout): each is cut off at the whole-request deadline, and the port answers again."""
+    import select
+    import socket
+    import threading
+
+    from cni_redirect.node.daemon import REQUEST_DEADLINE
+
+    port = free_port()
+    agent = Agent(host, readiness_port=port)
+    stop = threading.Event()
+    cut_off: list[float] = []
+
+    def drip() -> None:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            for byte in b"GET /readyz HTTP/1.0 and on and on and on and on and on":
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    break
+                if stop.wait(2):
+                    return
+                if select.select([conn], [], [], 0)[0]:
+                    break  # readable: closed, or an answer: the server is done with it
+            else:
+                return  # never cut off
+            cut_off.append(time.monotonic() - started)
+
+    try:
+        wait_for(lambda: _port_open(port))
+        drippers = [threading.Thread(target=drip, daemon=True) for _ in range(16)]
+        for thread in drippers:
+            thread.start()
+        time.sleep(3)
+        assert not _port_open(port), "the drippers hold every slot"
+        wait_for(lambda: _port_open(port), timeout=REQUEST_DEADLINE + 5, interval=0.5)
+        for thread in drippers:
+            thread.join(timeout=5)
+        assert len(cut_off) == 16 and max(cut_off) < REQUEST_DEADLINE + 5, cut_off
+    finally:
+        stop.set()
+        agent.terminate()
+
+
 def _port_open(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:

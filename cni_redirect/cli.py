@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
-from .node import CONTAINERD_SOCKET, CRIO_SOCKET, REPAIR_MODES
+from .node import CHAIN_MODES, CONTAINERD_SOCKET, CRIO_SOCKET, REPAIR_MODES
 from .node.options import Options
 from .profiles import PROFILE_NAMES
 from .wire import DEFAULT_SOCKET
@@ -147,6 +147,14 @@ def _add_install_parser(commands: Any) -> None:
         help=f"the container runtime's CRI socket (default containerd's {CONTAINERD_SOCKET}; CRI-O: {CRIO_SOCKET})",
     )
     flag(
+        "chain-mode",
+        _one_of(CHAIN_MODES),
+        f"one of {', '.join(CHAIN_MODES)}",
+        help="dropin: our entry as libcni's drop-in <conf dir>/<network>/99-cni-redirect.conf, the primary's file "
+        "untouched (containerd >= 2.1, CRI-O >= 1.33); edit: inlined into the primary's file; auto: dropin where "
+        "the runtime's CRI Version says it loads drop-ins, else edit",
+    )
+    flag(
         "repair",
         _one_of(REPAIR_MODES),
         f"one of {', '.join(REPAIR_MODES)}",
@@ -225,7 +233,10 @@ def _readers(args: argparse.Namespace) -> tuple[Any, dict | None]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .errors import CriError
+    from .node.confdir import read_conf_dir
     from .node.inspect import pod_detail, table, view_json
     from .node.survey import Survey
 
@@ -250,6 +261,9 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([view_json(v) for v in views], indent=2))
     else:
+        sys.stdout.write(
+            f"chain mode: {read_conf_dir(Path(args.cni_conf_dir), args.conf_file or None).describe_mode()}\n"
+        )
         sys.stdout.write(table(views))
     return 0
 
@@ -296,6 +310,7 @@ def _install(args: argparse.Namespace) -> int:
         probe_socket=Path(args.probe_socket) if args.probe_socket else None,
         agent_socket=Path(args.agent_socket) if args.agent_socket else None,
         cri_socket=args.cri_socket,
+        chain_mode=args.chain_mode,
         repair=args.repair,
         repair_interval=args.repair_interval,
     )

@@ -93,6 +93,11 @@ class CriClient:
             self._channel.close()
         self._channel = self._stub = None
 
+    def version(self) -> tuple[str, str]:
+        """The runtime's name and version (CRI Version), e.g. ("containerd", "v2.4.2"); CriError on failure."""
+        answer = _call("Version", self.socket, lambda: self.stub.Version(pb.VersionRequest(), timeout=self.timeout))
+        return answer.runtime_name, answer.runtime_version
+
     def list_sandboxes(self, ready_only: bool = False) -> list[Any]:
         request = pb.ListPodSandboxRequest()
         if ready_only:

@@ -1,5 +1,9 @@
 """Keeping our entry chained into the node's primary CNI config, and taking it out again.
 
+Where the runtime loads libcni drop-ins and the primary allows them, the entry
+is a drop-in (`dropin.py`) and the primary's file is never written. Else it is
+edited in:
+
 1. find the primary config (the configured file, else the lexically first
    `.conflist`/`.conf`/`.json`), waiting for one to appear;
 2. append our entry (replacing a stale one, never duplicating), turning a
@@ -23,6 +27,8 @@ from pathlib import Path
 
 from ..errors import ConfError, SettingsError
 from . import conflists
+from .confdir import DROPIN, EDIT, ConfDir, other_configs_warning, read_conf_dir, real_path
+from .dropin import DropinChain, ModeChoice
 from .files import write_atomic
 
 BACKUP_PREFIX = ".cni-redirect-original-"
@@ -65,39 +71,8 @@ def check_entry(settings: dict, where: str, cni_version: str = "1.0.0") -> dict:
 
 
 def installed_entry(conf_dir: Path, conf_file: str | None = None) -> dict | None:
-    """Our entry as the runtime hands it to ADD: with the conflist's cniVersion and name; None if not chained."""
-    try:
-        names = os.listdir(conf_dir)
-    except OSError:
-        return None
-    name = conflists.pick_primary(names, conf_file)
-    if name is None:
-        return None
-    try:
-        document, _ = conflists.parse(name, (conf_dir / name).read_bytes())
-    except (OSError, ConfError):
-        return None
-    for plugin in document["plugins"]:
-        if conflists.is_ours(plugin):
-            return {"cniVersion": document.get("cniVersion", "1.0.0"), "name": document.get("name", ""), **plugin}
-    return None
-
-
-def valid_configs(
-    conf_dir: Path, names: list[str], skip: set[str], real: Callable[[str], Path] | None = None
-) -> list[str]:
-    """The network configs a runtime could load besides `skip` (parseable, a CNI suffix), in libcni's order."""
-    found = []
-    for other in sorted(names):
-        if other in skip or not other.endswith(conflists.CONF_SUFFIXES):
-            continue
-        try:
-            path = real(other) if real else conf_dir / other
-            conflists.parse(other, path.read_bytes())
-        except (OSError, ConfError):
-            continue
-        found.append(other)
-    return found
+    """Our entry as the runtime hands it to ADD (inlined or a drop-in); None if not chained."""
+    return read_conf_dir(conf_dir, conf_file).entry()
 
 
 @dataclass
@@ -120,16 +95,22 @@ class ChainInstaller:
         log: Callable[..., None],
         conf_file: str | None = None,
         wait_log_interval: float = 5.0,
+        choice: ModeChoice | None = None,
     ) -> None:
         self.conf_dir = conf_dir
         self.entry = entry
         self.log = log
         self.conf_file = conf_file
         self.wait_log_interval = wait_log_interval
+        self.choice = choice or ModeChoice(EDIT, "chain_mode edit")
+        self.dropin = DropinChain(conf_dir, entry, log)
         self.managed: Managed | None = None
         self.ready_reason = "starting"
         self.warning = ""  # ready, but the runtime may not use the file we chained into
         self.writes = 0  # how often we (re-)inserted our entry: each one may follow pods started without us
+        self.mode = ""  # the mode in effect: DROPIN or EDIT once chained
+        self.fallback = ""  # why this primary is edited although drop-in mode was chosen ("" when it is not)
+        self.fallbacks = 0  # how often the chosen drop-in mode fell back to editing (a primary that refuses it)
         self._last_problem = ""
         self._last_wait_log = 0.0
 
@@ -138,84 +119,76 @@ class ChainInstaller:
         return self.conf_dir / f"{BACKUP_PREFIX}{original_name}.bak"
 
     def _real(self, name: str) -> Path:
-        """A config's real path. A symlink is followed only inside the conf dir: writing through a
-        link to elsewhere (a mounted ConfigMap, another component's file) is not ours to do."""
-        path = self.conf_dir / name
-        if not path.is_symlink():
-            return path
-        real = path.resolve()
-        if not real.is_relative_to(self.conf_dir.resolve()) or not real.is_file():
-            raise ConfError(
-                f"{name}: a symlink to {real}, outside --cni-conf-dir or not a file; left untouched "
-                "(set --conf-file to a real file)"
-            )
-        return real
+        return real_path(self.conf_dir, name)
 
-    def reconcile(self) -> bool:
+    def reconcile(self, snapshot: ConfDir | None = None) -> bool:
         """One pass: make sure our entry is in place. Returns readiness."""
-        try:
-            names = os.listdir(self.conf_dir)
-        except OSError as exc:
-            return self._not_ready(f"cannot list --cni-conf-dir {self.conf_dir}: {exc.strerror}")
-        name = conflists.pick_primary(names, self.conf_file)
-        if name is None:
+        snapshot = snapshot or read_conf_dir(self.conf_dir, self.conf_file)
+        primary = snapshot.primary
+        if primary is None:
+            if snapshot.problem:
+                return self._not_ready(snapshot.problem)
             now = time.monotonic()
             if now - self._last_wait_log >= self.wait_log_interval:
                 self._last_wait_log = now
                 wanted = self.conf_file or "any .conflist/.conf"
                 self.log("info", "waiting for the primary CNI config", conf_dir=str(self.conf_dir), wanted=wanted)
             return self._not_ready("no primary CNI config yet")
-        try:
-            path = self._real(name)
-            data = path.read_bytes()
-            document, single = conflists.parse(name, data)
-        except OSError as exc:
-            return self._not_ready(f"cannot read {self.conf_dir / name}: {exc.strerror}")
-        except ConfError as exc:
-            fallback = self._valid_configs(names, skip=name)
-            crio = (
-                f"; CRI-O skips an invalid file and would start pods with {fallback[0]}, without cni-redirect"
-                if fallback and self.conf_file is None
-                else ""
-            )
-            return self._not_ready(f"primary config left untouched: {exc}{crio}")
-        self._warn_about_others(self._valid_configs(names, skip=name, also=conflists.conflist_name(name)))
+        if self.choice.mode == DROPIN:
+            refusal = primary.dropin_refusal()
+            if not refusal:
+                return self._reconcile_dropin(snapshot)
+            self._fall_back(refusal)
+        self.warn_about_others(snapshot.others(also=conflists.conflist_name(primary.name)))
+        name, data, document, single = primary.name, primary.data, primary.document, primary.single
         desired = conflists.with_entry(document, self.entry)
         if not single and conflists.names_us(document) and (self.managed is None or self.managed.name != name):
             self._adopt(name, data, document)  # a restarted or upgraded agent: the primary's bytes are in a backup
-        if not single and document == desired:
-            return self._ready(name)
         try:
-            target = self._write(name, data, desired, single)
+            target = name if not single and document == desired else self._write(name, data, desired, single)
+            if target and any(d.plugin is not None for d in snapshot.dropins):  # drop-in mode before: inlined now
+                self.dropin.uninstall(snapshot)
         except OSError as exc:
             return self._not_ready(f"cannot write into --cni-conf-dir {self.conf_dir}: {exc.strerror}")
+        if target:
+            self.mode = EDIT
         return self._ready(target) if target else False
 
-    def adopt_installed(self) -> bool:
-        """Find our entry where an earlier agent left it, to undo it (`cni-redirect uninstall`); writes nothing."""
+    def _reconcile_dropin(self, snapshot: ConfDir) -> bool:
+        """Drop-in mode: our drop-in in place first, then an entry an earlier agent inlined taken out (the
+        primary's bytes restored): pods never start with neither, at worst for a moment with both."""
+        self.warn_about_others(snapshot.others())
+        if self.fallback:
+            self.log("info", "the primary allows drop-ins again: back to drop-in mode", was=self.fallback)
+            self.fallback = ""
+        writes = self.dropin.writes
         try:
-            name = conflists.pick_primary(os.listdir(self.conf_dir), self.conf_file)
-            if name is None:
-                return False
-            data = self._real(name).read_bytes()
-            document, single = conflists.parse(name, data)
-        except (OSError, ConfError):
+            where = self.dropin.reconcile(snapshot)
+            if self.adopt_installed(snapshot):
+                self.uninstall_inline()
+        except (OSError, ConfError) as exc:
+            return self._not_ready(f"cannot write our drop-in into --cni-conf-dir {self.conf_dir}: {exc}")
+        self.writes += self.dropin.writes - writes
+        self.mode = DROPIN
+        return self._ready(where)
+
+    def _fall_back(self, refusal: str) -> None:
+        if refusal != self.fallback:
+            self.log("warning", "drop-in mode chosen, but the primary config refuses drop-ins: editing it", why=refusal)
+            self.fallback = refusal
+            self.fallbacks += 1
+
+    def adopt_installed(self, snapshot: ConfDir | None = None) -> bool:
+        """Find our entry where an earlier agent left it inlined, to undo it (`cni-redirect uninstall`, a switch
+        to drop-in mode); writes nothing."""
+        primary = (snapshot or read_conf_dir(self.conf_dir, self.conf_file)).primary
+        if primary is None or primary.single or not conflists.names_us(primary.document):
             return False
-        if single or not conflists.names_us(document):
-            return False
-        self._adopt(name, data, document)
+        self._adopt(primary.name, primary.data, primary.document)
         return True
 
-    def _valid_configs(self, names: list[str], skip: str, also: str = "") -> list[str]:
-        return valid_configs(self.conf_dir, names, {skip, also}, self._real)
-
-    def _warn_about_others(self, others: list[str]) -> None:
-        warning = (
-            f"other network configs exist ({', '.join(others)}): a runtime that picks its network by name "
-            "(CRI-O's cni_default_network) may use one without cni-redirect; set --conf-file to the one it uses"
-            if others and self.conf_file is None
-            else ""
-        )
+    def warn_about_others(self, others: list[str]) -> None:
+        warning = other_configs_warning(others) if others and self.conf_file is None else ""
         if warning and warning != self.warning:
             self.log("warning", warning)
         self.warning = warning
@@ -290,22 +263,14 @@ class ChainInstaller:
         except OSError:
             return True
 
-    def files_naming_us(self) -> list[str]:
-        """Every config in the conf dir that still holds an entry of type cni-redirect."""
-        found = []
-        for name in sorted(os.listdir(self.conf_dir)):
-            if not name.endswith(conflists.CONF_SUFFIXES):
-                continue
-            try:
-                document, _ = conflists.parse(name, (self.conf_dir / name).read_bytes())
-            except (OSError, ConfError):
-                continue
-            if conflists.names_us(document):
-                found.append(name)
-        return found
+    def uninstall(self, snapshot: ConfDir | None = None) -> None:
+        """Remove only what we added: our drop-ins, and our inlined entry (`uninstall_inline`)."""
+        self.dropin.uninstall(snapshot or read_conf_dir(self.conf_dir, self.conf_file))
+        self.uninstall_inline()
+        self.ready_reason = "uninstalled"
 
-    def uninstall(self) -> None:
-        """Remove only what we added.
+    def uninstall_inline(self) -> None:
+        """Remove only the entry we inlined.
 
         The primary's file goes back to the bytes it wrote if it still holds exactly what we
         wrote; otherwise our entry is removed from what it holds now and everything else stays.
@@ -338,7 +303,6 @@ class ChainInstaller:
                     self.log("info", "removed our entry from a config the primary changed", path=managed.name)
             self._backup(managed.original_name).unlink(missing_ok=True)
         self.managed = None
-        self.ready_reason = "uninstalled"
 
     # --- readiness ---
 

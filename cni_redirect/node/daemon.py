@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING, Any
 from .. import wire
 from ..errors import CniRedirectError, SettingsError
 from ..logs import JsonLog
-from . import REPAIR_MODES
+from . import CHAIN_MODES, REPAIR_MODES
 from .bundle import Bundle
 from .chain import ChainInstaller, load_entry_settings
+from .dropin import choose_mode
 from .options import Options
 from .ownership import Ownership, State
 from .watch import DirWatch
@@ -62,7 +63,11 @@ class NodeAgent:
         self.options = options
         self.log = log
         self.bundle = Bundle(options.plugin_source, options.cni_bin_dir, log)
-        self.chain = ChainInstaller(options.cni_conf_dir, entry, log, options.conf_file, options.wait_log_interval)
+        self.choice = choose_mode(options.chain_mode, lambda: _runtime_version(options.cri_socket))
+        log("info", "chain mode", mode=self.choice.mode, why=self.choice.why)
+        self.chain = ChainInstaller(
+            options.cni_conf_dir, entry, log, options.conf_file, options.wait_log_interval, self.choice
+        )
         self.ownership = Ownership(options.cni_bin_dir)
         self.problem = ""  # the last iteration's failure (a reinstall on a full disk, EROFS, EIO): unready, retried
 
@@ -236,6 +241,17 @@ def _bind_with_retry(make, log: Callable[..., None], port: int, seconds: float =
             time.sleep(0.5)
 
 
+def _runtime_version(cri_socket: str) -> tuple[str, str]:
+    """The runtime's name and version, asked once at start (a few ms; the agent loads grpc for repair anyway)."""
+    from ..cri import CriClient
+
+    client = CriClient(cri_socket, timeout=5.0)
+    try:
+        return client.version()
+    finally:
+        client.close()
+
+
 def checked_entry(options: Options) -> dict:
     """Our conflist entry from the admin's settings and flags, or SettingsError naming what is wrong."""
     ours = load_entry_settings(options.entry_file)
@@ -243,6 +259,8 @@ def checked_entry(options: Options) -> dict:
         ours["agent_socket"] = check_agent_socket(str(options.agent_socket))
     if options.repair not in REPAIR_MODES:
         raise SettingsError(f"--repair {options.repair!r} must be one of {', '.join(REPAIR_MODES)}")
+    if options.chain_mode not in CHAIN_MODES:
+        raise SettingsError(f"--chain-mode {options.chain_mode!r} must be one of {', '.join(CHAIN_MODES)}")
     return ours
 
 
@@ -357,12 +375,15 @@ class _Services:
 
     def reconcile(self) -> None:
         chain = self.agent.chain
-        writes = chain.writes
+        writes, fallbacks = chain.writes, chain.fallbacks
         self.agent.reconcile()
         if chain.writes != writes:
             self.repair_wake.set()  # pods may have started while our entry was gone
             if writes and self.metrics is not None:  # not the first insert: the entry had gone
                 self.metrics.reinsertions.inc(chain.writes - writes)
+        if self.metrics is not None:
+            self.metrics.chain_fallbacks.inc(chain.fallbacks - fallbacks)
+            self.metrics.set_chain_mode(chain.mode)
 
     def keep_socket(self) -> None:
         """The shared path holds a dead agent's socket, or none: ours again, unless a live agent is starting

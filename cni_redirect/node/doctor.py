@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING
 
 from .. import wire
 from ..config import ANNOTATIONS_CAPABILITY
-from ..errors import ConfError, WireError
+from ..errors import WireError
 from ..evaluation import Outcome
 from . import conflists
-from .chain import installed_entry, valid_configs
+from .chain import installed_entry
+from .confdir import EDIT, other_configs_warning, read_conf_dir
 from .inspect import printable
 from .procs import Process, descendants, processes
 from .survey import DRIFTED, MISSING, PodView
@@ -52,33 +53,32 @@ class Finding:
 
 
 def node_findings(conf_dir: Path, conf_file: str | None = None) -> list[Finding]:
-    """What is wrong with how the node runs us: the primary config, our entry in it, its CNI server."""
-    try:
-        names = os.listdir(conf_dir)
-    except OSError as exc:
-        return [Finding("chained", TRAP, f"cannot list {conf_dir}: {exc.strerror}")]
-    name = conflists.pick_primary(names, conf_file)
-    if name is None:
+    """What is wrong with how the node runs us: the primary config, our entry in it (or its drop-in), its CNI
+    server."""
+    snapshot = read_conf_dir(conf_dir, conf_file)
+    primary = snapshot.primary
+    if primary is None:
+        if snapshot.problem.startswith("primary config left untouched"):
+            return [Finding("conf-file", TRAP, f"{snapshot.problem}: fix {snapshot.primary_name}, or set --conf-file")]
+        if snapshot.problem:
+            return [Finding("chained", TRAP, snapshot.problem)]
         return [Finding("chained", TRAP, f"no CNI config in {conf_dir}: the node has no pod network yet")]
-    try:
-        document, _ = conflists.parse(name, (conf_dir / name).read_bytes())
-    except (OSError, ConfError) as exc:
-        others = valid_configs(conf_dir, names, {name})
-        crio = f"; CRI-O skips it and starts pods with {others[0]}, without cni-redirect" if others else ""
-        return [Finding("conf-file", TRAP, f"{exc}{crio}: fix {name}, or set --conf-file")]
-    plugins = document["plugins"]
-    ours = [i for i, plugin in enumerate(plugins) if conflists.is_ours(plugin)]
-    if not ours:
-        message = f"cni-redirect is not in {name}'s chain: pods start uncaptured; is the node agent running?"
+    mode = snapshot.mode()
+    if not mode:
+        message = f"cni-redirect is not in {primary.name}'s chain: pods start uncaptured; is the node agent running?"
         return [Finding("chained", TRAP, message)]
-    findings = _entry_findings(name, plugins, ours[-1]) + _server_findings(plugins[ours[-1]])
-    others = valid_configs(conf_dir, names, {name})
+    if mode == EDIT:
+        plugins = primary.document["plugins"]
+        index = max(i for i, plugin in enumerate(plugins) if conflists.is_ours(plugin))
+        findings = _entry_findings(primary.name, plugins, index) + _server_findings(plugins[index])
+    else:
+        dropin = snapshot.dropin()
+        assert dropin is not None and dropin.plugin is not None
+        name = str(dropin.path.relative_to(conf_dir))
+        findings = _entry_findings(name, [dropin.plugin], 0) + _server_findings(dropin.plugin)
+    others = snapshot.others()
     if others and conf_file is None:
-        message = (
-            f"other network configs exist ({', '.join(others)}): a runtime that picks its network by name "
-            "(CRI-O's cni_default_network) may use one without cni-redirect; set --conf-file to the one it uses"
-        )
-        findings.append(Finding("conf-file", NOTE, message))
+        findings.append(Finding("conf-file", NOTE, other_configs_warning(others)))
     return findings
 
 
@@ -188,7 +188,8 @@ def _ref(view: PodView) -> str:
 def diagnose(cri: CriClient, conf_dir: Path, conf_file: str | None, proc: Path) -> list[Finding]:
     from .survey import Survey
 
-    findings = node_findings(conf_dir, conf_file)
+    mode = read_conf_dir(conf_dir, conf_file).describe_mode()
+    findings = [Finding("chain-mode", NOTE, f"chain mode: {mode}"), *node_findings(conf_dir, conf_file)]
     entry = installed_entry(conf_dir, conf_file)
     if entry is None:
         return findings

@@ -57,6 +57,18 @@ class Metrics:
             "Times our entry was put back after the primary CNI rewrote its config without it",
             registry=self.registry,
         )
+        self.chain_mode = Gauge(
+            "cni_redirect_chain_mode",
+            "1 for the way our entry reaches the runtime now: mode drop-in (libcni's drop-in file) or edit (inlined)",
+            ["mode"],
+            registry=self.registry,
+        )
+        self.chain_fallbacks = Counter(
+            "cni_redirect_chain_mode_fallbacks",
+            "Times drop-in mode was chosen but the primary config refused drop-ins (a single-plugin .conf, "
+            "loadOnlyInlinedPlugins: true), so our entry was edited in",
+            registry=self.registry,
+        )
         self.agent_up = Gauge(
             "cni_redirect_agent_up",
             "1 while the node agent does its job (its CNI server serves)",
@@ -110,6 +122,10 @@ class Metrics:
         self._pod_states |= set(states)
         for reason, count in repaired.items():
             self.repairs.labels(reason).inc(count)
+
+    def set_chain_mode(self, mode: str) -> None:
+        for known in ("drop-in", "edit"):
+            self.chain_mode.labels(mode=known).set(1 if mode == known else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

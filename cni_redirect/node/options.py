@@ -29,5 +29,6 @@ class Options:
     probe_socket: Path | None = None  # answers `cni-redirect ready|healthy` (exec probes); a container-private path
     agent_socket: Path | None = Path(DEFAULT_SOCKET)  # the CNI server (the fast path); None: off
     cri_socket: str = CONTAINERD_SOCKET
+    chain_mode: str = "auto"  # dropin | edit | auto (drop-in where the runtime's CRI Version says it loads them)
     repair: str = "in-place"
     repair_interval: float = 30.0

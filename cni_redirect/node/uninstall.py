@@ -20,6 +20,8 @@ from pathlib import Path
 from ..errors import NodeError
 from .bundle import BINARY, BUNDLE_PREFIX, Bundle
 from .chain import ChainInstaller
+from .confdir import read_conf_dir
+from .dropin import clear_reload_marker
 from .ownership import AGENTS_DIR, OWNER_FILE, Ownership, live_agents
 
 
@@ -38,11 +40,13 @@ def uninstall(
             f"a cni-redirect agent is still running on this node ({', '.join(running)}): it would put the entry "
             "back; delete the DaemonSet first (or --force)"
         )
+    snapshot = read_conf_dir(conf_dir, conf_file)
     chain = ChainInstaller(conf_dir, {}, log, conf_file)
-    if chain.adopt_installed():
-        chain.uninstall()
+    if snapshot.files_naming_us():
+        chain.adopt_installed(snapshot)
+        chain.uninstall(snapshot)  # the drop-ins, then the inlined entry (the primary's bytes restored)
         time.sleep(grace)  # a runtime that loaded the old conflist may still exec us for a moment
-    still = chain.files_naming_us()
+    still = read_conf_dir(conf_dir, conf_file).files_naming_us()
     if still:
         log(
             "warning",
@@ -55,6 +59,7 @@ def uninstall(
         Bundle(bin_dir, bin_dir, log).remove()
     ownership.owner_file.unlink(missing_ok=True)
     shutil.rmtree(ownership.dir, ignore_errors=True)
+    clear_reload_marker(conf_dir)
     log("info", "uninstalled: nothing of cni-redirect is left on this node")
     return []
 
@@ -66,5 +71,5 @@ def leftovers(bin_dir: Path, conf_dir: Path) -> list[str]:
         for name in sorted(os.listdir(bin_dir))
         if name in (BINARY, OWNER_FILE, AGENTS_DIR) or name.startswith(BUNDLE_PREFIX)
     ]
-    found += ChainInstaller(conf_dir, {}, lambda *a, **k: None).files_naming_us()
+    found += read_conf_dir(conf_dir).files_naming_us()
     return found

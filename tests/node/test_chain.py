@@ -10,6 +10,7 @@ import pytest
 from cni_redirect.errors import SettingsError
 from cni_redirect.node import conflists
 from cni_redirect.node.chain import BACKUP_PREFIX, load_entry_settings
+from cni_redirect.node.confdir import read_conf_dir
 from tests.support import NODE_SETTINGS as SETTINGS
 from tests.support import PRIMARY_DIR, TESTS
 
@@ -210,7 +211,7 @@ def test_uninstall_keeps_what_another_installer_added_and_drops_only_our_entry(h
     host.uninstall()
     plugins = json.loads((host.conf / "10-calico.conflist").read_text())["plugins"]
     assert [p["type"] for p in plugins] == ["calico", "portmap", "bandwidth", "other-chained"]
-    assert not installer.chain.files_naming_us()
+    assert not read_conf_dir(host.conf).files_naming_us()
     assert sorted(os.listdir(host.bin)) == ["bridge"]
 
 

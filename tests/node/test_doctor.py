@@ -144,7 +144,10 @@ def test_a_malformed_first_file_names_what_crio_would_use(tmp_path):
     _conf_dir(tmp_path, OURS)
     (tmp_path / "05-broken.conflist").write_text('{"plugins": [')
     (finding,) = node_findings(tmp_path)
-    assert finding.check == "conf-file" and "CRI-O skips it and starts pods with 10-calico.conflist" in finding.message
+    assert (
+        finding.check == "conf-file"
+        and "CRI-O skips an invalid file and would start pods with 10-calico" in finding.message
+    )
 
 
 def test_not_chained_at_all(tmp_path):

@@ -18,6 +18,7 @@ if [ "$demo" = 0 ]; then
     podman busybox-static                           # the end-to-end tier: libcni through podman's CNI backend
     gcc libc6-dev                                   # the e2e tier builds its pause image from source
     mmdebstrap                                      # install/build-image.sh: a debian:12 base when no registry is reachable
+    strace                                          # the crash-safety tier kills the agent at every file-changing syscall
   )
 fi
 

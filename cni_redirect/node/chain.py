@@ -29,9 +29,11 @@ from ..errors import ConfError, SettingsError
 from . import conflists
 from .confdir import DROPIN, EDIT, ConfDir, other_configs_warning, read_conf_dir, real_path
 from .dropin import DropinChain, ModeChoice
-from .files import write_atomic
+from .files import remove_stale_temps, write_atomic
 
 BACKUP_PREFIX = ".cni-redirect-original-"
+#: A conversion or restore in progress (hidden, no CNI suffix): what a restarted agent finishes or undoes.
+JOURNAL = ".cni-redirect-journal"
 
 
 def load_entry_settings(path: Path | None) -> dict:
@@ -123,7 +125,12 @@ class ChainInstaller:
 
     def reconcile(self, snapshot: ConfDir | None = None) -> bool:
         """One pass: make sure our entry is in place. Returns readiness."""
-        snapshot = snapshot or read_conf_dir(self.conf_dir, self.conf_file)
+        if snapshot is None:
+            try:
+                self.recover(finish=True)
+            except (OSError, ConfError) as exc:
+                return self._not_ready(f"cannot finish a step a killed agent left in --cni-conf-dir: {exc}")
+            snapshot = read_conf_dir(self.conf_dir, self.conf_file)
         primary = snapshot.primary
         if primary is None:
             if snapshot.problem:
@@ -239,18 +246,67 @@ class ChainInstaller:
         theirs = data if not conflists.names_us(document) else conflists.render(conflists.without_entry(document))
         original = managed.original if managed is not None and ours_already else theirs
         original_name = managed.original_name if managed is not None and ours_already else name
-        write_atomic(self._backup(original_name), original, mode=0o600)
         if single:
-            write_atomic(self.conf_dir / target, rendered, mode=mode)
-            (self.conf_dir / name).unlink()
+            self._convert(name, target, rendered, mode)
             self.log("info", "converted single-plugin config and added our entry", source=name, path=target)
-        elif write_atomic(source, rendered, mode=mode, expect=data):
+        elif write_atomic(self._backup(original_name), original, mode=0o600) and write_atomic(
+            source, rendered, mode=mode, expect=data
+        ):
             self.log("info", "added our entry to the primary CNI config", path=name)
         else:
             return None  # the primary rewrote its file since we read it: the next pass reads the new one
         self.managed = Managed(target, original_name, original, rendered)
         self.writes += 1
         return target
+
+    def _convert(self, name: str, target: str, rendered: bytes, mode: int) -> None:
+        """`X.conf` becomes `X.conflist` without the runtime ever seeing both: the `.conf` is renamed to its
+        backup (its exact bytes, and no config for a moment), then the conflist is written. A journal written
+        first lets an agent killed in between finish it (`recover`)."""
+        self._journal({"op": "convert", "single": name, "conflist": target})
+        os.rename(self.conf_dir / name, self._backup(name))
+        write_atomic(self.conf_dir / target, rendered, mode=mode)
+        (self.conf_dir / JOURNAL).unlink()
+
+    def _journal(self, step: dict) -> None:
+        write_atomic(self.conf_dir / JOURNAL, json.dumps(step).encode() + b"\n", mode=0o600)
+
+    def recover(self, finish: bool) -> None:
+        """A conversion or restore that a killed agent or uninstall left half done: `finish` it (the agent, with
+        its entry), or undo it (uninstall). Then our temp files that no live writer holds go."""
+        for name in remove_stale_temps(self.conf_dir):
+            self.log("info", "removed a temp file a killed writer left", path=name)
+        path = self.conf_dir / JOURNAL
+        try:
+            step = json.loads(path.read_bytes())
+            single, conflist = self.conf_dir / step["single"], self.conf_dir / step["conflist"]
+            backup = self._backup(step["single"])
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)  # written atomically, so never half: not ours to read
+            return
+        if step["op"] == "convert" and backup.exists() and not single.exists() and not conflist.exists():
+            if finish:
+                document, _ = conflists.parse(step["single"], backup.read_bytes())
+                rendered = conflists.render(conflists.with_entry(document, self.entry))
+                write_atomic(conflist, rendered, mode=backup.stat().st_mode & 0o777)
+                self.log(
+                    "info", "finished converting a single-plugin config that a killed agent left", path=conflist.name
+                )
+            else:
+                os.rename(backup, single)
+                self.log("info", "undid a conversion that a killed agent left", path=single.name)
+        elif step["op"] == "restore" and backup.exists() and not single.exists():
+            conflist.unlink(missing_ok=True)
+            os.rename(backup, single)
+            self.log("info", "finished restoring a single-plugin config that a killed uninstall left", path=single.name)
+        path.unlink(missing_ok=True)
+
+    def remove_backups(self) -> None:
+        """Uninstall's last step, once no config names us: backups of ours left by a killed restore."""
+        for original_name in self._backed_up():
+            self._backup(original_name).unlink(missing_ok=True)
 
     def _foreign(self, name: str) -> bool:
         """Whether a file exists that we did not write (or that changed since we wrote it)."""
@@ -284,14 +340,9 @@ class ChainInstaller:
                 path, current = self.conf_dir / managed.name, None
             if current is not None and current == managed.written:
                 mode = path.stat().st_mode & 0o777
-                restore_to = path if managed.original_name == managed.name else self.conf_dir / managed.original_name
-                if restore_to != path and self._foreign(managed.original_name):
-                    raise ConfError(f"{managed.original_name} appeared since we converted it; not overwriting it")
-                write_atomic(restore_to, managed.original, mode=mode)
                 if managed.original_name != managed.name:
-                    path.unlink()
-                    self.log("info", "restored the original single-plugin config", path=managed.original_name)
-                else:
+                    self._restore_single(managed, path, mode)
+                elif write_atomic(path, managed.original, mode=mode, expect=current):
                     self.log("info", "removed our entry; primary config restored byte for byte", path=managed.name)
             elif current is not None:
                 try:
@@ -303,6 +354,21 @@ class ChainInstaller:
                     self.log("info", "removed our entry from a config the primary changed", path=managed.name)
             self._backup(managed.original_name).unlink(missing_ok=True)
         self.managed = None
+
+    def _restore_single(self, managed: Managed, conflist: Path, mode: int) -> None:
+        """The conversion undone, again never two configs side by side: our conflist goes, then the backup is
+        renamed back to the `.conf` (its exact bytes). Journalled like the conversion."""
+        if self._foreign(managed.original_name):
+            raise ConfError(f"{managed.original_name} appeared since we converted it; not overwriting it")
+        self._journal({"op": "restore", "single": managed.original_name, "conflist": managed.name})
+        conflist.unlink()
+        backup = self._backup(managed.original_name)
+        if backup.exists():
+            os.rename(backup, self.conf_dir / managed.original_name)
+        else:
+            write_atomic(self.conf_dir / managed.original_name, managed.original, mode=mode)
+        (self.conf_dir / JOURNAL).unlink()
+        self.log("info", "restored the original single-plugin config", path=managed.original_name)
 
     # --- readiness ---
 

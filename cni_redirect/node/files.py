@@ -1,12 +1,16 @@
-"""File helpers for the node agent: atomic writes and content digests."""
+"""File helpers for the node agent: atomic writes (and swaps), leftovers of dead writers, content digests."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import hashlib
 import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -37,9 +41,11 @@ def copy_tree_atomic(source: Path, target: Path) -> bool:
 def write_atomic(path: Path, data: bytes, mode: int | None = None, expect: bytes | None = None) -> bool:
     """Write beside the target, fsync, rename: readers see the old file or the new one, never half.
 
-    The file keeps its mode (`mode` None: the target's own, 0644 for a new file). With
-    `expect`, the rename happens only if the target still holds those bytes, so an edit
-    the primary CNI made since we read the file is not overwritten; returns whether it wrote.
+    The file keeps its mode (`mode` None: the target's own, 0644 for a new file). With `expect`, the new
+    file replaces the target only if the target held those bytes at the instant of the swap (`exchange`):
+    an edit the primary CNI made since we read the file, even one landing between our check and our
+    rename, is never overwritten; returns whether it wrote. The temp file is locked while it lives, so a
+    later agent can tell a dead writer's leftover from a live writer's file (`remove_stale_temps`).
     """
     if mode is None:
         try:
@@ -47,24 +53,78 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None, expect: bytes
         except FileNotFoundError:
             mode = 0o644
     tmp = temp_name(path, "tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, mode)  # not subject to umask
-        if expect is not None and path.read_bytes() != expect:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.fchmod(fd, mode)  # not subject to umask
+        if expect is None:
+            os.replace(tmp, path)
+            return True
+        if not exchange(tmp, path):  # no RENAME_EXCHANGE here: check, then rename (a narrow window remains)
+            if path.read_bytes() != expect:
+                tmp.unlink()
+                return False
+            os.replace(tmp, path)
+            return True
+        if tmp.read_bytes() == expect:  # tmp now holds what the target held at the swap
             tmp.unlink()
-            return False
-        os.replace(tmp, path)
-        return True
+            return True
+        exchange(tmp, path)  # changed meanwhile: theirs goes back in place, ours is dropped
+        tmp.unlink()
+        return False
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2: Callable[..., int] | None = None
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two names in one step (renameat2 RENAME_EXCHANGE); False where the kernel or filesystem cannot."""
+    global _renameat2
+    if _renameat2 is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        _renameat2 = getattr(libc, "renameat2", None) or (lambda *_: -2)
+    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == -2:
+        return False
+    if rc != 0:
+        code = ctypes.get_errno()
+        if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return False
+        raise OSError(code, os.strerror(code), str(b))
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Our temp files in `folder` that no live writer holds (an agent killed mid-write left them): removed."""
+    removed = []
+    for name in os.listdir(folder):
+        if not (name.startswith(".") and ".cni-redirect-tmp-" in name):
+            continue
+        path = folder / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live writer holds it
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        removed.append(name)
+    return removed
 
 
 def tree_digest(path: Path) -> str:

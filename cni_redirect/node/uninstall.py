@@ -40,8 +40,9 @@ def uninstall(
             f"a cni-redirect agent is still running on this node ({', '.join(running)}): it would put the entry "
             "back; delete the DaemonSet first (or --force)"
         )
-    snapshot = read_conf_dir(conf_dir, conf_file)
     chain = ChainInstaller(conf_dir, {}, log, conf_file)
+    chain.recover(finish=False)  # a conversion or restore a killed agent or uninstall left half done
+    snapshot = read_conf_dir(conf_dir, conf_file)
     if snapshot.files_naming_us():
         chain.adopt_installed(snapshot)
         chain.uninstall(snapshot)  # the drop-ins, then the inlined entry (the primary's bytes restored)
@@ -54,6 +55,7 @@ def uninstall(
             files=still,
         )
         return still
+    chain.remove_backups()  # what a restore killed after its write left behind
     ownership = Ownership(bin_dir)
     with ownership.installing():
         Bundle(bin_dir, bin_dir, log).remove()

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from cni_redirect.cri import pb
+from cni_redirect.node.confdir import read_conf_dir
 from cni_redirect.testing.containerd import GATEWAY, VERSIONS, Containerd
 from cni_redirect.testing.netlab import HOST, Netns, connect, enabled, sh
 from tests.e2e.conftest import running_containerd
@@ -187,10 +188,8 @@ def remove_daemonset_pod(client, run, sandbox_id: str, container_id: str) -> Non
 
 
 def _entry_in(conflist: Path) -> bool:
-    try:
-        return any(p.get("type") == "cni-redirect" for p in json.loads(conflist.read_bytes())["plugins"])
-    except (OSError, ValueError):
-        return False
+    """Our entry reaches the runtime: inlined in the conflist (edit mode) or as its drop-in (containerd 2.4)."""
+    return read_conf_dir(conflist.parent).entry() is not None
 
 
 class Sampler:
@@ -361,8 +360,8 @@ def check_the_pod_does_its_job(
     )
     print(f"\n[daemonset:{overlay}] ready {time.monotonic() - start:.1f} s after StartContainer")
     assert poll(run.liveness, timeout=10, client=client, container_id=container_id) == 200
-    entry = json.loads(conflist.read_text())["plugins"][-1]
-    assert entry["type"] == "cni-redirect"
+    entry = read_conf_dir(conflist.parent).entry()
+    assert entry is not None and entry["type"] == "cni-redirect"
     assert ("agent_socket" in entry) == (overlay == "base")
     pod = captured_pod(client, overlay)  # containerd reloads the conflist asynchronously
     netns = Netns.at(client.netns(pod))

@@ -3,7 +3,9 @@
 This is what the DaemonSet does on a node, minus Kubernetes: the agent is the
 bundle's own executable (as in the image), serving requests on its socket as
 with the `agent` overlay; the node's CNI config starts without us, and
-containerd reloads it live.
+containerd reloads it live. `--chain-mode` is left at auto: containerd 2.4
+(libcni 1.3) gets our drop-in and its conflist is never written, byte for byte
+at every read of a watcher; containerd 1.6 gets the edit, as before.
 """
 
 from __future__ import annotations
@@ -12,14 +14,39 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from cni_redirect.node.confdir import DROPIN, DROPIN_NAME, EDIT, read_conf_dir
 from cni_redirect.testing.netlab import Netns
-from tests.support import wait_for
+from tests.support import free_port, wait_for
 
-READINESS_PORT = 18498
+READINESS_PORT = free_port()
+
+
+class Watcher:
+    """Reads a file every few milliseconds while the test runs: every distinct content it ever saw."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.seen, self.reads = path, set(), 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(0.005):
+            try:
+                self.seen.add(self.path.read_bytes())
+            except FileNotFoundError:
+                self.seen.add(b"<missing>")
+            self.reads += 1
+
+    def close(self) -> set[bytes]:
+        self.stop.set()
+        self.thread.join()
+        return self.seen
 
 
 def readiness() -> int:
@@ -33,8 +60,10 @@ def readiness() -> int:
 
 def test_agent_installs_into_containerd_keeps_it_on_sigterm_and_uninstall_removes_it(bare_containerd, bundle, tmp_path):
     runtime = bare_containerd.runtime
+    mode = DROPIN if runtime.version == "2.4" else EDIT
     (conflist_path,) = runtime.conf_dir.glob("*.conflist")
     original = conflist_path.read_bytes()
+    watcher = Watcher(conflist_path)
     entry_file = tmp_path / "entry.json"
     entry_file.write_text(json.dumps({"log_file": str(runtime.log_path), "exclude_namespaces": ["kube-system"]}))
 
@@ -61,10 +90,12 @@ def test_agent_installs_into_containerd_keeps_it_on_sigterm_and_uninstall_remove
     )
     try:
         wait_for(lambda: readiness() == 200, timeout=30)
-        document = json.loads(conflist_path.read_text())
-        assert [p["type"] for p in document["plugins"]][-1] == "cni-redirect"
+        view = read_conf_dir(runtime.conf_dir)
+        assert view.mode() == mode, view.describe_mode()
         assert (runtime.bin_dir / "cni-redirect").resolve().is_file()
-        assert document["plugins"][-1]["agent_socket"] == str(agent_socket), "pods go through the warm agent"
+        assert view.entry()["agent_socket"] == str(agent_socket), "pods go through the warm agent"
+        if mode == DROPIN:
+            assert (runtime.conf_dir / json.loads(original)["name"] / DROPIN_NAME).is_file()
 
         bare_containerd.wait_for_reload(expect_plugin=True)
         captured = bare_containerd.run_pod("after-install", annotations={"cni-redirect.io/enabled": "true"})
@@ -75,7 +106,8 @@ def test_agent_installs_into_containerd_keeps_it_on_sigterm_and_uninstall_remove
         agent_log.close()
     lines = [json.loads(line) for line in (tmp_path / "agent.log").read_text().splitlines()]
     assert rc == 0, lines[-5:]
-    assert "cni-redirect" in conflist_path.read_text(), "a stop (a restart as far as the agent knows) keeps the entry"
+    assert read_conf_dir(runtime.conf_dir).mode() == mode, "a stop (a restart as far as the agent knows) keeps it"
+    assert any(line["msg"] == "chain mode" and line["mode"] == mode for line in lines)
     removed = subprocess.run(
         [
             str(bundle / "cni-redirect"),
@@ -90,6 +122,13 @@ def test_agent_installs_into_containerd_keeps_it_on_sigterm_and_uninstall_remove
     )
     assert removed.returncode == 0, removed.stderr
     assert conflist_path.read_bytes() == original, "the primary's file is back to its exact bytes"
+    assert sorted(os.listdir(runtime.conf_dir)) == [conflist_path.name], "nothing of ours is left in the conf dir"
+    seen = watcher.close()
+    print(f"\n[live {mode}] {watcher.reads} reads of the primary, {len(seen)} distinct contents")
+    if mode == DROPIN:
+        assert seen == {original}, "drop-in mode never writes the primary's file"
+    else:
+        assert all(json.loads(content) for content in seen), "valid JSON at every read"
     assert not (runtime.bin_dir / "cni-redirect").exists()
     assert not list(runtime.bin_dir.glob("cni-redirect-bundle-*"))
     assert any(line["msg"].startswith("agent stopped") for line in lines)

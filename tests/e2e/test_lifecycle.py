@@ -7,7 +7,6 @@ starts without us (`bare_containerd`); containerd reloads it live.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import threading
 import time
@@ -18,6 +17,7 @@ import grpc
 import pytest
 
 from cni_redirect.cri import CriClient
+from cni_redirect.node.confdir import read_conf_dir
 from cni_redirect.node.repair import Repairer
 from cni_redirect.testing.containerd import GATEWAY
 from cni_redirect.testing.netlab import HOST, Netns, connect, enabled, host_ruleset
@@ -175,7 +175,7 @@ def test_handover_under_continuous_pod_creation(node):
 
     def sample() -> None:
         while not stop.is_set():
-            samples.append(any(p.get("type") == "cni-redirect" for p in json.loads(conflist.read_text())["plugins"]))
+            samples.append(read_conf_dir(conflist.parent).entry() is not None)  # inlined or its drop-in
             time.sleep(0.01)
 
     def create(worker: int) -> None:

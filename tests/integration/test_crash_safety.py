@@ -1,0 +1,240 @@
+"""Edit mode never loses the admin's config, whatever step a kill -9 lands on (#31 item 2).
+
+The real `cni-redirect install` (the agent) and `cni-redirect uninstall` run under strace, which kills them
+with SIGKILL at the N-th call of one file-changing syscall (`-e inject=SYSCALL:signal=SIGKILL:when=N`), for
+every N until a run gets through: every write, rename, exchange, unlink, mkdir and rmdir of a whole run is a
+kill point. After each kill:
+
+- every config in the conf dir is valid JSON, and no network has two configs (a `.conf` beside its `.conflist`);
+- the same command run again (a restarted agent, a second uninstall) finishes or undoes the step: one config,
+  our entry once (the new one after an upgrade), no temp file or journal left;
+- a final uninstall leaves the conf dir byte-identical to before the install.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cni_redirect.node import conflists
+from cni_redirect.node.confdir import read_conf_dir
+from tests.support import PRIMARY_DIR
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+SYSCALLS = ("write", "rename", "renameat2", "unlink", "rmdir", "mkdir")
+ENTRY_A = {"defaults": {"proxy-uid": "1337"}}
+ENTRY_B = {"defaults": {"proxy-uid": "1400"}}
+KILLED = (-signal.SIGKILL, 128 + signal.SIGKILL)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def strace_required():
+    assert shutil.which("strace"), "strace is missing: run scripts/setup.sh (apt package strace)"
+
+
+class Node:
+    """A temp node: conf dir with one primary, bin dir, a one-file plugin (the bundle is not what is tested)."""
+
+    def __init__(self, root: Path, primary: str) -> None:
+        self.root, self.conf, self.bin = root, root / "conf", root / "bin"
+        self.conf.mkdir(parents=True)
+        self.bin.mkdir()
+        shutil.copy(PRIMARY_DIR / primary, self.conf / primary)
+        self.plugin = root / "plugin"
+        self.plugin.write_text("#!/bin/sh\necho plugin\n")
+        self.plugin.chmod(0o755)
+        self.original = tree(self.conf)
+
+    def entry_file(self, settings: dict) -> Path:
+        path = self.root / f"entry-{len(list(self.root.glob('entry-*')))}.json"
+        path.write_text(json.dumps(settings))
+        return path
+
+    def install_argv(self, settings: dict) -> list[str]:
+        return [
+            *cni_redirect(),
+            "install",
+            f"--cni-bin-dir={self.bin}",
+            f"--cni-conf-dir={self.conf}",
+            f"--plugin-source={self.plugin}",
+            f"--entry-file={self.entry_file(settings)}",
+            "--agent-socket=",
+            "--readiness-port=0",
+            "--repair=off",
+            "--chain-mode=edit",
+            "--cri-socket=/nonexistent/cri.sock",
+        ]
+
+    def uninstall_argv(self) -> list[str]:
+        return [*cni_redirect(), "uninstall", f"--cni-bin-dir={self.bin}", f"--cni-conf-dir={self.conf}"]
+
+    def chained_with(self, settings: dict) -> bool:
+        entry = read_conf_dir(self.conf).entry()
+        return entry is not None and entry.get("defaults") == settings["defaults"] and not self.leftovers()
+
+    def leftovers(self) -> list[str]:
+        return [n for n in os.listdir(self.conf) if ".cni-redirect-tmp-" in n or n == ".cni-redirect-journal"]
+
+
+def cni_redirect() -> list[str]:
+    return [sys.executable, "-m", "cni_redirect"]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def traced(argv: list[str], syscall: str | None, when: int) -> list[str]:
+    if syscall is None:
+        return argv
+    return ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={syscall}",
+            "-e", f"inject={syscall}:signal=SIGKILL:when={when}", "--", *argv]  # fmt: skip
+
+
+ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def run_agent(node: Node, settings: dict, syscall: str | None = None, when: int = 0) -> bool:
+    """The agent until it says it has chained `settings`, then SIGTERM; True if the injected SIGKILL ended it."""
+    log = node.root / f"agent-{time.monotonic_ns()}.log"
+    out = log.open("wb")
+    proc = subprocess.Popen(traced(node.install_argv(settings), syscall, when), stdout=out, stderr=out, env=ENV)
+
+    def done() -> bool:
+        return b'"ready: plugin installed and chained"' in log.read_bytes() and node.chained_with(settings)
+
+    try:
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and not done():
+            assert time.monotonic() < deadline, f"the agent never chained (kill point {syscall}#{when})"
+            time.sleep(0.02)
+        if proc.poll() is None:
+            _terminate_agent(proc)
+        rc = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out.close()
+    assert rc in (0, *KILLED), f"the agent exited {rc} (kill point {syscall}#{when})"
+    return rc in KILLED
+
+
+def _terminate_agent(proc: subprocess.Popen) -> None:
+    """SIGTERM to the agent itself (under strace: strace's child), as kubelet stops it."""
+    pid = proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists() and children.read_text().split():
+        pid = int(children.read_text().split()[0])
+    os.kill(pid, signal.SIGTERM)
+
+
+def run_uninstall(node: Node, syscall: str | None = None, when: int = 0) -> bool:
+    argv = [*node.uninstall_argv(), "--uninstall-grace=0"]
+    proc = subprocess.run(traced(argv, syscall, when), capture_output=True, env=ENV, timeout=60)
+    assert proc.returncode in (0, *KILLED), proc.stderr.decode()[-2000:]
+    return proc.returncode in KILLED
+
+
+def assert_consistent_at_the_kill(node: Node, where: str) -> None:
+    networks: dict[str, str] = {}
+    for name in sorted(os.listdir(node.conf)):
+        if not name.endswith(conflists.CONF_SUFFIXES):
+            continue
+        data = (node.conf / name).read_bytes()
+        try:
+            document, _ = conflists.parse(name, data)
+        except Exception as exc:
+            raise AssertionError(f"{where}: {name} is not a valid config at the kill: {exc}") from None
+        network = document.get("name", "")
+        assert network not in networks, f"{where}: {networks[network]} and {name} both configure {network!r}"
+        networks[network] = name
+
+
+def assert_chained_once(node: Node, settings: dict, where: str) -> None:
+    configs = [n for n in os.listdir(node.conf) if n.endswith(conflists.CONF_SUFFIXES)]
+    assert len(configs) == 1, f"{where}: {configs}"
+    document, _ = conflists.parse(configs[0], (node.conf / configs[0]).read_bytes())
+    ours = [p for p in document["plugins"] if conflists.is_ours(p)]
+    assert len(ours) == 1 and ours[0]["defaults"] == settings["defaults"], f"{where}: {ours}"
+    assert not node.leftovers(), f"{where}: {node.leftovers()}"
+
+
+def kill_points(attempt) -> list[str]:
+    """Every kill point of a run: for each syscall, N = 1, 2, ... until a run is not killed."""
+    covered = []
+    for syscall in SYSCALLS:
+        when = 1
+        while attempt(syscall, when):
+            covered.append(f"{syscall}#{when}")
+            when += 1
+            assert when < 200, f"{syscall}: no end to the kill points"
+    return covered
+
+
+PRIMARIES = ["10-calico.conflist", "10-legacy-bridge.conf"]
+
+
+@pytest.mark.parametrize("primary", PRIMARIES, ids=["insert", "convert"])
+def test_install_killed_at_every_write(tmp_path, primary):
+    def attempt(syscall: str, when: int) -> bool:
+        node = Node(tmp_path / f"{syscall}-{when}", primary)
+        killed = run_agent(node, ENTRY_A, syscall, when)
+        where = f"install {primary} killed at {syscall}#{when}"
+        if killed:
+            assert_consistent_at_the_kill(node, where)
+        run_agent(node, ENTRY_A)  # restarted: it finishes or undoes the step
+        assert_chained_once(node, ENTRY_A, where)
+        assert not run_uninstall(node)
+        assert tree(node.conf) == node.original, f"{where}: uninstall did not restore the conf dir"
+        return killed
+
+    covered = kill_points(attempt)
+    print(f"\n[crash] install {primary}: {len(covered)} kill points: {' '.join(covered)}")
+    assert any(point.startswith("rename") for point in covered) and any(p.startswith("write") for p in covered)
+
+
+def test_an_upgrade_killed_at_every_write(tmp_path):
+    def attempt(syscall: str, when: int) -> bool:
+        node = Node(tmp_path / f"{syscall}-{when}", "10-calico.conflist")
+        run_agent(node, ENTRY_A)
+        killed = run_agent(node, ENTRY_B, syscall, when)
+        where = f"upgrade killed at {syscall}#{when}"
+        if killed:
+            assert_consistent_at_the_kill(node, where)
+        run_agent(node, ENTRY_B)
+        assert_chained_once(node, ENTRY_B, where)
+        assert not run_uninstall(node)
+        assert tree(node.conf) == node.original, f"{where}: uninstall did not restore the conf dir"
+        return killed
+
+    covered = kill_points(attempt)
+    print(f"\n[crash] upgrade: {len(covered)} kill points: {' '.join(covered)}")
+    assert covered
+
+
+@pytest.mark.parametrize("primary", PRIMARIES, ids=["restore", "unconvert"])
+def test_uninstall_killed_at_every_write(tmp_path, primary):
+    def attempt(syscall: str, when: int) -> bool:
+        node = Node(tmp_path / f"{syscall}-{when}", primary)
+        run_agent(node, ENTRY_A)
+        killed = run_uninstall(node, syscall, when)
+        where = f"uninstall {primary} killed at {syscall}#{when}"
+        if killed:
+            assert_consistent_at_the_kill(node, where)
+        assert not run_uninstall(node)  # run again: it finishes
+        assert tree(node.conf) == node.original, f"{where}: the conf dir is not as before the install"
+        return killed
+
+    covered = kill_points(attempt)
+    print(f"\n[crash] uninstall {primary}: {len(covered)} kill points: {' '.join(covered)}")
+    assert any(point.startswith(("rename", "unlink")) for point in covered)

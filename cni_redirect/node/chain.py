@@ -155,6 +155,8 @@ class ChainInstaller:
             target = name if not single and document == desired else self._write(name, data, desired, single)
             if target and any(d.plugin is not None for d in snapshot.dropins):  # drop-in mode before: inlined now
                 self.dropin.uninstall(snapshot)
+            if target:
+                self._release_old_primaries(name, target)
         except OSError as exc:
             return self._not_ready(f"cannot write into --cni-conf-dir {self.conf_dir}: {exc.strerror}")
         if target:
@@ -302,6 +304,42 @@ class ChainInstaller:
             os.rename(backup, single)
             self.log("info", "finished restoring a single-plugin config that a killed uninstall left", path=single.name)
         path.unlink(missing_ok=True)
+
+    def _release_old_primaries(self, *current: str) -> None:
+        """The node's primary changed (flannel to Calico): our entry comes out of the file we edited before (its
+        bytes restored from the backup when nothing else changed), and its backup goes; a backup whose file is
+        gone is dropped. Only files we hold a backup of are touched: another installer's entry is not ours."""
+        if (self.conf_dir / JOURNAL).exists():
+            return  # a step in progress is recover()'s
+        for original_name in self._backed_up():
+            names = {original_name, conflists.conflist_name(original_name)}
+            if names & set(current):
+                continue
+            backup = self._backup(original_name)
+            for name in sorted(names):
+                path = self.conf_dir / name
+                try:
+                    data = path.read_bytes()
+                    document, _ = conflists.parse(name, data)
+                    kept = backup.read_bytes()
+                    theirs = conflists.parse(original_name, kept)[0]
+                except (OSError, ConfError):
+                    continue
+                if not conflists.names_us(document):
+                    continue
+                if name != original_name:  # we converted it: the .conf comes back, as on uninstall
+                    if conflists.without_entry(document) == conflists.without_entry(theirs):
+                        try:
+                            self._restore_single(Managed(name, original_name, kept, data), path, 0o644)
+                        except ConfError as exc:
+                            self.log("warning", "left the former primary config as it is", error=str(exc))
+                        continue
+                    kept = conflists.render(conflists.without_entry(document))
+                elif conflists.without_entry(document) != conflists.without_entry(theirs):
+                    kept = conflists.render(conflists.without_entry(document))
+                if write_atomic(path, kept, expect=data):
+                    self.log("info", "took our entry out of the former primary config", path=name)
+            backup.unlink(missing_ok=True)
 
     def remove_backups(self) -> None:
         """Uninstall's last step, once no config names us: backups of ours left by a killed restore."""

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -238,3 +239,97 @@ def test_uninstall_killed_at_every_write(tmp_path, primary):
     covered = kill_points(attempt)
     print(f"\n[crash] uninstall {primary}: {len(covered)} kill points: {' '.join(covered)}")
     assert any(point.startswith(("rename", "unlink")) for point in covered)
+
+
+# --- a primary that rewrites its conflist in bursts ---
+
+REWRITES = 240
+
+
+def _primary_version(base: dict, version: int) -> bytes:
+    """The primary's own document, version `version` (Calico and flannel rewrite theirs in place, or by rename)."""
+    return (json.dumps({**base, "x-primary-version": f"{version:06d}"}, indent=2) + "\n").encode()
+
+
+@pytest.mark.parametrize("how", ["in-place", "rename"])
+def test_a_primary_rewriting_in_bursts_never_loses_its_last_version(tmp_path, how):
+    node = Node(tmp_path, "10-calico.conflist")
+    path = node.conf / "10-calico.conflist"
+    base = json.loads(path.read_bytes())
+    path.write_bytes(_primary_version(base, 0))
+    reads: list[int] = []
+    bad: list[str] = []
+    stop = threading.Event()
+    primary_writes = [0]  # odd while the primary writes: a read overlapping it is the primary's, not checked
+
+    def reader() -> None:
+        while not stop.is_set():
+            before = primary_writes[0]
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            if before % 2 or primary_writes[0] != before:
+                continue  # an in-place writer is seen half-done by any reader: not ours to answer for
+            try:
+                document = json.loads(data)
+            except ValueError:
+                bad.append(f"invalid JSON: {data[:80]!r}")
+                continue
+            if sum(1 for p in document["plugins"] if conflists.is_ours(p)) > 1:
+                bad.append("our entry twice")
+            reads.append(1)
+
+    def rewrite(version: int) -> None:
+        primary_writes[0] += 1
+        try:
+            _write_version(version)
+        finally:
+            primary_writes[0] += 1
+
+    def _write_version(version: int) -> None:
+        data = _primary_version(base, version)
+        if how == "rename":
+            tmp = node.conf / f".calico-{version}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        else:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))
+            finally:
+                os.close(fd)
+
+    log = (tmp_path / "agent.log").open("wb")
+    agent = subprocess.Popen([*node.install_argv(ENTRY_A), "--recheck-interval=2"], stdout=log, stderr=log, env=ENV)
+    watcher = threading.Thread(target=reader, daemon=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not node.chained_with(ENTRY_A):
+            assert time.monotonic() < deadline and agent.poll() is None, "the agent never chained"
+            time.sleep(0.02)
+        watcher.start()
+        for version in range(1, REWRITES + 1):  # bursts of 20 rewrites 2 ms apart, 150 ms between bursts
+            rewrite(version)
+            time.sleep(0.15 if version % 20 == 0 else 0.002)
+        start = time.monotonic()
+        while True:  # the entry returns, on the primary's last version
+            document = json.loads(path.read_bytes())
+            if any(conflists.is_ours(p) for p in document["plugins"]):
+                break
+            assert time.monotonic() - start < 2 + 1, "our entry did not return within the re-check interval"
+            time.sleep(0.01)
+        assert document.get("x-primary-version") == f"{REWRITES:06d}", "an older version was re-published"
+        assert conflists.without_entry(document) == json.loads(_primary_version(base, REWRITES))
+    finally:
+        stop.set()
+        _terminate_agent(agent)
+        agent.wait(timeout=30)
+        log.close()
+    if watcher.is_alive():
+        watcher.join()
+    print(f"\n[bursts {how}] {REWRITES} rewrites, {len(reads)} reads checked, {len(bad)} bad")
+    assert not bad, bad[:5]
+    assert not run_uninstall(node)
+    assert path.read_bytes() == _primary_version(base, REWRITES), "uninstall restores the primary's last bytes"

@@ -312,3 +312,27 @@ def test_an_upgrade_that_changes_the_entry_keeps_the_primarys_bytes(host):
     assert host.entries("10-flannel.conflist")[0]["defaults"] == {"proxy-uid": "2000"}
     host.uninstall()
     assert (host.conf / "10-flannel.conflist").read_bytes() == original
+
+
+@pytest.mark.parametrize("old", ["10-flannel.conflist", "10-legacy-bridge.conf"])
+@pytest.mark.parametrize("flannel_file", ["kept", "removed"])
+def test_a_new_primary_cleans_the_former_ones_entry_and_backup(host, old, flannel_file):
+    """flannel to Calico: Calico's conflist sorts first and becomes the primary; the file we edited before gets
+    its exact bytes back (or is gone with its backup), and uninstall completes."""
+    flannel = host.put(old)
+    installer = host.agent()
+    installer.install()
+    assert installer.reconcile()
+    if flannel_file == "removed":
+        os.unlink(host.conf / _installed_name(old))
+    calico = host.put("05-cilium.conflist")
+    assert installer.reconcile() and host.entries("05-cilium.conflist")
+    names = sorted(os.listdir(host.conf))
+    assert not [n for n in names if n.startswith(BACKUP_PREFIX) and "cilium" not in n], names
+    if flannel_file == "kept":
+        assert (host.conf / old).read_bytes() == flannel, "the former primary's exact bytes"
+        assert old == _installed_name(old) or not (host.conf / _installed_name(old)).exists(), "a conversion undone"
+    assert read_conf_dir(host.conf).files_naming_us() == ["05-cilium.conflist"]
+    assert host.uninstall() == []
+    assert (host.conf / "05-cilium.conflist").read_bytes() == calico
+    assert not [n for n in os.listdir(host.conf) if n.startswith(".cni-redirect")]

@@ -251,7 +251,7 @@ class ChainInstaller:
         if single:
             self._convert(name, target, rendered, mode)
             self.log("info", "converted single-plugin config and added our entry", source=name, path=target)
-        elif write_atomic(self._backup(original_name), original, mode=0o600) and write_atomic(
+        elif self._keep_backup(original_name, original, ours_already) and write_atomic(
             source, rendered, mode=mode, expect=data
         ):
             self.log("info", "added our entry to the primary CNI config", path=name)
@@ -260,6 +260,14 @@ class ChainInstaller:
         self.managed = Managed(target, original_name, original, rendered)
         self.writes += 1
         return target
+
+    def _keep_backup(self, original_name: str, original: bytes, ours_already: bool) -> bool:
+        """The primary's bytes in their backup. When the file holds our own last write, the backup already has
+        what we would write (read from it, or, without one, re-rendered): it is never overwritten then."""
+        backup = self._backup(original_name)
+        if not (ours_already and backup.exists()):
+            write_atomic(backup, original, mode=0o600)
+        return True
 
     def _convert(self, name: str, target: str, rendered: bytes, mode: int) -> None:
         """`X.conf` becomes `X.conflist` without the runtime ever seeing both: the `.conf` is renamed to its

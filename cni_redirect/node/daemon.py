@@ -285,10 +285,10 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
             services.prepare()  # nothing shared is touched yet
             agent.install()
             services.bind_port()
+            services.take_node()  # the claim first: if it fails (EIO, ENOSPC), the predecessor's socket is untouched
         except OSError as exc:
             log("error", "cannot start: nothing taken over on this node", error=f"{type(exc).__name__}: {exc}")
             return 1
-        services.take_node()
 
         def wake_on_stop() -> None:
             stop.wait()
@@ -346,18 +346,20 @@ class _Services:
         self._open_http()
 
     def take_node(self) -> None:
-        """Publish our socket, claim the node, start repairing: from now on we run it."""
+        """Claim the node, publish our socket, start repairing: from now on we run it. The claim comes first: one
+        that fails leaves the running agent's socket where it is (a rename over it could not be undone)."""
+        self.agent.ownership.claim()
         if self.server is not None:
             self.server.take_path()
-        self.agent.ownership.claim()
         self.state = State.OWNER
         self.watching = None
         if self.http_server is None:
             self._open_http()
         self.repair_stop.clear()
-        self.repairer = _start_repair(
-            self.options, self.log, self.server, self.repair_stop, self.repair_wake, self.metrics
-        )
+        if self.repairer is None:  # taking the node back (after `uninstall --force`): the one we run goes on
+            self.repairer = _start_repair(
+                self.options, self.log, self.server, self.repair_stop, self.repair_wake, self.metrics
+            )
 
     # --- the loop ---
 
@@ -367,7 +369,11 @@ class _Services:
             self.stand_by()
         elif state is State.UNOWNED:
             self.log("info", "the agent that had taken over this node is gone: taking it back")
-            self.take_node()
+            try:
+                self.take_node()
+            except OSError as exc:  # EIO, ENOSPC on the owner file: the next iteration tries again
+                self.log("error", "cannot take the node back", error=f"{type(exc).__name__}: {exc}")
+                return
             self.reconcile()
         else:
             self.keep_socket()

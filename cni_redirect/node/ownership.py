@@ -69,6 +69,12 @@ class Ownership:
         self._life = None
 
     def claim(self) -> None:
+        """Name us in the owner file; first our lifetime lock is put back if someone removed it (`uninstall
+        --force` removes the agents' dir), or every other agent would take us for dead."""
+        if self._life is not None and not (self.dir / f"{self.token}.lock").exists():
+            os.close(self._life)
+            self._life = None
+            self.enter()
         write_atomic(self.owner_file, self.token.encode() + b"\n", mode=0o644)
 
     # --- the node ---

@@ -333,3 +333,57 @@ def test_a_primary_rewriting_in_bursts_never_loses_its_last_version(tmp_path, ho
     assert not bad, bad[:5]
     assert not run_uninstall(node)
     assert path.read_bytes() == _primary_version(base, REWRITES), "uninstall restores the primary's last bytes"
+
+
+# --- ownership: a successor whose claim fails ---
+
+
+def test_a_successor_whose_claim_fails_on_a_full_disk_leaves_the_running_agent_in_charge(tmp_path):
+    """The bin dir is a 1 MiB tmpfs, filled once the running agent owns the node: the successor (same socket path,
+    as in a surge) cannot write the owner file (ENOSPC) and exits 1 without taking anything; the running agent
+    keeps the owner file, its socket (the same inode) and answers."""
+    from cni_redirect import wire
+    from cni_redirect.node.ownership import OWNER_FILE
+
+    node = Node(tmp_path / "node", "10-calico.conflist")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "cnir-full", str(node.bin)], check=True)
+    socket_path = Path(f"/run/cni-redirect/crash-{os.getpid()}.sock")
+    logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("old", "new")}
+    old = new = None
+    try:
+        argv = [*node.install_argv(ENTRY_A), f"--agent-socket={socket_path}"]
+        old = subprocess.Popen(argv, stdout=logs["old"], stderr=logs["old"], env=ENV)
+        deadline = time.monotonic() + 30
+        while not (node.chained_with(ENTRY_A) and socket_path.exists() and (node.bin / OWNER_FILE).exists()):
+            assert time.monotonic() < deadline and old.poll() is None, (tmp_path / "old.log").read_text()[-2000:]
+            time.sleep(0.05)
+        owner, inode = (node.bin / OWNER_FILE).read_bytes(), socket_path.stat().st_ino
+        with (node.bin / "filler").open("wb") as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+            except OSError:
+                pass
+        new = subprocess.Popen(argv, stdout=logs["new"], stderr=logs["new"], env=ENV)
+        assert new.wait(timeout=60) == 1
+        lines = [json.loads(line) for line in (tmp_path / "new.log").read_text().splitlines() if line.startswith("{")]
+        (error,) = [line for line in lines if line["level"] == "error"]
+        assert error["msg"] == "cannot start: nothing taken over on this node" and "No space left" in error["error"]
+        assert (node.bin / OWNER_FILE).read_bytes() == owner, "the running agent still owns the node"
+        assert socket_path.stat().st_ino == inode, "its socket was neither replaced nor unlinked"
+        stdin = json.dumps({"cniVersion": "1.1.0", "name": "n", "type": "cni-redirect"}).encode()
+        assert wire.exchange(str(socket_path), {"CNI_COMMAND": "STATUS"}, stdin, None)[0] == 0, "and it answers"
+        assert old.poll() is None
+    finally:
+        for proc in (new, old):
+            if proc is not None and proc.poll() is None:
+                _terminate_agent(proc)
+                proc.wait(timeout=30)
+        for log in logs.values():
+            log.close()
+        (node.bin / "filler").unlink(missing_ok=True)
+        run_uninstall(node)
+        subprocess.run(["umount", str(node.bin)], check=True)
+        socket_path.unlink(missing_ok=True)
+    assert tree(node.conf) == node.original

@@ -369,3 +369,29 @@ def _port_open(port: int) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def test_uninstall_force_under_a_running_agent_leaves_one_agent_one_repair_thread_and_real_backups(host):
+    """`uninstall --force` removes the entry, backups, bundle, owner file and the agents' lock dir while an agent
+    runs: the agent takes the node back with its own lock file, one repair thread, and a backup of the primary's
+    real bytes; a second uninstall then restores them byte for byte."""
+    import threading
+
+    from cni_redirect.node.ownership import AGENTS_DIR, OWNER_FILE
+    from cni_redirect.node.uninstall import uninstall
+
+    original = host.put("10-calico.conflist")
+    agent = Agent(host, repair="in-place", cri_socket="/nonexistent/cri.sock", recheck_interval=0.2)
+    try:
+        wait_for(lambda: host.entries("10-calico.conflist"))
+        assert uninstall(host.bin, host.conf, JsonLog(host.log), grace=0.0, force=True) == []
+        wait_for(lambda: host.entries("10-calico.conflist") and (host.bin / OWNER_FILE).exists(), timeout=15)
+        token = (host.bin / OWNER_FILE).read_text().strip()
+        assert (host.bin / AGENTS_DIR / f"{token}.lock").exists(), "its lifetime lock is back: others see it alive"
+        assert [t.name for t in threading.enumerate()].count("repair") == 1
+        backups = [n for n in os.listdir(host.conf) if n.startswith(".cni-redirect-original-")]
+        assert [(host.conf / n).read_bytes() for n in backups] == [original], "the backup holds the real bytes"
+    finally:
+        assert agent.terminate() == 0
+    assert host.uninstall() == []
+    assert (host.conf / "10-calico.conflist").read_bytes() == original

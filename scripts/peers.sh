@@ -35,7 +35,7 @@ mkdir -p "$PEERS_DIR/bin"
 export GOFLAGS="${GOFLAGS:--buildvcs=false}" CGO_ENABLED="${CGO_ENABLED:-1}"
 
 build_kubernetes() {  # dest
-  local dest=$1 work staging minor
+  local dest=$1 work staging minor staged
   work=$(mktemp -d)
   trap 'rm -rf "$work"' RETURN
   minor=v0.${KUBERNETES_VERSION#v1.}
@@ -46,7 +46,7 @@ build_kubernetes() {  # dest
     echo "module cni-redirect.local/kubernetes-peers"
     echo; echo "go 1.26.0"; echo; echo "godebug default=go1.26"; echo
     echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
-    for module in $staging; do echo "replace $module => $module $minor"; done
+    for staged in $staging; do echo "replace $staged => $staged $minor"; done
   } >"$work/go.mod"
   printf 'package tools\n\nimport (\n' >"$work/tools.go"
   for cmd in $KUBERNETES_CMDS; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$cmd" >>"$work/tools.go"; done

@@ -20,6 +20,15 @@ from .spec import CATALOGUE, DEFAULT_MAX_SET_ELEMENTS, invalid_config
 ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
 PLUGIN_TYPE = "cni-redirect"
 
+#: Keys of the entry that PluginConf leaves to others, for the docs' table (scripts/gen_docs.py): the front
+#: reads `agent_socket` itself, without a parser (wire.config_agent_socket).
+OTHER_ENTRY_KEYS = {
+    "agent_socket": (
+        "hand requests to the warm node agent on this socket; set by the installer when the agent serves requests",
+        "none: in-process",
+    ),
+}
+
 
 class PluginConf(BaseModel):
     """Our conflist entry, as the admin wrote it plus what the runtime adds."""
@@ -30,16 +39,45 @@ class PluginConf(BaseModel):
     name: str = ""
     type: str = PLUGIN_TYPE
     # JSON's own types, no lax coercion ("true" is not a boolean): status.status_of checks the same without pydantic.
-    capabilities: dict[str, StrictBool] = Field(default_factory=dict)
-    defaults: dict[str, str] = Field(default_factory=dict)
-    exclude_namespaces: list[str] = Field(default_factory=lambda: ["kube-system"])
-    profile: str = OWN_VOCABULARY
-    annotation_policy: Literal["open", "restricted"] = "open"
-    pod_settable: list[str] = Field(default_factory=list)
-    allow_root_proxy_uid: StrictBool = False
-    max_set_elements: StrictInt = Field(DEFAULT_MAX_SET_ELEMENTS, ge=1, le=1_000_000)
-    log_level: Literal["debug", "info", "warning", "error"] = "warning"
-    log_file: str | None = None
+    capabilities: dict[str, StrictBool] = Field(
+        default_factory=dict,
+        description="must declare `io.kubernetes.cri.pod-annotations` so containerd and CRI-O pass annotations",
+        json_schema_extra={"shown": "-"},
+    )
+    defaults: dict[str, str] = Field(
+        default_factory=dict,
+        description="catalogue keys without prefix, string values (numbers and booleans are accepted and turned into strings)",
+    )
+    exclude_namespaces: list[str] = Field(
+        default_factory=lambda: ["kube-system"],
+        description="pods in these namespaces are never touched, annotated or not",
+    )
+    profile: str = Field(
+        OWN_VOCABULARY,
+        description="`cni-redirect`: our annotations only. `istio`, `linkerd`: also read the mesh's own annotations with its semantics and defaults ([Meshes](#meshes-istio-and-linkerd))",
+    )
+    annotation_policy: Literal["open", "restricted"] = Field(
+        "open",
+        description='`open`: annotations override defaults. `restricted`: a pod may only opt in (`enabled: "true"` where the default is `false`); every other `cni-redirect.io/` annotation is ignored (and logged) unless its key is in `pod_settable`, so only the admin decides what escapes capture',
+    )
+    pod_settable: list[str] = Field(
+        default_factory=list,
+        description='catalogue keys a pod may still set under `restricted`, e.g. `["exclude-inbound-ports"]`: the admin\'s explicit decision',
+    )
+    allow_root_proxy_uid: StrictBool = Field(
+        False, description="allow UID/GID 0 in `proxy-uid`, `proxy-gid`, `exclude-uids`"
+    )
+    max_set_elements: StrictInt = Field(
+        DEFAULT_MAX_SET_ELEMENTS, ge=1, le=1_000_000, description="most entries per list after merging"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "warning",
+        description="what reaches stderr: `debug`, `info`, `warning`, `error`. libcni hands a plugin's stderr to its caller, so podman would print info lines on the user's terminal",
+    )
+    log_file: str | None = Field(
+        None,
+        description="every command appends one JSON line, whatever `log_level`: command, pod, container, duration, outcome, note",
+    )
     prev_result: dict | None = Field(None, alias="prevResult")
     runtime_config: dict = Field(default_factory=dict, alias="runtimeConfig")
 

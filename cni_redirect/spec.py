@@ -40,9 +40,12 @@ ANNOTATION_PREFIX = "cni-redirect.io/"
 DEFAULT_MAX_SET_ELEMENTS = 16384
 
 
-def _key(text: str, *, list_: bool = False, opt_in: bool = False) -> Any:
-    """A catalogue entry: the built-in default as an annotation would spell it, and what kind of key it is."""
-    return Field(text, validate_default=True, json_schema_extra={"list": list_, "opt_in": opt_in})
+def _key(text: str, description: str, *, list_: bool = False, opt_in: bool = False) -> Any:
+    """A catalogue entry: the built-in default as an annotation would spell it, what it does (the docs' catalogue
+    table is generated from it: scripts/gen_docs.py), and what kind of key it is."""
+    return Field(
+        text, description=description, validate_default=True, json_schema_extra={"list": list_, "opt_in": opt_in}
+    )
 
 
 class CaptureSpec(BaseModel):
@@ -56,28 +59,58 @@ class CaptureSpec(BaseModel):
         frozen=True, extra="forbid", populate_by_name=True, alias_generator=lambda name: name.replace("_", "-")
     )
 
-    enabled: Bool = _key("false", opt_in=True)
-    proxy_uid: Uid = _key("1337")
-    proxy_gid: OptionalGid = _key("")
-    exclude_uids: UidList = _key("", list_=True)
-    outbound_port: Port = _key("15001")
-    inbound_port: Port = _key("15006")
-    inbound_mode: InboundMode = _key("redirect")
-    include_outbound_ports: PortSelection = _key("*", list_=True)
-    exclude_outbound_ports: PortList = _key("", list_=True)
-    capture_outbound_ports: PortList = _key("", list_=True)
-    include_outbound_cidrs: NetworkSelection = _key("*", list_=True)
-    exclude_outbound_cidrs: NetworkList = _key("", list_=True)
-    include_inbound_ports: PortSelection = _key("*", list_=True)
-    exclude_inbound_ports: PortList = _key("", list_=True)
-    exclude_inbound_cidrs: NetworkList = _key("", list_=True)
-    exclude_interfaces: InterfaceList = _key("", list_=True)
-    reroute_interfaces: InterfaceList = _key("", list_=True)
-    loopback_cidrs: NetworkList = _key("127.0.0.0/8,::1/128", list_=True)
-    capture_own_ip: Bool = _key("true")
-    capture_ipv6: Bool = _key("true")
-    capture_dns: Bool = _key("false")
-    dns_port: Port = _key("15053")
+    enabled: Bool = _key("false", "`true` / `false`; only `true` programs rules", opt_in=True)
+    proxy_uid: Uid = _key("1337", "UID whose traffic is never captured (the proxy)")
+    proxy_gid: OptionalGid = _key("", "GID also exempt")
+    exclude_uids: UidList = _key(
+        "", "comma list of further exempt UIDs (init containers that need the network)", list_=True
+    )
+    outbound_port: Port = _key("15001", "port the proxy listens on for captured outbound traffic")
+    inbound_port: Port = _key("15006", "port the proxy listens on for captured inbound traffic")
+    inbound_mode: InboundMode = _key(
+        "redirect",
+        "`redirect` (nat) or `tproxy`: the proxy's transparent socket sees the connection as dialled",
+    )
+    include_outbound_ports: PortSelection = _key(
+        "*", "`*` or ports and ranges, `80,443,8000-8100`; empty: no outbound capture", list_=True
+    )
+    exclude_outbound_ports: PortList = _key(
+        "",
+        "ports and ranges never captured outbound (TCP, and UDP when DNS is captured: excluding 53 turns DNS capture off)",
+        list_=True,
+    )
+    capture_outbound_ports: PortList = _key(
+        "", "TCP ports captured whatever `include-outbound-cidrs` says (Istio's `includeOutboundPorts`)", list_=True
+    )
+    include_outbound_cidrs: NetworkSelection = _key(
+        "*", "`*` or IPv4/IPv6 CIDRs; empty: no outbound capture", list_=True
+    )
+    exclude_outbound_cidrs: NetworkList = _key("", "CIDRs never captured", list_=True)
+    include_inbound_ports: PortSelection = _key("*", "`*`, a list, or empty (no inbound capture)", list_=True)
+    exclude_inbound_ports: PortList = _key("", "ports never captured inbound (e.g. kubelet probe ports)", list_=True)
+    exclude_inbound_cidrs: NetworkList = _key(
+        "", "source CIDRs whose inbound connections are never captured (Linkerd's `skip-subnets`)", list_=True
+    )
+    exclude_interfaces: InterfaceList = _key("", "interface names whose traffic is never captured", list_=True)
+    reroute_interfaces: InterfaceList = _key(
+        "",
+        "TCP arriving on these interfaces (a VM's tap in KubeVirt) is the pod's outbound: it goes to the outbound port",
+        list_=True,
+    )
+    loopback_cidrs: NetworkList = _key(
+        "127.0.0.0/8,::1/128",
+        "destinations on `lo` that are the pod talking to itself; the proxy's traffic over `lo` to any other address goes inbound. Istio counts only `127.0.0.1/32,::1/128`",
+        list_=True,
+    )
+    capture_own_ip: Bool = _key(
+        "true", "`false`: the proxy calling its own pod's IP is not sent to the inbound port (Linkerd's behaviour)"
+    )
+    capture_ipv6: Bool = _key(
+        "true",
+        "`false`: IPv6 is never captured, in or out (DNS included), and TPROXY routes IPv4 only: a dual-stack pod whose proxy listens on IPv4 alone (Istio without `ISTIO_DUAL_STACK`)",
+    )
+    capture_dns: Bool = _key("false", "`true`: UDP and TCP port 53 go to the DNS port")
+    dns_port: Port = _key("15053", "the proxy's DNS port")
 
     @field_validator("proxy_uid", "proxy_gid", "exclude_uids")
     @classmethod

@@ -32,11 +32,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-scripts/venv.sh
 if [ "$demo" = 1 ]; then
+  scripts/venv.sh --runtime
   echo "setup: ready for the demo (.venv/bin/cni-redirect)" >&2
   exit 0
 fi
+scripts/venv.sh
 # The real peers and the current runtime (containerd 2.4, crictl, CNI plugins v1.10, istio-cni, pilot-agent),
 # built from the Go module proxy once per machine into a cache outside the repo (scripts/peers.sh).
 peers_bin=$(scripts/peers.sh)

@@ -173,14 +173,14 @@ def test_crio_uses_crios_socket(base):
 
 
 def _readme_kustomization() -> str:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "install.md").read_text()
     match = re.search(r"```yaml\n(# my-cluster/kustomization.yaml.*?)```", text, re.S)
-    assert match, "the README's combined-components kustomization is gone"
+    assert match, "docs/install.md's combined-components kustomization is gone"
     return match.group(1)
 
 
 def test_the_readmes_combination_of_components_renders(base, tmp_path):
-    """GKE paths and the minimal install together, exactly as the README writes it, in a dir beside install/."""
+    """GKE paths and the minimal install together, exactly as docs/install.md writes it, beside install/."""
     shutil.copytree(K8S, tmp_path / "install" / "kubernetes")
     mine = tmp_path / "my-cluster"
     mine.mkdir()

@@ -46,7 +46,9 @@ class PluginConf(BaseModel):
     )
     defaults: dict[str, str] = Field(
         default_factory=dict,
-        description="catalogue keys without prefix, string values (numbers and booleans are accepted and turned into strings)",
+        description=(
+            "catalogue keys without prefix, string values (numbers and booleans are accepted and turned into strings)"
+        ),
     )
     exclude_namespaces: list[str] = Field(
         default_factory=lambda: ["kube-system"],
@@ -54,15 +56,25 @@ class PluginConf(BaseModel):
     )
     profile: str = Field(
         OWN_VOCABULARY,
-        description="`cni-redirect`: our annotations only. `istio`, `linkerd`: also read the mesh's own annotations with its semantics and defaults ([Meshes](#meshes-istio-and-linkerd))",
+        description=(
+            "`cni-redirect`: our annotations only. `istio`, `linkerd`: also read the mesh's own annotations "
+            "with its semantics and defaults ([Meshes](#meshes-istio-and-linkerd))"
+        ),
     )
     annotation_policy: Literal["open", "restricted"] = Field(
         "open",
-        description='`open`: annotations override defaults. `restricted`: a pod may only opt in (`enabled: "true"` where the default is `false`); every other `cni-redirect.io/` annotation is ignored (and logged) unless its key is in `pod_settable`, so only the admin decides what escapes capture',
+        description=(
+            '`open`: annotations override defaults. `restricted`: a pod may only opt in (`enabled: "true"` '
+            "where the default is `false`); every other `cni-redirect.io/` annotation is ignored (and "
+            "logged) unless its key is in `pod_settable`, so only the admin decides what escapes capture"
+        ),
     )
     pod_settable: list[str] = Field(
         default_factory=list,
-        description='catalogue keys a pod may still set under `restricted`, e.g. `["exclude-inbound-ports"]`: the admin\'s explicit decision',
+        description=(
+            'catalogue keys a pod may still set under `restricted`, e.g. `["exclude-inbound-ports"]`: the '
+            "admin's explicit decision"
+        ),
     )
     allow_root_proxy_uid: StrictBool = Field(
         False, description="allow UID/GID 0 in `proxy-uid`, `proxy-gid`, `exclude-uids`"
@@ -72,11 +84,17 @@ class PluginConf(BaseModel):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "warning",
-        description="what reaches stderr: `debug`, `info`, `warning`, `error`. libcni hands a plugin's stderr to its caller, so podman would print info lines on the user's terminal",
+        description=(
+            "what reaches stderr: `debug`, `info`, `warning`, `error`. libcni hands a plugin's stderr to its "
+            "caller, so podman would print info lines on the user's terminal"
+        ),
     )
     log_file: str | None = Field(
         None,
-        description="every command appends one JSON line, whatever `log_level`: command, pod, container, duration, outcome, note",
+        description=(
+            "every command appends one JSON line, whatever `log_level`: command, pod, container, duration, "
+            "outcome, note"
+        ),
     )
     prev_result: dict | None = Field(None, alias="prevResult")
     runtime_config: dict = Field(default_factory=dict, alias="runtimeConfig")

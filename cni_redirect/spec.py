@@ -76,7 +76,10 @@ class CaptureSpec(BaseModel):
     )
     exclude_outbound_ports: PortList = _key(
         "",
-        "ports and ranges never captured outbound (TCP, and UDP when DNS is captured: excluding 53 turns DNS capture off)",
+        (
+            "ports and ranges never captured outbound (TCP, and UDP when DNS is captured: excluding 53 turns "
+            "DNS capture off)"
+        ),
         list_=True,
     )
     capture_outbound_ports: PortList = _key(
@@ -99,7 +102,10 @@ class CaptureSpec(BaseModel):
     )
     loopback_cidrs: NetworkList = _key(
         "127.0.0.0/8,::1/128",
-        "destinations on `lo` that are the pod talking to itself; the proxy's traffic over `lo` to any other address goes inbound. Istio counts only `127.0.0.1/32,::1/128`",
+        (
+            "destinations on `lo` that are the pod talking to itself; the proxy's traffic over `lo` to any "
+            "other address goes inbound. Istio counts only `127.0.0.1/32,::1/128`"
+        ),
         list_=True,
     )
     capture_own_ip: Bool = _key(
@@ -107,7 +113,10 @@ class CaptureSpec(BaseModel):
     )
     capture_ipv6: Bool = _key(
         "true",
-        "`false`: IPv6 is never captured, in or out (DNS included), and TPROXY routes IPv4 only: a dual-stack pod whose proxy listens on IPv4 alone (Istio without `ISTIO_DUAL_STACK`)",
+        (
+            "`false`: IPv6 is never captured, in or out (DNS included), and TPROXY routes IPv4 only: a "
+            "dual-stack pod whose proxy listens on IPv4 alone (Istio without `ISTIO_DUAL_STACK`)"
+        ),
     )
     capture_dns: Bool = _key("false", "`true`: UDP and TCP port 53 go to the DNS port")
     dns_port: Port = _key("15053", "the proxy's DNS port")

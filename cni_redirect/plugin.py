@@ -1,6 +1,7 @@
 """ADD, DEL, CHECK, STATUS and GC for the cni-redirect chained plugin.
 
-Each command reads straight down: parse the config, evaluate
+Each command is a function of one frozen `Invocation` (as skel's commands take CmdArgs) and reads straight
+down: parse the config, evaluate
 (evaluation.py), do the one kernel operation in a session on the pod's
 netns, return. Everything that can be wrong
 with the input is found before the backend is called, so a failed ADD
@@ -12,6 +13,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .backend import Backend, KernelBackend
 from .config import PluginConf, PodRef, parse_cni_args, parse_conf, pod_ref
@@ -23,135 +26,178 @@ from .skel import Request, dispatch
 from .status import status_of
 
 
+@dataclass(frozen=True)
+class Invocation:
+    """One CNI call and what it acts on, fixed when it arrives (skel's CmdArgs, plus the binding): the request
+    (env and config, the netns path), the backend that reaches the netns, the log, who does the work
+    ("in-process", or "cni-server"), why it is in-process when a server was configured, and when it started."""
+
+    request: Request
+    backend: Backend
+    log: EventLog
+    via: str = "in-process"
+    fallback: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def pod(self) -> PodRef:
+        return pod_ref(parse_cni_args(self.request.args))
+
+
+# --- the commands: functions of one invocation, nothing kept between calls ---
+
+
+def cmd_add(call: Invocation) -> dict:
+    conf = _conf(call)
+    if conf.prev_result is None:
+        raise InvalidConfig(
+            "prevResult is missing: cni-redirect must be called as a chained plugin, after the primary CNI plugin"
+        )
+    result = convert_result(conf.prev_result, call.request.cni_version)
+    evaluation = _evaluate(call, conf)
+    if evaluation.ruleset is not None:
+        with call.backend.session(call.request.netns) as session:
+            session.apply(evaluation.ruleset)
+    _finish(call, evaluation.reason)
+    return result
+
+
+def cmd_del(call: Invocation) -> None:
+    try:
+        _conf(call)
+    except InvalidConfig as error:  # a broken conflist must not block pod teardown
+        call.log.log("warning", f"DEL continues despite an invalid config: {error.msg}")
+    if not call.request.netns:
+        _finish(call, "nothing to do: CNI_NETNS is empty")
+        return
+    try:
+        with call.backend.session(call.request.netns) as session:
+            removed = session.remove()
+    except (NetnsGone, NotANetns):
+        removed = False  # the sandbox is gone, and our table with it
+    _finish(call, "removed table" if removed else "nothing to do: no table")
+
+
+def cmd_check(call: Invocation) -> None:
+    conf = _conf(call)
+    if conf.prev_result is None:
+        raise InvalidConfig("prevResult is missing: CHECK needs the result of the ADD it checks")
+    evaluation = _evaluate(call, conf)
+    with call.backend.session(call.request.netns) as session:
+        observed = session.observe(evaluation.wants_routing, evaluation.read_bound)
+    drift = compare(evaluation, observed)
+    if drift is not None:
+        raise InternalError(drift.message, drift.details)
+    _finish(call, f"consistent: {evaluation.reason}")
+
+
+def cmd_status(call: Invocation) -> None:
+    """The same answer the front gives without us (`status.status_of`), then the backend's own check."""
+    _settled(call)
+    call.backend.status()
+    _finish(call, "ready")
+
+
+def cmd_gc(call: Invocation) -> None:
+    """Nothing to collect: every rule we make lives and dies with its pod netns."""
+    _settled(call)
+    _finish(call, "nothing to collect")
+
+
+COMMANDS: dict[str, Callable[[Invocation], dict | None]] = {
+    "ADD": cmd_add,
+    "DEL": cmd_del,
+    "CHECK": cmd_check,
+    "STATUS": cmd_status,
+    "GC": cmd_gc,
+}
+
+
+# --- what every command does first and last ---
+
+
+def _configure_log(call: Invocation) -> None:
+    """First, so that even a config error reaches the admin's log file."""
+    config = call.request.config
+    level, path = config.get("log_level"), config.get("log_file")
+    call.log.configure(level if isinstance(level, str) else "warning", path if isinstance(path, str) else None)
+    if call.fallback:
+        call.log.log("warning", call.fallback)
+
+
+def _conf(call: Invocation) -> PluginConf:
+    _configure_log(call)
+    return parse_conf(call.request.config)
+
+
+def _settled(call: Invocation) -> None:
+    _configure_log(call)
+    problem = status_of(call.request.command, call.request.config)
+    if problem is not None:
+        raise problem
+
+
+def _evaluate(call: Invocation, conf: PluginConf) -> Evaluation:
+    evaluation = evaluate(conf, call.pod)
+    for level, message in evaluation.notes:
+        call.log.log(level, message)
+    evaluation.raise_if_invalid()
+    return evaluation
+
+
+_FOR_A_POD = ("ADD", "CHECK", "DEL")  # the commands whose event names the pod
+
+
+def _event_fields(call: Invocation) -> dict[str, object]:
+    request = call.request
+    return {
+        "command": request.command,
+        "container_id": request.container_id[:16],
+        "pod": str(call.pod) if request.command in _FOR_A_POD else None,
+        "duration_ms": round((time.monotonic() - call.started) * 1000, 2),
+    }
+
+
+def _finish(call: Invocation, outcome: str) -> None:
+    note = NO_NAMESPACE_NOTE if call.request.command in _FOR_A_POD and call.pod.namespace is None else None
+    call.log.event(**_event_fields(call), outcome=outcome, via=call.via, note=note, fallback=call.fallback)
+
+
+@dataclass(frozen=True)
 class RedirectPlugin:
-    """The plugin's commands, over an injectable backend and log."""
+    """The commands bound to what they act on (skel's PluginMainFuncs): a backend, a log, who does the work.
+    Frozen: each call builds its own `Invocation`; nothing is kept from one call to the next."""
 
-    def __init__(
-        self,
-        backend: Backend | None = None,
-        log: EventLog | None = None,
-        fallback: str | None = None,
-        via: str = "in-process",
-    ) -> None:
-        self.backend: Backend = backend if backend is not None else KernelBackend()
-        self.log = log if log is not None else EventLog()
-        self.via = via  # who did the work: "in-process" (the plugin's own process) or "cni-server"
-        self._started = time.monotonic()
-        self._notes: dict[str, object] = {"fallback": fallback} if fallback else {}
+    backend: Backend = field(default_factory=KernelBackend)
+    log: EventLog = field(default_factory=EventLog)
+    fallback: str | None = None
+    via: str = "in-process"
+    started: float = field(default_factory=time.monotonic)  # the request's arrival: one binding serves one request
 
-    # --- commands ---
+    def invocation(self, request: Request) -> Invocation:
+        return Invocation(request, self.backend, self.log, self.via, self.fallback, self.started)
 
     def add(self, request: Request) -> dict:
-        conf = self._conf(request)
-        if conf.prev_result is None:
-            raise InvalidConfig(
-                "prevResult is missing: cni-redirect must be called as a chained plugin, after the primary CNI plugin"
-            )
-        result = convert_result(conf.prev_result, request.cni_version)
-        evaluation = self._evaluate(conf, request)
-        if evaluation.ruleset is not None:
-            with self.backend.session(request.netns) as session:
-                session.apply(evaluation.ruleset)
-        self._finish(request, evaluation.reason)
-        return result
+        return cmd_add(self.invocation(request))
 
     def delete(self, request: Request) -> None:
-        try:
-            self._conf(request)
-        except InvalidConfig as error:  # a broken conflist must not block pod teardown
-            self.log.log("warning", f"DEL continues despite an invalid config: {error.msg}")
-        self._pod(request)
-        if not request.netns:
-            self._finish(request, "nothing to do: CNI_NETNS is empty")
-            return
-        try:
-            with self.backend.session(request.netns) as session:
-                removed = session.remove()
-        except (NetnsGone, NotANetns):
-            removed = False  # the sandbox is gone, and our table with it
-        self._finish(request, "removed table" if removed else "nothing to do: no table")
+        cmd_del(self.invocation(request))
 
     def check(self, request: Request) -> None:
-        conf = self._conf(request)
-        if conf.prev_result is None:
-            raise InvalidConfig("prevResult is missing: CHECK needs the result of the ADD it checks")
-        evaluation = self._evaluate(conf, request)
-        with self.backend.session(request.netns) as session:
-            observed = session.observe(evaluation.wants_routing, evaluation.read_bound)
-        drift = compare(evaluation, observed)
-        if drift is not None:
-            raise InternalError(drift.message, drift.details)
-        self._finish(request, f"consistent: {evaluation.reason}")
+        cmd_check(self.invocation(request))
 
     def status(self, request: Request) -> None:
-        """The same answer the front gives without us (`status.status_of`), then the backend's own check."""
-        self._settled(request)
-        self.backend.status()
-        self._finish(request, "ready")
+        cmd_status(self.invocation(request))
 
     def gc(self, request: Request) -> None:
-        """Nothing to collect: every rule we make lives and dies with its pod netns."""
-        self._settled(request)
-        self._finish(request, "nothing to collect")
-
-    def _settled(self, request: Request) -> None:
-        self._configure_log(request)
-        problem = status_of(request.command, request.config)
-        if problem is not None:
-            raise problem
-
-    # --- bookkeeping ---
-
-    def _conf(self, request: Request) -> PluginConf:
-        self._configure_log(request)
-        return parse_conf(request.config)
-
-    def _configure_log(self, request: Request) -> None:
-        """First, so that even a config error reaches the admin's log file."""
-        level, path = request.config.get("log_level"), request.config.get("log_file")
-        self.log.configure(level if isinstance(level, str) else "warning", path if isinstance(path, str) else None)
-        if "fallback" in self._notes and not self._notes.get("warned"):
-            self._notes["warned"] = True
-            self.log.log("warning", str(self._notes["fallback"]))
-
-    def _evaluate(self, conf: PluginConf, request: Request) -> Evaluation:
-        evaluation = evaluate(conf, self._pod(request))
-        for level, message in evaluation.notes:
-            self.log.log(level, message)
-        evaluation.raise_if_invalid()
-        return evaluation
-
-    def _pod(self, request: Request) -> PodRef:
-        pod = pod_ref(parse_cni_args(request.args))
-        self._notes["pod"] = str(pod)
-        if pod.namespace is None:
-            self._notes["note"] = NO_NAMESPACE_NOTE
-        return pod
-
-    def _finish(self, request: Request, outcome: str) -> None:
-        self.log.event(
-            command=request.command,
-            container_id=request.container_id[:16],
-            pod=self._notes.get("pod"),
-            duration_ms=round((time.monotonic() - self._started) * 1000, 2),
-            outcome=outcome,
-            via=self.via,
-            note=self._notes.get("note"),
-            fallback=self._notes.get("fallback"),
-        )
+        cmd_gc(self.invocation(request))
 
     def report_failure(self, request: Request | None, error: CniError) -> None:
-        self.log.event(
-            command=request.command if request else None,
-            container_id=request.container_id[:16] if request else None,
-            pod=self._notes.get("pod"),
-            duration_ms=round((time.monotonic() - self._started) * 1000, 2),
-            outcome="error",
-            via=self.via,
-            code=error.code,
-            msg=error.msg,
-            fallback=self._notes.get("fallback"),
-        )
+        fields: dict[str, object] = {"command": None, "container_id": None, "pod": None}
+        if request is not None:
+            fields = _event_fields(self.invocation(request))
+        fields["duration_ms"] = round((time.monotonic() - self.started) * 1000, 2)
+        self.log.event(**fields, outcome="error", via=self.via, code=error.code, msg=error.msg, fallback=self.fallback)
 
 
 def run_in_process(stdin: bytes, fallback: str | None = None) -> int:

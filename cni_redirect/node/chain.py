@@ -85,6 +85,7 @@ class Managed:
     original_name: str  # the primary's file (differs when we converted a .conf)
     original: bytes  # the primary's bytes just before our latest write
     written: bytes  # our latest write
+    rendered: bool = False  # `original` was re-rendered (no backup matched): never written as a backup
 
 
 class ChainInstaller:
@@ -151,8 +152,12 @@ class ChainInstaller:
         desired = conflists.with_entry(document, self.entry)
         if not single and conflists.names_us(document) and (self.managed is None or self.managed.name != name):
             self._adopt(name, data, document)  # a restarted or upgraded agent: the primary's bytes are in a backup
+        target: str | None = name
         try:
-            target = name if not single and document == desired else self._write(name, data, desired, single)
+            if not single and document == desired:
+                self._heal_backup(name, data)
+            else:
+                target = self._write(name, data, desired, single)
             if target and any(d.plugin is not None for d in snapshot.dropins):  # drop-in mode before: inlined now
                 self.dropin.uninstall(snapshot)
             if target:
@@ -216,7 +221,7 @@ class ChainInstaller:
                     return
             except (OSError, ConfError):
                 continue
-        self.managed = Managed(name, name, conflists.render(primary), data)
+        self.managed = Managed(name, name, conflists.render(primary), data, rendered=True)
 
     def _backed_up(self) -> list[str]:
         """The names whose primary bytes we keep a backup of, from the backup files' own names."""
@@ -248,24 +253,25 @@ class ChainInstaller:
         theirs = data if not conflists.names_us(document) else conflists.render(conflists.without_entry(document))
         original = managed.original if managed is not None and ours_already else theirs
         original_name = managed.original_name if managed is not None and ours_already else name
+        re_rendered = managed.rendered if managed is not None and ours_already else theirs is not data
         if single:
             self._convert(name, target, rendered, mode)
             self.log("info", "converted single-plugin config and added our entry", source=name, path=target)
-        elif self._keep_backup(original_name, original, ours_already) and write_atomic(
+        elif self._keep_backup(original_name, original, ours_already or re_rendered) and write_atomic(
             source, rendered, mode=mode, expect=data
         ):
             self.log("info", "added our entry to the primary CNI config", path=name)
         else:
             return None  # the primary rewrote its file since we read it: the next pass reads the new one
-        self.managed = Managed(target, original_name, original, rendered)
+        self.managed = Managed(target, original_name, original, rendered, re_rendered)
         self.writes += 1
         return target
 
-    def _keep_backup(self, original_name: str, original: bytes, ours_already: bool) -> bool:
+    def _keep_backup(self, original_name: str, original: bytes, keep_existing: bool) -> bool:
         """The primary's bytes in their backup. When the file holds our own last write, the backup already has
-        what we would write (read from it, or, without one, re-rendered): it is never overwritten then."""
+        what we would write; bytes we re-rendered never replace a backup that is there."""
         backup = self._backup(original_name)
-        if not (ours_already and backup.exists()):
+        if not (keep_existing and backup.exists()):
             write_atomic(backup, original, mode=0o600)
         return True
 
@@ -349,10 +355,29 @@ class ChainInstaller:
                     self.log("info", "took our entry out of the former primary config", path=name)
             backup.unlink(missing_ok=True)
 
+    def _heal_backup(self, name: str, data: bytes) -> None:
+        """Our last write is in place but its backup is gone (`uninstall --force` beside a running agent): put
+        the primary's bytes we hold back, so a later uninstall still restores them byte for byte."""
+        managed = self.managed
+        if managed is None or managed.name != name or managed.written != data or managed.rendered:
+            return
+        backup = self._backup(managed.original_name)
+        if not backup.exists():
+            write_atomic(backup, managed.original, mode=0o600)
+            self.log("info", "put back the backup of the primary's bytes", path=backup.name)
+
     def remove_backups(self) -> None:
-        """Uninstall's last step, once no config names us: backups of ours left by a killed restore."""
+        """Uninstall's last step: backups of ours that no config needs (left by a killed restore). One whose
+        config names us again (an agent put the entry back meanwhile) stays."""
         for original_name in self._backed_up():
-            self._backup(original_name).unlink(missing_ok=True)
+            names_us = False
+            for name in {original_name, conflists.conflist_name(original_name)}:
+                try:
+                    names_us |= conflists.names_us(conflists.parse(name, (self.conf_dir / name).read_bytes())[0])
+                except (OSError, ConfError):
+                    continue
+            if not names_us:
+                self._backup(original_name).unlink(missing_ok=True)
 
     def _foreign(self, name: str) -> bool:
         """Whether a file exists that we did not write (or that changed since we wrote it)."""

@@ -389,8 +389,11 @@ def test_uninstall_force_under_a_running_agent_leaves_one_agent_one_repair_threa
         token = (host.bin / OWNER_FILE).read_text().strip()
         assert (host.bin / AGENTS_DIR / f"{token}.lock").exists(), "its lifetime lock is back: others see it alive"
         assert [t.name for t in threading.enumerate()].count("repair") == 1
-        backups = [n for n in os.listdir(host.conf) if n.startswith(".cni-redirect-original-")]
-        assert [(host.conf / n).read_bytes() for n in backups] == [original], "the backup holds the real bytes"
+
+        def backups() -> list[bytes]:
+            return [(host.conf / n).read_bytes() for n in os.listdir(host.conf) if n.startswith(".cni-redirect-orig")]
+
+        wait_for(lambda: backups() == [original], timeout=5)  # even if the uninstall removed one it had just written
     finally:
         assert agent.terminate() == 0
     assert host.uninstall() == []

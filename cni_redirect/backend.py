@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
+from .bounds import DEFAULT_BOUND, Bound
 from .errors import KernelError, NotAvailable
 from .netns import NetnsOpener, entered, open_netns
-from .nftsize import DEFAULT_BOUND, Bound, over, table_exists
+from .nftsize import over, table_exists
 from .routing import KernelRoutes, Routes
 from .ruleset import FAMILY, TABLE, Observed, Ruleset, normalize
 

@@ -20,10 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .bounds import DEFAULT_BOUND, Bound, bound_for
 from .build import build_ruleset
 from .config import ANNOTATIONS_CAPABILITY, PluginConf, PodRef, parse_conf
 from .errors import CniError
-from .nftsize import DEFAULT_BOUND, Bound, bound_for
 from .profiles import profile_named
 from .ruleset import FAMILY, TABLE, Observed, Ruleset, describe, normalize
 from .settings import Setting, is_enabled, merge_settings

@@ -36,8 +36,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .backend import Observed, TableOps
+from .bounds import Bound, counts
 from .errors import KernelError, NetnsGone
-from .nftsize import Bound, counts
 from .nfttext import nft_text
 from .ruleset import FAMILY, TABLE, TPROXY_MARK, PolicyRouting, Ruleset, describe
 

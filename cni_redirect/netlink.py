@@ -45,15 +45,54 @@ def attrs(payload: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
         offset += (size + 3) & ~3
 
 
+def messages(data: bytes, what: str) -> Iterator[tuple[int, bytes]]:
+    """The messages in one buffer the kernel sent, as (type, payload after the header), up to NLMSG_DONE; an error
+    message raises KernelError (an acknowledgement, error 0, is skipped). The one parser of netlink framing."""
+    offset = 0
+    while offset + HEADER.size <= len(data):
+        length, kind, _flags, _seq, _pid = HEADER.unpack_from(data, offset)
+        if length < HEADER.size or offset + length > len(data):
+            return  # a broken or cut message: what follows cannot be framed
+        payload = data[offset + HEADER.size : offset + length]
+        offset += (length + 3) & ~3
+        if kind == NLMSG_DONE:
+            yield kind, b""
+            return
+        if kind == NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", payload) if len(payload) >= 4 else (0,)
+            if code == 0:
+                continue
+            raise KernelError(f"reading {what} failed", f"netlink error {-code}", -code)
+        yield kind, payload
+
+
+def _socket(protocol: int, what: str) -> socket.socket:
+    try:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+    except OSError as exc:
+        raise KernelError(f"reading {what} failed", str(exc), exc.errno) from None
+
+
+def query(protocol: int, msg_type: int, body: bytes, what: str) -> tuple[int, bytes]:
+    """One request, its one reply message (type, payload): a GET that is not a dump."""
+    request = HEADER.pack(HEADER.size + len(body), msg_type, NLM_F_REQUEST, 1, 0) + body
+    with _socket(protocol, what) as sock:
+        try:
+            sock.settimeout(5)
+            sock.sendto(request, (0, 0))
+            data = sock.recv(65536)
+        except OSError as exc:
+            raise KernelError(f"reading {what} failed", str(exc), exc.errno) from None
+    for kind, payload in messages(data, what):
+        return kind, payload
+    raise KernelError(f"reading {what} failed", f"short reply ({len(data)} bytes)")
+
+
 def dump(protocol: int, msg_type: int, body: bytes, what: str, strict: bool = False) -> Iterator[tuple[int, bytes]]:
     """Each message of one dump request, as (type, payload after the header), until NLMSG_DONE.
     A caller may stop early: the socket closes when the generator does."""
     request = HEADER.pack(HEADER.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body
-    try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
-    except OSError as exc:
-        raise KernelError(f"reading {what} failed", str(exc), exc.errno) from None
-    with sock:
+    with _socket(protocol, what) as sock:
         try:
             sock.settimeout(10)
             if strict:  # the kernel filters the dump by the request's fields (a route table)
@@ -66,20 +105,9 @@ def dump(protocol: int, msg_type: int, body: bytes, what: str, strict: bool = Fa
                 data = sock.recv(65536)
             except OSError as exc:
                 raise KernelError(f"reading {what} failed", str(exc), exc.errno) from None
-            offset = 0
-            while offset + HEADER.size <= len(data):
-                length, kind, _flags, _seq, _pid = HEADER.unpack_from(data, offset)
-                if length < HEADER.size:
-                    return
-                payload = data[offset + HEADER.size : offset + length]
-                offset += (length + 3) & ~3
-                if kind == NLMSG_DONE:
-                    return
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", payload) if len(payload) >= 4 else (0,)
-                    if code == 0:
-                        continue
-                    raise KernelError(f"reading {what} failed", f"netlink error {-code}", -code)
-                yield kind, payload
             if not data:
                 return
+            for kind, payload in messages(data, what):
+                if kind == NLMSG_DONE:
+                    return
+                yield kind, payload

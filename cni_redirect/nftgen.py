@@ -14,48 +14,28 @@ import socket
 import struct
 
 from .errors import KernelError
-from .netlink import ATTR as _ATTR
-from .netlink import HEADER as _HEADER
-from .netlink import NETLINK_NETFILTER, NLM_F_REQUEST, NLMSG_ERROR
+from .netlink import NETLINK_NETFILTER, attrs, query
 
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
 NFT_MSG_GETGEN = 16
 NFTA_GEN_ID = 1
 _NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version, res_id (big-endian, 0 here)
+WHAT = "the nftables generation"
 
 
 def ruleset_generation() -> int:
     """The netns's nftables generation id."""
     request_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
-    body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0)
-    message = _HEADER.pack(_HEADER.size + len(body), request_type, NLM_F_REQUEST, 1, 0) + body
-    try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as nl:
-            nl.settimeout(5)
-            nl.sendto(message, (0, 0))
-            reply = nl.recv(4096)
-    except OSError as exc:
-        raise KernelError("reading the nftables generation failed", str(exc), exc.errno) from None
-    return _parse(reply)
+    kind, payload = query(NETLINK_NETFILTER, request_type, _NFGEN.pack(socket.AF_UNSPEC, 0, 0), WHAT)
+    return generation_of(kind, payload)
 
 
-def _parse(reply: bytes) -> int:
-    if len(reply) < _HEADER.size:
-        raise KernelError("reading the nftables generation failed", f"short reply ({len(reply)} bytes)")
-    length, kind, _flags, _seq, _pid = _HEADER.unpack_from(reply)
-    if kind == NLMSG_ERROR:
-        (code,) = struct.unpack_from("=i", reply, _HEADER.size)
-        raise KernelError("reading the nftables generation failed", f"netlink error {-code}", -code)
+def generation_of(kind: int, payload: bytes) -> int:
+    """The generation id in a NEWGEN reply (the message's type and its payload after the netlink header)."""
     if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
-        raise KernelError("reading the nftables generation failed", f"unexpected reply type {kind:#x}")
-    offset = _HEADER.size + _NFGEN.size
-    while offset + _ATTR.size <= min(length, len(reply)):
-        size, attr = _ATTR.unpack_from(reply, offset)
-        if size < _ATTR.size:
-            break
-        if attr & 0x3FFF == NFTA_GEN_ID and size >= _ATTR.size + 4:
-            (generation,) = struct.unpack_from("!I", reply, offset + _ATTR.size)
-            return int(generation)
-        offset += (size + 3) & ~3
-    raise KernelError("reading the nftables generation failed", "no NFTA_GEN_ID in the reply")
+        raise KernelError(f"reading {WHAT} failed", f"unexpected reply type {kind:#x}")
+    for attr, value in attrs(payload, _NFGEN.size):
+        if attr == NFTA_GEN_ID and len(value) >= 4:
+            return int(struct.unpack_from("!I", value)[0])
+    raise KernelError(f"reading {WHAT} failed", "no NFTA_GEN_ID in the reply")

@@ -104,7 +104,9 @@ def test_no_import_cycle_anywhere_in_the_package():
 
 
 HEAVY = {"pydantic", "pyroute2", "nftables", "grpc", "google", "prometheus_client"}
-KERNEL = {"cni_redirect.backend", "cni_redirect.netns", "cni_redirect.cniserver", "cni_redirect.fake", "nftables",
+#: Every module that reaches the kernel (a netns, nftables, netlink), and the libraries that do.
+KERNEL = {"cni_redirect.backend", "cni_redirect.netns", "cni_redirect.cniserver", "cni_redirect.fake",
+          "cni_redirect.netlink", "cni_redirect.nftsize", "cni_redirect.nftgen", "cni_redirect.routing", "nftables",
           "pyroute2"}  # fmt: skip
 LAB = "cni_redirect.testing"
 NODE = {"cni_redirect.node", "cni_redirect.node.bundle", "cni_redirect.node.chain", "cni_redirect.node.conflists",
@@ -117,6 +119,7 @@ RULES = [
     ("cni_redirect.spec", KERNEL | {"cni_redirect.settings"}, False, "validation never touches the kernel"),
     ("cni_redirect.settings", KERNEL | {"cni_redirect.config"}, False, "layering is pure: no kernel, no entry"),
     ("cni_redirect.evaluation", KERNEL | NODE, False, "the evaluation and the comparison are pure"),
+    ("cni_redirect.bounds", KERNEL | NODE, False, "a bound is data"),
     ("cni_redirect.build", KERNEL | {"cni_redirect.settings"}, False, "the builder reads a spec, nothing else"),
     ("cni_redirect.nfttext", OURS_BUT_ERRORS | HEAVY | {"cni_redirect.ruleset"}, False, "it renders dicts"),
     (
@@ -202,3 +205,15 @@ def test_settings_are_layered_in_one_place_and_compared_in_one_place():
     assert _callers("build_ruleset") == {"cni_redirect.evaluation"}
     assert _callers("_table_drift") == {"cni_redirect.evaluation"}
     assert _callers("compare") == {"cni_redirect.plugin", "cni_redirect.node.survey"}
+
+
+def test_every_module_that_opens_a_kernel_socket_is_in_the_kernel_set():
+    """A module that enters a netns or opens a netlink or nftables socket is a kernel module: the rules above keep
+    policy off it only if the set names it."""
+    markers = ("socket.socket(", "_socket.socket(", "AF_NETLINK", "setns(", "import nftables", "from pyroute2")
+    opening = {
+        _module_name(path)
+        for path in PACKAGE.rglob("*.py")
+        if not _module_name(path).startswith(LAB) and any(marker in path.read_text() for marker in markers)
+    }
+    assert opening - {"cni_redirect.wire", "cni_redirect.node.probe"} <= KERNEL, "AF_UNIX only: the front and the probe"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cni_redirect.backend import Backend, Observed
-from cni_redirect.nftsize import Bound
+from cni_redirect.bounds import Bound
 from cni_redirect.ruleset import Ruleset
 
 

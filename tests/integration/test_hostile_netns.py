@@ -10,7 +10,7 @@ from __future__ import annotations
 import tracemalloc
 
 from cni_redirect.backend import KernelBackend
-from cni_redirect.nftsize import bound_for
+from cni_redirect.bounds import bound_for
 from cni_redirect.ruleset import normalize
 from tests.support import render
 

@@ -3,12 +3,14 @@
 A `Backend` opens a `Session` on one netns (`backend.session(netns)`, a
 context manager): the netns is reached and entered once, and apply, remove,
 read and the routing checks all run inside it. Both implementations run the
-same table operations (`TableOps`) over a libnftables-like `Nft`:
+same table operations (`TableOps`) over one `NetnsEdge`, everything that
+reaches a netns, bound to it when made (knftables' Interface and Fake):
 
-- `KernelBackend`: vets and enters the pod netns, then opens a real
-  libnftables context there. How it reaches the netns (a CNI_NETNS path, or
-  an fd the front handed over) is a constructor argument;
-- `fake.MemoryBackend`: the same operations over a fake that runs each
+- `KernelEdge`, made by `KernelBackend` inside the vetted, entered pod netns:
+  libnftables (made on first use), the netlink counts and generation, the
+  policy routing. How the backend reaches the netns (a CNI_NETNS path, or an
+  fd the front handed over) is a constructor argument;
+- `fake.FakeEdge`, made by `fake.MemoryBackend`: a fake that runs each
   transaction the way the kernel would, for logic tests.
 
 Every change is one libnftables transaction.
@@ -28,7 +30,7 @@ from .nftsize import over, table_exists
 from .routing import KernelRoutes, Routes
 from .ruleset import FAMILY, TABLE, Observed, Ruleset, normalize
 
-__all__ = ["Backend", "KernelBackend", "Observed", "Session", "TableOps", "normalize"]
+__all__ = ["Backend", "KernelBackend", "KernelEdge", "NetnsEdge", "Observed", "Session", "TableOps", "normalize"]
 
 
 class Session(Protocol):
@@ -72,41 +74,71 @@ class Nft(Protocol):
     def json_cmd(self, batch: dict) -> tuple[int, object, str]: ...
 
 
-class TableOps:
-    """Our table's operations in one netns, over a real or fake libnftables context: a `Session`."""
+class NetnsEdge(Protocol):
+    """Everything our table operations reach in one netns, bound to it when made."""
 
-    def __init__(
-        self,
-        nft: Nft,
-        routes: Routes,
-        generation: Callable[[], int] | None = None,
-        oversized: Callable[[Bound], str] | None = None,
-        exists: Callable[[], bool] | None = None,
-    ) -> None:
-        self.nft = nft
+    @property
+    def routes(self) -> Routes:
+        """Our policy routing in the netns (TPROXY's rule and route)."""
+
+    def transaction(self, batch: dict) -> tuple[int, object, str]:
+        """One libnftables JSON batch (a transaction, or a listing): (rc, output, error)."""
+
+    def table_exists(self) -> bool:
+        """Whether our table is there, without listing anything else of the netns."""
+
+    def oversized(self, bound: Bound) -> str:
+        """Why our table is over `bound` ("" when it is not): counted from a stream, never listed."""
+
+    def generation(self) -> int:
+        """The netns's nftables generation: it changes with every committed transaction, of anyone's."""
+
+
+class KernelEdge:
+    """The kernel's side of the netns the calling thread is in: make it inside the entered netns."""
+
+    def __init__(self, context: Callable[[], Nft], routes: Routes) -> None:
+        self.context = context
+        self.nft: Nft | None = None  # made on first use: a session that only reads the generation makes none
         self.routes = routes
-        self._generation = generation
-        self._oversized = oversized
-        self._exists = exists
+
+    def transaction(self, batch: dict) -> tuple[int, object, str]:
+        if self.nft is None:
+            self.nft = self.context()
+        return self.nft.json_cmd(batch)
+
+    def table_exists(self) -> bool:
+        """A dump of the inet tables' names: libnftables' own listing loads every set's elements first."""
+        return table_exists()
+
+    def oversized(self, bound: Bound) -> str:
+        return over(bound)
+
+    def generation(self) -> int:
+        from .nftgen import ruleset_generation
+
+        return ruleset_generation()
+
+
+class TableOps:
+    """Our table's operations in one netns, over that netns's edge: a `Session`."""
+
+    def __init__(self, edge: NetnsEdge) -> None:
+        self.edge = edge
+        self.routes = edge.routes
 
     def oversized(self, bound: Bound | None) -> str:
         """Why our table is too large to list ("" when it is not): counted from a stream, never listed."""
-        if self._oversized is None:  # a context with no size counter (a bare fake in a logic test)
-            return ""
-        return self._oversized(bound or DEFAULT_BOUND)
+        return self.edge.oversized(bound or DEFAULT_BOUND)
 
     def routing(self) -> tuple[dict, ...]:
         return tuple(self.routes.read())
 
     def generation(self) -> int:
-        if self._generation is None:
-            from .nftgen import ruleset_generation
-
-            return ruleset_generation()
-        return self._generation()
+        return self.edge.generation()
 
     def run(self, batch: dict, what: str) -> list[dict]:
-        rc, output, error = self.nft.json_cmd(batch)
+        rc, output, error = self.edge.transaction(batch)
         if rc != 0:
             raise KernelError.from_text(f"nftables rejected the {what} transaction", (error or "").strip()[:2000])
         if isinstance(output, dict):
@@ -114,14 +146,7 @@ class TableOps:
         return []
 
     def exists(self) -> bool:
-        """Whether our table is there. The kernel's sessions ask netlink (`nftsize.table_exists`): libnftables'
-        own listing loads every set's elements into its cache first, whatever a pod put there."""
-        if self._exists is not None:
-            return self._exists()
-        tables = self.run({"nftables": [{"list": {"tables": None}}]}, "list tables")
-        return any(
-            t.get("table", {}).get("family") == FAMILY and t.get("table", {}).get("name") == TABLE for t in tables
-        )
+        return self.edge.table_exists()
 
     def apply(self, ruleset: Ruleset) -> None:
         """Create the table, or replace it, in one transaction; exactly one table whatever runs beside us.
@@ -223,19 +248,6 @@ def libnftables() -> Nft:
 _WORKED: set[Callable[[], Nft]] = set()  # the contexts status() has made once in this process
 
 
-class _Lazy:
-    """A libnftables context made on first use: a session that only reads the generation never makes one."""
-
-    def __init__(self, make: Callable[[], Nft]) -> None:
-        self.make = make
-        self.nft: Nft | None = None
-
-    def json_cmd(self, batch: dict) -> tuple[int, object, str]:
-        if self.nft is None:
-            self.nft = self.make()
-        return self.nft.json_cmd(batch)
-
-
 class KernelBackend:
     """Real kernel access: vet the netns, enter it, then create the nft context.
 
@@ -258,7 +270,7 @@ class KernelBackend:
         fd = self.reach(netns)  # raises before any nft call if the netns is wrong
         try:
             with entered(fd):  # from here on, every socket opens in the pod netns
-                yield TableOps(_Lazy(self.context), self.routes(), oversized=over, exists=table_exists)
+                yield TableOps(KernelEdge(self.context, self.routes()))
         finally:
             os.close(fd)
 

@@ -272,6 +272,7 @@ def _doctor(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .errors import CriError
+    from .node.confdir import read_conf_dir
     from .node.doctor import TRAP, diagnose
 
     cri, _ = _readers(args)
@@ -285,6 +286,7 @@ def _doctor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([f.json() for f in findings], indent=2))
     else:
+        print(f"chain mode: {read_conf_dir(Path(args.cni_conf_dir), args.conf_file or None).describe_mode()}")
         for finding in findings:
             print(f"{'FOUND' if finding.severity == TRAP else 'note '}  {finding.message}")
         print(f"{len(traps)} trap(s) found" if traps else "no trap found")

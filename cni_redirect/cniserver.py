@@ -38,7 +38,7 @@ from .backend import Backend, KernelBackend
 from .logs import EventLog
 from .netns import own_netns, received_fd
 from .plugin import RedirectPlugin
-from .skel import dispatch
+from .skel import Reply, answer
 
 
 def kernel_backend(netns_fd: int | None) -> Backend:
@@ -94,13 +94,13 @@ class CniServer:
         log: Callable[..., None],
         max_workers: int = 64,
         backend_factory: Callable[[int | None], Backend] = kernel_backend,
-        observe: Callable[[str, int, bytes, float], None] | None = None,
+        observe: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self.path = path
         self.log = log
         self.slots = threading.BoundedSemaphore(max_workers)
         self.backend_factory = backend_factory
-        self.observe = observe  # (command, exit code, stdout, seconds) of each answered request: metrics
+        self.observe = observe  # (command, CNI code, seconds) of each answered request: metrics
         self.home = own_netns()
         self.sock: socket.socket | None = None
         self.created_dir = False
@@ -263,10 +263,10 @@ class CniServer:
                         self.abandoned += 1
                     return
                 started = time.monotonic()
-                code, out, err = self.handle(env, stdin, netns_fd)
-            conn.sendall(wire.encode_reply(code, out, err))
+                reply, out, err = self.handle(env, stdin, netns_fd)
+            conn.sendall(wire.encode_reply(reply.exit_code, out, err))
             if self.observe is not None:
-                self.observe(env.get("CNI_COMMAND", ""), code, out, time.monotonic() - started)
+                self.observe(env.get("CNI_COMMAND", ""), reply.cni_code, time.monotonic() - started)
             with self._counts:
                 self.served += 1
         except Exception as exc:  # a broken request must never take the server down
@@ -284,9 +284,9 @@ class CniServer:
                 self.log("error", "a worker is stuck in a pod network namespace; exiting")
                 os._exit(70)
 
-    def handle(self, env: dict[str, str], stdin: bytes, netns_fd: int | None) -> tuple[int, bytes, bytes]:
-        """Run one CNI command exactly as the in-process path would; return code, stdout, stderr."""
+    def handle(self, env: dict[str, str], stdin: bytes, netns_fd: int | None) -> tuple[Reply, bytes, bytes]:
+        """Run one CNI command exactly as the in-process path would; return how it ended, stdout, stderr."""
         out, err = io.StringIO(), io.StringIO()
         plugin = RedirectPlugin(self.backend_factory(netns_fd), EventLog(err), via="cni-server")
-        code = dispatch(plugin, env, stdin, out, err)
-        return code, out.getvalue().encode(), err.getvalue().encode()
+        reply = answer(plugin, env, stdin, out, err)
+        return reply, out.getvalue().encode(), err.getvalue().encode()

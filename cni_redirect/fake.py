@@ -31,7 +31,7 @@ import copy
 import errno
 import ipaddress
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -388,17 +388,17 @@ class MemoryBackend:
 
     def ops(self, netns: str) -> TableOps:
         """The netns's table operations, unrecorded: for setting a scene and for assertions."""
-        kernel = self.kernels.setdefault(netns, FakeNft())
-        return TableOps(
-            kernel, self.routing.setdefault(netns, FakeRoutes()), lambda: kernel.transactions, counted(kernel)
-        )
+        return TableOps(self.edge(netns))
+
+    def edge(self, netns: str) -> FakeEdge:
+        return FakeEdge(self.kernels.setdefault(netns, FakeNft()), self.routing.setdefault(netns, FakeRoutes()))
 
     @property
     def tables(self) -> dict[str, list[dict]]:
         """Every netns that holds our table, with its objects (normalized listing)."""
         found = {}
         for netns, kernel in self.kernels.items():
-            listing = TableOps(kernel, FakeRoutes(), oversized=counted(kernel)).read(bound=UNBOUNDED)
+            listing = TableOps(FakeEdge(kernel)).read(bound=UNBOUNDED)
             if listing is not None:
                 found[netns] = listing
         return found
@@ -406,19 +406,34 @@ class MemoryBackend:
     def dump(self, netns: str) -> str:
         """Our table in this netns, in nft syntax ("" when absent)."""
         kernel = self.kernels.get(netns, FakeNft())
-        listing = TableOps(kernel, FakeRoutes(), oversized=counted(kernel)).read(raw=True, bound=UNBOUNDED)
+        listing = TableOps(FakeEdge(kernel)).read(raw=True, bound=UNBOUNDED)
         return "" if listing is None else nft_text(listing)
 
 
 UNBOUNDED = Bound(rules=1 << 62, elements=1 << 62, objects=1 << 62)
 
 
-def counted(kernel: FakeNft) -> Callable[[Bound], str]:
-    """The fake's `nftsize.over`: our table's rules, elements and named things counted from its state, as the
-    kernel counts (the kernel's order: rules, named things, elements)."""
+class FakeEdge:
+    """The fake's side of one netns (the `NetnsEdge` the kernel backend's `KernelEdge` is): its nftables runs each
+    transaction as the kernel would (`FakeNft`), its routing is `FakeRoutes`, and the counts and the generation
+    are read off their state as the kernel would give them."""
 
-    def over(bound: Bound) -> str:
-        rc, output, _ = kernel.json_cmd({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]})
+    def __init__(self, kernel: FakeNft | None = None, routes: FakeRoutes | None = None) -> None:
+        self.kernel = kernel if kernel is not None else FakeNft()
+        self.routes = routes if routes is not None else FakeRoutes()
+
+    def transaction(self, batch: dict) -> tuple[int, object, str]:
+        return self.kernel.json_cmd(batch)
+
+    def table_exists(self) -> bool:
+        return (FAMILY, TABLE) in self.kernel.tables
+
+    def generation(self) -> int:
+        return self.kernel.transactions
+
+    def oversized(self, bound: Bound) -> str:
+        """As `nftsize.over` counts: rules, then named things, then elements."""
+        rc, output, _ = self.kernel.json_cmd({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]})
         objects = output.get("nftables", []) if rc == 0 and isinstance(output, dict) else []
         rules, elements, named = counts([o for o in objects if "metainfo" not in o])
         if rules > bound.rules:
@@ -429,16 +444,12 @@ def counted(kernel: FakeNft) -> Callable[[Bound], str]:
             return f"more than {bound.elements} set elements"
         return ""
 
-    return over
-
 
 class _Recorded(TableOps):
     """A session of the MemoryBackend: TableOps over the netns's fakes, each operation recorded."""
 
     def __init__(self, backend: MemoryBackend, netns: str) -> None:
-        kernel = backend.kernels.setdefault(netns, FakeNft())
-        routes = backend.routing.setdefault(netns, FakeRoutes())
-        super().__init__(kernel, routes, lambda: kernel.transactions, counted(kernel))
+        super().__init__(backend.edge(netns))
         self.backend = backend
         self.netns = netns
 

@@ -93,18 +93,31 @@ def build_request(env: Mapping[str, str], stdin: bytes) -> Request:
     )
 
 
+@dataclass(frozen=True)
+class Reply:
+    """How a command ended: the process's exit code, and the CNI error code (0: success) without re-reading stdout."""
+
+    exit_code: int
+    cni_code: int
+
+
 def dispatch(plugin: Plugin, env: Mapping[str, str], stdin: bytes, stdout: TextIO, stderr: TextIO) -> int:
     """Run one CNI command; return the process exit code."""
+    return answer(plugin, env, stdin, stdout, stderr).exit_code
+
+
+def answer(plugin: Plugin, env: Mapping[str, str], stdin: bytes, stdout: TextIO, stderr: TextIO) -> Reply:
+    """Run one CNI command, write its result or error object; the exit code and the CNI code."""
     if env.get("CNI_COMMAND") == "VERSION":
         stdout.write(json.dumps(version_info()))
-        return 0
+        return Reply(0, 0)
     request: Request | None = None
     try:
         request = build_request(env, stdin)
         result = getattr(plugin, HANDLERS[request.command])(request)
         if result is not None:
             stdout.write(json.dumps(result))
-        return 0
+        return Reply(0, 0)
     except CniError as error:
         failure = error
     except Exception as exc:  # a bug: still answer the runtime in CNI form
@@ -113,7 +126,7 @@ def dispatch(plugin: Plugin, env: Mapping[str, str], stdin: bytes, stdout: TextI
     version = request.cni_version if request else error_version(stdin)
     stdout.write(json.dumps(failure.to_dict(version)))
     plugin.report_failure(request, failure)
-    return 1
+    return Reply(1, failure.code)
 
 
 def error_version(stdin: bytes) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from cni_redirect.backend import TableOps
 from cni_redirect.errors import CniError, InternalError, KernelError, TryAgainLater
-from cni_redirect.fake import FakeNft, FakeRoutes
+from cni_redirect.fake import FakeEdge
 from tests.support import render
 
 
@@ -37,7 +37,7 @@ def test_text_without_a_known_errno_is_an_internal_error():
 
 
 def test_the_fakes_refusal_reaches_the_plugin_with_its_errno():
-    ops = TableOps(FakeNft(), FakeRoutes())
+    ops = TableOps(FakeEdge())
     ops.apply(render("defaults"))
     with pytest.raises(KernelError) as caught:
         ops.run(render("defaults").create_batch(), "apply")

@@ -10,7 +10,7 @@ import pytest
 from cni_redirect.backend import TableOps
 from cni_redirect.errors import InternalError
 from cni_redirect.evaluation import Evaluation, Outcome, compare
-from cni_redirect.fake import FakeNft, FakeRoutes, MemoryBackend
+from cni_redirect.fake import FakeEdge, FakeNft, FakeRoutes, MemoryBackend
 from cni_redirect.testing.sessions import at
 from tests.support import GOLDEN_DIR, REFUSED, REFUSED_FOLLOW_UP, render
 
@@ -50,7 +50,7 @@ def test_errors_reach_the_plugin_as_the_kernel_errors_would():
     with pytest.raises(InternalError, match="nftables rejected the delete transaction"):
         from cni_redirect.backend import TableOps
 
-        TableOps(backend.kernels[NETNS], FakeRoutes()).run(
+        TableOps(FakeEdge(backend.kernels[NETNS])).run(
             {"nftables": [{"delete": {"table": {"family": "inet", "name": "x"}}}]}, "delete"
         )
 
@@ -93,7 +93,7 @@ def test_an_add_that_loses_the_race_to_create_the_table_replaces_it():
             return result
 
     kernel = OtherAddCreatesFirst()
-    TableOps(kernel, FakeRoutes()).apply(render("defaults"))
+    TableOps(FakeEdge(kernel)).apply(render("defaults"))
     backend = MemoryBackend()
     backend.kernels[NETNS] = kernel
     assert backend.dump(NETNS) == (GOLDEN_DIR / "defaults.nft").read_text()
@@ -114,24 +114,24 @@ class RejectingNft(FakeNft):
 def test_a_failed_table_takes_its_new_routing_back_out():
     routes = FakeRoutes()
     with pytest.raises(InternalError, match="nftables rejected the apply"):
-        TableOps(RejectingNft(), routes).apply(render("tproxy"))
+        TableOps(FakeEdge(RejectingNft(), routes)).apply(render("tproxy"))
     assert routes.objects == [] and routes.changes == 8  # four added, four taken out
 
 
 def test_routing_already_there_is_kept_when_the_table_fails():
     routes = FakeRoutes()
-    ops = TableOps(FakeNft(), routes)
+    ops = TableOps(FakeEdge(FakeNft(), routes))
     ops.apply(render("tproxy"))
     present = list(routes.objects)
     with pytest.raises(InternalError):
-        TableOps(RejectingNft(tables=ops.nft.tables), routes).apply(render("tproxy"))
+        TableOps(FakeEdge(RejectingNft(tables=ops.edge.kernel.tables), routes)).apply(render("tproxy"))
     assert routes.objects == present  # the previous, working table still needs it
 
 
 def test_routing_already_present_is_reused_not_added_twice():
     routes = FakeRoutes(has_ipv6=True)
     routes.objects.append({"route": {"family": "inet6", "dst": "::/0", "type": "local", "dev": "lo", "table": 133}})
-    ops = TableOps(FakeNft(), routes)
+    ops = TableOps(FakeEdge(FakeNft(), routes))
     ops.apply(render("tproxy"))
     assert len(routes.objects) == 4 and ops.read() is not None
 
@@ -145,7 +145,7 @@ class IPv6Vanishes(FakeRoutes):
 
 def test_a_half_failed_routing_add_leaves_no_routing_and_no_table():
     routes = IPv6Vanishes(has_ipv6=False)
-    ops = TableOps(FakeNft(), routes)
+    ops = TableOps(FakeEdge(FakeNft(), routes))
     with pytest.raises(InternalError, match="could not be added") as caught:
         ops.apply(render("tproxy"))
     assert "ip -6 rule fwmark 0x539 lookup 133" in caught.value.details
@@ -154,7 +154,7 @@ def test_a_half_failed_routing_add_leaves_no_routing_and_no_table():
 
 def test_an_ipv6_less_netns_gets_ipv4_routing_only_and_check_agrees():
     routes = FakeRoutes(has_ipv6=False)
-    ops = TableOps(FakeNft(), routes)
+    ops = TableOps(FakeEdge(FakeNft(), routes))
     ops.apply(render("tproxy"))
     assert {next(iter(o.values()))["family"] for o in routes.objects} == {"inet"}
     evaluation = Evaluation(Outcome.CAPTURED, "captured", ruleset=render("tproxy"))
@@ -163,7 +163,7 @@ def test_an_ipv6_less_netns_gets_ipv4_routing_only_and_check_agrees():
 
 def test_del_removes_table_and_routing_and_reports_either():
     routes = FakeRoutes()
-    ops = TableOps(FakeNft(), routes)
+    ops = TableOps(FakeEdge(FakeNft(), routes))
     ops.apply(render("tproxy"))
     assert ops.remove() is True and routes.objects == [] and ops.read() is None
     assert ops.remove() is False
@@ -193,5 +193,5 @@ def test_routing_left_by_a_dead_add_is_reused_and_not_rolled_back_by_the_next_fa
     leftover = {"rule": {"family": "inet", "fwmark": 0x539, "table": 133}}
     routes.objects.append(leftover)  # a fresh netns by the table's account, but the rule is there
     with pytest.raises(InternalError):
-        TableOps(RejectingNft(), routes).apply(render("tproxy"))
+        TableOps(FakeEdge(RejectingNft(), routes)).apply(render("tproxy"))
     assert routes.objects == [leftover]  # the three this call added are gone, the one it found stays

@@ -188,8 +188,7 @@ def _ref(view: PodView) -> str:
 def diagnose(cri: CriClient, conf_dir: Path, conf_file: str | None, proc: Path) -> list[Finding]:
     from .survey import Survey
 
-    mode = read_conf_dir(conf_dir, conf_file).describe_mode()
-    findings = [Finding("chain-mode", NOTE, f"chain mode: {mode}"), *node_findings(conf_dir, conf_file)]
+    findings = node_findings(conf_dir, conf_file)
     entry = installed_entry(conf_dir, conf_file)
     if entry is None:
         return findings

@@ -8,7 +8,6 @@ is not in `cni_redirect_requests_total`, and its `log_file` line carries a
 
 from __future__ import annotations
 
-import json
 from collections import Counter as Tally
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
@@ -91,15 +90,9 @@ class Metrics:
         )
         self._pod_states: set[str] = set()
 
-    def observe(self, command: str, code: int, stdout: bytes, seconds: float) -> None:
-        """One answered CNI request: the exit code, and the CNI error code from the error object."""
-        cni_code = 0
-        if code != 0:
-            try:
-                cni_code = int(json.loads(stdout).get("code", 999))
-            except (ValueError, AttributeError, TypeError):
-                cni_code = 999
-        outcome = "ok" if code == 0 else "error"
+    def observe(self, command: str, cni_code: int, seconds: float) -> None:
+        """One answered CNI request: its CNI code as the dispatcher gave it (0: success)."""
+        outcome = "ok" if cni_code == 0 else "error"
         # Label values come from a closed set: a made-up CNI_COMMAND (any root process on the node can send
         # one) must not grow the scrape without bound.
         known = command if command in REQUIRED_ENV else "other"

@@ -79,7 +79,9 @@ def test_inspect_reports_every_state(clean, procs):
     assert after["proxy_exempt"]["packets"] >= 1 and after["outbound_redirected"]["bytes"] > 0
 
     human = cli(containerd, "inspect")
-    assert human.returncode == 0 and human.stdout.startswith("NAMESPACE/NAME")
+    lines = human.stdout.splitlines()
+    assert human.returncode == 0 and lines[0].startswith("chain mode: edit: our entry inlined in ")
+    assert lines[1].startswith("NAMESPACE/NAME")
     assert any(line.split()[:3] == ["default/ok", "captured", "ok"] for line in human.stdout.splitlines())
     detail = cli(containerd, "inspect", "--pod", "default/ok")
     assert detail.returncode == 0, detail.stderr
@@ -107,6 +109,7 @@ def test_doctor_catches_the_seeds_uid_101_trap_and_passes_the_fix(clean, procs):
     assert finding["message"].startswith(f"default/web: nginx (pid {nginx.pid}) runs as UID 101, the proxy UID")
     human = cli(containerd, "doctor")
     assert human.returncode == 1 and "FOUND  default/web: nginx" in human.stdout
+    assert human.stdout.startswith("chain mode: edit: our entry inlined in ")
 
     nginx.kill()
     nginx.wait()

@@ -98,7 +98,7 @@ class Repairer:
         try:
             for view in survey.pods():
                 if view.state in (MISSING, DRIFTED):
-                    self._repair(survey, view, result)
+                    view = self._repair(survey, view, result)
                 result.states[view.state or view.decision.value] += 1
                 result.failed += 1 if view.problems else 0
         except CriError as exc:
@@ -107,12 +107,13 @@ class Repairer:
             self.close()  # an idle gRPC channel costs CPU between passes; a new one costs a millisecond
         return self._finish(result, start)
 
-    def _repair(self, survey: Survey, view: PodView, result: PassResult) -> None:
+    def _repair(self, survey: Survey, view: PodView, result: PassResult) -> PodView:
+        """Put one pod right (or, in report mode, say it needs it); returns the pod's report after."""
         drift = view.drift.message if view.drift is not None else ""
         what = f"{view.ref} ({view.sandbox_id[:13]}): {drift}"
         if self.mode == "report":
             self.log("warning", f"repair needed: {what}", pod=view.ref, state=view.state, mode="report")
-            return
+            return view
         reason = view.state
         assert view.netns is not None
         try:
@@ -120,14 +121,13 @@ class Repairer:
                 put_right(session, view)
         except Exception as exc:  # a sandbox torn down mid-pass, a kernel refusal: next pass tries again
             self.log("info", f"repair skipped: {view.ref}: {exc}", pod=view.ref)
-            view.problems.append(f"repair failed: {exc}")
-            return
+            return view.with_problem(f"repair failed: {exc}")
         self.repairs[reason] += 1
         result.repaired.append(view.ref)
         result.reasons[reason] += 1
         captured = view.evaluation is not None and view.evaluation.captured
         self.log("warning", f"repaired {what}", pod=view.ref, state=reason, captured=captured)
-        survey.examine(view, fresh=True)  # state now ok (or nothing expected)
+        return survey.examine(view, fresh=True)  # state now ok (or nothing expected)
 
     def _finish(self, result: PassResult, start: float) -> PassResult:
         result.seconds = time.monotonic() - start

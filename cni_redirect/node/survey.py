@@ -14,7 +14,8 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 from ..config import PodRef
@@ -26,7 +27,17 @@ if TYPE_CHECKING:
     from ..cniserver import NetnsLocks
     from ..cri import Sandbox, SandboxDetails
 
-OK, MISSING, DRIFTED = "ok", "missing", "drifted"
+
+class TableState(StrEnum):
+    """A pod's netns against what ADD would give it now (a table or routing where none belongs is drifted)."""
+
+    OK = "ok"
+    MISSING = "missing"
+    DRIFTED = "drifted"
+
+
+OK, MISSING, DRIFTED = TableState.OK, TableState.MISSING, TableState.DRIFTED
+Who = tuple[str, str, str, str, dict[str, str]]  # a sandbox's id, namespace, name, uid, annotations
 
 #: Opens a session on a pod netns by its path (vetted, entered; under the CNI server's lock when there is one).
 SessionFactory = Callable[[str], AbstractContextManager["Session"]]
@@ -61,30 +72,34 @@ def kernel_sessions(locks: NetnsLocks | None = None) -> SessionFactory:
     return session
 
 
-@dataclass
+@dataclass(frozen=True)
 class PodView:
-    """One sandbox: who it is, what ADD would give it now, and how its netns compares."""
+    """One sandbox's report: who it is, what ADD would give it now (its decision, and why), and how its netns
+    compares. Frozen: a later look (after a repair) is a new report."""
 
     sandbox_id: str
     namespace: str
     name: str
     uid: str
     annotations: dict[str, str]
-    netns: str | None = None
-    decision: Outcome = Outcome.CAPTURED
+    decision: Outcome
     reason: str = ""
+    netns: str | None = None
     evaluation: Evaluation | None = None
     observed: Observed | None = None
     drift: Drift | None = None
-    problems: list[str] = field(default_factory=list)
+    problems: tuple[str, ...] = ()
+
+    def with_problem(self, problem: str) -> PodView:
+        return replace(self, problems=(*self.problems, problem))
 
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
 
     @property
-    def state(self) -> str | None:
-        """ok, missing, drifted (also: a table or routing where none belongs); None: nothing expected, none there."""
+    def state(self) -> TableState | None:
+        """OK, MISSING, DRIFTED (also: a table or routing where none belongs); None: nothing expected, none there."""
         if self.observed is None:
             return None
         if self.drift is None:
@@ -118,10 +133,15 @@ class SurveyMemo:
 
     seen: dict[str, Seen] = field(default_factory=dict)
     full_every: int = 20
+    remember: bool = True  # False: a one-off look (inspect, doctor): every pod compared in full, nothing kept
     passes: int = 0
     status_calls: int = 0  # PodSandboxStatus calls made
     full: int = 0  # pods compared in full (table listed)
     quick: int = 0  # pods found unchanged by their generation alone
+
+    @classmethod
+    def forgetful(cls) -> SurveyMemo:
+        return cls(full_every=1, remember=False)
 
 
 class Survey:
@@ -137,94 +157,82 @@ class Survey:
         self.cri = cri
         self.entry = entry
         self.sessions = sessions or kernel_sessions()
-        self.memo = memo
+        self.memo = memo or SurveyMemo.forgetful()
         self.entry_key = json.dumps(entry, sort_keys=True)
-        self.full_pass = memo is None or memo.passes % memo.full_every == 0
-        if memo is not None:
-            memo.passes += 1
+        self.full_pass = self.memo.passes % self.memo.full_every == 0
+        self.memo.passes += 1
 
     def pods(self) -> Iterator[PodView]:
         """Every ready sandbox; one whose status the runtime cannot give is reported, and the walk goes on."""
         sandboxes = self.cri.ready_sandboxes()
-        if self.memo is not None:
-            listed = {sandbox.id for sandbox in sandboxes}
-            for gone in set(self.memo.seen) - listed:
-                del self.memo.seen[gone]
+        listed = {sandbox.id for sandbox in sandboxes}
+        for gone in set(self.memo.seen) - listed:
+            del self.memo.seen[gone]
         for sandbox in sandboxes:
-            view = PodView(sandbox.id, sandbox.namespace, sandbox.name, sandbox.uid, sandbox.annotations)
+            who: Who = (sandbox.id, sandbox.namespace, sandbox.name, sandbox.uid, sandbox.annotations)
             try:
                 details = self._details(sandbox.id)
             except CriError as error:
-                view.decision, view.reason = Outcome.UNKNOWN, str(error)
-                view.problems.append(str(error))
-                yield view
+                yield PodView(*who, Outcome.UNKNOWN, str(error), problems=(str(error),))
                 continue
-            if details is None:
-                continue  # removed since we listed it
-            self._classify(view, details)
-            yield view
+            if details is not None:  # None: removed since we listed it
+                yield self._classify(who, details)
 
     def _details(self, sandbox_id: str) -> SandboxDetails | None:
-        seen = self.memo.seen.get(sandbox_id) if self.memo is not None else None
+        seen = self.memo.seen.get(sandbox_id)
         if seen is not None:
             return seen.details
         details = self.cri.sandbox_details(sandbox_id)
-        if self.memo is not None:
-            self.memo.status_calls += 1
-            if details is not None:
-                self.memo.seen[sandbox_id] = Seen(details)
+        self.memo.status_calls += 1
+        if details is not None and self.memo.remember:
+            self.memo.seen[sandbox_id] = Seen(details)
         return details
 
-    def _evaluate(self, view: PodView) -> Evaluation:
+    def _evaluate(self, sandbox_id: str, pod: PodRef, annotations: dict[str, str]) -> Evaluation:
         """ADD's evaluation of the sandbox; remembered until the entry changes (its annotations never do)."""
-        seen = self.memo.seen.get(view.sandbox_id) if self.memo is not None else None
+        seen = self.memo.seen.get(sandbox_id)
         if seen is not None and seen.evaluation is not None and seen.entry_key == self.entry_key:
             return seen.evaluation
-        evaluation = evaluate_sandbox(self.entry, PodRef(view.namespace, view.name, view.uid), view.annotations)
+        evaluation = evaluate_sandbox(self.entry, pod, annotations)
         if seen is not None:
             seen.evaluation, seen.entry_key, seen.generation = evaluation, self.entry_key, None
         return evaluation
 
-    def _classify(self, view: PodView, details: SandboxDetails) -> None:
+    def _classify(self, who: Who, details: SandboxDetails) -> PodView:
         if details.host_network:
-            view.decision, view.reason = Outcome.HOST_NETWORK, "uses the node's network namespace"
-            return
-        evaluation = self._evaluate(view)
-        view.evaluation, view.decision, view.reason = evaluation, evaluation.outcome, evaluation.reason
+            return PodView(*who, Outcome.HOST_NETWORK, "uses the node's network namespace")
+        sandbox_id, namespace, name, uid, annotations = who
+        evaluation = self._evaluate(sandbox_id, PodRef(namespace, name, uid), annotations)
+        view = PodView(*who, evaluation.outcome, evaluation.reason, evaluation=evaluation)
         if evaluation.outcome in (Outcome.INVALID, Outcome.EXCLUDED_NAMESPACE):
-            return  # never touched, never read
-        view.netns = details.netns
-        if view.netns is None:
-            view.problems.append("the runtime reports no network namespace path for this sandbox")
-            return
-        self.examine(view)
+            return view  # never touched, never read
+        if details.netns is None:
+            return view.with_problem("the runtime reports no network namespace path for this sandbox")
+        return self.examine(replace(view, netns=details.netns))
 
-    def examine(self, view: PodView, fresh: bool = False) -> None:
-        """Read the pod's table and routing, and compare them exactly as CHECK does; with a memo, a netns whose
-        nftables generation (and routing, where the pod has or had some) is as at the last comparison is
-        not listed again. `fresh`: compare in full whatever the memo says (after a repair)."""
+    def examine(self, view: PodView, fresh: bool = False) -> PodView:
+        """The report with the pod's table and routing read and compared exactly as CHECK does. A netns whose
+        nftables generation (and routing, where the pod has or had some) is as at the last comparison the memo
+        kept is not listed again. `fresh`: compare in full whatever the memo says (after a repair)."""
         evaluation = view.evaluation
         assert evaluation is not None and view.netns is not None
-        seen = self.memo.seen.get(view.sandbox_id) if self.memo is not None else None
+        seen = self.memo.seen.get(view.sandbox_id)
         try:
             with self.sessions(view.netns) as session:
                 generation = session.generation() if seen is not None else None
                 if seen is not None and not fresh and not self.full_pass and self._unchanged(seen, generation, session):
-                    assert self.memo is not None
                     self.memo.quick += 1
-                    view.observed, view.drift = seen.observed, seen.drift
-                    return
-                view.observed = session.observe(evaluation.wants_routing, evaluation.read_bound)
+                    return replace(view, observed=seen.observed, drift=seen.drift)
+                observed = session.observe(evaluation.wants_routing, evaluation.read_bound)
         except HostNetns:
-            view.decision, view.reason = Outcome.HOST_NETWORK, "its netns is the node's own"
-            return
+            return replace(view, decision=Outcome.HOST_NETWORK, reason="its netns is the node's own")
         except InvalidEnvironment as error:
-            view.problems.append(error.msg)  # gone since we listed it, or not a netns
-            return
-        view.drift = compare(evaluation, view.observed)
-        if seen is not None and self.memo is not None:
+            return view.with_problem(error.msg)  # gone since we listed it, or not a netns
+        drift = compare(evaluation, observed)
+        if seen is not None:
             self.memo.full += 1
-            seen.generation, seen.observed, seen.drift = generation, view.observed, view.drift
+            seen.generation, seen.observed, seen.drift = generation, observed, drift
+        return replace(view, observed=observed, drift=drift)
 
     @staticmethod
     def _unchanged(seen: Seen, generation: int | None, session: Session) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -19,10 +20,17 @@ from tests.support import PRIMARY_DIR, decide
 def view_for(netns, **annotations: str) -> PodView:
     evaluation = decide(parse_conf(plugin_conf(enabled(**annotations))), PodRef("default", "web", None))
     assert evaluation.ruleset is not None
-    view = PodView("abc123", "default", "web", "u", enabled(**annotations), netns=str(netns))
-    view.decision, view.evaluation = Outcome.CAPTURED, evaluation
-    view.observed = Observed(evaluation.ruleset.objects())  # the table as it should be: state ok
-    return view
+    return PodView(
+        "abc123",
+        "default",
+        "web",
+        "u",
+        enabled(**annotations),
+        Outcome.CAPTURED,
+        netns=str(netns),
+        evaluation=evaluation,
+        observed=Observed(evaluation.ruleset.objects()),  # the table as it should be: state ok
+    )
 
 
 def proc(pid: int, comm: str, uid: int, ppid: int = 1, listening=(), started: float = 100.0, netns: int = 0) -> Process:
@@ -105,9 +113,8 @@ def test_a_port_of_the_proxy_taken_by_the_app(pod, in_pod):
 
 def test_a_missing_table_is_a_finding(pod, in_pod):
     view = pod()
-    view.observed = Observed(None)
     assert view.evaluation is not None
-    view.drift = compare(view.evaluation, view.observed)
+    view = replace(view, observed=Observed(None), drift=compare(view.evaluation, Observed(None)))
     assert view.state == "missing"
     (finding,) = pod_findings(view, in_pod(proc(10, "envoy", 1337, listening={15001})), [])
     assert finding.check == "table" and "is missing" in finding.message

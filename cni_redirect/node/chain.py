@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import ConfError, SettingsError
 from . import conflists
-from .confdir import DROPIN, EDIT, ConfDir, other_configs_warning, read_conf_dir, real_path
+from .confdir import DROPIN, EDIT, ConfDir, Primary, other_configs_warning, read_conf_dir, real_path
 from .dropin import DropinChain, ModeChoice
 from .files import remove_stale_temps, write_atomic
 
@@ -134,19 +134,28 @@ class ChainInstaller:
             snapshot = read_conf_dir(self.conf_dir, self.conf_file)
         primary = snapshot.primary
         if primary is None:
-            if snapshot.problem:
-                return self._not_ready(snapshot.problem)
-            now = time.monotonic()
-            if now - self._last_wait_log >= self.wait_log_interval:
-                self._last_wait_log = now
-                wanted = self.conf_file or "any .conflist/.conf"
-                self.log("info", "waiting for the primary CNI config", conf_dir=str(self.conf_dir), wanted=wanted)
-            return self._not_ready("no primary CNI config yet")
+            return self._waiting(snapshot)
         if self.choice.mode == DROPIN:
             refusal = primary.dropin_refusal()
             if not refusal:
                 return self._reconcile_dropin(snapshot)
             self._fall_back(refusal)
+        return self._reconcile_edit(snapshot, primary)
+
+    def _waiting(self, snapshot: ConfDir) -> bool:
+        """No usable primary: why (unreadable, invalid), or none yet (logged every `wait_log_interval`)."""
+        if snapshot.problem:
+            return self._not_ready(snapshot.problem)
+        now = time.monotonic()
+        if now - self._last_wait_log >= self.wait_log_interval:
+            self._last_wait_log = now
+            wanted = self.conf_file or "any .conflist/.conf"
+            self.log("info", "waiting for the primary CNI config", conf_dir=str(self.conf_dir), wanted=wanted)
+        return self._not_ready("no primary CNI config yet")
+
+    def _reconcile_edit(self, snapshot: ConfDir, primary: Primary) -> bool:
+        """Edit mode: our entry last in the primary's chain (a `.conf` converted), then what an earlier mode or
+        primary left taken out: our drop-ins, our entry in a former primary."""
         self.warn_about_others(snapshot.others(also=conflists.conflist_name(primary.name)))
         name, data, document, single = primary.name, primary.data, primary.document, primary.single
         desired = conflists.with_entry(document, self.entry)
@@ -164,9 +173,10 @@ class ChainInstaller:
                 self._release_old_primaries(name, target)
         except OSError as exc:
             return self._not_ready(f"cannot write into --cni-conf-dir {self.conf_dir}: {exc.strerror}")
-        if target:
-            self.mode = EDIT
-        return self._ready(target) if target else False
+        if not target:
+            return False
+        self.mode = EDIT
+        return self._ready(target)
 
     def _reconcile_dropin(self, snapshot: ConfDir) -> bool:
         """Drop-in mode: our drop-in in place first, then an entry an earlier agent inlined taken out (the

@@ -64,23 +64,28 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None, expect: bytes
         if expect is None:
             os.replace(tmp, path)
             return True
-        if not exchange(tmp, path):  # no RENAME_EXCHANGE here: check, then rename (a narrow window remains)
-            if path.read_bytes() != expect:
-                tmp.unlink()
-                return False
-            os.replace(tmp, path)
-            return True
-        if tmp.read_bytes() == expect:  # tmp now holds what the target held at the swap
-            tmp.unlink()
-            return True
-        exchange(tmp, path)  # changed meanwhile: theirs goes back in place, ours is dropped
-        tmp.unlink()
-        return False
+        return _swap_in(tmp, path, expect)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     finally:
         os.close(fd)
+
+
+def _swap_in(tmp: Path, path: Path, expect: bytes) -> bool:
+    """`tmp` in place of `path` only if `path` held `expect` at the instant of the swap; tmp is gone after."""
+    if not exchange(tmp, path):  # no RENAME_EXCHANGE here: check, then rename (a narrow window remains)
+        if path.read_bytes() != expect:
+            tmp.unlink()
+            return False
+        os.replace(tmp, path)
+        return True
+    if tmp.read_bytes() == expect:  # tmp now holds what the target held at the swap
+        tmp.unlink()
+        return True
+    exchange(tmp, path)  # changed meanwhile: theirs goes back in place, ours is dropped
+    tmp.unlink()
+    return False
 
 
 _RENAME_EXCHANGE = 2

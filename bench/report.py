@@ -145,6 +145,7 @@ def write_report(results: dict, out: Path) -> None:
     lines += _idle_lines(results)
     lines += _peers_lines(results)
     lines += _datapath_peers_lines(results)
+    lines += _commands_lines(results)
     (out / "benchmarks.md").write_text("\n".join(lines) + "\n")
     _plot(results, out / "benchmarks.svg")
 
@@ -491,3 +492,26 @@ def _plot_idle(axis, stack: dict, repair: list[dict]) -> None:
     axis.invert_yaxis()
     axis.set_xlabel("% of one core")
     axis.set_title(f"An idle node, {stack['pods']} sandboxes")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+def _commands_lines(results: dict) -> list[str]:
+    """The README's commands timed (recorded by hand in benchmarks.json's "commands": they are whole runs, not
+    something bench.py repeats)."""
+    rows = results.get("commands")
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## The commands",
+        "",
+        "How long the README's commands take on this machine kind (2 cores), each from the run named.",
+        "",
+        "| command | from | took | run |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| `{r['command']}` | {r['state']} | {_minutes(r['seconds'])} | {r['run']} |" for r in rows]
+    return lines

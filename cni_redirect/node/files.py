@@ -53,14 +53,15 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None, expect: bytes
         except FileNotFoundError:
             mode = 0o644
     tmp = temp_name(path, "tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    fd, named = _locked_temp(path.parent, tmp, mode)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
         os.fchmod(fd, mode)  # not subject to umask
+        if not named:  # an unnamed file until now, written whole and locked: it appears as such
+            _name_tmpfile(fd, tmp)
         if expect is None:
             os.replace(tmp, path)
             return True
@@ -70,6 +71,33 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None, expect: bytes
         raise
     finally:
         os.close(fd)
+
+
+def _locked_temp(folder: Path, tmp: Path, mode: int) -> tuple[int, bool]:
+    """An fd to write the temp file through, already locked, and whether it has its name yet. An unnamed
+    file (O_TMPFILE) gets its name only once written: `remove_stale_temps` never sees a live writer's file
+    unlocked, and a writer killed before the name leaves nothing. Where O_TMPFILE is not supported, the
+    named file is created and locked at once (a window of a few instructions)."""
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode)
+        named = False
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        named = True
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd, named
+
+
+def _name_tmpfile(fd: int, tmp: Path) -> None:
+    """linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: os.link takes that path only when given a dir fd (without
+    one it calls link(), which would link the /proc symlink itself and fail with EXDEV)."""
+    folder = os.open(tmp.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(f"/proc/self/fd/{fd}", tmp.name, dst_dir_fd=folder, follow_symlinks=True)
+    finally:
+        os.close(folder)
 
 
 def _swap_in(tmp: Path, path: Path, expect: bytes) -> bool:

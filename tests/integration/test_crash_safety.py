@@ -2,7 +2,7 @@
 
 The real `cni-redirect install` (the agent) and `cni-redirect uninstall` run under strace, which kills them
 with SIGKILL at the N-th call of one file-changing syscall (`-e inject=SYSCALL:signal=SIGKILL:when=N`), for
-every N until a run gets through: every write, rename, exchange, unlink, mkdir and rmdir of a whole run is a
+every N until a run gets through: every write, link (a temp file getting its name), rename, exchange, unlink, mkdir and rmdir of a whole run is a
 kill point. After each kill:
 
 - every config in the conf dir is valid JSON, and no network has two configs (a `.conf` beside its `.conflist`);
@@ -31,7 +31,7 @@ from tests.support import PRIMARY_DIR
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-SYSCALLS = ("write", "rename", "renameat2", "unlink", "rmdir", "mkdir")
+SYSCALLS = ("write", "linkat", "rename", "renameat2", "unlink", "rmdir", "mkdir")
 ENTRY_A = {"defaults": {"proxy-uid": "1337"}}
 ENTRY_B = {"defaults": {"proxy-uid": "1400"}}
 KILLED = (-signal.SIGKILL, 128 + signal.SIGKILL)

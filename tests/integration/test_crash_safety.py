@@ -2,8 +2,8 @@
 
 The real `cni-redirect install` (the agent) and `cni-redirect uninstall` run under strace, which kills them
 with SIGKILL at the N-th call of one file-changing syscall (`-e inject=SYSCALL:signal=SIGKILL:when=N`), for
-every N until a run gets through: every write, link (a temp file getting its name), rename, exchange, unlink, mkdir and rmdir of a whole run is a
-kill point. After each kill:
+every N until a run gets through: every write, link (a temp file getting its name), rename, exchange, unlink,
+mkdir and rmdir of a whole run is a kill point. After each kill:
 
 - every config in the conf dir is valid JSON, and no network has two configs (a `.conf` beside its `.conflist`);
 - the same command run again (a restarted agent, a second uninstall) finishes or undoes the step: one config,

@@ -161,6 +161,12 @@ def _add_install_parser(commands: Any) -> None:
         help="pods whose table is missing or drifted: program it, only log it, or do nothing",
     )
     flag("repair-interval", float, "a number of seconds", metavar="SECONDS")
+    flag("node-name", help="this node's name (the manifest passes spec.nodeName): where --not-ready-taint comes off")
+    flag(
+        "not-ready-taint",
+        help="take the NoSchedule taint with this key off this node once installed and chained, so opted-in pods "
+        "never start on a new node before the agent (the node registers with it); empty: off",
+    )
     agent = commands.add_parser("agent", help="run the CNI server alone: serve the thin front on a UNIX socket")
     agent.add_argument("--socket", default=_env("AGENT_SOCKET") or DEFAULT_SOCKET)
     _add_uninstall_parser(commands)
@@ -315,6 +321,8 @@ def _install(args: argparse.Namespace) -> int:
         chain_mode=args.chain_mode,
         repair=args.repair,
         repair_interval=args.repair_interval,
+        node_name=args.node_name,
+        not_ready_taint=args.not_ready_taint,
     )
     return run(options)
 

@@ -19,7 +19,8 @@
     └── NodeError                 the node agent (`cni-redirect install`, repair, inspect, doctor)
         ├── ConfError             a CNI config file we cannot work with
         ├── SettingsError         the admin's flags or entry settings are invalid
-        └── CriError              the container runtime's CRI answered with an error
+        ├── CriError              the container runtime's CRI answered with an error
+        └── NodeApiError          the API server, asked to take the new-node taint off, failed or refused
 
 Messages name the field, annotation or file and the offending value (`show`), so the
 operator can fix it without reading our source. This module imports only `errno` and
@@ -146,6 +147,10 @@ class ConfError(NodeError, ValueError):
 
 class SettingsError(NodeError, ValueError):
     """The admin's flags or entry settings are invalid; the message names the flag or field."""
+
+
+class NodeApiError(NodeError):
+    """The API server could not be asked, or refused (the new-node taint): logged, tried again."""
 
 
 class CriError(NodeError):

@@ -2,7 +2,9 @@
 
 - the annotation catalogue, from `spec.CaptureSpec` (each key's description and built-in default);
 - the conflist entry's fields, from `config.PluginConf` (and `config.OTHER_ENTRY_KEYS`);
-- the node agent's metrics, from the registry `node.metrics.Metrics` builds.
+- the node agent's metrics, from the registry `node.metrics.Metrics` builds;
+- the Helm chart's schema for `entry` (values.schema.json), from `config.PluginConf`: a bad value is refused by
+  `helm install` with the same names and choices the agent would use.
 
 Each table sits in a docs file between `<!-- generated: NAME -->` and `<!-- end: NAME -->`.
 `scripts/gen_docs.py` rewrites them; `--check` only compares and exits 1 naming what drifted
@@ -75,6 +77,35 @@ TABLES = {
 }
 
 
+CHART_SCHEMA = "install/helm/cni-redirect/values.schema.json"
+
+
+def chart_entry_schema() -> dict:
+    """The conflist entry's admin settings as JSON schema: unknown keys refused (a typo is not a no-op)."""
+    from cni_redirect.status import CATALOGUE_KEYS, PROFILE_NAMES
+
+    properties = {}
+    for name, field in PluginConf.model_json_schema()["properties"].items():
+        if PluginConf.model_fields.get(name) is None or name in RUNTIME_FIELDS or name == "capabilities":
+            continue
+        field = {k: v for k, v in field.items() if k not in ("title", "shown", "default")}
+        field["description"] = re.sub(r" \(\[[^]]*\]\(#[^)]*\)\)", "", field.get("description", ""))
+        properties[name] = field
+    value = {"type": ["string", "integer", "boolean"]}
+    properties["defaults"].update(properties={key: value for key in CATALOGUE_KEYS}, additionalProperties=False)
+    properties["profile"]["enum"] = list(PROFILE_NAMES)
+    properties["pod_settable"]["items"] = {"enum": list(CATALOGUE_KEYS)}
+    for key, (meaning, _default) in OTHER_ENTRY_KEYS.items():
+        properties[key] = {"type": "string", "description": meaning}
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+def chart_schema(text: str) -> str:
+    schema = json.loads(text)
+    schema["properties"]["entry"] = chart_entry_schema()
+    return json.dumps(schema, indent=2) + "\n"
+
+
 def render(text: str, name: str, table: str) -> str:
     pattern = re.compile(rf"(<!-- generated: {name} -->\n).*?(\n<!-- end: {name} -->)", re.S)
     if not pattern.search(text):
@@ -93,6 +124,13 @@ def main(argv: list[str]) -> int:
             drifted.append(f"{path} ({name})")
             if not check:
                 file.write_text(new)
+    file = REPO / CHART_SCHEMA
+    text = file.read_text()
+    new = chart_schema(text)
+    if new != text:
+        drifted.append(f"{CHART_SCHEMA} (entry)")
+        if not check:
+            file.write_text(new)
     if check and drifted:
         print(f"gen_docs: out of date: {', '.join(drifted)}: run scripts/gen_docs.py", file=sys.stderr)
         return 1

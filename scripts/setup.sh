@@ -19,6 +19,7 @@ if [ "$demo" = 0 ]; then
     gcc libc6-dev                                   # the e2e tier builds its pause image from source
     mmdebstrap                                      # install/build-image.sh: a debian:12 base when no registry is reachable
     strace                                          # the crash-safety tier kills the agent at every file-changing syscall
+    openssl                                         # the cluster tier makes its CA and the API server's cert
   )
 fi
 
@@ -38,7 +39,8 @@ if [ "$demo" = 1 ]; then
   exit 0
 fi
 scripts/venv.sh
-# The real peers and the current runtime (containerd 2.4, crictl, CNI plugins v1.10, istio-cni, pilot-agent),
-# built from the Go module proxy once per machine into a cache outside the repo (scripts/peers.sh).
-peers_bin=$(scripts/peers.sh)
+# The real peers and the current runtime (containerd 2.4, crictl, CNI plugins v1.10, istio-cni, pilot-agent) and a
+# real Kubernetes for the cluster tier (kubelet, kube-apiserver, kube-controller-manager, kube-scheduler, kine,
+# helm), built from the Go module proxy once per machine into a cache outside the repo (scripts/peers.sh).
+peers_bin=$(scripts/peers.sh --cluster)
 echo "setup: ready (.venv/bin/cni-redirect; peers in $peers_bin)" >&2

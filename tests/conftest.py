@@ -2,7 +2,8 @@
 
 Markers follow the directories: everything under `integration/` is marked
 `root` (network namespaces, the kernel's nftables), everything under `e2e/`
-`root` and `e2e` (a real container runtime), so `pytest -m "not root"` runs
+`root` and `e2e` (a real container runtime), everything under `cluster/` also
+`cluster` (a real Kubernetes control plane and kubelet), so `pytest -m "not root"` runs
 the unit tier, which needs nothing, in seconds. `slow` marks the heavy unit
 tests (100 000-entry lists, large property runs): the full suite runs them,
 `scripts/check.sh` leaves them out.
@@ -10,8 +11,14 @@ tests (100 000-entry lists, large property runs): the full suite runs them,
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import re
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +32,7 @@ settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
-MARKERS = {"integration": ("root",), "e2e": ("root", "e2e")}
+MARKERS = {"integration": ("root",), "e2e": ("root", "e2e"), "cluster": ("root", "e2e", "cluster")}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -33,6 +40,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         tier = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
         for marker in MARKERS.get(tier, ()):
             item.add_marker(getattr(pytest.mark, marker))
+
+
+@pytest.fixture(scope="session")
+def host_snapshot():
+    """What the runtime tiers may disturb on the host, taken once before the first of them starts."""
+    from cni_redirect.testing.host import HostSnapshot
+
+    assert os.geteuid() == 0, "the e2e and cluster tiers must run as root (they start containerd)"
+    return HostSnapshot.take()
 
 
 @pytest.fixture
@@ -61,3 +77,53 @@ def host(tmp_path):
     from tests.support import NodeHost
 
     return NodeHost(tmp_path)
+
+
+#: The agent's image, as the README builds it; both the DaemonSet tier and the cluster tier import it.
+AGENT_IMAGE = "localhost/cni-redirect:0.1.0"
+IMAGE_STORE = REPO / "build" / "image-store"  # podman's storage for the image: cached between runs here
+GLIBC_AND_ZLIB = r"^(ld-linux.*|libc|libm|libdl|libpthread|librt|libz)\.so(\.\d+)*$"
+
+
+def _storage_env() -> dict[str, str]:
+    IMAGE_STORE.mkdir(parents=True, exist_ok=True)
+    conf = IMAGE_STORE / "storage.conf"
+    conf.write_text(
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{IMAGE_STORE}/graph"\nrunroot = "{IMAGE_STORE}/run"\n'
+    )
+    return {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf)}
+
+
+@pytest.fixture(scope="session")
+def agent_image(tmp_path_factory) -> Path:
+    """install/build-image.sh, exactly as the README runs it, into a podman store of the suite's own; checked
+    (root user, install entrypoint, nothing outside the bundle but glibc and zlib) and saved as an OCI tar."""
+    env = _storage_env()
+    start = time.monotonic()
+    build = subprocess.run(["install/build-image.sh", AGENT_IMAGE], cwd=REPO, env=env, capture_output=True, text=True)
+    assert build.returncode == 0, f"install/build-image.sh failed:\n{build.stdout}\n{build.stderr[-4000:]}"
+    print(f"\n[image] built in {time.monotonic() - start:.0f} s: {build.stderr.strip()}")
+    inspect = subprocess.run(
+        ["podman", "image", "inspect", AGENT_IMAGE], env=env, capture_output=True, text=True, check=True
+    )
+    (info,) = json.loads(inspect.stdout)
+    assert info["Config"].get("User") == "0" and info["Config"]["Entrypoint"][-1] == "install"
+    files = _image_files(env)
+    outside = sorted(f for f in files if not f.startswith("opt/cni-redirect/bundle/") and not f.endswith("/"))
+    assert outside and all(re.match(GLIBC_AND_ZLIB, f.rsplit("/", 1)[-1]) for f in outside), outside
+    assert not {"bin/sh", "usr/bin/apt", "usr/bin/dpkg"} & set(files), "no shell, no package manager"
+    print(f"[image] {int(info['Size']) / 1e6:.1f} MB; outside the bundle: {outside}")
+    tar = tmp_path_factory.mktemp("image") / "cni-redirect.tar"
+    subprocess.run(["podman", "save", "--quiet", "-o", str(tar), AGENT_IMAGE], env=env, check=True)
+    return tar
+
+
+def _image_files(env: dict[str, str]) -> set[str]:
+    container = subprocess.run(["podman", "create", AGENT_IMAGE], env=env, capture_output=True, text=True, check=True)
+    cid = container.stdout.strip()
+    try:
+        export = subprocess.run(["podman", "export", cid], env=env, capture_output=True, check=True).stdout
+    finally:
+        subprocess.run(["podman", "rm", "-f", cid], env=env, capture_output=True)
+    with tarfile.open(fileobj=io.BytesIO(export)) as tar:
+        return {member.name + ("/" if member.isdir() else "") for member in tar.getmembers()}

@@ -16,11 +16,14 @@ import yaml
 
 from cni_redirect.node.chain import load_entry_settings
 from cni_redirect.node.daemon import check_agent_socket
+from cni_redirect.node.nodetaint import DEFAULT_TAINT
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "install" / "kubernetes"
 KUBERNETES_VERSIONS = ["1.28.0", "1.33.0"]
-OVERLAYS = ["crio", "gke", "k3s", "minimal", "openshift"]
+OVERLAYS = ["crio", "gke", "k3s", "microk8s", "minimal", "openshift"]
+#: Components with no overlay of their own: added to any install.
+ADD_ONS = ["node-taint"]
 KUBECTL = Path(sys.executable).parent / "kubectl"
 
 
@@ -42,7 +45,7 @@ def container(docs: dict[str, dict]) -> dict:
 
 
 def env(docs: dict[str, dict]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(docs)["env"]}
+    return {e["name"]: e["value"] for e in container(docs)["env"] if "value" in e}
 
 
 def host_paths(docs: dict[str, dict]) -> dict[str, str]:
@@ -56,7 +59,7 @@ def base() -> dict[str, dict]:
 
 def test_every_overlay_is_tested():
     assert sorted(p.name for p in (K8S / "overlays").iterdir()) == OVERLAYS
-    assert sorted(p.name for p in (K8S / "components").iterdir()) == OVERLAYS
+    assert sorted(p.name for p in (K8S / "components").iterdir()) == sorted(OVERLAYS + ADD_ONS)
 
 
 def test_base_lists_every_manifest():
@@ -157,12 +160,36 @@ def test_minimal_drops_every_capability_and_serves_nothing():
     assert (env(docs)["AGENT_SOCKET"], env(docs)["REPAIR"]) == ("", "off")
 
 
-@pytest.mark.parametrize("overlay", ["gke", "k3s", "openshift"])
+@pytest.mark.parametrize("overlay", ["gke", "k3s", "microk8s", "openshift"])
 def test_path_overlays_change_only_host_paths(base, overlay):
     docs = kustomize(K8S / "overlays" / overlay)
     assert container(docs) == container(base)
     changed = {k: v for k, v in host_paths(docs).items() if host_paths(base)[k] != v}
-    assert changed and set(changed) <= {"cni-bin", "cni-conf"}
+    assert changed and set(changed) <= {"cni-bin", "cni-conf", "cri-socket"}
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_node_taint_component_adds_only_the_guard_and_its_rbac(base, tmp_path, version):
+    """The one API use, opt-in: a token in the agent's pod, NODE_NAME and NOT_READY_TAINT, and a ClusterRole that
+    may only get and patch nodes; everything else is the base's."""
+    shutil.copytree(K8S, tmp_path / "install" / "kubernetes")
+    mine = tmp_path / "my-cluster"
+    mine.mkdir()
+    (mine / "kustomization.yaml").write_text(
+        "resources: [../install/kubernetes/base]\ncomponents: [../install/kubernetes/components/node-taint]\n"
+    )
+    docs = kustomize(mine)
+    for kind in ("DaemonSet", "ClusterRole", "ClusterRoleBinding"):
+        kubernetes_validate.validate(docs[kind], version, strict=True)
+    assert docs["ClusterRole"]["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
+    (subject,) = docs["ClusterRoleBinding"]["subjects"]
+    assert (subject["name"], subject["namespace"]) == ("cni-redirect", "cni-redirect")
+    assert pod_spec(docs)["automountServiceAccountToken"] is True
+    variables = {e["name"]: e for e in container(docs)["env"]}
+    assert variables["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert variables["NOT_READY_TAINT"]["value"] == DEFAULT_TAINT
+    added = {"NODE_NAME", "NOT_READY_TAINT"}
+    assert [e for e in container(docs)["env"] if e["name"] not in added] == container(base)["env"]
 
 
 def test_crio_uses_crios_socket(base):

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import wire
-from ..errors import CniRedirectError, SettingsError
+from ..errors import CniRedirectError, NodeApiError, SettingsError
 from ..logs import JsonLog
 from . import CHAIN_MODES, REPAIR_MODES
 from .bundle import Bundle
@@ -320,6 +320,8 @@ class _Services:
         self.repair_stop, self.repair_wake = threading.Event(), threading.Event()
         self.state: State | None = None  # None while starting, then State.OWNER or State.STANDBY
         self.watching: str | None = None  # the owner whose end we wait for, in standby
+        self.tainted = bool(options.not_ready_taint)  # the new-node taint may still be on the node
+        self.taint_problem = ""
 
     # --- start-up: nothing shared is taken before the agent can serve ---
 
@@ -390,6 +392,26 @@ class _Services:
         if self.metrics is not None:
             self.metrics.chain_fallbacks.inc(chain.fallbacks - fallbacks)
             self.metrics.set_chain_mode(chain.mode)
+        if self.tainted and self.state == State.OWNER and not self.agent.ready_reason:
+            self.untaint()
+
+    def untaint(self) -> None:
+        """Installed, chained, running the node: opted-in pods may be scheduled here now. A failure is logged
+        once per distinct reason and tried again on the next iteration; readiness does not wait for it."""
+        from .nodetaint import NodeApi
+
+        key = self.options.not_ready_taint
+        try:
+            removed = NodeApi.in_cluster(self.options.node_name).remove_taint(key)
+        except NodeApiError as exc:
+            if str(exc) != self.taint_problem:
+                self.log("error", "cannot take the new-node taint off; trying again", taint=key, error=str(exc))
+                self.taint_problem = str(exc)
+            return
+        self.tainted = False
+        if removed:
+            self.log("info", "took the new-node taint off: pods may be scheduled here", taint=key,
+                     node=self.options.node_name)  # fmt: skip
 
     def keep_socket(self) -> None:
         """The shared path holds a dead agent's socket, or none: ours again, unless a live agent is starting

@@ -32,3 +32,5 @@ class Options:
     chain_mode: str = "auto"  # dropin | edit | auto (drop-in where the runtime's CRI Version says it loads them)
     repair: str = "in-place"
     repair_interval: float = 30.0
+    node_name: str = ""  # this node (the manifest passes spec.nodeName): where the new-node taint is taken off
+    not_ready_taint: str = ""  # this taint's key comes off the node once the agent is installed and chained; "": off

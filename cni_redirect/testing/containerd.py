@@ -32,7 +32,7 @@ GATEWAY = "10.99.0.1"
 CGROUP_PARENT = "cnir-e2e"
 
 
-def _mounts_under(prefix: str) -> list[str]:
+def mounts_under(prefix: str) -> list[str]:
     points = []
     with open("/proc/self/mountinfo") as handle:
         for line in handle:
@@ -270,7 +270,7 @@ class Containerd:
                 self.process.kill()
                 self.process.wait(timeout=5)
         self._kill_our_shims()
-        for point in sorted(_mounts_under(str(self.workdir)), key=len, reverse=True):
+        for point in sorted(mounts_under(str(self.workdir)), key=len, reverse=True):
             subprocess.run(["umount", "-l", point], capture_output=True)
 
     def _kill_our_shims(self) -> None:

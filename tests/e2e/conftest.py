@@ -6,18 +6,10 @@ runtime starts, so one runtime's cleanup can never pull state from under another
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from cni_redirect.testing.containerd import VERSIONS, Containerd, new_workdir
-from cni_redirect.testing.host import HostSnapshot, tear_down
-
-
-@pytest.fixture(scope="session")
-def host_snapshot():
-    assert os.geteuid() == 0, "the e2e tier must run as root (it starts containerd)"
-    return HostSnapshot.take()
+from cni_redirect.testing.host import tear_down
 
 
 def running_containerd(host_snapshot, prepare=None, **options):

@@ -8,13 +8,10 @@ The commands are the README's "Installing on a cluster": `install/build-image.sh
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import re
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -32,59 +29,17 @@ REPO = Path(__file__).resolve().parents[2]
 GLIBC_AND_ZLIB = r"^(ld-linux.*|libc|libm|libdl|libpthread|librt|libz)\.so(\.\d+)*$"
 TAG = "localhost/cni-redirect:0.1.0"
 KUBECTL = Path(sys.executable).parent / "kubectl"
-IMAGE_STORE = REPO / "build" / "image-store"  # podman's storage for the image tier: cached between runs here
-
-
-def _storage_env() -> dict[str, str]:
-    IMAGE_STORE.mkdir(parents=True, exist_ok=True)
-    conf = IMAGE_STORE / "storage.conf"
-    conf.write_text(
-        f'[storage]\ndriver = "overlay"\ngraphroot = "{IMAGE_STORE}/graph"\nrunroot = "{IMAGE_STORE}/run"\n'
-    )
-    return {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf)}
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
-    """install/build-image.sh, exactly as the README runs it, into a podman store of the tier's own."""
-    env = _storage_env()
-    start = time.monotonic()
-    build = subprocess.run(["install/build-image.sh", TAG], cwd=REPO, env=env, capture_output=True, text=True)
-    assert build.returncode == 0, f"install/build-image.sh failed:\n{build.stdout}\n{build.stderr[-4000:]}"
-    print(f"\n[image] built in {time.monotonic() - start:.0f} s: {build.stderr.strip()}")
-    inspect = subprocess.run(["podman", "image", "inspect", TAG], env=env, capture_output=True, text=True, check=True)
-    (info,) = json.loads(inspect.stdout)
-    assert info["Config"].get("User") == "0" and info["Config"]["Entrypoint"][-1] == "install"
-    files = _image_files(env)
-    outside = sorted(f for f in files if not f.startswith("opt/cni-redirect/bundle/") and not f.endswith("/"))
-    assert outside and all(re.match(GLIBC_AND_ZLIB, f.rsplit("/", 1)[-1]) for f in outside), outside
-    assert not {"bin/sh", "usr/bin/apt", "usr/bin/dpkg"} & set(files), "no shell, no package manager"
-    print(f"[image] {int(info['Size']) / 1e6:.1f} MB; outside the bundle: {outside}")
-    tar = tmp_path_factory.mktemp("image") / "cni-redirect.tar"
-    subprocess.run(["podman", "save", "--quiet", "-o", str(tar), TAG], env=env, check=True)
-    return tar
-
-
-def _image_files(env: dict[str, str]) -> set[str]:
-    container = subprocess.run(["podman", "create", TAG], env=env, capture_output=True, text=True, check=True)
-    cid = container.stdout.strip()
-    try:
-        export = subprocess.run(["podman", "export", cid], env=env, capture_output=True, check=True).stdout
-    finally:
-        subprocess.run(["podman", "rm", "-f", cid], env=env, capture_output=True)
-    with tarfile.open(fileobj=io.BytesIO(export)) as tar:
-        return {member.name + ("/" if member.isdir() else "") for member in tar.getmembers()}
 
 
 @pytest.fixture(scope="module", params=VERSIONS, ids=[f"containerd-{v}" for v in VERSIONS])
-def node(host_snapshot, image, request):
+def node(host_snapshot, agent_image, request):
     """A containerd whose pod netns live under /var/run/netns, as on a node, with the image imported."""
     sh("ip", "netns", "add", f"cnir-shared-{os.getpid()}")  # iproute2 makes /run/netns a shared mount, as on a node
     sh("ip", "netns", "delete", f"cnir-shared-{os.getpid()}")
 
     def import_image(runtime: Containerd) -> None:
         ctr = ["ctr", "-a", str(runtime.socket), "-n", "k8s.io", "images"]
-        subprocess.run([*ctr, "import", str(image)], check=True, capture_output=True)
+        subprocess.run([*ctr, "import", str(agent_image)], check=True, capture_output=True)
         subprocess.run([*ctr, "tag", TAG, "docker.io/library/cni-redirect:0.1.0"], check=True, capture_output=True)
 
     yield from running_containerd(

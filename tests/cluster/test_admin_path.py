@@ -1,0 +1,428 @@
+"""The admin's path on a real cluster, both ways an admin takes it:
+
+- kubectl: `kubectl apply -k` of the minimal overlay (no capability: the plugin runs in-process, the agent edits
+  the primary's conflist since it has no CRI socket to ask about drop-ins) plus the new-node guard component;
+- helm: `helm install` of the chart with its defaults (the CNI server, repair, drop-in mode chosen through CRI)
+  and `nodeTaint.enabled`.
+
+Then, the same steps for both: the real kubelet's exec probes, a rollout by the real DaemonSet controller with
+maxSurge, an image that cannot start, a deleted agent pod, the uninstall. Each step is checked with real TCP from
+pods the real scheduler placed. The tests run in file order on one cluster per path: each starts from the state
+the one before left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cni_redirect.node.nodetaint import DEFAULT_TAINT
+from cni_redirect.testing.cluster import NODE
+from cni_redirect.testing.istio import run_validation
+from cni_redirect.testing.netlab import enabled
+from tests.cluster.conftest import (
+    BROKEN_TAG,
+    CHART,
+    IMAGE,
+    REPO,
+    NodeView,
+    app_pod,
+    apply,
+    helm,
+    outbound_goes_to_proxy,
+    pod_phase,
+    running_cluster,
+    wait_running,
+    wait_until,
+)
+from tests.support import free_port, injected
+
+NAMESPACE = "cni-redirect"
+DAEMONSET = "daemonset/cni-redirect-node"
+
+
+def overlay(cluster, directory: Path, base: str = "install/kubernetes/overlays/minimal") -> Path:
+    """What an admin on a node with its own CNI paths writes: the shipped overlay, the new-node guard component,
+    and a patch with this node's paths (as the k3s or gke components do) and the API server's address (this
+    cluster has no kube-proxy, so the service IP is not routed: the agent is given the address directly)."""
+    runtime = cluster.runtime
+    directory.mkdir(parents=True, exist_ok=True)
+    up = os.path.relpath(REPO, directory)
+    (directory / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {up}/{base}\n"
+        f"components:\n  - {up}/install/kubernetes/components/node-taint\n"
+        "patches:\n  - path: node.yaml\n  - path: entry.yaml\n"
+    )
+    (directory / "entry.yaml").write_text(yaml.safe_dump(istio_entry()))
+    (directory / "node.yaml").write_text(
+        f"""apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: cni-redirect-node
+  namespace: {NAMESPACE}
+spec:
+  template:
+    spec:
+      containers:
+        - name: install
+          env:
+            - name: KUBERNETES_SERVICE_HOST
+              value: "127.0.0.1"
+            - name: KUBERNETES_SERVICE_PORT
+              value: "{cluster.api_port}"
+      volumes:
+        - name: cni-bin
+          hostPath:
+            path: {runtime.bin_dir}
+        - name: cni-conf
+          hostPath:
+            path: {runtime.conf_dir}
+"""
+    )
+    return directory
+
+
+def istio_entry() -> dict:
+    """The shipped ConfigMap with `"profile": "istio"` added: the admin of an Istio mesh sets it."""
+    configmap = yaml.safe_load((REPO / "install/kubernetes/base/configmap.yaml").read_text())
+    entry = json.loads(configmap["data"]["entry.json"])
+    configmap["data"]["entry.json"] = json.dumps({**entry, "profile": "istio"}, indent=2)
+    return configmap
+
+
+def uninstall_overlay(cluster, directory: Path) -> Path:
+    runtime = cluster.runtime
+    directory.mkdir(parents=True, exist_ok=True)
+    up = os.path.relpath(REPO, directory)
+    (directory / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {up}/install/kubernetes/uninstall\npatches:\n  - path: node.yaml\n"
+    )
+    (directory / "node.yaml").write_text(
+        f"""apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: cni-redirect-uninstall
+  namespace: {NAMESPACE}
+spec:
+  template:
+    spec:
+      volumes:
+        - name: cni-bin
+          hostPath:
+            path: {runtime.bin_dir}
+        - name: cni-conf
+          hostPath:
+            path: {runtime.conf_dir}
+"""
+    )
+    return directory
+
+
+def agent_pods(cluster) -> list[dict]:
+    found = cluster.get("pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=node-agent")["items"]
+    return [p for p in found if not p["metadata"].get("deletionTimestamp")]
+
+
+def is_ready(pod: dict) -> bool:
+    conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}
+    return conditions.get("Ready") == "True"
+
+
+def node_taints(cluster) -> list[str]:
+    return [t["key"] for t in cluster.get("node", NODE)["spec"].get("taints") or []]
+
+
+class EntrySampler:
+    """Reads the node's conf dir every few ms: `misses` counts reads without our entry."""
+
+    def __init__(self, node: NodeView) -> None:
+        self.node, self.samples, self.misses = node, 0, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.samples += 1
+            self.misses += self.node.entry() is None
+            time.sleep(0.01)
+
+    def end(self) -> tuple[int, int]:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        return self.samples, self.misses
+
+
+class KubectlAdmin:
+    """kubectl, as docs/install.md writes it: apply -k, set image, rollout undo, the uninstall DaemonSet."""
+
+    name = "kubectl"
+    mode = "edit"  # the minimal overlay has no CRI socket: `auto` cannot ask the runtime, so it edits
+    via = "in-process"
+
+    def __init__(self, cluster, work: Path) -> None:
+        self.cluster, self.work = cluster, work
+        self.overlay = overlay(cluster, work / "overlay")
+
+    def install(self) -> None:
+        self.cluster.kubectl("apply", "-k", str(self.overlay))
+        self.wait_rollout()
+
+    def wait_rollout(self) -> None:
+        self.cluster.kubectl("rollout", "status", "-n", NAMESPACE, DAEMONSET, "--timeout=180s", timeout=200)
+
+    def set_image(self, tag: str) -> None:
+        self.cluster.kubectl("set", "image", "-n", NAMESPACE, DAEMONSET, f"install={IMAGE}:{tag}")
+
+    def undo(self) -> None:
+        self.cluster.kubectl("rollout", "undo", "-n", NAMESPACE, DAEMONSET)
+        self.wait_rollout()
+
+    def uninstall(self, check) -> None:
+        """Delete the agent's DaemonSet (entry and plugin stay, working in-process), apply the uninstall DaemonSet,
+        wait for it to be Ready (`check` runs then), delete both."""
+        cluster = self.cluster
+        cluster.kubectl("delete", "-n", NAMESPACE, DAEMONSET, "--wait=true", timeout=120)
+        check_entry_stays(cluster)
+        uninstall = uninstall_overlay(cluster, self.work / "uninstall")
+        cluster.kubectl("apply", "-k", str(uninstall))
+        cluster.kubectl(
+            "rollout", "status", "-n", NAMESPACE, "daemonset/cni-redirect-uninstall", "--timeout=120s", timeout=150
+        )
+        check()
+        cluster.kubectl("delete", "-k", str(uninstall), "--wait=true", timeout=120)
+        cluster.kubectl("delete", "-k", str(self.overlay), "--ignore-not-found", "--wait=true", timeout=180)
+
+
+class HelmAdmin:
+    """helm, as docs/install.md writes it: install, upgrade --reuse-values, rollback, uninstall=true then uninstall."""
+
+    name = "helm"
+    mode = "dropin"  # containerd 2.4 says through CRI that it loads libcni's drop-ins
+    via = "cni-server"
+
+    def __init__(self, cluster, work: Path) -> None:
+        self.cluster = cluster
+        kubeconfig = str(cluster.kubeconfig)
+        self.release = ["cni-redirect", "--namespace", NAMESPACE, "--kubeconfig", kubeconfig]
+        runtime = cluster.runtime
+        self.values = [
+            f"cni.binDir={runtime.bin_dir}", f"cni.confDir={runtime.conf_dir}", f"cri.socket={runtime.socket}",
+            "nodeTaint.enabled=true", "kubernetesApi.host=127.0.0.1", f"kubernetesApi.port={cluster.api_port}",
+            "entry.profile=istio",
+        ]  # fmt: skip
+
+    def _sets(self, values) -> list[str]:
+        return [arg for value in values for arg in ("--set", value)]
+
+    def install(self) -> None:
+        helm("install", *self.release, str(CHART), "--create-namespace", *self._sets(self.values),
+             "--wait", "--timeout", "180s")  # fmt: skip
+
+    def wait_rollout(self) -> None:
+        self.cluster.kubectl("rollout", "status", "-n", NAMESPACE, DAEMONSET, "--timeout=180s", timeout=200)
+
+    def set_image(self, tag: str) -> None:
+        helm("upgrade", *self.release, str(CHART), "--reuse-values", "--set", f"image.repository={IMAGE}",
+             "--set", f"image.tag={tag}")  # fmt: skip
+
+    def undo(self) -> None:
+        helm("rollback", *self.release, "--wait", "--timeout", "180s")
+        self.wait_rollout()
+
+    def uninstall(self, check) -> None:
+        helm("upgrade", *self.release, str(CHART), "--reuse-values", "--set", "uninstall=true",
+             "--wait", "--timeout", "180s")  # fmt: skip
+        assert not agent_pods(self.cluster), "uninstall=true: the agent's DaemonSet is gone"
+        check()
+        helm("uninstall", *self.release, "--wait", "--timeout", "120s")
+        self.cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=true", timeout=180)
+
+
+def check_entry_stays(cluster) -> None:
+    assert NodeView(cluster).entry() is not None, "deleting the DaemonSet is not an uninstall"
+
+
+@pytest.fixture(scope="module", params=["kubectl", "helm"])
+def path(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def cluster(path, host_snapshot, agent_image):
+    """A new node and control plane for each path: each starts as a node that has just joined."""
+    yield from running_cluster(host_snapshot, agent_image)
+
+
+@pytest.fixture(scope="module")
+def admin(path, cluster, tmp_path_factory):
+    return (KubectlAdmin if path == "kubectl" else HelmAdmin)(cluster, tmp_path_factory.mktemp(path))
+
+
+@pytest.fixture(scope="module")
+def state(cluster, admin):
+    """What the tests share: the node's view, the conf dir as the primary left it."""
+    runtime = cluster.runtime
+    tree = {p.relative_to(runtime.conf_dir): p.read_bytes() for p in runtime.conf_dir.rglob("*") if p.is_file()}
+    return {"node": NodeView(cluster), "original": tree}
+
+
+def test_a_new_node_keeps_opted_in_pods_off_until_the_agent_serves_then_captures_them(cluster, admin, state, procs):
+    """The node registered with the taint: an opted-in pod waits (the real scheduler); the admin installs; the
+    agent's exec readiness probe passes on the real kubelet, the agent takes the taint off, the pod is scheduled
+    and captured."""
+    node = state["node"]
+    assert node_taints(cluster) == [DEFAULT_TAINT]
+    apply(cluster, app_pod("early", enabled()))
+    time.sleep(5)  # the scheduler has had its chances
+    pod = cluster.get("pod", "early")
+    assert pod["status"].get("phase") == "Pending" and not pod["spec"].get("nodeName"), pod["status"]
+    (scheduled,) = [c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled"]
+    assert scheduled["status"] == "False" and "untolerated taint" in scheduled["message"], scheduled
+
+    start = time.monotonic()
+    admin.install()
+    (agent,) = agent_pods(cluster)
+    assert is_ready(agent), agent["status"]
+    print(f"\n[{admin.name}] agent Ready {time.monotonic() - start:.1f} s after the install command")
+    wait_until(lambda: DEFAULT_TAINT not in node_taints(cluster), 60, "the agent to take the taint off")
+    wait_running(cluster, "early")
+    print(f"[{admin.name}] the waiting pod ran {time.monotonic() - start:.1f} s after the install command")
+    assert node.has_table("early")
+    assert outbound_goes_to_proxy(node, "early", procs, free_port())
+    assert [e["via"] for e in node.events("early") if e["command"] == "ADD"] == [admin.via]
+    entry = node.entry()
+    assert entry is not None and entry["type"] == "cni-redirect"
+    assert ("agent_socket" in entry) == (admin.via == "cni-server")
+    (primary,) = [p for p in state["original"] if p.suffix == ".conflist"]
+    chained = json.loads((cluster.runtime.conf_dir / primary).read_text())["plugins"][-1]["type"]
+    if admin.mode == "edit":
+        assert chained == "cni-redirect", "edit mode: our entry is inlined, last in the chain"
+    else:
+        assert (cluster.runtime.conf_dir / primary).read_bytes() == state["original"][primary], "drop-in: untouched"
+
+
+def test_an_annotated_pod_is_captured_and_an_unannotated_one_is_not(cluster, state, procs):
+    node = state["node"]
+    apply(cluster, app_pod("annotated", enabled()), app_pod("plain"))
+    wait_running(cluster, "annotated")
+    wait_running(cluster, "plain")
+    assert outbound_goes_to_proxy(node, "annotated", procs, free_port())
+    assert not node.has_table("plain")
+    assert not outbound_goes_to_proxy(node, "plain", procs, free_port())
+
+
+def test_a_pod_as_istios_injector_writes_it_passes_istios_own_validator(cluster, state, procs):
+    """With `"profile": "istio"` in the entry, a pod carrying the annotations Istio's injector writes
+    (tests/fixtures/mesh/istio-injected.json) is captured, and Istio's own validator (pilot-agent istio-iptables
+    --run-validation, as the istio-validation init container runs it) passes in the netns the kubelet made."""
+    node = state["node"]
+    annotations = injected("istio")
+    apply(cluster, app_pod("istio-app", annotations))
+    wait_running(cluster, "istio-app")
+    real = run_validation(node.netns("istio-app").path, annotations)
+    assert real.returncode == 0 and "Validation passed" in real.stdout + real.stderr, real.stdout[-2000:]
+    assert outbound_goes_to_proxy(node, "istio-app", procs, free_port())
+    (add,) = [e for e in node.events("istio-app") if e["command"] == "ADD"]
+    assert add["outcome"] == "captured", add
+
+
+def test_deleting_the_agent_pod_keeps_the_entry_and_the_capture(cluster, state, procs):
+    """`kubectl delete pod`: the DaemonSet controller makes a new one; the entry stays in every sample read, pods
+    captured before stay captured, pods after are captured."""
+    node = state["node"]
+    (old,) = agent_pods(cluster)
+    sampler = EntrySampler(node)
+    cluster.kubectl("delete", "pod", "-n", NAMESPACE, old["metadata"]["name"], "--wait=true", timeout=120)
+    new = wait_until(lambda: [p for p in agent_pods(cluster) if is_ready(p)], 120, "a new Ready agent pod")
+    samples, misses = sampler.end()
+    assert new[0]["metadata"]["name"] != old["metadata"]["name"]
+    assert samples > 100 and misses == 0, (samples, misses)
+    assert outbound_goes_to_proxy(node, "annotated", procs, free_port())
+    apply(cluster, app_pod("after-restart", enabled()))
+    wait_running(cluster, "after-restart")
+    assert outbound_goes_to_proxy(node, "after-restart", procs, free_port())
+
+
+def test_a_rollout_with_max_surge_keeps_every_new_pod_captured(cluster, admin, state, procs):
+    """A new image tag (`kubectl set image`, `helm upgrade`): the real DaemonSet controller surges (maxSurge 1):
+    the new agent pod runs beside the old one until Ready, then the old one goes. Pods created all along are
+    captured, and our entry is in every sample read of the conf dir."""
+    node = state["node"]
+    (old,) = agent_pods(cluster)
+    sampler = EntrySampler(node)
+    admin.set_image("0.1.1")
+    both_seen, names = False, []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        pods = agent_pods(cluster)
+        both_seen = both_seen or len(pods) == 2
+        name = f"during-rollout-{len(names)}"
+        apply(cluster, app_pod(name, enabled()))
+        names.append(name)
+        if len(pods) == 1 and pods[0]["metadata"]["name"] != old["metadata"]["name"] and is_ready(pods[0]):
+            break
+        time.sleep(1)
+    admin.wait_rollout()
+    samples, misses = sampler.end()
+    (new,) = agent_pods(cluster)
+    assert new["spec"]["containers"][0]["image"] == f"{IMAGE}:0.1.1" and is_ready(new)
+    assert both_seen, "maxSurge: the new agent pod ran beside the old one"
+    assert samples > 100 and misses == 0, (samples, misses)
+    for name in names:
+        wait_running(cluster, name)
+        assert node.has_table(name), name
+    assert outbound_goes_to_proxy(node, names[-1], procs, free_port())
+    print(f"\n[{admin.name}] rollout: {len(names)} pods created during it, all captured")
+    cluster.kubectl("delete", "pod", *names, "--wait=false")
+
+
+def test_an_image_that_cannot_start_never_becomes_ready_and_the_old_agent_keeps_the_node(cluster, admin, state, procs):
+    node = state["node"]
+    (old,) = agent_pods(cluster)
+    admin.set_image(BROKEN_TAG)
+    new = wait_until(
+        lambda: [p for p in agent_pods(cluster) if p["metadata"]["name"] != old["metadata"]["name"]],
+        60,
+        "the surge pod of the broken image",
+    )[0]
+    time.sleep(20)  # the kubelet tries, fails, backs off
+    pods = {p["metadata"]["name"]: p for p in agent_pods(cluster)}
+    assert old["metadata"]["name"] in pods and is_ready(pods[old["metadata"]["name"]])
+    assert new["metadata"]["name"] in pods and not is_ready(pods[new["metadata"]["name"]])
+    waiting = pods[new["metadata"]["name"]]["status"]["containerStatuses"][0]["state"]
+    print(f"\n[{admin.name}] the broken image's pod: {waiting}")
+    apply(cluster, app_pod("during-broken", enabled()))
+    wait_running(cluster, "during-broken")
+    assert outbound_goes_to_proxy(node, "during-broken", procs, free_port())
+    admin.undo()
+    assert [p["metadata"]["name"] for p in agent_pods(cluster)] == [old["metadata"]["name"]]
+
+
+def test_the_uninstall_restores_the_conf_dir_byte_for_byte(cluster, admin, state):
+    """docs/operations.md's uninstall: the uninstall DaemonSet is Ready once nothing of ours is left on the node;
+    then nothing of ours is in the cluster either. Pods captured before keep running."""
+    node = state["node"]
+    runtime = cluster.runtime
+
+    def check() -> None:
+        now = {p.relative_to(runtime.conf_dir): p.read_bytes() for p in runtime.conf_dir.rglob("*") if p.is_file()}
+        assert now == state["original"], sorted(map(str, set(now) ^ set(state["original"])))
+        ours = [p.name for p in runtime.bin_dir.iterdir() if p.name.startswith(("cni-redirect", ".cni-redirect"))]
+        assert ours == []
+
+    admin.uninstall(check)
+    assert cluster.kubectl("get", "namespace", NAMESPACE, check=False).returncode != 0
+    assert not cluster.get("clusterroles", "-l", "app.kubernetes.io/name=cni-redirect")["items"]
+    apply(cluster, app_pod("after-uninstall", enabled()))
+    wait_running(cluster, "after-uninstall")
+    assert not node.has_table("after-uninstall")
+    assert pod_phase(cluster, "annotated") == "Running"

@@ -1,0 +1,160 @@
+"""The Helm chart against the kustomize install: the real helm (built by scripts/setup.sh) lints it, renders it for
+every platform, and each rendering equals the kustomize overlay of the same name in substance: the same objects,
+the same fields, with Helm's own labels and the entry's checksum annotation left aside, and lists compared as sets
+where Kubernetes merges them by key. Its values.schema.json refuses a bad value with a message naming it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cluster.conftest import CHART, helm
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "install" / "kubernetes"
+KUBECTL = Path(sys.executable).parent / "kubectl"
+HELM_LABELS = {
+    "helm.sh/chart",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+}
+#: Lists Kubernetes merges by a key: their order carries no meaning.
+KEYED = {"env": "name", "volumes": "name", "volumeMounts": "mountPath"}
+
+
+def template(*values: str) -> dict[tuple[str, str], dict]:
+    args = [arg for value in values for arg in ("--set", value)]
+    out = helm("template", "cni-redirect", str(CHART), "--namespace", "cni-redirect", *args).stdout
+    return _objects(out)
+
+
+def kustomize(directory: Path) -> dict[tuple[str, str], dict]:
+    out = subprocess.run([str(KUBECTL), "kustomize", str(directory)], capture_output=True, text=True, check=True)
+    return {key: doc for key, doc in _objects(out.stdout).items() if key[0] != "Namespace"}  # helm: --create-namespace
+
+
+def _objects(text: str) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): normal(d) for d in yaml.safe_load_all(text) if d}
+
+
+def normal(value, key: str = ""):
+    """Helm's labels dropped, keyed lists sorted by their key, the entry's JSON parsed."""
+    if isinstance(value, dict):
+        out = {k: normal(v, k) for k, v in value.items()}
+        if key == "labels":
+            out = {k: v for k, v in out.items() if k not in HELM_LABELS}
+        if key == "annotations":
+            out.pop("checksum/entry", None)  # the chart's: a new entry rolls the agents
+        if key == "data" and "entry.json" in out:
+            out["entry.json"] = yaml.safe_load(out["entry.json"])
+        return out
+    if isinstance(value, list):
+        items = [normal(v) for v in value]
+        return sorted(items, key=lambda item: item[KEYED[key]]) if key in KEYED else items
+    return value
+
+
+def with_component(tmp_path: Path, base: str, *components: str) -> Path:
+    """A kustomization beside a copy of install/kubernetes: base plus components (as docs/install.md writes one)."""
+    shutil.copytree(K8S, tmp_path / "install" / "kubernetes", dirs_exist_ok=True)
+    mine = tmp_path / "mine"
+    mine.mkdir(exist_ok=True)
+    listed = "".join(f"  - ../install/kubernetes/components/{c}\n" for c in components)
+    (mine / "kustomization.yaml").write_text(f"resources:\n  - ../install/kubernetes/{base}\ncomponents:\n{listed}")
+    return mine
+
+
+def test_helm_lint_passes_strictly():
+    run = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in run.stdout
+
+
+@pytest.mark.parametrize("platform", ["", "gke", "k3s", "microk8s", "openshift", "crio"])
+def test_each_platform_renders_what_its_kustomize_overlay_renders(platform):
+    chart = template(f"platform={platform}")
+    overlay = kustomize(K8S / "overlays" / platform if platform else K8S)
+    assert chart == overlay
+
+
+def test_minimal_renders_what_the_minimal_overlay_renders():
+    assert template("minimal=true") == kustomize(K8S / "overlays" / "minimal")
+
+
+def test_the_node_taint_guard_renders_what_its_component_adds(tmp_path):
+    assert template("nodeTaint.enabled=true") == kustomize(with_component(tmp_path, "base", "node-taint"))
+
+
+def test_uninstall_renders_the_uninstall_daemonset_and_no_agent():
+    chart = template("uninstall=true")
+    uninstall = kustomize(K8S / "uninstall")
+    assert chart.pop(("DaemonSet", "cni-redirect-uninstall")) == uninstall[("DaemonSet", "cni-redirect-uninstall")]
+    assert set(chart) == {("ConfigMap", "cni-redirect-entry"), ("ServiceAccount", "cni-redirect")}
+
+
+def test_the_podmonitor_is_the_monitoring_example():
+    chart = template("monitoring.podMonitor=true")
+    (example,) = yaml.safe_load_all((K8S / "monitoring" / "podmonitor.yaml").read_text())
+    assert chart[("PodMonitor", "cni-redirect-node")] == normal(example)
+
+
+def test_values_override_single_paths_and_settings():
+    chart = template(
+        "cni.binDir=/srv/cni/bin", "cni.confFile=10-calico.conflist", "chainMode=edit", "image.tag=0.2.0",
+        "entry.profile=istio", "priorityClassName=", "kubernetesApi.host=10.0.0.5", "kubernetesApi.port=6443",
+    )  # fmt: skip
+    daemonset = chart[("DaemonSet", "cni-redirect-node")]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in daemonset["volumes"]}
+    assert volumes["cni-bin"]["hostPath"] == {"path": "/srv/cni/bin", "type": "Directory"}
+    assert volumes["cni-conf"]["hostPath"]["path"] == "/etc/cni/net.d"
+    (container,) = daemonset["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert (env["CONF_FILE"], env["CHAIN_MODE"]) == ("10-calico.conflist", "edit")
+    assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == ("10.0.0.5", "6443")
+    assert container["image"] == "cni-redirect:0.2.0" and "priorityClassName" not in daemonset
+    assert chart[("ConfigMap", "cni-redirect-entry")]["data"]["entry.json"]["profile"] == "istio"
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("platform=gkee", "at '/platform': value must be one of"),
+        ("entry.log_level=loud", "at '/entry/log_level': value must be one of"),
+        ("entry.defaults.proxyuid=1337", "at '/entry/defaults': additional properties 'proxyuid' not allowed"),
+        ("entry.annotation_policy=closed", "at '/entry/annotation_policy'"),
+        ("entry.exclude_namespace[0]=x", "at '/entry': additional properties 'exclude_namespace' not allowed"),
+        ("entry.max_set_elements=0", "at '/entry/max_set_elements'"),
+        ("repair.mode=sometimes", "at '/repair/mode'"),
+        ("chainMode=inline", "at '/chainMode'"),
+        ("updateStrategy.maxSurge=0", "at '/updateStrategy/maxSurge'"),
+        ("cni.binDir=opt/cni/bin", "at '/cni/binDir'"),
+        ("readinessPort=70000", "at '/readinessPort'"),
+        ("minimal=yes", "at '/minimal'"),
+        ("imagee.tag=1", "additional properties 'imagee' not allowed"),
+    ],
+)
+def test_the_schema_refuses_a_bad_value_naming_it(value, named):
+    run = helm("template", "cni-redirect", str(CHART), "--set", value, check=False)
+    assert run.returncode != 0
+    assert named in run.stderr, run.stderr
+
+
+def test_a_new_entry_rolls_the_agents_and_nothing_else_does():
+    """The agent reads its entry when it starts: the pod template carries the entry's checksum, so `helm upgrade`
+    with new settings rolls the agents; the same settings leave the template as it was."""
+    template_of = lambda *values: _raw_template(*values)["spec"]["template"]["metadata"]["annotations"]  # noqa: E731
+    first, same, other = template_of(), template_of("minimal=false"), template_of("entry.log_level=info")
+    assert first["checksum/entry"] == same["checksum/entry"] != other["checksum/entry"]
+
+
+def _raw_template(*values: str) -> dict:
+    args = [arg for value in values for arg in ("--set", value)]
+    out = helm("template", "cni-redirect", str(CHART), "--namespace", "cni-redirect", *args).stdout
+    (daemonset,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet"]
+    return daemonset

@@ -1,5 +1,5 @@
 """A real single-node Kubernetes: kine, kube-apiserver, kube-controller-manager, kube-scheduler and a kubelet on
-our private containerd 2.4, every file under one temp dir, every process started and stopped by its PID.
+our private containerd (2.4 or 1.6), every file under one temp dir, every process started and stopped by its PID.
 
 The binaries are built by `scripts/peers.sh --cluster` (`peers.peer` fails loudly when one is missing). The API
 server serves TLS on loopback only, with a CA made here; users are static tokens (admin, the kubelet as
@@ -152,10 +152,12 @@ def _kubelet_config(d: Path, port: int, healthz: int) -> dict:
 
 @dataclass
 class Cluster:
-    """The control plane and one node. `taints`: the node registers with them (`--register-with-taints`)."""
+    """The control plane and one node. `taints`: the node registers with them (`--register-with-taints`);
+    `runtime_version`: the node's containerd (`containerd.VERSIONS`: the kubelet 1.37 runs on both)."""
 
     workdir: Path
     taints: tuple[str, ...] = ()
+    runtime_version: str = "2.4"
     runtime: Containerd | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)
@@ -249,7 +251,7 @@ class Cluster:
                 "--profiling=false",
             ],
         )
-        self.runtime = Containerd(d / "node", with_plugin=False, node_netns=True, version="2.4")
+        self.runtime = Containerd(d / "node", with_plugin=False, node_netns=True, version=self.runtime_version)
         self.runtime.workdir.mkdir()
         self.runtime.start()
         if prepare is not None:

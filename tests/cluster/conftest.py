@@ -50,13 +50,13 @@ def cluster(host_snapshot, agent_image):
     yield from running_cluster(host_snapshot, agent_image)
 
 
-def running_cluster(host_snapshot, agent_image):
+def running_cluster(host_snapshot, agent_image, runtime_version: str = "2.4"):
     """A node that has just joined (registered with the new-node taint), its images imported; torn down and the
     host checked afterwards."""
     sh("ip", "netns", "add", f"cnir-shared-{os.getpid()}")  # iproute2 makes /run/netns a shared mount, as on a node
     sh("ip", "netns", "delete", f"cnir-shared-{os.getpid()}")
     workdir = Path(tempfile.mkdtemp(prefix="cnir-k8s-", dir="/tmp"))
-    node = Cluster(workdir, taints=(f"{DEFAULT_TAINT}=true:NoSchedule",))
+    node = Cluster(workdir, taints=(f"{DEFAULT_TAINT}=true:NoSchedule",), runtime_version=runtime_version)
 
     def import_images(runtime: Containerd) -> None:
         ctr = ["ctr", "-a", str(runtime.socket), "-n", "k8s.io", "images"]

@@ -3,7 +3,7 @@
 - kubectl: `kubectl apply -k` of the minimal overlay (no capability: the plugin runs in-process, the agent edits
   the primary's conflist since it has no CRI socket to ask about drop-ins) plus the new-node guard component;
 - helm: `helm install` of the chart with its defaults (the CNI server, repair, drop-in mode chosen through CRI)
-  and `nodeTaint.enabled`.
+  and `nodeTaint.enabled`, on containerd 2.4 and again on 1.6 (the kubelet 1.37 runs on both; 1.6 edits).
 
 Then, the same steps for both: the real kubelet's exec probes, a rollout by the real DaemonSet controller with
 maxSurge, an image that cannot start, a deleted agent pod, the uninstall. Each step is checked with real TCP from
@@ -206,7 +206,7 @@ class HelmAdmin:
     """helm, as docs/install.md writes it: install, upgrade --reuse-values, rollback, uninstall=true then uninstall."""
 
     name = "helm"
-    mode = "dropin"  # containerd 2.4 says through CRI that it loads libcni's drop-ins
+    mode = "dropin"  # containerd 2.4 says through CRI that it loads libcni's drop-ins (1.6: edit)
     via = "cni-server"
 
     def __init__(self, cluster, work: Path) -> None:
@@ -218,6 +218,9 @@ class HelmAdmin:
             f"cni.binDir={runtime.bin_dir}", f"cni.confDir={runtime.conf_dir}", f"cri.socket={runtime.socket}",
             "nodeTaint.enabled=true", "kubernetesApi.host=127.0.0.1", f"kubernetesApi.port={cluster.api_port}",
             "entry.profile=istio",
+            # /var/run is a link to /run here and "/" is a private mount: containerd 1.6 checks HostToContainer
+            # propagation on the unresolved path and refuses it. Real nodes (systemd) have "/" shared.
+            "netnsDir=/run/netns",
         ]  # fmt: skip
 
     def _sets(self, values) -> list[str]:
@@ -251,20 +254,28 @@ def check_entry_stays(cluster) -> None:
     assert NodeView(cluster).entry() is not None, "deleting the DaemonSet is not an uninstall"
 
 
-@pytest.fixture(scope="module", params=["kubectl", "helm"])
-def path(request) -> str:
+#: (admin path, the node's containerd): helm also on containerd 1.6, where the agent edits the primary's file.
+PATHS = [("kubectl", "2.4"), ("helm", "2.4"), ("helm", "1.6")]
+
+
+@pytest.fixture(scope="module", params=PATHS, ids=[f"{p}-containerd-{v}" for p, v in PATHS])
+def path(request) -> tuple[str, str]:
     return request.param
 
 
 @pytest.fixture(scope="module")
 def cluster(path, host_snapshot, agent_image):
     """A new node and control plane for each path: each starts as a node that has just joined."""
-    yield from running_cluster(host_snapshot, agent_image)
+    yield from running_cluster(host_snapshot, agent_image, runtime_version=path[1])
 
 
 @pytest.fixture(scope="module")
 def admin(path, cluster, tmp_path_factory):
-    return (KubectlAdmin if path == "kubectl" else HelmAdmin)(cluster, tmp_path_factory.mktemp(path))
+    name, version = path
+    admin = (KubectlAdmin if name == "kubectl" else HelmAdmin)(cluster, tmp_path_factory.mktemp(name))
+    if version == "1.6":
+        admin.mode = "edit"  # containerd 1.6 does not load drop-ins: CRI Version says so, the agent edits
+    return admin
 
 
 @pytest.fixture(scope="module")

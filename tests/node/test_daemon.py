@@ -398,3 +398,37 @@ def test_uninstall_force_under_a_running_agent_leaves_one_agent_one_repair_threa
         assert agent.terminate() == 0
     assert host.uninstall() == []
     assert (host.conf / "10-calico.conflist").read_bytes() == original
+
+
+def test_the_new_node_taint_comes_off_once_chained_and_a_refusal_is_retried_and_logged_once(host):
+    """The agent asks only once it is installed and chained; the API's refusals are logged once per reason and
+    retried on the next iterations (readiness never waits for them); once off, it never asks again."""
+    from cni_redirect.errors import NodeApiError
+
+    answers = [NodeApiError("PATCH node n1: HTTP 403: forbidden")] * 2 + [True]
+    calls: list[tuple[str, str]] = []
+
+    class Api:
+        def __init__(self, node: str) -> None:
+            self.node = node
+
+        def remove_taint(self, key: str) -> bool:
+            calls.append((self.node, key))
+            answer = answers.pop(0) if answers else False
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    with mock.patch("cni_redirect.node.nodetaint.NodeApi.in_cluster", side_effect=Api):
+        agent = Agent(host, node_name="n1", not_ready_taint="example.com/not-ready", recheck_interval=0.05)
+        try:
+            wait_for(lambda: any("waiting for the primary" in e["msg"] for e in host.events()))
+            assert calls == [], "not chained yet: the taint stays"
+            host.put("10-calico.conflist")
+            wait_for(lambda: any(e["msg"].startswith("took the new-node taint off") for e in host.events()))
+            time.sleep(0.3)  # several more iterations
+        finally:
+            assert agent.terminate() == 0
+    assert calls == [("n1", "example.com/not-ready")] * 3
+    errors = [e for e in host.events() if e["msg"].startswith("cannot take the new-node taint off")]
+    assert len(errors) == 1 and "HTTP 403" in errors[0]["error"], errors

@@ -346,6 +346,37 @@ def test_a_pod_as_istios_injector_writes_it_passes_istios_own_validator(cluster,
     assert add["outcome"] == "captured", add
 
 
+def test_an_app_team_annotates_its_deployment_and_its_new_pods_are_captured(cluster, state, procs):
+    """The app team's path: a Deployment (the real controllers) starts uncaptured; `kubectl annotate` of a running
+    pod changes nothing (annotations are read when the pod's sandbox is made); `kubectl patch` of the template
+    rolls new pods, which are captured."""
+    node = state["node"]
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "shop", "namespace": "default"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "shop"}},
+            "template": {"metadata": {"labels": {"app": "shop"}}, "spec": app_pod("x")["spec"]},
+        },
+    }
+    apply(cluster, deployment)
+    cluster.kubectl("rollout", "status", "deployment/shop", "--timeout=90s", timeout=120)
+    (first,) = [p["metadata"]["name"] for p in cluster.get("pods", "-l", "app=shop")["items"]]
+    assert not outbound_goes_to_proxy(node, first, procs, free_port())
+    cluster.kubectl("annotate", "pod", first, "cni-redirect.io/enabled=true")
+    assert not node.has_table(first), "a running pod keeps what it started with"
+    patch = {"spec": {"template": {"metadata": {"annotations": enabled()}}}}
+    cluster.kubectl("patch", "deployment", "shop", "-p", json.dumps(patch))
+    cluster.kubectl("rollout", "status", "deployment/shop", "--timeout=90s", timeout=120)
+    pods = [p for p in cluster.get("pods", "-l", "app=shop")["items"] if not p["metadata"].get("deletionTimestamp")]
+    (second,) = [p["metadata"]["name"] for p in pods if p["metadata"]["name"] != first]
+    wait_running(cluster, second)
+    assert outbound_goes_to_proxy(node, second, procs, free_port())
+    cluster.kubectl("delete", "deployment", "shop", "--wait=false")
+
+
 def test_deleting_the_agent_pod_keeps_the_entry_and_the_capture(cluster, state, procs):
     """`kubectl delete pod`: the DaemonSet controller makes a new one; the entry stays in every sample read, pods
     captured before stay captured, pods after are captured."""

@@ -316,3 +316,24 @@ REFUSED_FOLLOW_UP: dict[str, list[dict]] = {
         }
     ],
 }
+
+
+class Sampler:
+    """Samples `probe()` every few ms in a thread; `failures` is how many samples were False."""
+
+    def __init__(self, probe: Callable[[], bool]) -> None:
+        self.probe, self.samples, self.failures = probe, 0, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.samples += 1
+            self.failures += not self.probe()
+            time.sleep(0.01)
+
+    def end(self) -> tuple[int, int]:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        return self.samples, self.failures

@@ -47,63 +47,24 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
+#: A new P-256 key, unencrypted, for `openssl req`.
+NEW_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
 def make_pki(pki: Path) -> None:
     """A CA, the API server's serving cert (loopback and the service IP), the service-account key pair."""
     pki.mkdir()
     ca_key, ca_crt = pki / "ca.key", pki / "ca.crt"
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        str(ca_key),
-        "-out",
-        str(ca_crt),
-        "-days",
-        "2",
-        "-subj",
-        "/CN=cnir-test-ca",
-    )
+    _openssl("req", "-x509", *NEW_KEY, "-keyout", str(ca_key), "-out", str(ca_crt), "-days", "2", "-subj", "/CN=ca")
     ext = pki / "server.ext"
     ext.write_text(
         f"subjectAltName=IP:127.0.0.1,IP:{SERVICE_IP},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc\n"
         "extendedKeyUsage=serverAuth\n"
     )
-    _openssl(
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        str(pki / "apiserver.key"),
-        "-out",
-        str(pki / "apiserver.csr"),
-        "-subj",
-        "/CN=kube-apiserver",
-    )
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        str(pki / "apiserver.csr"),
-        "-CA",
-        str(ca_crt),
-        "-CAkey",
-        str(ca_key),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        str(ext),
-        "-out",
-        str(pki / "apiserver.crt"),
-    )
+    key, csr, crt = (str(pki / f"apiserver.{suffix}") for suffix in ("key", "csr", "crt"))
+    _openssl("req", *NEW_KEY, "-keyout", key, "-out", csr, "-subj", "/CN=kube-apiserver")
+    _openssl("x509", "-req", "-in", csr, "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2",
+             "-extfile", str(ext), "-out", crt)  # fmt: skip
     _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(pki / "sa.key"))
     _openssl("pkey", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -41,89 +40,70 @@ from tests.cluster.conftest import (
     wait_running,
     wait_until,
 )
-from tests.support import free_port, injected
+from tests.support import Sampler, free_port, injected
 
 NAMESPACE = "cni-redirect"
 DAEMONSET = "daemonset/cni-redirect-node"
 
 
-def overlay(cluster, directory: Path, base: str = "install/kubernetes/overlays/minimal") -> Path:
-    """What an admin on a node with its own CNI paths writes: the shipped overlay, the new-node guard component,
-    and a patch with this node's paths (as the k3s or gke components do) and the API server's address (this
-    cluster has no kube-proxy, so the service IP is not routed: the agent is given the address directly)."""
-    runtime = cluster.runtime
+def kustomization(directory: Path, resources: list[str], components: list[str], patches: dict[str, str]) -> Path:
+    """A kustomization of the admin's own beside nothing of ours: the repo's dirs by relative path (kustomize
+    refuses absolute ones), and patch files of its own."""
     directory.mkdir(parents=True, exist_ok=True)
     up = os.path.relpath(REPO, directory)
-    (directory / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources:\n  - {up}/{base}\n"
-        f"components:\n  - {up}/install/kubernetes/components/node-taint\n"
-        "patches:\n  - path: node.yaml\n  - path: entry.yaml\n"
-    )
-    (directory / "entry.yaml").write_text(yaml.safe_dump(istio_entry()))
-    (directory / "node.yaml").write_text(
-        f"""apiVersion: apps/v1
-kind: DaemonSet
-metadata:
-  name: cni-redirect-node
-  namespace: {NAMESPACE}
-spec:
-  template:
-    spec:
-      containers:
-        - name: install
-          env:
-            - name: KUBERNETES_SERVICE_HOST
-              value: "127.0.0.1"
-            - name: KUBERNETES_SERVICE_PORT
-              value: "{cluster.api_port}"
-      volumes:
-        - name: cni-bin
-          hostPath:
-            path: {runtime.bin_dir}
-        - name: cni-conf
-          hostPath:
-            path: {runtime.conf_dir}
-"""
-    )
+    document = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [f"{up}/{r}" for r in resources],
+        "components": [f"{up}/{c}" for c in components],
+        "patches": [{"path": name} for name in patches],
+    }
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(document))
+    for name, text in patches.items():
+        (directory / name).write_text(text)
     return directory
 
 
-def istio_entry() -> dict:
+def node_paths(runtime, daemonset: str, env: dict[str, str] | None = None) -> str:
+    """A DaemonSet patch with this node's CNI dirs (as the k3s or gke components patch theirs) and env."""
+    container = {"name": "install", "env": [{"name": k, "value": v} for k, v in (env or {}).items()]}
+    spec = {
+        "volumes": [
+            {"name": "cni-bin", "hostPath": {"path": str(runtime.bin_dir)}},
+            {"name": "cni-conf", "hostPath": {"path": str(runtime.conf_dir)}},
+        ]
+    }
+    if env:
+        spec["containers"] = [container]
+    patch = {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": daemonset, "namespace": NAMESPACE},
+        "spec": {"template": {"spec": spec}},
+    }
+    return yaml.safe_dump(patch)
+
+
+def overlay(cluster, directory: Path, base: str = "install/kubernetes/overlays/minimal") -> Path:
+    """What an admin on a node with its own CNI paths writes: the shipped overlay, the new-node guard component,
+    a patch with this node's paths and the API server's address (this cluster has no kube-proxy, so the service
+    IP is not routed: the agent is given the address directly), and the entry with the Istio profile."""
+    api = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(cluster.api_port)}
+    patches = {"node.yaml": node_paths(cluster.runtime, "cni-redirect-node", api), "entry.yaml": istio_entry()}
+    return kustomization(directory, [base], ["install/kubernetes/components/node-taint"], patches)
+
+
+def istio_entry() -> str:
     """The shipped ConfigMap with `"profile": "istio"` added: the admin of an Istio mesh sets it."""
     configmap = yaml.safe_load((REPO / "install/kubernetes/base/configmap.yaml").read_text())
     entry = json.loads(configmap["data"]["entry.json"])
     configmap["data"]["entry.json"] = json.dumps({**entry, "profile": "istio"}, indent=2)
-    return configmap
+    return yaml.safe_dump(configmap)
 
 
 def uninstall_overlay(cluster, directory: Path) -> Path:
-    runtime = cluster.runtime
-    directory.mkdir(parents=True, exist_ok=True)
-    up = os.path.relpath(REPO, directory)
-    (directory / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources:\n  - {up}/install/kubernetes/uninstall\npatches:\n  - path: node.yaml\n"
-    )
-    (directory / "node.yaml").write_text(
-        f"""apiVersion: apps/v1
-kind: DaemonSet
-metadata:
-  name: cni-redirect-uninstall
-  namespace: {NAMESPACE}
-spec:
-  template:
-    spec:
-      volumes:
-        - name: cni-bin
-          hostPath:
-            path: {runtime.bin_dir}
-        - name: cni-conf
-          hostPath:
-            path: {runtime.conf_dir}
-"""
-    )
-    return directory
+    patch = node_paths(cluster.runtime, "cni-redirect-uninstall")
+    return kustomization(directory, ["install/kubernetes/uninstall"], [], {"node.yaml": patch})
 
 
 def agent_pods(cluster) -> list[dict]:
@@ -138,27 +118,6 @@ def is_ready(pod: dict) -> bool:
 
 def node_taints(cluster) -> list[str]:
     return [t["key"] for t in cluster.get("node", NODE)["spec"].get("taints") or []]
-
-
-class EntrySampler:
-    """Reads the node's conf dir every few ms: `misses` counts reads without our entry."""
-
-    def __init__(self, node: NodeView) -> None:
-        self.node, self.samples, self.misses = node, 0, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            self.samples += 1
-            self.misses += self.node.entry() is None
-            time.sleep(0.01)
-
-    def end(self) -> tuple[int, int]:
-        self.stop.set()
-        self.thread.join(timeout=10)
-        return self.samples, self.misses
 
 
 class KubectlAdmin:
@@ -382,7 +341,7 @@ def test_deleting_the_agent_pod_keeps_the_entry_and_the_capture(cluster, state, 
     captured before stay captured, pods after are captured."""
     node = state["node"]
     (old,) = agent_pods(cluster)
-    sampler = EntrySampler(node)
+    sampler = Sampler(lambda: node.entry() is not None)
     cluster.kubectl("delete", "pod", "-n", NAMESPACE, old["metadata"]["name"], "--wait=true", timeout=120)
     new = wait_until(lambda: [p for p in agent_pods(cluster) if is_ready(p)], 120, "a new Ready agent pod")
     samples, misses = sampler.end()
@@ -400,7 +359,7 @@ def test_a_rollout_with_max_surge_keeps_every_new_pod_captured(cluster, admin, s
     captured, and our entry is in every sample read of the conf dir."""
     node = state["node"]
     (old,) = agent_pods(cluster)
-    sampler = EntrySampler(node)
+    sampler = Sampler(lambda: node.entry() is not None)
     admin.set_image("0.1.1")
     both_seen, names = False, []
     deadline = time.monotonic() + 180

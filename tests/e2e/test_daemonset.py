@@ -24,6 +24,7 @@ from cni_redirect.testing.containerd import GATEWAY, VERSIONS, Containerd
 from cni_redirect.testing.netlab import HOST, Netns, connect, enabled, sh
 from tests.e2e.conftest import running_containerd
 from tests.e2e.kubelet import check, poll, translate, unmount_prepared
+from tests.support import Sampler
 
 REPO = Path(__file__).resolve().parents[2]
 GLIBC_AND_ZLIB = r"^(ld-linux.*|libc|libm|libdl|libpthread|librt|libz)\.so(\.\d+)*$"
@@ -145,29 +146,6 @@ def remove_daemonset_pod(client, run, sandbox_id: str, container_id: str) -> Non
 def _entry_in(conflist: Path) -> bool:
     """Our entry reaches the runtime: inlined in the conflist (edit mode) or as its drop-in (containerd 2.4)."""
     return read_conf_dir(conflist.parent).entry() is not None
-
-
-class Sampler:
-    """Samples `probe()` every few ms in a thread; `failures` is how many samples were False."""
-
-    def __init__(self, probe) -> None:
-        import threading
-
-        self.probe, self.samples, self.failures = probe, 0, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            self.samples += 1
-            self.failures += not self.probe()
-            time.sleep(0.01)
-
-    def end(self) -> tuple[int, int]:
-        self.stop.set()
-        self.thread.join(timeout=10)
-        return self.samples, self.failures
 
 
 def _captured(client, pod: str) -> bool:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .containerd import Containerd, mounts_under
+from .containerd import Containerd, PodClient, mounts_under
 from .peers import peer
 
 NODE = "cnir-node"
@@ -371,7 +371,12 @@ class Cluster:
             for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "kine"):
                 self._stop(name)
             if self.runtime is not None:
-                _remove_all_pods(self.runtime)
+                with contextlib.suppress(Exception):  # what the kubelet left: CNI DEL runs for each, as it would
+                    client = PodClient(self.runtime)
+                    try:
+                        client.remove_all()
+                    finally:
+                        client.close()
                 self.runtime.stop()
         finally:
             for point in sorted(mounts_under(str(self.workdir)), key=len, reverse=True):  # the kubelet's root dir
@@ -379,18 +384,3 @@ class Cluster:
             for name, value in self.sysctls.items():
                 with contextlib.suppress(OSError):
                     (Path("/proc/sys") / name).write_text(value)
-
-
-def _remove_all_pods(runtime: Containerd) -> None:
-    """What the kubelet left running: stopped and removed through CRI, so CNI DEL runs for each."""
-    from ..cri import CriClient
-
-    with contextlib.suppress(Exception):
-        client = CriClient(str(runtime.socket), timeout=60)
-        try:
-            for pod in client.list_sandboxes():
-                with contextlib.suppress(Exception):
-                    client.stub.StopPodSandbox(client.pb.StopPodSandboxRequest(pod_sandbox_id=pod.id), timeout=60)
-                    client.stub.RemovePodSandbox(client.pb.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=60)
-        finally:
-            client.close()

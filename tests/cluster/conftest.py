@@ -90,10 +90,13 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run
 
 
+def node_taints(cluster: Cluster) -> list[str]:
+    return [t["key"] for t in cluster.get("node", NODE)["spec"].get("taints") or []]
+
+
 def kubernetes_taints(cluster: Cluster) -> list[str]:
     """The node's taints set by Kubernetes itself (not-ready, unreachable, ...) while the node settles."""
-    node = cluster.get("node", NODE)
-    return [t["key"] for t in node["spec"].get("taints") or [] if t["key"].startswith("node.kubernetes.io/")]
+    return [key for key in node_taints(cluster) if key.startswith("node.kubernetes.io/")]
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
@@ -144,18 +147,21 @@ class NodeView:
         assert self.cluster.runtime is not None
         return self.cluster.runtime
 
-    def netns(self, name: str, namespace: str = "default") -> Netns:
-        """The pod's network namespace, as containerd reports it for the pod's ready sandbox."""
+    def sandbox(self, name: str, namespace: str = "default"):
+        """The pod's ready sandbox on the node and its CRI status (the netns path is in it)."""
         client = CriClient(str(self.runtime.socket), timeout=30)
         try:
             for sandbox in client.list_sandboxes(ready_only=True):
                 if (sandbox.metadata.name, sandbox.metadata.namespace) == (name, namespace):
-                    path = sandbox_netns(client.sandbox_status(sandbox.id))
-                    assert path, f"pod {namespace}/{name}: its sandbox has no netns"
-                    return Netns.at(path)
+                    return sandbox, client.sandbox_status(sandbox.id)
         finally:
             client.close()
         raise AssertionError(f"pod {namespace}/{name}: no ready sandbox on the node")
+
+    def netns(self, name: str, namespace: str = "default") -> Netns:
+        path = sandbox_netns(self.sandbox(name, namespace)[1])
+        assert path, f"pod {namespace}/{name}: its sandbox has no netns"
+        return Netns.at(path)
 
     def has_table(self, name: str) -> bool:
         return "table inet cni_redirect" in self.netns(name).ruleset()
@@ -165,15 +171,7 @@ class NodeView:
 
     def events(self, name: str, namespace: str = "default") -> list[dict]:
         """What our plugin logged (the entry's log_file, on the node) for the pod's ready sandbox."""
-        client = CriClient(str(self.runtime.socket), timeout=30)
-        try:
-            (sandbox,) = [
-                s
-                for s in client.list_sandboxes(ready_only=True)
-                if (s.metadata.name, s.metadata.namespace) == (name, namespace)
-            ]
-        finally:
-            client.close()
+        sandbox, _status = self.sandbox(name, namespace)
         lines = LOG_FILE.read_text().splitlines() if LOG_FILE.exists() else []
         found = [json.loads(line) for line in lines]
         return [e for e in found if sandbox.id.startswith(e.get("container_id") or "-")]

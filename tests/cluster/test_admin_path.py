@@ -22,7 +22,6 @@ import pytest
 import yaml
 
 from cni_redirect.node.nodetaint import DEFAULT_TAINT
-from cni_redirect.testing.cluster import NODE
 from cni_redirect.testing.istio import run_validation
 from cni_redirect.testing.netlab import enabled
 from tests.cluster.conftest import (
@@ -34,6 +33,7 @@ from tests.cluster.conftest import (
     app_pod,
     apply,
     helm,
+    node_taints,
     outbound_goes_to_proxy,
     pod_phase,
     running_cluster,
@@ -116,8 +116,9 @@ def is_ready(pod: dict) -> bool:
     return conditions.get("Ready") == "True"
 
 
-def node_taints(cluster) -> list[str]:
-    return [t["key"] for t in cluster.get("node", NODE)["spec"].get("taints") or []]
+def wait_rollout(cluster) -> None:
+    """The agent's DaemonSet rolled out: every node runs a Ready pod of the current template."""
+    cluster.kubectl("rollout", "status", "-n", NAMESPACE, DAEMONSET, "--timeout=180s", timeout=200)
 
 
 class KubectlAdmin:
@@ -133,17 +134,14 @@ class KubectlAdmin:
 
     def install(self) -> None:
         self.cluster.kubectl("apply", "-k", str(self.overlay))
-        self.wait_rollout()
-
-    def wait_rollout(self) -> None:
-        self.cluster.kubectl("rollout", "status", "-n", NAMESPACE, DAEMONSET, "--timeout=180s", timeout=200)
+        wait_rollout(self.cluster)
 
     def set_image(self, tag: str) -> None:
         self.cluster.kubectl("set", "image", "-n", NAMESPACE, DAEMONSET, f"install={IMAGE}:{tag}")
 
     def undo(self) -> None:
         self.cluster.kubectl("rollout", "undo", "-n", NAMESPACE, DAEMONSET)
-        self.wait_rollout()
+        wait_rollout(self.cluster)
 
     def uninstall(self, check) -> None:
         """Delete the agent's DaemonSet (entry and plugin stay, working in-process), apply the uninstall DaemonSet,
@@ -189,16 +187,13 @@ class HelmAdmin:
         helm("install", *self.release, str(CHART), "--create-namespace", *self._sets(self.values),
              "--wait", "--timeout", "180s")  # fmt: skip
 
-    def wait_rollout(self) -> None:
-        self.cluster.kubectl("rollout", "status", "-n", NAMESPACE, DAEMONSET, "--timeout=180s", timeout=200)
-
     def set_image(self, tag: str) -> None:
         helm("upgrade", *self.release, str(CHART), "--reuse-values", "--set", f"image.repository={IMAGE}",
              "--set", f"image.tag={tag}")  # fmt: skip
 
     def undo(self) -> None:
         helm("rollback", *self.release, "--wait", "--timeout", "180s")
-        self.wait_rollout()
+        wait_rollout(self.cluster)
 
     def uninstall(self, check) -> None:
         helm("upgrade", *self.release, str(CHART), "--reuse-values", "--set", "uninstall=true",
@@ -372,7 +367,7 @@ def test_a_rollout_with_max_surge_keeps_every_new_pod_captured(cluster, admin, s
         if len(pods) == 1 and pods[0]["metadata"]["name"] != old["metadata"]["name"] and is_ready(pods[0]):
             break
         time.sleep(1)
-    admin.wait_rollout()
+    wait_rollout(cluster)
     samples, misses = sampler.end()
     (new,) = agent_pods(cluster)
     assert new["spec"]["containers"][0]["image"] == f"{IMAGE}:0.1.1" and is_ready(new)

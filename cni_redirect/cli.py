@@ -190,6 +190,12 @@ def _add_uninstall_parser(commands: Any) -> None:
         default=_env("UNINSTALL_GRACE", DEFAULTS["uninstall_grace"]),
         help="seconds between taking the entry out and removing the plugin (a runtime may still exec it)",
     )
+    remove.add_argument(
+        "--cni-cache-dir",
+        default=_env("CNI_CACHE_DIR") or _node_cache_dir(),
+        help="libcni's cache (default: the DaemonSet's /host/var/lib/cni, else /var/lib/cni): a sandbox cached "
+        "with our entry keeps a DEL stub in place of the plugin, for CRI-O's DEL from that cache",
+    )
     remove.add_argument("--force", action="store_true", help="even while an agent runs (it puts the entry back)")
     remove.add_argument("--check", action="store_true", help="change nothing; exit 1 while anything of ours is left")
     remove.add_argument(
@@ -327,6 +333,11 @@ def _install(args: argparse.Namespace) -> int:
     return run(options)
 
 
+def _node_cache_dir() -> str:
+    """libcni's cache as the uninstall pod mounts it, else the host's own (run on the node)."""
+    return "/host/var/lib/cni" if os.path.isdir("/host/var/lib/cni") else "/var/lib/cni"
+
+
 def _probe(args: argparse.Namespace) -> int:
     """The same as the front's fast path (`front.main`), for a `cni-redirect` run another way."""
     from .node.probe import main as probe
@@ -348,11 +359,21 @@ def _uninstall(args: argparse.Namespace) -> int:
         if not path.is_dir():
             raise CliError(f"{flag} {path} is not a directory")
     if args.check:
-        left = leftovers(bin_dir, conf_dir)
+        left, kept = leftovers(bin_dir, conf_dir)
         print(f"left on this node: {', '.join(left)}" if left else "nothing of cni-redirect is left on this node")
+        if kept:
+            print(f"kept on purpose: {', '.join(kept)} (pods set up before may still get DEL from a cached config)")
         return 1 if left else 0
     try:
-        still = uninstall(bin_dir, conf_dir, JsonLog(), args.conf_file or None, args.uninstall_grace, args.force)
+        still = uninstall(
+            bin_dir,
+            conf_dir,
+            JsonLog(),
+            args.conf_file or None,
+            args.uninstall_grace,
+            args.force,
+            Path(args.cni_cache_dir),
+        )
     except CniRedirectError as exc:
         raise CliError(getattr(exc, "msg", None) or str(exc)) from None
     except OSError as exc:

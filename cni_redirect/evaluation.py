@@ -24,7 +24,7 @@ from .bounds import DEFAULT_BOUND, Bound, bound_for
 from .build import build_ruleset
 from .config import ANNOTATIONS_CAPABILITY, PluginConf, PodRef, parse_conf
 from .errors import CniError
-from .profiles import profile_named
+from .profiles import PROFILES, profile_named
 from .ruleset import FAMILY, TABLE, Observed, Ruleset, describe, normalize
 from .settings import Setting, is_enabled, merge_settings
 from .spec import ANNOTATION_PREFIX, OPT_IN_KEY, CaptureSpec, build_spec
@@ -126,13 +126,20 @@ def evaluate_sandbox(entry: Mapping[str, object], pod: PodRef, annotations: Mapp
     return evaluate(conf, pod)
 
 
-def evaluate_opted_in(conf: PluginConf) -> Evaluation:
-    """The entry's evaluation for a pod that opts in the way its profile opts in (the agent's entry check):
-    an entry that fails this pod fails every such pod."""
-    profile = profile_named(conf.profile)
-    annotations = dict(profile.opted_in) if profile is not None else {ANNOTATION_PREFIX + OPT_IN_KEY: "true"}
-    pod_conf = conf.model_copy(update={"runtime_config": {ANNOTATIONS_CAPABILITY: annotations}})
-    return evaluate(pod_conf, PodRef(None, None, None))
+def entry_check_pods(conf: PluginConf) -> list[tuple[str, Evaluation]]:
+    """The entry evaluated for every kind of pod a node starts (the agent's entry check): one with no
+    annotation, one opted in with our own annotation, and one opted in by each mesh profile's injector. Each
+    is named for the log line that refuses an entry."""
+    pods: list[tuple[str, dict[str, str]]] = [
+        ("a pod without annotations", {}),
+        (f"a pod annotated {ANNOTATION_PREFIX}{OPT_IN_KEY}=true", {ANNOTATION_PREFIX + OPT_IN_KEY: "true"}),
+    ]
+    pods += [(f"a pod {name}'s injector opted in", dict(profile.opted_in)) for name, profile in PROFILES.items()]
+    found = []
+    for who, pod_annotations in pods:
+        pod_conf = conf.model_copy(update={"runtime_config": {ANNOTATIONS_CAPABILITY: pod_annotations}})
+        found.append((who, evaluate(pod_conf, PodRef(None, None, None))))
+    return found
 
 
 # --- the comparison ---

@@ -26,6 +26,12 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 _INT = re.compile(r"[0-9]{1,10}")
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,14}")
+#: What `valueschema` derives the chart's patterns from: the integer bounds and the grammars here.
+PORT_RANGE = (1, 65535)
+UID_RANGE = (0, MAX_UID)
+INT_DIGITS = 10  # _INT
+IFNAME_PATTERN = _IFNAME.pattern
+INBOUND_MODES = ("redirect", "tproxy")
 
 
 def _items(value: str) -> list[str]:
@@ -58,11 +64,11 @@ def _parse_int(text: str, what: str, low: int, high: int) -> int:
 
 
 def _parse_port(value: str) -> int:
-    return _parse_int(value.strip(), "a port", 1, 65535)
+    return _parse_int(value.strip(), "a port", *PORT_RANGE)
 
 
 def _parse_uid(value: str) -> int:
-    return _parse_int(value.strip(), "a UID", 0, MAX_UID)
+    return _parse_int(value.strip(), "a UID", *UID_RANGE)
 
 
 def _parse_optional_gid(value: str) -> int | None:
@@ -90,8 +96,8 @@ def _parse_port_ranges(value: str) -> tuple[PortRange, ...]:
     for item in _items(value):
         low_text, dash, high_text = item.partition("-")
         try:
-            low = _parse_int(low_text.strip(), "a port", 1, 65535)
-            high = _parse_int(high_text.strip(), "a port", 1, 65535) if dash else low
+            low = _parse_int(low_text.strip(), "a port", *PORT_RANGE)
+            high = _parse_int(high_text.strip(), "a port", *PORT_RANGE) if dash else low
         except ValueError:
             raise ValueError(f"{show(item)} is not a port or port range (1-65535 or LOW-HIGH)") from None
         if low > high:
@@ -128,7 +134,7 @@ def _parse_interfaces(value: str) -> tuple[str, ...]:
 
 def _parse_inbound_mode(value: str) -> str:
     text = value.strip().lower()
-    if text not in ("redirect", "tproxy"):
+    if text not in INBOUND_MODES:
         raise ValueError('must be "redirect" or "tproxy"')
     return text
 
@@ -158,29 +164,42 @@ def _no_wildcard(parse: Parser) -> Parser:
     return parse_exclusion
 
 
-def _strings_only(parse: Parser) -> Callable[[object], Any]:
-    """Reject non-string input before parsing, so a JSON number in the wrong place is named."""
+def _strings_only(parse: Parser, kind: str) -> Callable[[object], Any]:
+    """Reject non-string input before parsing, so a JSON number in the wrong place is named. `kind` names the
+    grammar for `valueschema` (the chart's schema is generated from these parsers)."""
 
     def parse_string(value: object) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"must be a string, got {type(value).__name__}")
         return parse(value)
 
+    parse_string.kind = kind  # type: ignore[attr-defined]
+    parse_string.parse = parse  # type: ignore[attr-defined]
     return parse_string
 
 
-Bool = Annotated[bool, BeforeValidator(_strings_only(parse_bool))]
-Port = Annotated[int, BeforeValidator(_strings_only(_parse_port))]
-Uid = Annotated[int, BeforeValidator(_strings_only(_parse_uid))]
-OptionalGid = Annotated[Union[int, None], BeforeValidator(_strings_only(_parse_optional_gid))]
-UidList = Annotated[tuple[int, ...], BeforeValidator(_strings_only(_parse_uid_list))]
-PortList = Annotated[tuple[PortRange, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_port_ranges)))]
+Bool = Annotated[bool, BeforeValidator(_strings_only(parse_bool, "bool"))]
+Port = Annotated[int, BeforeValidator(_strings_only(_parse_port, "port"))]
+Uid = Annotated[int, BeforeValidator(_strings_only(_parse_uid, "uid"))]
+OptionalGid = Annotated[Union[int, None], BeforeValidator(_strings_only(_parse_optional_gid, "optional-gid"))]
+UidList = Annotated[tuple[int, ...], BeforeValidator(_strings_only(_parse_uid_list, "uid-list"))]
+PortList = Annotated[
+    tuple[PortRange, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_port_ranges), "port-list"))
+]
 PortSelection = Annotated[
-    Union[Literal["*"], tuple[PortRange, ...]], BeforeValidator(_strings_only(_selection(_parse_port_ranges)))
+    Union[Literal["*"], tuple[PortRange, ...]],
+    BeforeValidator(_strings_only(_selection(_parse_port_ranges), "port-selection")),
 ]
-NetworkList = Annotated[tuple[Network, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_networks)))]
+NetworkList = Annotated[
+    tuple[Network, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_networks), "network-list"))
+]
 NetworkSelection = Annotated[
-    Union[Literal["*"], tuple[Network, ...]], BeforeValidator(_strings_only(_selection(_parse_networks)))
+    Union[Literal["*"], tuple[Network, ...]],
+    BeforeValidator(_strings_only(_selection(_parse_networks), "network-selection")),
 ]
-InterfaceList = Annotated[tuple[str, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_interfaces)))]
-InboundMode = Annotated[Literal["redirect", "tproxy"], BeforeValidator(_strings_only(_parse_inbound_mode))]
+InterfaceList = Annotated[
+    tuple[str, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_interfaces), "interface-list"))
+]
+InboundMode = Annotated[
+    Literal["redirect", "tproxy"], BeforeValidator(_strings_only(_parse_inbound_mode, "inbound-mode"))
+]

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 from cni_redirect.config import OTHER_ENTRY_KEYS, PluginConf  # noqa: E402
 from cni_redirect.node.metrics import Metrics  # noqa: E402
 from cni_redirect.spec import ANNOTATION_PREFIX, CaptureSpec  # noqa: E402
+from cni_redirect.valueschema import defaults_schema, kind_schemas, root_consent  # noqa: E402
 
 #: The runtime adds these to our entry (or they name it): not the admin's settings.
 RUNTIME_FIELDS = {"cni_version", "name", "type", "prev_result", "runtime_config"}
@@ -91,18 +92,21 @@ def chart_entry_schema() -> dict:
         field = {k: v for k, v in field.items() if k not in ("title", "shown", "default")}
         field["description"] = re.sub(r" \(\[[^]]*\]\(#[^)]*\)\)", "", field.get("description", ""))
         properties[name] = field
-    value = {"type": ["string", "integer", "boolean"]}
-    properties["defaults"].update(properties={key: value for key in CATALOGUE_KEYS}, additionalProperties=False)
+    keys = defaults_schema()
+    assert list(keys) == list(CATALOGUE_KEYS)
+    properties["defaults"].update(properties=keys, additionalProperties=False)
+    properties["exclude_namespaces"]["items"] = {"type": "string", "minLength": 1}
     properties["profile"]["enum"] = list(PROFILE_NAMES)
     properties["pod_settable"]["items"] = {"enum": list(CATALOGUE_KEYS)}
     for key, (meaning, _default) in OTHER_ENTRY_KEYS.items():
         properties[key] = {"type": "string", "description": meaning}
-    return {"type": "object", "additionalProperties": False, "properties": properties}
+    return {"type": "object", "additionalProperties": False, "properties": properties, **root_consent()}
 
 
 def chart_schema(text: str) -> str:
     schema = json.loads(text)
     schema["properties"]["entry"] = chart_entry_schema()
+    schema["$defs"] = kind_schemas()
     return json.dumps(schema, indent=2) + "\n"
 
 

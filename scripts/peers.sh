@@ -3,7 +3,7 @@
 # the repo (PEERS_DIR, default /var/cache/cni-redirect/peers). Each pinned module has its own folder named by its
 # version, so changing a pin below rebuilds only that one; a finished folder has a .done stamp.
 # Prints the peers' bin dir on stdout; build times go to stderr and to <dir>/build-times.tsv.
-#   scripts/peers.sh            the peers of the containerd and istio-cni tiers
+#   scripts/peers.sh            the peers of the containerd, istio-cni and loader tiers
 #   scripts/peers.sh --cluster  also a real single-node Kubernetes (kubelet, API server, controllers, scheduler),
 #                               its store (kine) and helm
 set -euo pipefail
@@ -66,6 +66,31 @@ build_kubernetes() {  # dest
 if [ "$cluster" = 1 ]; then
   PINS+=("${CLUSTER_PINS[@]}" "k8s.io/kubernetes|$KUBERNETES_VERSION||(wrapper)")
 fi
+
+# The loader harnesses (tests/loaders): the runtimes' own CNI loaders as Go modules, built from this repo's
+# sources (cached by their content): containerd's go-cni v1.1.14 over libcni v1.3.1 (containerd v2.4.2's pins)
+# and CRI-O's ocicni v0.4.3 over libcni v1.3.0 (CRI-O v1.34.0's pins).
+build_loaders() {
+  local root hash dest start took loader
+  root="$(cd "$(dirname "$0")/.." && pwd)/tests/loaders"
+  [ -d "$root" ] || { echo "peers: $root is missing (run from the repo root)" >&2; exit 1; }
+  hash=$(cd "$root" && find . -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) -print0 | sort -z \
+    | xargs -0 sha256sum | sha256sum | cut -c1-16)
+  dest="$PEERS_DIR/cni-redirect-loaders@$hash"
+  if [ ! -f "$dest/.done" ]; then
+    rm -rf "$dest"; mkdir -p "$dest"
+    start=$(date +%s)
+    for loader in containerd crio; do
+      echo "peers: building the $loader loader harness ($root/$loader)" >&2
+      ( cd "$root/$loader" && GOFLAGS=-mod=readonly go build -trimpath -o "$dest/cnir-loader-$loader" . >&2 )
+    done
+    took=$(( $(date +%s) - start ))
+    printf '%s\t%s\t%ss\t%s\n' "cni-redirect/tests/loaders" "$hash" "$took" "$(date -u +%FT%TZ)" >>"$PEERS_DIR/build-times.tsv"
+    touch "$dest/.done"
+  fi
+  for bin in "$dest"/cnir-loader-*; do ln -sfn "$bin" "$PEERS_DIR/bin/$(basename "$bin")"; done
+}
+build_loaders
 
 for pin in "${PINS[@]}"; do
   IFS='|' read -r module version tags cmds cgo <<<"$pin"

@@ -214,7 +214,7 @@ class NodeHost:
         """`cni-redirect uninstall` on this node: a new process, knowing only what is on disk."""
         from cni_redirect.node.uninstall import uninstall
 
-        return uninstall(self.bin, self.conf, JsonLog(self.log), grace=0.0)
+        return uninstall(self.bin, self.conf, JsonLog(self.log), grace=0.0, cache_dir=self.root / "cni-cache")
 
     def put(self, name: str, data: bytes | None = None) -> bytes:
         data = data if data is not None else (PRIMARY_DIR / name).read_bytes()

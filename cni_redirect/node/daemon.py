@@ -63,7 +63,14 @@ class NodeAgent:
         self.options = options
         self.log = log
         self.bundle = Bundle(options.plugin_source, options.cni_bin_dir, log)
-        self.choice = choose_mode(options.chain_mode, lambda: _runtime_version(options.cri_socket))
+        self.runtime_name = ""  # the node's runtime by CRI's name, when asked (chain mode auto)
+
+        def ask_runtime() -> tuple[str, str]:
+            name, version = _runtime_version(options.cri_socket)
+            self.runtime_name = name
+            return name, version
+
+        self.choice = choose_mode(options.chain_mode, ask_runtime)
         log("info", "chain mode", mode=self.choice.mode, why=self.choice.why)
         self.chain = ChainInstaller(
             options.cni_conf_dir, entry, log, options.conf_file, options.wait_log_interval, self.choice
@@ -78,6 +85,8 @@ class NodeAgent:
     def install(self) -> None:
         with self.ownership.installing():
             self.bundle.install()
+            if self.runtime_name:
+                self.ownership.record_runtime(self.runtime_name)
 
     def reconcile(self) -> bool:
         """One pass: the plugin in the bin dir and our entry in the primary config. Returns readiness.
@@ -85,7 +94,7 @@ class NodeAgent:
         A failure is this iteration's, not the agent's: it is logged once, makes the agent unready with the
         reason, and the next iteration tries again."""
         try:
-            if not self.bundle.present():
+            if not self.bundle.installed():  # gone, or not ours (a successor's that went away): ours again
                 with self.ownership.installing():
                     self.bundle.ensure()
             ready = self.chain.reconcile()

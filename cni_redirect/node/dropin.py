@@ -13,13 +13,15 @@ CRI-O reload on the rename. `ModeChoice` decides, once per agent, whether the
 node's runtime loads drop-ins (`chain_mode`: dropin, edit, or auto from CRI's
 Version answer).
 
+Never written through a link: `<conf dir>/<network name>` is opened beneath the
+conf dir without following a symlink (a link there is refused before, in the
+snapshot, and again at the open, so a link put there meanwhile is refused too).
+
 Files only: this module never touches a network namespace or nftables.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import time
 from collections.abc import Callable
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from . import conflists
 from .confdir import DROPIN, DROPIN_NAME, EDIT, ConfDir
-from .files import write_atomic
+from .files import Folder, write_atomic
 
 RELOAD_MARKER = ".cni-redirect-reload"  # hidden, no CNI suffix: libcni never loads it as a config
 
@@ -81,45 +83,49 @@ class DropinChain:
         self.rendered = conflists.render(entry)
         self.writes = 0  # drop-ins written: each one may follow pods started without us
 
-    def reconcile(self, snapshot: ConfDir) -> str:
+    def reconcile(self, snapshot: ConfDir, signal: bool = True) -> str:
         """Our drop-in in place for the snapshot's primary (which allows drop-ins), stale ones gone; returns its
-        path. Raises OSError when it cannot write."""
+        path. Raises OSError when it cannot write (a link under the network's name among the reasons).
+        `signal` False: the caller's next write in the top dir makes the runtimes reload."""
         primary = snapshot.primary
         assert primary is not None and not primary.dropin_refusal()
-        folder = self.conf_dir / primary.network
-        target = folder / DROPIN_NAME
         current = snapshot.dropin()
         changed = False
-        if current is None or current.data != self.rendered:
-            folder.mkdir(mode=0o755, exist_ok=True)
-            write_atomic(target, self.rendered, mode=0o644)
-            self.log("info", "wrote our drop-in: the primary's file is left as it is", path=str(target))
-            self.writes += 1
-            changed = True
-        for stale in snapshot.stale_dropins():  # the node's primary changed network (flannel to Calico)
-            changed |= self._remove(stale.path, "removed our drop-in of a network the runtime no longer uses")
-        if changed:
+        with Folder.open(self.conf_dir) as top:
+            if current is None or current.data != self.rendered:
+                with top.sub(primary.network, create=True) as folder:
+                    folder.write_atomic(DROPIN_NAME, self.rendered, mode=0o644)
+                self.log("info", "wrote our drop-in: the primary's file is left as it is",
+                         path=str(self.conf_dir / primary.network / DROPIN_NAME))  # fmt: skip
+                self.writes += 1
+                changed = True
+            for stale in snapshot.stale_dropins():  # the node's primary changed network (flannel to Calico)
+                changed |= self._remove(top, stale.path, "removed our drop-in of a network the runtime no longer uses")
+        if changed and signal:
             signal_reload(self.conf_dir)
-        return str(target.relative_to(self.conf_dir))
+        return f"{primary.network}/{DROPIN_NAME}"
 
     def uninstall(self, snapshot: ConfDir) -> bool:
         """Every drop-in of ours out (its folder too when it was only ours); True if anything was removed."""
         removed = False
-        for dropin in snapshot.dropins:
-            if dropin.plugin is not None:
-                removed |= self._remove(dropin.path, "removed our drop-in")
+        with Folder.open(self.conf_dir) as top:
+            for dropin in snapshot.dropins:
+                if dropin.plugin is not None:
+                    removed |= self._remove(top, dropin.path, "removed our drop-in")
         if removed:
             signal_reload(self.conf_dir)
         return removed
 
-    def _remove(self, path: Path, message: str) -> bool:
+    def _remove(self, top: Folder, path: Path, message: str) -> bool:
+        network = path.parent.name
         try:
-            path.unlink()
-        except FileNotFoundError:
-            return False
+            with top.sub(network) as folder:
+                if not folder.unlink(path.name):
+                    return False
+        except OSError:
+            return False  # a link or a file under the network's name now: not ours to follow
         self.log("info", message, path=str(path))
-        with contextlib.suppress(OSError):
-            os.rmdir(path.parent)  # only when empty: another drop-in of the admin's stays, with its folder
+        top.rmdir(network)  # only when empty: another drop-in of the admin's stays, with its folder
         return True
 
 

@@ -34,6 +34,7 @@ from .files import write_atomic
 OWNER_FILE = ".cni-redirect-owner"
 AGENTS_DIR = ".cni-redirect-agents"
 INSTALL_LOCK = "install.lock"
+RUNTIME_FILE = "runtime"  # in AGENTS_DIR: the node's runtime as CRI named it, for `uninstall`
 
 
 class State(enum.Enum):
@@ -96,6 +97,12 @@ class Ownership:
     def live_agents(self) -> list[str]:
         return live_agents(self.dir)
 
+    def record_runtime(self, name: str) -> None:
+        """The node's runtime by CRI's name (containerd, cri-o): `uninstall` reads it to know whether pods set
+        up with us may still get DEL from a cached config (CRI-O does that; containerd does not)."""
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        write_atomic(self.dir / RUNTIME_FILE, name.encode() + b"\n", mode=0o644)
+
     @contextmanager
     def installing(self) -> Iterator[None]:
         """One agent at a time copies, relinks or prunes the bundle."""
@@ -148,6 +155,14 @@ def alive(agents_dir: Path, token: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def recorded_runtime(bin_dir: Path) -> str:
+    """The runtime an agent recorded for this node ("" when none did: the safe side is to assume CRI-O)."""
+    try:
+        return (bin_dir / AGENTS_DIR / RUNTIME_FILE).read_text().strip()[:64]
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def live_agents(agents_dir: Path) -> list[str]:

@@ -158,3 +158,154 @@ def _raw_template(*values: str) -> dict:
     out = helm("template", "cni-redirect", str(CHART), "--namespace", "cni-redirect", *args).stdout
     (daemonset,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet"]
     return daemonset
+
+
+# --- the schema accepts what the agent accepts (#36 item 2) ---
+
+#: Values per grammar, good and bad: each goes through `helm template` (the schema) and the agent's own check.
+SAMPLES: dict[str, list[object]] = {
+    "bool": ["true", "FALSE", " true ", "yes", "1", "", "maybe", True, False, 1],
+    "port": ["80", "0", "65535", "65536", "0080", "0000000080", "00000000080", " 443 ", "-1", "8o", 80, 0, 70000, True],
+    "uid": ["1337", "0", "4294967294", "4294967295", "true", "", " 7 ", "1e3", 1337, 0, True],
+    "optional-gid": ["", "1337", "0", "x", " ", 1337, 0],
+    "uid-list": ["", "1,2", "1,,2", "0", "1, 0", "4294967295", "2102, 2103", 5, 0, "*"],
+    "port-list": ["", "80,443", "80-90", "80-", "*", "80 - 90", "65536", "1-65535", 22, ",80"],
+    "port-selection": ["*", " * ", "*,80", "80,443", "", "80-90", 443, "x"],
+    "network-list": [
+        "10.0.0.0/8",
+        "::1/128",
+        "10.0.0.1/255.0.0.0",
+        "10.0.0.1/0.0.0.255",
+        "10.0.0.1/255.0.255.0",
+        "010.0.0.1",
+        "fe80::1%eth0",
+        "1.2.3.4/33",
+        "1.2.3.4/032",
+        "*",
+        "",
+        "10.0.0.0/8, ::/0",
+        "::ffff:1.2.3.4",
+        "1:2:3:4:5:6:7:8:9",
+        "2001:db8::/129",
+        5,
+    ],
+    "network-selection": ["*", "10.0.0.0/8", "*,10.0.0.0/8", "", "fd00::/8,10.1.0.0/16"],
+    "interface-list": ["eth0", "eth0,net1", ".eth", "a" * 16, "tap+1", "", "*", True, 123, "eth0,,net1"],
+    "inbound-mode": ["redirect", "TPROXY", " tproxy ", "nat", "", True],
+}
+
+
+def _kinds() -> dict[str, str]:
+    from cni_redirect.spec import CaptureSpec
+
+    return {str(info.alias): next(m.func.kind for m in info.metadata if hasattr(m, "func"))
+            for info in CaptureSpec.model_fields.values()}  # fmt: skip
+
+
+def _agent_accepts(entry: dict) -> bool:
+    from cni_redirect.errors import SettingsError
+    from cni_redirect.node.chain import check_entry
+
+    try:
+        check_entry(entry, "entry")
+    except SettingsError:
+        return False
+    return True
+
+
+def _helm_accepts(entry: dict) -> tuple[bool, str]:
+    import json
+
+    run = helm("template", "cni-redirect", str(CHART), "--set-json", f"entry={json.dumps(entry)}", check=False)
+    return run.returncode == 0, run.stderr
+
+
+def _corpus() -> list[dict]:
+    corpus: list[dict] = []
+    for key, kind in _kinds().items():
+        corpus += [{"defaults": {key: value}} for value in SAMPLES[kind]]
+    for uid in ("0", 0, "1, 0", "00"):  # root's consent: only with allow_root_proxy_uid
+        for key in ("proxy-uid", "proxy-gid", "exclude-uids"):
+            corpus += [{"defaults": {key: uid}}, {"defaults": {key: uid}, "allow_root_proxy_uid": True}]
+    corpus += [{"exclude_namespaces": names} for names in ([""], ["kube-system", ""], ["a"], [])]
+    return corpus
+
+
+def test_the_schema_and_the_agent_give_equal_verdicts_on_a_corpus():
+    """On main the schema let `proxy-uid: "true"`, `"0"` and `exclude_namespaces: [""]` through, which the agent
+    refuses. Now the catalogue's constraints are generated from the value grammar itself (valueschema.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    corpus = _corpus()
+    with ThreadPoolExecutor(4) as pool:
+        helm_verdicts = list(pool.map(_helm_accepts, corpus))
+    differ = []
+    for entry, (by_helm, stderr) in zip(corpus, helm_verdicts, strict=True):
+        by_agent = _agent_accepts(entry)
+        if by_helm != by_agent:
+            differ.append(f"{entry}: helm {'accepts' if by_helm else 'refuses'}, the agent "
+                          f"{'accepts' if by_agent else 'refuses'} {stderr.strip()[-200:]}")  # fmt: skip
+    print(
+        f"\n[schema] {len(corpus)} entries, {sum(v for v, _ in helm_verdicts)} accepted by both, {len(differ)} differ"
+    )
+    assert not differ, differ[:10]
+
+
+def test_what_a_pattern_cannot_say_the_agent_refuses_at_start():
+    """The two gaps the schema says it has (valueschema's docstring): an empty port range, and a list longer than
+    max_set_elements after merging. Helm lets them through; the agent refuses the entry, naming the field."""
+    long_list = ",".join(str(uid) for uid in range(1, 40))
+    for entry in ({"defaults": {"exclude-inbound-ports": "90-80"}},
+                  {"defaults": {"exclude-uids": long_list}, "max_set_elements": 8}):  # fmt: skip
+        assert _helm_accepts(entry)[0] and not _agent_accepts(entry), entry
+
+
+# --- every free string the chart renders is quoted (#36 item 2) ---
+
+PAYLOAD = "x\nhostPID: true\nhostIPC: true"
+
+
+def _string_leaves(schema: dict, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every value path whose schema admits a string (the entry's catalogue has its own test above)."""
+    if path == ("entry", "defaults"):
+        return []
+    if "properties" in schema:
+        return [leaf for key, sub in schema["properties"].items() for leaf in _string_leaves(sub, (*path, key))]
+    types = schema.get("type", [])
+    return [path] if "string" in (types if isinstance(types, list) else [types]) else []
+
+
+def _walk(value) -> list[str]:
+    if isinstance(value, dict):
+        return [k for k in value] + [k for v in value.values() for k in _walk(v)]
+    if isinstance(value, list):
+        return [k for v in value for k in _walk(v)]
+    return []
+
+
+@pytest.mark.parametrize("uninstall", [False, True], ids=["agent", "uninstall"])
+def test_a_value_with_newlines_never_adds_a_field(uninstall):
+    """On main `priorityClassName` rendered bare: a value with newlines added hostPID/hostIPC to the agent's pod.
+    Every string value of the schema, set to such a payload, is refused by the schema or rendered as one string."""
+    import json
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    leaves = _string_leaves(schema)
+    assert ("priorityClassName",) in leaves and ("kubernetesApi", "host") in leaves
+    rendered = refused = 0
+    for leaf in leaves:
+        args = ["--set-json", f"{'.'.join(leaf)}={json.dumps(PAYLOAD)}", "--set", f"uninstall={str(uninstall).lower()}"]
+        if leaf[:1] == ("kubernetesApi",) or leaf == ("nodeTaint", "key"):
+            args += ["--set", "nodeTaint.enabled=true"]
+        run = helm("template", "cni-redirect", str(CHART), "--namespace", "cni-redirect", *args, check=False)
+        if run.returncode != 0:
+            assert "at '/" in run.stderr, (leaf, run.stderr)  # the schema refused it, naming it
+            refused += 1
+            continue
+        documents = [d for d in yaml.safe_load_all(run.stdout) if d]
+        keys = [k for d in documents for k in _walk(d)]
+        assert "hostPID" not in keys and "hostIPC" not in keys, leaf
+        rendered += 1
+    print(
+        f"\n[quoting] {len(leaves)} string values: {rendered} rendered as one string, {refused} refused by the schema"
+    )

@@ -160,23 +160,23 @@ def test_symlinked_primary_pointing_outside_is_left_untouched(host, tmp_path):
 
 
 def test_an_edit_the_primary_makes_while_we_write_is_not_overwritten(host, monkeypatch):
-    from cni_redirect.node import chain as installer_module
+    from cni_redirect.node.files import Folder
 
     original = host.put("10-calico.conflist")
     installer = host.agent()
     installer.install()
     edited = original.replace(b'"mtu": 0', b'"mtu": 1450')
-    real_write = installer_module.write_atomic
+    real_write = Folder.write_atomic
 
-    def primary_edits_first(path, data, mode=0o644, expect=None):
+    def primary_edits_first(self, name, data, mode=None, expect=None, held=None):
         if expect is not None:  # just before our rename of the primary's file
             (host.conf / "10-calico.conflist").write_bytes(edited)
-        return real_write(path, data, mode, expect)
+        return real_write(self, name, data, mode, expect, held)
 
-    monkeypatch.setattr(installer_module, "write_atomic", primary_edits_first)
+    monkeypatch.setattr(Folder, "write_atomic", primary_edits_first)
     assert not installer.reconcile(), "the pass that lost the race does not claim readiness"
     assert (host.conf / "10-calico.conflist").read_bytes() == edited
-    monkeypatch.setattr(installer_module, "write_atomic", real_write)
+    monkeypatch.setattr(Folder, "write_atomic", real_write)
     assert installer.reconcile()
     document = json.loads((host.conf / "10-calico.conflist").read_text())
     assert document["plugins"][0]["mtu"] == 1450 and host.entries("10-calico.conflist")

@@ -140,12 +140,12 @@ def test_a_stop_is_never_an_uninstall_and_uninstall_restores_the_node(host):
     wait_for(lambda: any(e["msg"] == "agent started" for e in host.events()))
     assert restarted.terminate() == 0
     assert len(host.entries("10-calico.conflist")) == 1
-    assert leftovers(host.bin, host.conf) != []
+    assert leftovers(host.bin, host.conf)[0] != []
     assert uninstall(host.bin, host.conf, JsonLog(host.log), grace=0.0) == []
     assert sorted(os.listdir(host.conf)) == ["10-calico.conflist"]
     assert (host.conf / "10-calico.conflist").read_bytes() == original
     assert sorted(os.listdir(host.bin)) == ["bridge"], "bundle, link, owner token and agents' locks gone"
-    assert leftovers(host.bin, host.conf) == []
+    assert leftovers(host.bin, host.conf) == ([], [])
 
 
 def test_probes_reach_only_their_own_agent_through_a_surge(host, tmp_path):

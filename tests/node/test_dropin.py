@@ -113,13 +113,13 @@ def test_uninstall_leaves_the_conf_dir_as_it_was_and_keeps_an_admins_drop_in(hos
     agent = host.agent(chain_mode="dropin")
     agent.install()
     assert agent.reconcile()
-    assert leftovers(host.bin, host.conf)
+    assert leftovers(host.bin, host.conf)[0]
     assert host.uninstall() == []
     assert snapshot_of(host.conf) == before and sorted(os.listdir(host.conf)) == [
         "10-calico.conflist",
         "k8s-pod-network",
     ]
-    assert leftovers(host.bin, host.conf) == []
+    assert leftovers(host.bin, host.conf) == ([], [])
 
 
 @pytest.mark.parametrize(

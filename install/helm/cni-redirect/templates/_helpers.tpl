@@ -40,12 +40,12 @@ crio:
 {{/* This release's node: the platform's paths with the admin's overrides. */}}
 {{- define "cni-redirect.node" -}}
 {{- $platform := get (include "cni-redirect.platforms" . | fromYaml) .Values.platform -}}
-binDir: {{ .Values.cni.binDir | default $platform.binDir }}
+binDir: {{ .Values.cni.binDir | default $platform.binDir | quote }}
 binType: {{ ternary "Directory" ($platform.binType | default $platform.dirType) (ne .Values.cni.binDir "") }}
-confDir: {{ .Values.cni.confDir | default $platform.confDir }}
+confDir: {{ .Values.cni.confDir | default $platform.confDir | quote }}
 confType: {{ ternary "Directory" $platform.dirType (ne .Values.cni.confDir "") }}
-criSocket: {{ .Values.cri.socket | default $platform.criSocket }}
-criInContainer: {{ $platform.criInContainer | default "/run/containerd/containerd.sock" }}
+criSocket: {{ .Values.cri.socket | default $platform.criSocket | quote }}
+criInContainer: {{ $platform.criInContainer | default "/run/containerd/containerd.sock" | quote }}
 {{- end -}}
 
 {{- define "cni-redirect.image" -}}

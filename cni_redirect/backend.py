@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
-from .bounds import DEFAULT_BOUND, Bound
+from .bounds import DEFAULT_BOUND, Bound, bound_for
 from .errors import KernelError, NotAvailable
 from .netns import NetnsOpener, entered, open_netns
-from .nftsize import over, table_exists
+from .nftsize import delete_table, over, table_exists
 from .routing import KernelRoutes, Routes
 from .ruleset import FAMILY, TABLE, Observed, Ruleset, normalize
 
@@ -87,6 +87,9 @@ class NetnsEdge(Protocol):
     def table_exists(self) -> bool:
         """Whether our table is there, without listing anything else of the netns."""
 
+    def delete_table(self) -> bool:
+        """Our table out, whatever is in it, without listing it (one message); False if it was not there."""
+
     def oversized(self, bound: Bound) -> str:
         """Why our table is over `bound` ("" when it is not): counted from a stream, never listed."""
 
@@ -110,6 +113,10 @@ class KernelEdge:
     def table_exists(self) -> bool:
         """A dump of the inet tables' names: libnftables' own listing loads every set's elements first."""
         return table_exists()
+
+    def delete_table(self) -> bool:
+        """One NFT_MSG_DELTABLE by handle: libnftables' `delete table` would load the table whole first."""
+        return delete_table()
 
     def oversized(self, bound: Bound) -> str:
         return over(bound)
@@ -176,6 +183,11 @@ class TableOps:
             self.clear_routing()
 
     def _write(self, ruleset: Ruleset, existed: bool) -> None:
+        if existed and self.oversized(bound_for(ruleset.objects())):
+            # A table a pod filled: libnftables would load it whole to replace it. Out by one message first;
+            # the pod is without capture for the instant until the create below (it broke its own table).
+            self.edge.delete_table()
+            existed = False
         if existed:
             self.run(ruleset.replace_batch(), "apply")
             return
@@ -192,11 +204,9 @@ class TableOps:
         return bool(present)
 
     def remove(self) -> bool:
-        """Delete the table, then any TPROXY routing of ours; True if anything was there."""
-        removed = False
-        if self.exists():
-            self.run({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]}, "delete")
-            removed = True
+        """Delete the table (one message, never listed: a pod may have filled it), then any TPROXY routing of
+        ours; True if anything was there."""
+        removed = self.edge.delete_table()
         if self.routes.any_rule():  # one rule dump: DEL of a pod without TPROXY stays cheap
             removed = self.clear_routing() or removed
         return removed

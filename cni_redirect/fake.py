@@ -428,6 +428,13 @@ class FakeEdge:
     def table_exists(self) -> bool:
         return (FAMILY, TABLE) in self.kernel.tables
 
+    def delete_table(self) -> bool:
+        if not self.table_exists():
+            return False
+        rc, _, error = self.kernel.json_cmd({"nftables": [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]})
+        assert rc == 0, error
+        return True
+
     def generation(self) -> int:
         return self.kernel.transactions
 

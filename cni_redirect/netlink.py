@@ -25,6 +25,8 @@ NETLINK_NETFILTER = 12
 NETLINK_GET_STRICT_CHK = 12
 SOL_NETLINK = 270
 NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NLM_F_DUMP = 0x300
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
@@ -90,6 +92,29 @@ def query(protocol: int, msg_type: int, body: bytes, what: str) -> tuple[int, by
     for kind, payload in messages(data, what):
         return kind, payload
     raise KernelError(f"reading {what} failed", f"short reply ({len(data)} bytes)")
+
+
+def transaction(subsystem: int, msg_type: int, body: bytes, what: str) -> None:
+    """One change through nfnetlink's batch (begin, the message asking for an acknowledgement, end); returns when
+    the kernel acknowledged it, raises KernelError with its errno when it refused."""
+    unspec = struct.pack("=BBH", 0, 0, socket.htons(subsystem))  # nfgenmsg: the batch's subsystem in res_id
+    request = (
+        HEADER.pack(HEADER.size + len(unspec), NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 1, 0) + unspec
+        + HEADER.pack(HEADER.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, 2, 0) + body
+        + HEADER.pack(HEADER.size + len(unspec), NFNL_MSG_BATCH_END, NLM_F_REQUEST, 3, 0) + unspec
+    )  # fmt: skip
+    with _socket(NETLINK_NETFILTER, what) as sock:
+        try:
+            sock.settimeout(30)  # a table of a million chains takes the kernel a while
+            sock.sendto(request, (0, 0))
+            data = sock.recv(65536)
+        except OSError as exc:
+            raise KernelError(f"changing {what} failed", str(exc), exc.errno) from None
+    try:
+        for _ in messages(data, what):  # an error message raises; the acknowledgement is skipped
+            pass
+    except KernelError as error:
+        raise KernelError(f"changing {what} failed", error.details, error.errno) from None
 
 
 def dump(protocol: int, msg_type: int, body: bytes, what: str, strict: bool = False) -> Iterator[tuple[int, bytes]]:

@@ -77,6 +77,14 @@ class NodeAgent:
         )
         self.ownership = Ownership(options.cni_bin_dir)
         self.problem = ""  # the last iteration's failure (a reinstall on a full disk, EROFS, EIO): unready, retried
+        self.pass_started: float | None = None  # monotonic time the running pass began; None between passes
+
+    def stuck(self, deadline: float) -> str:
+        """Why the probes should not trust the last pass's answer: one running for longer than `deadline`."""
+        started = self.pass_started
+        if started is None or time.monotonic() - started <= deadline:
+            return ""
+        return f"a pass over the CNI dirs has not finished in {time.monotonic() - started:.0f} s (a blocked read?)"
 
     @property
     def ready_reason(self) -> str:
@@ -93,6 +101,7 @@ class NodeAgent:
 
         A failure is this iteration's, not the agent's: it is logged once, makes the agent unready with the
         reason, and the next iteration tries again."""
+        self.pass_started = time.monotonic()
         try:
             if not self.bundle.installed():  # gone, or not ours (a successor's that went away): ours again
                 with self.ownership.installing():
@@ -104,6 +113,8 @@ class NodeAgent:
                 self.log("error", problem)
             self.problem = problem
             return False
+        finally:
+            self.pass_started = None
         if self.problem:
             self.log("info", "recovered", was=self.problem)
         self.problem = ""
@@ -168,6 +179,8 @@ def _probe_server(port: int, handler: type) -> http.server.ThreadingHTTPServer:
 
 
 REQUEST_DEADLINE = 10.0
+#: A pass over the CNI dirs takes milliseconds; one running longer is reported by readiness, then by liveness.
+PASS_DEADLINE_READY, PASS_DEADLINE_HEALTHY = 10.0, 60.0
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -307,7 +320,9 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
         log("info", "agent started", bin_dir=str(options.cni_bin_dir), conf_dir=str(options.cni_conf_dir))
         while not stop.is_set():
             services.step()
-            watch.wait()  # a change in the conf or bin dir, a stop, the owner's end, or the periodic re-check
+            # a change in the conf or bin dir, a stop, the owner's end, the periodic re-check; sooner while a file
+            # we swapped out is watched for the primary's late write into it
+            watch.wait(agent.chain.wants_pass_in())
     finally:
         services.finish()
         watch.close()
@@ -455,14 +470,15 @@ class _Services:
         """The exec probes' answer, from this agent's own state: "" when all is well, else why not."""
         server = self.server
         if question == "healthy":
-            if server is None:
-                return ""
+            stuck = self.agent.stuck(PASS_DEADLINE_HEALTHY)  # liveness: a restart ends a pass that never will
+            if stuck or server is None:
+                return stuck
             return server.problem(own_path=self.state == State.OWNER)
         if self.state is None:
             return "starting: installing the plugin"
         if self.state == State.STANDBY:
             return f"standby: agent {self.agent.ownership.owner()} runs this node"
-        return self.agent.ready_reason
+        return self.agent.stuck(PASS_DEADLINE_READY) or self.agent.ready_reason
 
     # --- the end ---
 

@@ -68,7 +68,9 @@ class DirWatch:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a watched dir changes, a wake, or the timeout; True if a dir changed."""
         self._watch_all()  # a dir that appeared since, or was replaced (IN_*_SELF dropped its watch)
-        limit = timeout if timeout is not None else (self.poll if self.degraded else self.fallback)
+        limit = self.poll if self.degraded else self.fallback
+        if timeout is not None:
+            limit = min(limit, timeout)
         fds = [self._wake_r] + ([self.fd] if self.fd >= 0 else [])
         ready, _, _ = select.select(fds, [], [], limit)
         if self._wake_r in ready:

@@ -18,6 +18,7 @@ from cni_redirect.node.chain import check_entry
 from cni_redirect.node.confdir import DROPIN_NAME, EDIT, libcni_bool, read_conf_dir
 from cni_redirect.node.edit import JOURNAL
 from cni_redirect.node.files import Folder, remove_stale_temps, write_atomic
+from cni_redirect.node.ownership import State
 from cni_redirect.node.uninstall import leftovers
 
 # --- the journal names only files of ours, inside the conf dir ---
@@ -96,6 +97,26 @@ def test_a_fifo_as_the_primary_is_a_reason_not_a_hang(host):
     agent.install()
     assert _passes_within(5, agent.reconcile)
     assert "not a regular file (a FIFO)" in agent.ready_reason
+
+
+def test_a_pass_that_does_not_finish_is_reported_by_the_probes(host):
+    """The safety net behind the non-blocking reads: a pass blocked for longer than its deadline turns
+    readiness, then liveness, to a reason (on main the probe said ok while every pass hung)."""
+    import time
+
+    from cni_redirect.node.daemon import PASS_DEADLINE_HEALTHY, PASS_DEADLINE_READY, _Services
+
+    host.put("10-calico.conflist")
+    agent = host.agent()
+    agent.install()
+    assert agent.reconcile() and agent.stuck(PASS_DEADLINE_READY) == ""
+    services = _Services(host.options(), JsonLog(host.log), agent, lambda: None)
+    services.state = State.OWNER
+    assert services.answer("ready") == "" and services.answer("healthy") == ""
+    agent.pass_started = time.monotonic() - PASS_DEADLINE_READY - 1
+    assert "has not finished" in services.answer("ready") and services.answer("healthy") == ""
+    agent.pass_started = time.monotonic() - PASS_DEADLINE_HEALTHY - 1
+    assert "has not finished" in services.answer("healthy")
 
 
 def test_reads_of_the_conf_dir_are_bounded(host):

@@ -89,7 +89,10 @@ class Ownership:
     def state(self) -> State:
         owner = self.owner()
         if owner == self.token:
-            return State.OWNER
+            # Named, but our lock file gone (`uninstall --force` removed the agents' dir after our last claim):
+            # every other agent would take us for dead. Claim again: `claim` puts the lock back first.
+            lock = self.dir / f"{self.token}.lock"
+            return State.OWNER if self._life is None or lock.exists() else State.UNOWNED
         if owner is not None and alive(self.dir, owner):
             return State.STANDBY
         return State.UNOWNED

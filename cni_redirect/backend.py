@@ -28,7 +28,7 @@ from .errors import KernelError, NotAvailable
 from .netns import NetnsOpener, entered, open_netns
 from .nftsize import delete_table, over, table_exists
 from .routing import KernelRoutes, Routes
-from .ruleset import FAMILY, TABLE, Observed, Ruleset, normalize
+from .ruleset import FAMILY, TABLE, Observed, RouteMss, Ruleset, normalize
 
 __all__ = ["Backend", "KernelBackend", "KernelEdge", "NetnsEdge", "Observed", "Session", "TableOps", "normalize"]
 
@@ -45,10 +45,11 @@ class Session(Protocol):
     def read(self, raw: bool = False, bound: Bound | None = None) -> list[dict] | None:
         """Our table's objects in `Ruleset.objects()` form, or None if absent; `raw` keeps counters."""
 
-    def observe(self, routing_wanted: bool, bound: Bound | None = None) -> Observed:
+    def observe(self, routing_wanted: bool, bound: Bound | None = None, tuning: Ruleset | None = None) -> Observed:
         """The table and our routing, for the one comparison (evaluation.compare). The routing is read
         in full only when wanted or present (one rule dump otherwise). A table over `bound` is not
-        listed: `Observed.oversized` says why (a pod's process filled it; it is drift)."""
+        listed: `Observed.oversized` says why (a pod's process filled it; it is drift). `tuning`: the
+        ruleset whose route MSS and sysctls are read too (only when it sets any)."""
 
     def clear_routing(self) -> bool:
         """Delete our policy routing, whatever the table says; True if there was any."""
@@ -96,6 +97,9 @@ class NetnsEdge(Protocol):
     def generation(self) -> int:
         """The netns's nftables generation: it changes with every committed transaction, of anyone's."""
 
+    def sysctl(self, name: str, value: str | None = None) -> str:
+        """A sysctl of the netns (`net/ipv4/tcp_rmem`), written first when `value` is given; its value."""
+
 
 class KernelEdge:
     """The kernel's side of the netns the calling thread is in: make it inside the entered netns."""
@@ -125,6 +129,18 @@ class KernelEdge:
         from .nftgen import ruleset_generation
 
         return ruleset_generation()
+
+    def sysctl(self, name: str, value: str | None = None) -> str:
+        """Through /proc/sys, opened in this thread: net sysctls answer for the opener's netns."""
+        path = f"/proc/sys/{name}"
+        try:
+            if value is not None:
+                with open(path, "w") as file:
+                    file.write(value)
+            with open(path) as file:
+                return " ".join(file.read().split())
+        except OSError as exc:
+            raise KernelError(f"the sysctl {name} in the pod netns", exc.strerror or str(exc), exc.errno) from None
 
 
 class TableOps:
@@ -181,6 +197,18 @@ class TableOps:
             raise
         if ruleset.routing is None and existed and self.routes.any_rule():
             self.clear_routing()
+        self._tune(ruleset, existed)
+
+    def _tune(self, ruleset: Ruleset, existed: bool) -> None:
+        """`loopback-mss`'s advmss on the pod's routes (ours off again when a replaced table had it and this one
+        has not), and the ruleset's sysctls."""
+        if ruleset.route_mss is not None:
+            self.routes.set_mss(dict(ruleset.route_mss.advmss))
+        elif existed:
+            self.routes.clear_mss(dict(RouteMss().advmss))
+        for name, value in ruleset.sysctls:
+            if self.edge.sysctl(name) != value:
+                self.edge.sysctl(name, value)
 
     def _write(self, ruleset: Ruleset, existed: bool) -> None:
         if existed and self.oversized(bound_for(ruleset.objects())):
@@ -207,20 +235,23 @@ class TableOps:
         """Delete the table (one message, never listed: a pod may have filled it), then any TPROXY routing of
         ours; True if anything was there."""
         removed = self.edge.delete_table()
+        removed = self.routes.clear_mss(dict(RouteMss().advmss)) > 0 or removed  # the sysctls go with the netns
         if self.routes.any_rule():  # one rule dump: DEL of a pod without TPROXY stays cheap
             removed = self.clear_routing() or removed
         return removed
 
-    def observe(self, routing_wanted: bool, bound: Bound | None = None) -> Observed:
+    def observe(self, routing_wanted: bool, bound: Bound | None = None, tuning: Ruleset | None = None) -> Observed:
         listing: list[dict] | None = None
         oversized = ""
         if self.exists():
             oversized = self.oversized(bound)
             if not oversized:
                 listing = self._list(raw=True)
-        if not routing_wanted and not self.routes.any_rule():
-            return Observed(listing, oversized=oversized)  # the common case, one rule dump: no TPROXY, none there
-        return Observed(listing, tuple(self.routes.read()), self.routes.ipv6(), oversized)
+        without_mss = tuple(self.routes.without_mss()) if tuning is not None and tuning.route_mss else ()
+        sysctls = tuple((name, self.edge.sysctl(name)) for name, _ in tuning.sysctls) if tuning is not None else ()
+        if not routing_wanted and not self.routes.any_rule():  # the common case, one rule dump: no TPROXY, none there
+            return Observed(listing, oversized=oversized, without_mss=without_mss, sysctls=sysctls)
+        return Observed(listing, tuple(self.routes.read()), self.routes.ipv6(), oversized, without_mss, sysctls)
 
     def read(self, raw: bool = False, bound: Bound | None = None) -> list[dict] | None:
         if not self.exists():

@@ -30,9 +30,11 @@ from .ruleset import (
     SOCKET_TRANSPARENT,
     TCP,
     TCP_DPORT,
+    TCP_SYN,
     TPROXY_MARK,
     UDP_DPORT,
     Chain,
+    ClampMss,
     MarkAccept,
     Match,
     NamedSet,
@@ -40,6 +42,7 @@ from .ruleset import (
     Prefix,
     Range,
     Redirect,
+    RouteMss,
     Rule,
     RuleKind,
     Ruleset,
@@ -47,6 +50,7 @@ from .ruleset import (
     SetRef,
     TProxy,
     Value,
+    masked_mark,
 )
 from .spec import CaptureSpec
 from .values import ALL, Network, PortRange, merge_ranges
@@ -68,8 +72,17 @@ def build_ruleset(spec: CaptureSpec) -> Ruleset:
         tproxy = (*first, *_tproxy_inbound(spec, sets))
         chains.append(Chain("tproxy_prerouting", "prerouting", tproxy, MANGLE_PRIORITY, "filter"))
     chains.append(Chain("output", "output", (*first, *_output(spec, sets))))
+    if spec.loopback_mss:
+        clamp = Rule((Match(TCP_SYN, "syn"),), ClampMss(), K.MSS_TO_PATH)
+        chains.append(Chain("postrouting", "postrouting", (clamp,), MANGLE_PRIORITY, "filter"))
     routing = PolicyRouting(ipv6=spec.capture_ipv6) if spec.tproxy else None
-    return Ruleset(tuple(sets.declared), tuple(chains), routing=routing)
+    sysctls = tuple(
+        (f"net/ipv4/{name}", " ".join(map(str, sizes)))
+        for name, sizes in (("tcp_rmem", spec.tcp_rmem), ("tcp_wmem", spec.tcp_wmem))
+        if sizes
+    )
+    route_mss = RouteMss() if spec.loopback_mss else None
+    return Ruleset(tuple(sets.declared), tuple(chains), routing=routing, route_mss=route_mss, sysctls=sysctls)
 
 
 # --- the named sets ---
@@ -235,6 +248,9 @@ def _owners(spec: CaptureSpec) -> list[tuple[Selector, int, RuleKind, RuleKind]]
     owners = [(SKUID, spec.proxy_uid, K.PROXY_UID, K.OWN_IP_VIA_PROXY_UID)]
     if spec.proxy_gid is not None:
         owners.append((SKGID, spec.proxy_gid, K.PROXY_GID, K.OWN_IP_VIA_PROXY_GID))
+    if spec.proxy_mark is not None:
+        mark, mask = spec.proxy_mark
+        owners.append((masked_mark(mask), mark, K.PROXY_MARK, K.OWN_IP_VIA_PROXY_MARK))
     return owners
 
 

@@ -66,6 +66,12 @@ class Evaluation:
         return self.ruleset is not None and self.ruleset.routing is not None
 
     @property
+    def tuning(self) -> Ruleset | None:
+        """The ruleset when it sets anything besides the table (route MSS, sysctls): what `observe` reads too."""
+        ruleset = self.ruleset
+        return ruleset if ruleset is not None and (ruleset.route_mss or ruleset.sysctls) else None
+
+    @property
     def read_bound(self) -> Bound:
         """How much of our table a reader lists in this pod's netns: room for what we would write, and more."""
         return DEFAULT_BOUND if self.ruleset is None else bound_for(self.ruleset.objects())
@@ -185,6 +191,24 @@ def compare(evaluation: Evaluation, observed: Observed) -> Drift | None:
     if extra:
         message = "TPROXY policy routing is present but the pod's table does not use it: "
         return Drift(DriftKind.DRIFTED, message + "; ".join(map(describe, extra)), why)
+    return _tuning_drift(ruleset, observed)
+
+
+def _tuning_drift(ruleset: Ruleset | None, observed: Observed) -> Drift | None:
+    """`loopback-mss`'s advmss on every route of the pod's (a route the primary added later has none), and the
+    sysctls the pod's settings set."""
+    if ruleset is None:
+        return None
+    if ruleset.route_mss is not None and observed.without_mss:
+        return Drift(
+            DriftKind.DRIFTED,
+            f"loopback-mss: routes without an advmss in the pod network namespace: {', '.join(observed.without_mss)}",
+            "a captured connection over them would offer its eth0 MSS to the proxy",
+        )
+    held = dict(observed.sysctls)
+    for name, value in ruleset.sysctls:
+        if held.get(name) != value:
+            return Drift(DriftKind.DRIFTED, f"the pod's {name} is {held.get(name)!r}, its settings say {value!r}")
     return None
 
 

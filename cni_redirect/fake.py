@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from .backend import Observed, TableOps
 from .bounds import Bound, counts
 from .errors import KernelError, NetnsGone
-from .nfttext import nft_text
+from .nfttext import TCP_MSS_TO_PATH, nft_text
 from .ruleset import FAMILY, TABLE, TPROXY_MARK, PolicyRouting, Ruleset, describe
 
 ENOENT = "No such file or directory"
@@ -64,7 +64,11 @@ SELECTOR_TYPES = {
     ("tcp", "sport"): "inet_service",
     ("udp", "dport"): "inet_service",
     ("udp", "sport"): "inet_service",
+    ("tcp", "flags"): "tcp_flag",
 }
+TCP_FLAGS = ("fin", "syn", "rst", "psh", "ack", "urg", "ecn", "cwr")
+#: The hooks where `rt mtu` (the route's MSS) can be read: the kernel's nft_rt refuses it before routing.
+RT_MTU_HOOKS = {"forward", "output", "postrouting"}
 SET_TYPES = {"ipv4_addr", "ipv6_addr", "inet_service", "uid", "gid", "ifname", "mark"}
 CHAIN_HOOKS = {
     "nat": {"prerouting", "input", "output", "postrouting"},
@@ -107,6 +111,10 @@ def _check_scalar(kind: str, value: object) -> None:
     elif kind == "inet_proto":
         if not isinstance(value, int) or not 0 <= value <= 255:
             raise Rejected(f"{value!r} is not a protocol number")
+    elif kind == "tcp_flag":
+        flags = value if isinstance(value, list) else [value]
+        if not flags or any(flag not in TCP_FLAGS for flag in flags):
+            raise Rejected(f"{value!r} is not a TCP flag")
     else:
         raise Rejected(f"unknown datatype {kind}")
 
@@ -276,6 +284,9 @@ class FakeNft:
                 if spec.get("family") not in ("ip", "ip6"):
                     raise Rejected(f"{EINVAL}: tproxy family {spec.get('family')!r}")
                 _check_scalar("inet_service", spec.get("port"))
+            elif kind == "mangle" and spec == TCP_MSS_TO_PATH:
+                if chain.get("hook") not in RT_MTU_HOOKS:
+                    raise Rejected(f"{EOPNOTSUPP}: rt mtu on hook {chain.get('hook')!r}")
             elif kind == "mangle":
                 if spec.get("key") != {"meta": {"key": "mark"}}:
                     raise Rejected(f"{EOPNOTSUPP}: mangle of {spec.get('key')!r}")
@@ -290,6 +301,9 @@ class FakeNft:
         if spec.get("op") not in ("==", "!="):
             raise Rejected(f"{EOPNOTSUPP}: operator {spec.get('op')!r}")
         left = spec["left"]
+        mask = None
+        if "&" in left:  # `meta mark & MASK`, `tcp flags & (syn | rst)`: the mask is of the selector's type
+            left, mask = left["&"]
         if "socket" in left:
             if chain is not None and chain.get("hook") not in ("prerouting", "input", "output"):
                 raise Rejected(f"{EOPNOTSUPP}: socket expression on hook {chain.get('hook')!r}")
@@ -299,6 +313,12 @@ class FakeNft:
         kind = SELECTOR_TYPES.get(selector)
         if kind is None:
             raise Rejected(f"{EOPNOTSUPP}: selector {left!r}")
+        if mask is not None:
+            if kind not in ("mark", "tcp_flag"):
+                raise Rejected(f"{EOPNOTSUPP}: a mask on {left!r}")
+            _check_scalar(kind, mask)
+        elif kind == "tcp_flag":
+            raise Rejected(f"{EOPNOTSUPP}: tcp flags compared without a mask")  # not a shape we write
         right = spec["right"]
         if isinstance(right, str) and right.startswith("@"):
             named = table.sets.get(right[1:])
@@ -313,6 +333,8 @@ class FakeNft:
             _interval(kind, right)
 
 
+#: A new netns's TCP buffer sysctls, as this kernel gives them.
+NETNS_SYSCTLS = {"net/ipv4/tcp_rmem": "4096 131072 6291456", "net/ipv4/tcp_wmem": "4096 16384 4194304"}
 EAFNOSUPPORT = "Address family not supported by protocol"
 _STRERROR = {errno.EAFNOSUPPORT: EAFNOSUPPORT, errno.EINVAL: EINVAL}
 
@@ -324,6 +346,13 @@ class FakeRoutes:
     has_ipv6: bool = True
     objects: list[dict] = field(default_factory=list)
     changes: int = 0
+    #: The pod's own main-table routes, `{"family", "dst", "advmss"}` (advmss None: none), as a primary made them.
+    main: list[dict] = field(
+        default_factory=lambda: [
+            {"family": "inet", "dst": "default", "advmss": None},
+            {"family": "inet6", "dst": "default", "advmss": None},
+        ]
+    )
 
     def ipv6(self) -> bool:
         return self.has_ipv6
@@ -364,6 +393,24 @@ class FakeRoutes:
                 self.objects.remove(obj)
                 self.changes += 1
 
+    def _routes(self) -> list[dict]:
+        return [r for r in self.main if r["family"] == "inet" or self.has_ipv6]
+
+    def without_mss(self) -> list[str]:
+        return [f"{r['dst']} ({r['family']})" for r in self._routes() if r["advmss"] is None]
+
+    def set_mss(self, advmss: dict[str, int]) -> int:
+        changed = [r for r in self._routes() if r["advmss"] is None]
+        for route in changed:
+            route["advmss"] = advmss[route["family"]]
+        return len(changed)
+
+    def clear_mss(self, advmss: dict[str, int]) -> int:
+        changed = [r for r in self._routes() if r["advmss"] == advmss[r["family"]]]
+        for route in changed:
+            route["advmss"] = None
+        return len(changed)
+
 
 class MemoryBackend:
     """The `Backend` protocol over one `FakeNft` and one `FakeRoutes` per netns path.
@@ -374,6 +421,7 @@ class MemoryBackend:
     def __init__(self) -> None:
         self.kernels: dict[str, FakeNft] = {}
         self.routing: dict[str, FakeRoutes] = {}
+        self.sysctls: dict[str, dict[str, str]] = {}
         self.calls: list[tuple[str, str]] = []
         self.gone: set[str] = set()
 
@@ -391,7 +439,8 @@ class MemoryBackend:
         return TableOps(self.edge(netns))
 
     def edge(self, netns: str) -> FakeEdge:
-        return FakeEdge(self.kernels.setdefault(netns, FakeNft()), self.routing.setdefault(netns, FakeRoutes()))
+        kernel, routes = self.kernels.setdefault(netns, FakeNft()), self.routing.setdefault(netns, FakeRoutes())
+        return FakeEdge(kernel, routes, self.sysctls.setdefault(netns, dict(NETNS_SYSCTLS)))
 
     @property
     def tables(self) -> dict[str, list[dict]]:
@@ -418,9 +467,19 @@ class FakeEdge:
     transaction as the kernel would (`FakeNft`), its routing is `FakeRoutes`, and the counts and the generation
     are read off their state as the kernel would give them."""
 
-    def __init__(self, kernel: FakeNft | None = None, routes: FakeRoutes | None = None) -> None:
+    def __init__(
+        self, kernel: FakeNft | None = None, routes: FakeRoutes | None = None, sysctls: dict[str, str] | None = None
+    ) -> None:
         self.kernel = kernel if kernel is not None else FakeNft()
         self.routes = routes if routes is not None else FakeRoutes()
+        self.sysctls = sysctls if sysctls is not None else dict(NETNS_SYSCTLS)
+
+    def sysctl(self, name: str, value: str | None = None) -> str:
+        if name not in self.sysctls:
+            raise KernelError(f"the sysctl {name} in the pod netns", "No such file or directory", errno.ENOENT)
+        if value is not None:
+            self.sysctls[name] = " ".join(value.split())
+        return self.sysctls[name]
 
     def transaction(self, batch: dict) -> tuple[int, object, str]:
         return self.kernel.json_cmd(batch)
@@ -468,9 +527,9 @@ class _Recorded(TableOps):
         self.backend.calls.append(("remove", self.netns))
         return super().remove()
 
-    def observe(self, routing_wanted: bool, bound: Bound | None = None) -> Observed:
+    def observe(self, routing_wanted: bool, bound: Bound | None = None, tuning: Ruleset | None = None) -> Observed:
         self.backend.calls.append(("observe", self.netns))
-        return super().observe(routing_wanted, bound)
+        return super().observe(routing_wanted, bound, tuning)
 
     def clear_routing(self) -> bool:
         self.backend.calls.append(("clear_routing", self.netns))

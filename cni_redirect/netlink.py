@@ -94,6 +94,23 @@ def query(protocol: int, msg_type: int, body: bytes, what: str) -> tuple[int, by
     raise KernelError(f"reading {what} failed", f"short reply ({len(data)} bytes)")
 
 
+def change(protocol: int, msg_type: int, flags: int, body: bytes, what: str) -> None:
+    """One change request (NLM_F_ACK added); returns once the kernel acknowledged it, KernelError if it refused."""
+    request = HEADER.pack(HEADER.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK | flags, 1, 0) + body
+    with _socket(protocol, what) as sock:
+        try:
+            sock.settimeout(5)
+            sock.sendto(request, (0, 0))
+            data = sock.recv(65536)
+        except OSError as exc:
+            raise KernelError(f"changing {what} failed", str(exc), exc.errno) from None
+    try:
+        for _ in messages(data, what):
+            pass
+    except KernelError as error:
+        raise KernelError(f"changing {what} failed", error.details, error.errno) from None
+
+
 def transaction(subsystem: int, msg_type: int, body: bytes, what: str) -> None:
     """One change through nfnetlink's batch (begin, the message asking for an acknowledgement, end); returns when
     the kernel acknowledged it, raises KernelError with its errno when it refused."""

@@ -30,7 +30,16 @@ def _as_json(obj: object) -> str:
     return json.dumps(obj, ensure_ascii=True, sort_keys=True, default=repr)
 
 
+#: The statement that sets a SYN's MSS to its route's MTU, as libnftables writes and lists it.
+TCP_MSS_TO_PATH = {"key": {"tcp option": {"name": "maxseg", "field": "size"}}, "value": {"rt": {"key": "mtu"}}}
+
+
 def _selector_text(left: dict) -> str:
+    if "&" in left:  # `meta mark & 0xfff`, `tcp flags & (syn | rst)`
+        inner, mask = left["&"]
+        flags = isinstance(mask, list)
+        shown = "(" + " | ".join(_safe(flag) for flag in mask) + ")" if flags else f"{int(mask):#x}"
+        return f"{_selector_text(inner)} & {shown}"
     if "socket" in left:
         return f"socket {left['socket']['key']}"
     if "meta" in left:
@@ -70,7 +79,13 @@ def _known_statement_text(expr: dict, with_counters: bool) -> str:
         left = body["left"]
         quoted = left.get("meta", {}).get("key") in ("iifname", "oifname")
         protocol = left.get("meta", {}).get("key") == "l4proto"
+        if "&" in left:  # a masked compare: nft prints the operator, and a mark in hex
+            right = body["right"]
+            shown = f"{right:#x}" if isinstance(right, int) else _json_value_text(right)
+            return f"{_selector_text(left)} {body['op']} {shown}"
         op = "" if body["op"] == "==" else f"{body['op']} "
+        if left.get("meta", {}).get("key") == "mark" and isinstance(body["right"], int):
+            return f"meta mark {op}{body['right']:#x}"
         return f"{_selector_text(left)} {op}{_json_value_text(body['right'], quoted, protocol)}"
     if kind == "counter":
         if with_counters and isinstance(body, dict):
@@ -84,6 +99,8 @@ def _known_statement_text(expr: dict, with_counters: bool) -> str:
         return f"tproxy {body['family']} to :{body['port']}"
     if kind == "mangle" and body["key"] == {"meta": {"key": "mark"}}:
         return f"meta mark set {body['value']:#x}"
+    if kind == "mangle" and body == TCP_MSS_TO_PATH:
+        return "tcp option maxseg size set rt mtu"
     raise ValueError(f"no nft syntax for statement {expr!r}")
 
 

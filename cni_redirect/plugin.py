@@ -84,7 +84,7 @@ def cmd_check(call: Invocation) -> None:
         raise InvalidConfig("prevResult is missing: CHECK needs the result of the ADD it checks")
     evaluation = _evaluate(call, conf)
     with call.backend.session(call.request.netns) as session:
-        observed = session.observe(evaluation.wants_routing, evaluation.read_bound)
+        observed = session.observe(evaluation.wants_routing, evaluation.read_bound, evaluation.tuning)
     drift = compare(evaluation, observed)
     if drift is not None:
         raise InternalError(drift.message, drift.details)

@@ -1,4 +1,5 @@
-"""Policy routing for TPROXY in the pod netns, through pyroute2: the rule and route our TPROXY table needs.
+"""Routing in the pod netns: TPROXY's policy rule and route (through pyroute2), and `loopback-mss`'s advmss on the
+pod's own routes (raw netlink: each route replaced with itself plus or minus one metric).
 
 TPROXY marks a packet and hands it to a transparent socket; the mark sends it
 to routing table 133, whose only route is `local default dev lo`, so it is
@@ -11,6 +12,15 @@ Objects are in `PolicyRouting.objects()` form. Only rules with our mark and
 table, and routes in our table, are ever read or deleted. Call these only
 inside the pod netns (backend.KernelBackend enters it first): the netlink
 socket opens in the calling thread's netns.
+
+`loopback-mss`: a captured connection's SYN takes its MSS from the route its
+socket looked up, the pod's eth0 route, although NAT sends it over loopback.
+`advmss` on the pod's main-table routes makes it offer loopback's; the table's
+postrouting clamp lowers every SYN that leaves the pod back to its path. Each
+unicast route without an advmss of its own is sent back to the kernel as
+RTM_NEWROUTE with NLM_F_REPLACE, its own attributes and metrics plus ours;
+taking it off sends it back without. A route with an advmss of its own, and a
+multipath route, are left as they are. At most `MAX_ROUTES` routes are read.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from .errors import KernelError
-from .netlink import NETLINK_ROUTE, attr, attrs, dump
+from .netlink import NETLINK_ROUTE, attr, attrs, change, dump
 from .ruleset import TPROXY_MARK, TPROXY_TABLE, describe
 
 _FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
@@ -50,6 +60,15 @@ class Routes(Protocol):
 
     def delete(self, objects: list[dict]) -> None:
         """Delete each; one already gone is fine."""
+
+    def without_mss(self) -> list[str]:
+        """The pod's main-table unicast routes that have no advmss (`loopback-mss`'s drift), described."""
+
+    def set_mss(self, advmss: dict[str, int]) -> int:
+        """Our advmss (per family) on each main-table unicast route without one; how many were changed."""
+
+    def clear_mss(self, advmss: dict[str, int]) -> int:
+        """Our advmss off each route that holds exactly ours; how many were changed."""
 
 
 class KernelRoutes:
@@ -133,6 +152,38 @@ class KernelRoutes:
         else:
             ipr.route(verb, family=af, dst=body["dst"], type="local", scope=RT_SCOPE_HOST, table=body["table"], oif=lo)
 
+    def without_mss(self) -> list[str]:
+        found = []
+        for family, af in self._families():
+            for message in main_routes(af):
+                if message.multipath or message.advmss is not None:
+                    continue
+                found.append(f"{message.describe()} ({family})")
+        return found
+
+    def set_mss(self, advmss: dict[str, int]) -> int:
+        changed = 0
+        for family, af in self._families():
+            for message in main_routes(af):
+                if message.multipath or message.advmss is not None:
+                    continue
+                _replace(message, advmss[family])
+                changed += 1
+        return changed
+
+    def clear_mss(self, advmss: dict[str, int]) -> int:
+        changed = 0
+        for family, af in self._families():
+            for message in main_routes(af):
+                if message.multipath or message.advmss != advmss[family]:
+                    continue
+                _replace(message, None)
+                changed += 1
+        return changed
+
+    def _families(self) -> list[tuple[str, int]]:
+        return [(f, af) for f, af in _FAMILIES.items() if af == socket.AF_INET or self.ipv6()]
+
     def _quietly(self, ipr: Any, verb: str, obj: dict, lo: int) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -180,3 +231,77 @@ def _our_routes(af: int) -> Iterator[tuple[int, int, int]]:
                 (oif,) = struct.unpack_from("=I", value)
         if table == TPROXY_TABLE:
             yield payload[7], payload[1], oif
+
+
+# --- loopback-mss: advmss on the pod's own routes ---
+
+RTM_NEWROUTE = 24
+NLM_F_REPLACE = 0x100
+RT_TABLE_MAIN = 254
+RTN_UNICAST = 1
+RTA_DST, RTA_METRICS, RTA_MULTIPATH, RTA_CACHEINFO = 1, 8, 9, 12
+RTAX_ADVMSS = 8
+RTNH_F_ONLINK = 4
+#: The most main-table routes read for `loopback-mss`: a pod has a handful; one that made thousands is not walked.
+MAX_ROUTES = 256
+
+
+class RouteMessage:
+    """One main-table route as the kernel dumped it: its rtmsg and attributes, to send it back as it is."""
+
+    def __init__(self, af: int, payload: bytes) -> None:
+        self.af, self.header = af, payload[: _RTMSG.size]
+        self.attrs = list(attrs(payload, _RTMSG.size))
+        self.metrics = [item for kind, value in self.attrs if kind == RTA_METRICS for item in attrs(value)]
+        self.multipath = any(kind == RTA_MULTIPATH for kind, _ in self.attrs)
+
+    @property
+    def advmss(self) -> int | None:
+        for kind, value in self.metrics:
+            if kind == RTAX_ADVMSS and len(value) >= 4:
+                return int(struct.unpack_from("=I", value)[0])
+        return None
+
+    def describe(self) -> str:
+        dst = next((value for kind, value in self.attrs if kind == RTA_DST), b"")
+        length = self.header[1]
+        if not dst:
+            return "default"
+        return f"{socket.inet_ntop(self.af, dst)}/{length}"
+
+    def body(self, advmss: int | None) -> bytes:
+        """The route again, its metrics with `advmss` (None: without ours); what the kernel reports only (the
+        cache info) left out."""
+        metrics = b"".join(attr(kind, value) for kind, value in self.metrics if kind != RTAX_ADVMSS)
+        if advmss is not None:
+            metrics += attr(RTAX_ADVMSS, struct.pack("=I", advmss))
+        kept = b"".join(attr(kind, value) for kind, value in self.attrs if kind not in (RTA_METRICS, RTA_CACHEINFO))
+        *fields, flags = _RTMSG.unpack(self.header)
+        header = _RTMSG.pack(*fields, flags & RTNH_F_ONLINK)  # the rest (linkdown, dead) the kernel only reports
+        return header + kept + (attr(RTA_METRICS, metrics) if metrics else b"")
+
+
+def main_routes(af: int) -> Iterator[RouteMessage]:
+    """The family's unicast routes in the main table, at most MAX_ROUTES (the kernel filters by table)."""
+    request = _RTMSG.pack(af, 0, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0) + attr(RTA_TABLE, struct.pack("=I", RT_TABLE_MAIN))
+    for count, (_kind, payload) in enumerate(
+        dump(NETLINK_ROUTE, RTM_GETROUTE, request, "the pod's routes", strict=True), 1
+    ):
+        if count > MAX_ROUTES:
+            return
+        if len(payload) < _RTMSG.size or payload[7] != RTN_UNICAST:
+            continue
+        table = payload[4]
+        for kind, value in attrs(payload, _RTMSG.size):
+            if kind == RTA_TABLE and len(value) >= 4:
+                (table,) = struct.unpack_from("=I", value)
+        if table == RT_TABLE_MAIN:
+            yield RouteMessage(af, payload)
+
+
+def _replace(message: RouteMessage, advmss: int | None) -> None:
+    try:
+        change(NETLINK_ROUTE, RTM_NEWROUTE, NLM_F_REPLACE, message.body(advmss), f"the route {message.describe()}")
+    except KernelError as error:
+        if error.errno not in (errno.ENOENT, errno.ESRCH):  # gone meanwhile: nothing to put our MSS on
+            raise

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Union
 
-from .nfttext import nft_text
+from .nfttext import TCP_MSS_TO_PATH, nft_text
 
 FAMILY = "inet"
 TABLE = "cni_redirect"
@@ -109,6 +109,14 @@ IP6_SADDR = _payload("ip6", "saddr")
 IP6_DADDR = _payload("ip6", "daddr")
 TCP_DPORT = _payload("tcp", "dport")
 UDP_DPORT = _payload("udp", "dport")
+#: `tcp flags & (syn | rst) == syn`: a SYN (or SYN-ACK), never a reset.
+TCP_SYN = Selector({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "rst"]]})
+
+
+def masked_mark(mask: int) -> Selector:
+    """`meta mark & MASK` (`meta mark` alone for a full mask), compared with a mark."""
+    mark = {"meta": {"key": "mark"}}
+    return Selector(mark if mask == 0xFFFFFFFF else {"&": [mark, mask]})
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,12 @@ class MarkAccept:
 
 
 @dataclass(frozen=True)
+class ClampMss:
+    """Set a SYN's MSS option to what the route it leaves by carries (`tcp option maxseg size set rt mtu`): a SYN
+    that offered loopback's MSS goes out offering its path's. The kernel only ever lowers an MSS here."""
+
+
+@dataclass(frozen=True)
 class TProxy:
     """Hand the packet to the transparent socket on `port` (family "ip" or "ip6"), mark it, accept it."""
 
@@ -140,7 +154,7 @@ class TProxy:
 
 
 RETURN = None  # the `return` verdict; a Redirect otherwise
-Verdict = Union[Redirect, MarkAccept, TProxy, None]
+Verdict = Union[Redirect, MarkAccept, TProxy, ClampMss, None]
 
 
 class RuleKind(Enum):
@@ -176,6 +190,9 @@ class RuleKind(Enum):
     CAPTURE_INBOUND = "capture inbound"
     CAPTURE_INBOUND_IPV4 = "capture inbound ipv4"
     CAPTURE_INBOUND_IPV6 = "capture inbound ipv6"
+    PROXY_MARK = "proxy mark"
+    OWN_IP_VIA_PROXY_MARK = "pod to own ip via proxy mark: inbound"
+    MSS_TO_PATH = "syn mss to its path"
 
 
 #: Which kinds' counters say what, for `inspect` and `/metrics`. nat rules see a connection's first
@@ -194,6 +211,8 @@ COUNTED: dict[RuleKind, str] = {
     RuleKind.DNS_TCP: "dns_redirected",
     RuleKind.PROXY_UID: "proxy_exempt",
     RuleKind.PROXY_GID: "proxy_exempt",
+    RuleKind.PROXY_MARK: "proxy_exempt",
+    RuleKind.OWN_IP_VIA_PROXY_MARK: "inbound_redirected",
 }
 COUNTER_NAMES: tuple[str, ...] = tuple(dict.fromkeys(COUNTED.values()))
 
@@ -257,6 +276,20 @@ class PolicyRouting:
         return rules + routes
 
 
+#: The MSS a SYN offers over loopback (MTU 65536): what `advmss` on the pod's routes makes a captured connection's
+#: SYN offer, as if it went to the proxy directly. IPv4: 65536 - 40 capped at 65535 - 40; IPv6: 65536 - 60.
+LOOPBACK_ADVMSS = {"inet": 65495, "inet6": 65476}
+
+
+@dataclass(frozen=True)
+class RouteMss:
+    """`loopback-mss`: `advmss` on the pod's main-table routes (the postrouting clamp in the table lowers every SYN
+    that leaves the pod to its path's MTU). Only routes without an advmss of their own get ours, and only ours
+    (that value) is taken off again."""
+
+    advmss: tuple[tuple[str, int], ...] = tuple(LOOPBACK_ADVMSS.items())
+
+
 def describe(obj: dict) -> str:
     """A policy routing object as `ip` would print it, for CHECK's messages."""
     ((kind, body),) = obj.items()
@@ -290,6 +323,8 @@ class Ruleset:
     table: str = TABLE
     family: str = FAMILY
     routing: PolicyRouting | None = None
+    route_mss: RouteMss | None = None
+    sysctls: tuple[tuple[str, str], ...] = ()  # (name under /proc/sys, value) the pod's netns must hold
 
     # --- JSON, as libnftables takes and prints it ---
 
@@ -352,6 +387,8 @@ class Observed:
     routing: tuple[dict, ...] = ()
     ipv6: bool = True
     oversized: str = ""  # the table is there but too large to list (and so not listed): why
+    without_mss: tuple[str, ...] = ()  # `loopback-mss`: the pod's routes that lack an advmss (read when wanted)
+    sysctls: tuple[tuple[str, str], ...] = ()  # the values of the sysctls the ruleset sets (read when it sets any)
 
 
 def normalize(objects: list[dict]) -> list[dict]:
@@ -397,6 +434,9 @@ def _rule_json(rule: Rule) -> dict:
     ]
     counter = {"counter": {"packets": 0, "bytes": 0}}
     verdict = rule.verdict
+    if isinstance(verdict, ClampMss):
+        expr += [{"mangle": dict(TCP_MSS_TO_PATH)}, counter]
+        return {"expr": expr, "comment": rule.comment}
     if isinstance(verdict, TProxy):
         # tproxy first: it does not match a packet of the other family, which then is not counted here either
         expr.append({"tproxy": {"family": verdict.family, "port": verdict.port}})

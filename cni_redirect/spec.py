@@ -29,6 +29,8 @@ from .values import (
     Port,
     PortList,
     PortSelection,
+    ProxyMark,
+    TcpBuffers,
     Uid,
     UidList,
     show,
@@ -120,6 +122,27 @@ class CaptureSpec(BaseModel):
     )
     capture_dns: Bool = _key("false", "`true`: UDP and TCP port 53 go to the DNS port")
     dns_port: Port = _key("15053", "the proxy's DNS port")
+    proxy_mark: ProxyMark = _key(
+        "",
+        (
+            "`MARK` or `MARK/MASK` (`0x539/0xfff`, as Istio ambient's ztunnel marks): traffic whose packet mark "
+            "matches is never captured, beside the proxy UID, so a proxy whose UID is not unique can be exempt"
+        ),
+    )
+    loopback_mss: Bool = _key(
+        "false",
+        (
+            "`true`: a captured connection's SYN offers loopback's MSS (`advmss` on the pod's routes) and a "
+            "postrouting clamp brings every SYN that leaves the pod back to its path's MTU: bulk traffic through "
+            "capture as fast as to an explicit proxy. Off by default: it changes the primary CNI's routes"
+        ),
+    )
+    tcp_rmem: TcpBuffers = _key(
+        "", "`MIN DEFAULT MAX` bytes for the pod's `net.ipv4.tcp_rmem` (its TCP receive buffers); empty: unchanged"
+    )
+    tcp_wmem: TcpBuffers = _key(
+        "", "`MIN DEFAULT MAX` bytes for the pod's `net.ipv4.tcp_wmem` (its TCP send buffers); empty: unchanged"
+    )
 
     @field_validator("proxy_uid", "proxy_gid", "exclude_uids")
     @classmethod

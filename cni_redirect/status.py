@@ -82,7 +82,7 @@ CATALOGUE_KEYS = (
     "include-outbound-ports", "exclude-outbound-ports", "capture-outbound-ports", "include-outbound-cidrs",
     "exclude-outbound-cidrs", "include-inbound-ports", "exclude-inbound-ports", "exclude-inbound-cidrs",
     "exclude-interfaces", "reroute-interfaces", "loopback-cidrs", "capture-own-ip", "capture-ipv6", "capture-dns",
-    "dns-port",
+    "dns-port", "proxy-mark", "loopback-mss", "tcp-rmem", "tcp-wmem",
 )  # fmt: skip
 MAX_SET_ELEMENTS = 1_000_000
 

@@ -32,6 +32,10 @@ UID_RANGE = (0, MAX_UID)
 INT_DIGITS = 10  # _INT
 IFNAME_PATTERN = _IFNAME.pattern
 INBOUND_MODES = ("redirect", "tproxy")
+TCP_BUFFER_RANGE = (1, 2**31 - 1)  # net.ipv4.tcp_rmem / tcp_wmem: three ints the kernel takes
+MARK_RANGE = (0, 2**32 - 1)
+_MARK = re.compile(r"(?:0[xX][0-9A-Fa-f]{1,8}|[0-9]{1,10})")
+MARK_PATTERN = _MARK.pattern
 
 
 def _items(value: str) -> list[str]:
@@ -132,6 +136,41 @@ def _parse_interfaces(value: str) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def _parse_tcp_buffers(value: str) -> tuple[int, ...]:
+    """`MIN DEFAULT MAX` bytes, as the tcp_rmem/tcp_wmem sysctls take them; empty: leave the pod's own."""
+    words = value.split()
+    if not words:
+        return ()
+    if len(words) != 3:
+        raise ValueError('must be three sizes in bytes, "MIN DEFAULT MAX", or empty')
+    sizes = tuple(_parse_int(word, "a size in bytes", *TCP_BUFFER_RANGE) for word in words)
+    if not sizes[0] <= sizes[1] <= sizes[2]:
+        raise ValueError(f"{show(value)}: MIN <= DEFAULT <= MAX")
+    return sizes
+
+
+def _parse_mark(text: str) -> int:
+    if not _MARK.fullmatch(text):
+        raise ValueError(f"{show(text)} is not a packet mark (0x hex or decimal, 32 bits)")
+    number = int(text, 0) if text[:2].lower() == "0x" else int(text)
+    if not MARK_RANGE[0] <= number <= MARK_RANGE[1]:
+        raise ValueError(f"{number} is out of range for a packet mark")
+    return number
+
+
+def _parse_proxy_mark(value: str) -> tuple[int, int] | None:
+    """`MARK` or `MARK/MASK` (Istio ambient's `0x539/0xfff`); empty: no mark exemption."""
+    text = value.strip()
+    if not text:
+        return None
+    mark_text, slash, mask_text = text.partition("/")
+    mark = _parse_mark(mark_text.strip())
+    mask = _parse_mark(mask_text.strip()) if slash else MARK_RANGE[1]
+    if mark == 0 or mark & mask != mark:
+        raise ValueError(f"{show(value)}: the mark must be non-zero and within its mask")
+    return mark, mask
+
+
 def _parse_inbound_mode(value: str) -> str:
     text = value.strip().lower()
     if text not in INBOUND_MODES:
@@ -200,6 +239,8 @@ NetworkSelection = Annotated[
 InterfaceList = Annotated[
     tuple[str, ...], BeforeValidator(_strings_only(_no_wildcard(_parse_interfaces), "interface-list"))
 ]
+TcpBuffers = Annotated[tuple[int, ...], BeforeValidator(_strings_only(_parse_tcp_buffers, "tcp-buffers"))]
+ProxyMark = Annotated[Union[tuple[int, int], None], BeforeValidator(_strings_only(_parse_proxy_mark, "proxy-mark"))]
 InboundMode = Annotated[
     Literal["redirect", "tproxy"], BeforeValidator(_strings_only(_parse_inbound_mode, "inbound-mode"))
 ]

@@ -7,7 +7,8 @@ what the entry turns it into (`config.PluginConf` makes `true` "true", `80` "80"
 of the catalogue, root's consent (`allow_root_proxy_uid`), is an `if`/`then` over the entry.
 
 What a pattern cannot say, and the agent still refuses at start (`check_entry`, one log line naming the
-field): a port range whose low end is above its high end, a list longer than `max_set_elements` after merging.
+field): a port range whose low end is above its high end, a list longer than `max_set_elements` after merging,
+TCP buffer sizes out of order (MIN <= DEFAULT <= MAX), a proxy mark of 0 or outside its mask.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from . import values
 from .spec import CaptureSpec
 
 WS = r"[\t\n\v\f\r ]*"  # what str.strip() removes (its ASCII part)
+SPACE = r"[\t\n\v\f\r ]+"  # what str.split() splits on
 
 
 def _group(pattern: str) -> str:
@@ -117,6 +119,8 @@ def patterns() -> dict[str, str]:
     """Each grammar's whole-value pattern, anchored."""
     port = int_range(*values.PORT_RANGE)
     uid = int_range(*values.UID_RANGE)
+    size = int_range(*values.TCP_BUFFER_RANGE)
+    mark = _alt(["0[xX][0-9A-Fa-f]{1,8}", int_range(*values.MARK_RANGE)])
     ports = _listed(f"{port}(?:{WS}-{WS}{port})?")
     networks = _listed(_network())
     raw = {
@@ -131,6 +135,8 @@ def patterns() -> dict[str, str]:
         "network-selection": _selection(networks),
         "interface-list": _listed(values.IFNAME_PATTERN),
         "inbound-mode": f"{WS}{_alt([_any_case(m) for m in values.INBOUND_MODES])}{WS}",
+        "tcp-buffers": f"{WS}(?:{size}{SPACE}{size}{SPACE}{size})?{WS}",
+        "proxy-mark": f"{WS}(?:{mark}(?:{WS}/{WS}{mark})?)?{WS}",
     }
     return {kind: f"^{pattern}$" for kind, pattern in raw.items()}
 
@@ -149,18 +155,32 @@ def _accepts(parse: Callable[[object], Any], text: str) -> bool:
     return True
 
 
+#: The JSON integers each grammar takes (the entry turns one into its decimal string): checked against the
+#: grammar's own parser at both ends, and just past them, when the schema is made.
+INTEGERS: dict[str, tuple[int, int]] = {
+    "port": values.PORT_RANGE,
+    "port-list": values.PORT_RANGE,
+    "port-selection": values.PORT_RANGE,
+    "uid": values.UID_RANGE,
+    "optional-gid": values.UID_RANGE,
+    "uid-list": values.UID_RANGE,
+    "interface-list": (0, 10**15 - 1),  # 1-15 digits: an interface name
+    "proxy-mark": (1, values.MARK_RANGE[1]),
+}
+
+
 def kind_schema(parse: Callable[[object], Any], pattern: str) -> dict:
     """One grammar: a string matching it; a JSON boolean where its parser takes "true" and "false"; a JSON
-    integer within the bounds its parser takes (probed at the bounds of its kind)."""
+    integer within the bounds its parser takes."""
     kind = parse.kind  # type: ignore[attr-defined]
     choices: list[dict] = [{"type": "string", "pattern": pattern}]
     if _accepts(parse, "true") and _accepts(parse, "false"):
         choices.append({"type": "boolean"})
-    low, high = values.PORT_RANGE if kind.startswith("port") else values.UID_RANGE
-    if _accepts(parse, str(low)) and _accepts(parse, str(high)):
+    if kind in INTEGERS:
+        low, high = INTEGERS[kind]
+        assert _accepts(parse, str(low)) and _accepts(parse, str(high)), kind
+        assert not _accepts(parse, str(low - 1)) and not _accepts(parse, str(high + 1)), kind
         choices.append({"type": "integer", "minimum": low, "maximum": high})
-    elif kind == "interface-list":
-        choices.append({"type": "integer", "minimum": 0, "maximum": 10**15 - 1})  # 1-15 digits: a name
     return choices[0] if len(choices) == 1 else {"anyOf": choices}
 
 

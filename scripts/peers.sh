@@ -16,7 +16,7 @@ PEERS_DIR="${PEERS_DIR:-/var/cache/cni-redirect/peers}"
 PINS=(
   "github.com/containerd/containerd/v2|v2.4.2|no_btrfs|cmd/containerd cmd/containerd-shim-runc-v2"
   "sigs.k8s.io/cri-tools|v1.37.0||cmd/crictl"
-  "github.com/containernetworking/plugins|v1.10.0||plugins/main/bridge plugins/ipam/host-local plugins/main/loopback plugins/meta/portmap"
+  "github.com/containernetworking/plugins|v1.10.0||plugins/main/bridge plugins/main/ptp plugins/ipam/host-local plugins/main/loopback plugins/meta/portmap"
   "istio.io/istio|v0.0.0-20260827124520-eed52ebb66ad||cni/cmd/istio-cni pilot/cmd/pilot-agent"
 )
 
@@ -95,7 +95,14 @@ build_loaders
 for pin in "${PINS[@]}"; do
   IFS='|' read -r module version tags cmds cgo <<<"$pin"
   dest="$PEERS_DIR/$(echo "$module" | tr '/' '_')@$version"
-  if [ ! -f "$dest/.done" ]; then
+  complete=1
+  if [ "$cmds" != "(wrapper)" ]; then  # a command added to a pin rebuilds its folder
+    for cmd in $cmds; do
+      name=$(basename "$cmd"); [ "$cmd" = "." ] && name=$(basename "$module")
+      [ -e "$dest/$name" ] || complete=0
+    done
+  fi
+  if [ ! -f "$dest/.done" ] || [ "$complete" = 0 ]; then
     rm -rf "$dest"; mkdir -p "$dest"
     start=$(date +%s)
     if [ "$cmds" = "(wrapper)" ]; then

@@ -121,6 +121,8 @@ CASES: dict[str, dict[str, str]] = {
         "capture-dns": "true",
         "exclude-outbound-ports": "53,4567-4568",
     },
+    "proxy-mark": {"proxy-mark": "0x539/0xfff", "proxy-gid": "1337"},
+    "loopback-mss": {"loopback-mss": "true", "tcp-rmem": "4096 8388608 33554432"},
 }
 
 #: Entries of the conflist that some cases need.

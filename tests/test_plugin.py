@@ -100,3 +100,43 @@ def test_normalize_ignores_handles_counters_and_hash_order():
     a = [{"set": {"name": "s", "elem": ["b", "a"], "handle": 3}}, {"rule": {"expr": [{"counter": {"packets": 5}}]}}]
     b = [{"set": {"name": "s", "elem": ["a", "b"]}}, {"rule": {"expr": [{"counter": {"packets": 0, "bytes": 0}}]}}]
     assert normalize(a) == normalize(b)
+
+
+def test_loopback_mss_and_tcp_buffers_are_set_checked_and_taken_back(plugin):
+    """#37: ADD puts our advmss on the pod's routes without one (a route with its own is left), sets the TCP
+    buffer sysctls, and adds the postrouting clamp; CHECK names a route without it and a sysctl changed; DEL
+    takes our advmss off (the sysctls go with the netns)."""
+    from cni_redirect.fake import FakeRoutes
+
+    routes = FakeRoutes()
+    routes.main.append({"family": "inet", "dst": "10.1.0.0/16", "advmss": 1400})  # the primary's own advmss
+    plugin.backend.routing[NETNS] = routes
+    conf = plugin_conf(enabled(loopback_mss="true", tcp_rmem="4096 8388608 33554432"))
+    plugin.add(request("ADD", conf))
+    assert [r["advmss"] for r in routes.main] == [65495, 65476, 1400]
+    assert plugin.backend.sysctls[NETNS]["net/ipv4/tcp_rmem"] == "4096 8388608 33554432"
+    assert "tcp option maxseg size set rt mtu" in plugin.backend.dump(NETNS)
+    plugin.check(request("CHECK", conf))
+
+    routes.main.append({"family": "inet", "dst": "10.2.0.0/16", "advmss": None})  # a route the primary adds later
+    with pytest.raises(InternalError, match=r"loopback-mss: routes without an advmss .*10\.2\.0\.0/16 \(inet\)"):
+        plugin.check(request("CHECK", conf))
+    plugin.add(request("ADD", conf))  # what repair does
+    plugin.check(request("CHECK", conf))
+
+    plugin.backend.sysctls[NETNS]["net/ipv4/tcp_rmem"] = "4096 131072 6291456"
+    with pytest.raises(InternalError, match=r"net/ipv4/tcp_rmem is '4096 131072 6291456', its settings say"):
+        plugin.check(request("CHECK", conf))
+
+    plugin.delete(request("DEL", conf))
+    assert [r["advmss"] for r in routes.main] == [None, None, 1400, None], "ours off, the primary's own kept"
+
+
+def test_a_table_without_loopback_mss_takes_ours_off_the_routes(plugin):
+    from cni_redirect.fake import FakeRoutes
+
+    routes = plugin.backend.routing.setdefault(NETNS, FakeRoutes())
+    plugin.add(request("ADD", plugin_conf(enabled(loopback_mss="true"))))
+    assert all(r["advmss"] for r in routes.main)
+    plugin.add(request("ADD", plugin_conf(enabled())))  # the setting turned off: a replace of the table
+    assert not any(r["advmss"] for r in routes.main)

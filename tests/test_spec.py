@@ -42,7 +42,7 @@ def test_catalogue_is_exactly_the_documented_keys():
         "include-outbound-cidrs", "exclude-outbound-cidrs",
         "include-inbound-ports", "exclude-inbound-ports", "exclude-inbound-cidrs",
         "exclude-interfaces", "reroute-interfaces", "loopback-cidrs", "capture-own-ip", "capture-ipv6", "capture-dns",
-        "dns-port",
+        "dns-port", "proxy-mark", "loopback-mss", "tcp-rmem", "tcp-wmem",
     }  # fmt: skip
     assert OPT_IN_KEY == "enabled"
 
@@ -236,3 +236,34 @@ def test_spec_is_frozen():
     spec = spec_of()
     with pytest.raises(ValidationError, match="frozen"):
         spec.proxy_uid = 1
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("", None), ("0x539", (0x539, 0xFFFFFFFF)), ("0x539/0xfff", (0x539, 0xFFF)), (" 1337 / 4095 ", (1337, 4095))],
+)
+def test_proxy_mark_grammar(value, expected):
+    assert spec_of({"proxy-mark": value}).proxy_mark == expected
+
+
+@pytest.mark.parametrize("value", ["0", "0x0/0xfff", "0x1539/0xfff", "0x1ffffffff", "mark", "0x539/", "1/2/3"])
+def test_proxy_mark_refusals_name_the_annotation(value):
+    assert "cni-redirect.io/proxy-mark" in str(error_of({"proxy-mark": value}))
+
+
+@pytest.mark.parametrize("value", ["1 2", "4096 8388608 1", "0 1 2", "a b c", "1 2 3 4", "4096 87380 2147483648"])
+def test_tcp_buffers_refusals_name_the_annotation(value):
+    assert "cni-redirect.io/tcp-rmem" in str(error_of({"tcp-rmem": value}))
+
+
+def test_tcp_buffers_and_loopback_mss_render_beside_the_table():
+    from cni_redirect.config import PodRef, parse_conf
+    from cni_redirect.testing.netlab import enabled, plugin_conf
+    from tests.support import decide
+
+    ruleset = decide(
+        parse_conf(plugin_conf(enabled(loopback_mss="true", tcp_wmem="4096 65536 4194304"))), PodRef("d", "p", None)
+    ).ruleset
+    assert ruleset is not None and ruleset.route_mss is not None
+    assert ruleset.sysctls == (("net/ipv4/tcp_wmem", "4096 65536 4194304"),)
+    assert [chain.name for chain in ruleset.chains][-1] == "postrouting"

@@ -92,4 +92,15 @@ def pod_detail(view: PodView) -> str:
     out += ["", "table:" if view.listing is not None else "table: none in the pod's netns"]
     if view.listing is not None:
         out.append(nft_text(view.listing, with_counters=True).rstrip())
+    ruleset = evaluation.ruleset if evaluation is not None else None
+    observed = view.observed
+    if ruleset is not None and observed is not None and (ruleset.route_mss or ruleset.sysctls):
+        out += ["", "beside the table (loopback-mss, TCP buffers):"]
+        if ruleset.route_mss is not None:
+            missing = ", ".join(printable(route) for route in observed.without_mss)
+            want = ", ".join(f"{family} {advmss}" for family, advmss in ruleset.route_mss.advmss)
+            out.append(f"  advmss on the pod's routes ({want}): " + (f"missing on {missing}" if missing else "on all"))
+        held = dict(observed.sysctls)
+        out += [f"  {name.replace('/', '.')} = {printable(held.get(name, '?'))} (wanted: {value})"
+                for name, value in ruleset.sysctls]  # fmt: skip
     return "\n".join(out) + "\n"

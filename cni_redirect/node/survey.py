@@ -223,7 +223,7 @@ class Survey:
                 if seen is not None and not fresh and not self.full_pass and self._unchanged(seen, generation, session):
                     self.memo.quick += 1
                     return replace(view, observed=seen.observed, drift=seen.drift)
-                observed = session.observe(evaluation.wants_routing, evaluation.read_bound)
+                observed = session.observe(evaluation.wants_routing, evaluation.read_bound, evaluation.tuning)
         except HostNetns:
             return replace(view, decision=Outcome.HOST_NETWORK, reason="its netns is the node's own")
         except InvalidEnvironment as error:
@@ -239,6 +239,8 @@ class Survey:
         if seen.observed is None or seen.generation is None or seen.generation != generation:
             return False
         assert seen.evaluation is not None
+        if seen.evaluation.tuning is not None:
+            return False  # routes and sysctls change without an nftables transaction: read them every pass
         if seen.evaluation.wants_routing or seen.observed.routing:
             return session.routing() == seen.observed.routing  # a filtered dump: our mark and table only
         return True

@@ -185,6 +185,12 @@ class Loaders:
         assert proc.returncode == 0, f"{loader} ADD failed: {proc.stderr.decode()[-2000:]}"
         return json.loads(proc.stdout)
 
+    def check(self, loader: str, netns: str, sandbox: str) -> subprocess.CompletedProcess:
+        """CHECK of the whole chain as the runtime runs it (CRI-O: from the config cached at ADD)."""
+        return subprocess.run(
+            self._argv(loader, "check", f"--netns={netns}", f"--id={sandbox}"), capture_output=True, timeout=120
+        )
+
     def delete(self, loader: str, netns: str, sandbox: str) -> subprocess.CompletedProcess:
         """DEL as the runtime runs it (CRI-O: from the config cached at ADD); the process, for its exit code."""
         return subprocess.run(

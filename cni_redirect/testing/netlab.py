@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +134,23 @@ class Processes:
             raise RuntimeError(f"listener {name} did not start: {detail}")
         return proc
 
+    @contextmanager
+    def syns(self, netns: Netns, interface: str) -> Iterator[list[dict]]:
+        """The TCP SYNs and SYN-ACKs seen on `interface` in netns while the block runs (read after it)."""
+        cmd = [sys.executable, str(NETTOOLS), "--netns", netns.path, "--uid", "0", "sniff-syns", interface]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.running.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready", "the SYN sniffer did not start"
+        seen: list[dict] = []
+        try:
+            yield seen
+            time.sleep(0.2)  # the last frames reach the socket
+        finally:
+            proc.kill()
+            out, _ = proc.communicate(timeout=10)
+            seen += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
     def stop(self) -> None:
         for proc in self.running:
             if proc.poll() is None:
@@ -151,6 +170,7 @@ def connect(
     udp: bool = False,
     source: str | None = None,
     gid: int | None = None,
+    mark: int | None = None,
 ) -> dict:
     """Connect from inside netns as uid (and gid, else the uid's number); return the answering listener's JSON
     (or an error dict)."""
@@ -158,7 +178,11 @@ def connect(
     cmd += ["--gid", str(gid)] if gid is not None else []
     cmd += ["connect", host, str(port)]
     cmd += (["--udp"] if udp else []) + (["--source", source] if source else [])
-    out = sh(*cmd).stdout.strip()
+    cmd += ["--mark", hex(mark)] if mark is not None else []
+    proc = sh(*cmd, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"nettools connect {host} {port} failed ({proc.returncode}): {proc.stderr[-1500:]}")
+    out = proc.stdout.strip()
     return json.loads(out) if out else {"error": "no answer"}
 
 

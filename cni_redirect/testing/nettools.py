@@ -109,10 +109,12 @@ def listen(name: str, port: int, udp: bool, bind: str, transparent: bool = False
                 conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
-def connect(host: str, port: int, udp: bool, source: str | None, timeout: float) -> None:
+def connect(host: str, port: int, udp: bool, source: str | None, timeout: float, mark: int | None = None) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    if mark is not None:  # as a proxy marks its own connections (SO_MARK: needs CAP_NET_ADMIN, so uid 0 here)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
     if source:
         sock.bind((source, 0))
     try:
@@ -126,6 +128,51 @@ def connect(host: str, port: int, udp: bool, source: str | None, timeout: float)
         print(json.dumps({"error": type(exc).__name__, "detail": str(exc)}))
         return
     sys.stdout.write(data.decode())
+
+
+def sniff_syns(interface: str) -> None:
+    """Every TCP SYN (and SYN-ACK) on `interface`, as a JSON line: family, addresses, ports, whether it is a
+    SYN-ACK, the MSS it offers. Ready once bound; runs until killed."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0003))  # ETH_P_ALL, no link header
+    sock.bind((interface, 0))
+    print("ready", flush=True)
+    while True:
+        packet, address = sock.recvfrom(65536)
+        if address[2] == socket.PACKET_OUTGOING and interface != "lo":
+            continue  # each frame once: as it arrives at this end
+        found = _syn(packet)
+        if found is not None:
+            print(json.dumps(found), flush=True)
+
+
+def _syn(packet: bytes) -> dict | None:
+    version = packet[0] >> 4 if packet else 0
+    if version == 4:
+        offset, proto = (packet[0] & 0xF) * 4, packet[9]
+        src, dst = socket.inet_ntop(socket.AF_INET, packet[12:16]), socket.inet_ntop(socket.AF_INET, packet[16:20])
+    elif version == 6:
+        offset, proto = 40, packet[6]
+        src, dst = socket.inet_ntop(socket.AF_INET6, packet[8:24]), socket.inet_ntop(socket.AF_INET6, packet[24:40])
+    else:
+        return None
+    tcp = packet[offset:]
+    if proto != 6 or len(tcp) < 20 or not tcp[13] & 0x02:
+        return None
+    mss, options, i = None, tcp[20 : (tcp[12] >> 4) * 4], 0
+    while i < len(options):
+        kind = options[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        length = options[i + 1] if i + 1 < len(options) else 0
+        if kind == 2 and length == 4:
+            mss = int.from_bytes(options[i + 2 : i + 4], "big")
+        i += max(length, 2)
+    sport, dport = int.from_bytes(tcp[0:2], "big"), int.from_bytes(tcp[2:4], "big")
+    return {"family": version, "src": src, "dst": dst, "sport": sport, "dport": dport,
+            "syn_ack": bool(tcp[13] & 0x10), "mss": mss}  # fmt: skip
 
 
 def istio_validate(timeout: float = 5.0) -> int:
@@ -205,12 +252,14 @@ def main() -> None:
     lis.add_argument("--transparent", action="store_true")
     sub.add_parser("istio-validate").add_argument("--timeout", type=float, default=5.0)
     sub.add_parser("linkerd-validate").add_argument("--timeout", type=float, default=10.0)
+    sub.add_parser("sniff-syns").add_argument("interface")
     con = sub.add_parser("connect")
     con.add_argument("host")
     con.add_argument("port", type=int)
     con.add_argument("--udp", action="store_true")
     con.add_argument("--source")
     con.add_argument("--timeout", type=float, default=2.0)
+    con.add_argument("--mark", type=lambda text: int(text, 0))
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     enter(args.netns, args.uid, args.gid if args.gid is not None else args.uid)
@@ -220,8 +269,10 @@ def main() -> None:
         sys.exit(istio_validate(args.timeout))
     elif args.mode == "linkerd-validate":
         sys.exit(linkerd_validate(args.timeout))
+    elif args.mode == "sniff-syns":
+        sniff_syns(args.interface)
     else:
-        connect(args.host, args.port, args.udp, args.source, args.timeout)
+        connect(args.host, args.port, args.udp, args.source, args.timeout, args.mark)
 
 
 if __name__ == "__main__":

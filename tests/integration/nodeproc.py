@@ -7,6 +7,7 @@ VERSION on it as CRI-O does on every reload.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -131,11 +132,22 @@ def run_agent(
         rc = proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            kill_with_tracee(proc)
         out.close()
     assert rc in (0, *KILLED), f"the agent exited {rc} (kill point {syscall}#{when}): {log.read_text()[-2000:]}"
     return rc in KILLED
+
+
+def kill_with_tracee(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process we started and, under strace, to its tracee first: strace killed alone detaches
+    its tracee, which would run on (an agent left behind by a failed test)."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    tracees = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+    for pid in tracees:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
 
 
 def terminate_agent(proc: subprocess.Popen) -> None:

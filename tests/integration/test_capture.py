@@ -242,3 +242,16 @@ def test_restricted_policy_lets_a_pod_opt_in_and_honours_pod_settable(mesh):
     add(mesh, enabled(exclude_outbound_ports="80", proxy_uid=str(APP_UID)), **entry)
     assert connect(mesh.pod, PEER_V4, 80, uid=APP_UID)["listener"] == "peer", "pod_settable: the pod's exclusion"
     assert connect(mesh.pod, PEER_V4, 81, uid=APP_UID)["listener"] == "proxy-out", "proxy-uid was not settable"
+
+
+def test_a_proxy_exempt_by_its_packet_mark_whatever_its_uid(mesh):
+    """#37: Istio ambient exempts its proxy by packet mark, not UID. With `proxy-mark: 0x539/0xfff` a connection
+    whose socket carries that mark (any UID: root here, which is no proxy UID) goes where it was dialled, and
+    one whose mark differs within the mask is captured; the proxy UID stays exempt beside it."""
+    add(mesh, enabled(proxy_mark="0x539/0xfff"))
+    assert connect(mesh.pod, PEER_V4, 80, uid=0, mark=0x539)["listener"] == "peer"
+    assert connect(mesh.pod, PEER_V6, 81, uid=0, mark=0x7539)["listener"] == "peer", "bits outside the mask aside"
+    assert connect(mesh.pod, PEER_V4, 80, uid=0, mark=0x53A)["listener"] == "proxy-out"
+    assert connect(mesh.pod, PEER_V4, 80, uid=0)["listener"] == "proxy-out"
+    assert connect(mesh.pod, PEER_V4, 80, uid=PROXY_UID)["listener"] == "peer"
+    assert "proxy mark" in mesh.pod.ruleset()

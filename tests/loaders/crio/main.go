@@ -118,6 +118,13 @@ func main() {
 		}
 		data, _ := json.Marshal(results)
 		os.Stdout.Write(append(data, '\n'))
+	case "check":
+		plugin, _ := load(a)
+		// CRI-O's pod network status: CHECK of the chain from the config cached at ADD.
+		if _, err := plugin.GetPodNetworkStatus(pod(a)); err != nil {
+			report.Fail("CHECK: %v", err)
+		}
+		report.Print(map[string]bool{"checked": true})
 	case "del":
 		plugin, _ := load(a)
 		// CRI-O's StopPodSandbox: the attachments and each network's config come from libcni's cache of ADD.

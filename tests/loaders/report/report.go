@@ -88,6 +88,8 @@ const Usage = `usage: loader COMMAND --conf-dir DIR --bin-dir DIR [--bin-dir DIR
   load     print the network the loader picks for DIR and its plugin chain (one JSON line)
   sample   load again every --interval until --count loads or stdin closes, a JSON line each
   add      run ADD of the picked chain on --netns for sandbox --id (annotations: --annotation k=v)
+  check    run CHECK of the chain for sandbox --id (CRI-O: its pod network status, from the cached config;
+           containerd runs none)
   del      run DEL for sandbox --id (CRI-O: from the config cached at ADD, as it does)
 options: --cache-dir DIR (libcni's cache), --pod NAME, --namespace NS`
 
@@ -125,8 +127,8 @@ func Parse() Args {
 	}
 	switch a.Command {
 	case "load", "sample":
-	case "add", "del":
-		if a.NetNS == "" && a.Command == "add" || a.ID == "" {
+	case "add", "check", "del":
+		if a.NetNS == "" && a.Command != "del" || a.ID == "" {
 			Fail("%s needs --netns and --id", a.Command)
 		}
 	default:

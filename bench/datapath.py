@@ -266,48 +266,48 @@ def ours(sidecar: Sidecar) -> None:
     at(KernelBackend(), sidecar.net.pod.path).apply(ruleset)
 
 
-# Not shipped; the experiment behind docs/benchmarks.md's "loopback MSS" paragraph. A SYN's MSS option comes
-# from the route the socket looked up at connect(): the pod's eth0 route, 1460, even when NAT then sends the
-# connection over loopback to the proxy, whose replies are then cut to the app's 1460 instead of loopback's
-# 65483. nftables cannot raise an MSS (the kernel's exthdr set refuses increases), so the raise has to be the
-# route's advmss; a clamp to the route MTU in postrouting then lowers every SYN that does leave through eth0
-# (the proxy's own, excluded destinations, SYN-ACKs to inbound peers) back to what that path carries.
-MSS_CLAMP = """\
-table inet bench_mss_clamp {
+def ours_with(**settings: str) -> Capture:
+    """(g), (h): our capture with settings an admin turns on in the entry's `defaults` (`loopback-mss`, the TCP
+    buffers), applied exactly as ADD applies them (the table, the routes' advmss, the sysctls). The SYNs that
+    leave the pod through eth0 are counted in a table of the bench's own: none may offer more than 1460."""
+
+    def capture(sidecar: Sidecar) -> None:
+        from cni_redirect.backend import KernelBackend
+        from cni_redirect.config import PodRef, parse_conf
+        from cni_redirect.evaluation import evaluate
+        from cni_redirect.testing.netlab import plugin_conf
+        from cni_redirect.testing.sessions import at
+
+        pod = PodRef("default", "bench", None)
+        conf = parse_conf(plugin_conf(injected_annotations(), profile="istio", defaults=settings))
+        ruleset = evaluate(conf, pod).ruleset
+        assert ruleset is not None and ruleset.route_mss is not None
+        at(KernelBackend(), sidecar.net.pod.path).apply(ruleset)
+        sidecar.net.pod.run("nft", "-f", "-", input=SYN_COUNTERS)
+
+        def clamped() -> dict:
+            table = sidecar.net.pod.run("nft", "-j", "list", "counters", "table", "inet", "bench_syns").stdout
+            packets = {c["counter"]["name"]: c["counter"]["packets"] for c in json.loads(table)["nftables"]
+                       if "counter" in c}  # fmt: skip
+            return {"syns_leaving_eth0": packets["leaving"], "syns_leaving_eth0_over_1460": packets["over"]}
+
+        sidecar.facts.append(clamped)
+
+    return capture
+
+
+# After our postrouting clamp (mangle, -150): what the SYNs leaving the pod offer, counted.
+SYN_COUNTERS = """\
+table inet bench_syns {
     counter over { }
     counter leaving { }
     chain postrouting {
-        type filter hook postrouting priority mangle; policy accept;
-        tcp flags & (syn | rst) == syn tcp option maxseg size set rt mtu
+        type filter hook postrouting priority 0; policy accept;
         oifname != "lo" tcp flags & (syn | rst) == syn tcp option maxseg size > 1460 counter name "over"
         oifname != "lo" tcp flags & (syn | rst) == syn counter name "leaving"
     }
 }
 """
-
-
-def ours_with_loopback_mss(sidecar: Sidecar) -> None:
-    """(g): our capture, plus advmss 65483 on the pod's IPv4 routes and the MSS clamp to the route MTU."""
-    ours(sidecar)
-    pod = sidecar.net.pod
-    for route in pod.run("ip", "-4", "route", "show", "table", "main").stdout.splitlines():
-        pod.run("ip", "route", "change", *route.split(), "advmss", "65483")
-    pod.run("nft", "-f", "-", input=MSS_CLAMP)
-
-    def clamped() -> dict:
-        counters = json.loads(pod.run("nft", "-j", "list", "counters", "table", "inet", "bench_mss_clamp").stdout)
-        packets = {c["counter"]["name"]: c["counter"]["packets"] for c in counters["nftables"] if "counter" in c}
-        return {"syns_leaving_eth0": packets["leaving"], "syns_leaving_eth0_over_1460": packets["over"]}
-
-    sidecar.facts.append(clamped)
-
-
-def ours_with_loopback_mss_and_rcvbuf(sidecar: Sidecar) -> None:
-    """(h): (g), and the pod's TCP receive buffers start at 8 MiB (net.ipv4.tcp_rmem, per netns), to test whether
-    what (g) leaves is receive-buffer autotuning: the captured app socket's buffer grows less than the explicit
-    path's."""
-    ours_with_loopback_mss(sidecar)
-    sidecar.net.pod.run("sysctl", "-qw", "net.ipv4.tcp_rmem=4096 8388608 33554432")
 
 
 def explicit_with_conntrack(sidecar: Sidecar) -> None:
@@ -360,8 +360,11 @@ VARIANTS: dict[str, tuple[Capture, str]] = {
     "(d) istio-cni (iptables) capture": (istio_cni(False), BACKEND),
     "(e) istio-cni (nftables) capture": (istio_cni(True), BACKEND),
     "(f) the article's two iptables rules": (article_rules, BACKEND),
-    "(g) (c) + advmss on the pod's routes + MSS clamp (not shipped)": (ours_with_loopback_mss, BACKEND),
-    "(h) (g) + the pod's TCP receive buffers from 8 MiB (not shipped)": (ours_with_loopback_mss_and_rcvbuf, BACKEND),
+    "(g) (c) with loopback-mss: true": (ours_with(**{"loopback-mss": "true"}), BACKEND),
+    "(h) (g) with tcp-rmem: 4096 8388608 33554432": (
+        ours_with(**{"loopback-mss": "true", "tcp-rmem": "4096 8388608 33554432"}),
+        BACKEND,
+    ),
 }
 
 

@@ -211,8 +211,8 @@ OURS = "(c) cni-redirect capture"
 ARTICLE = "(f) the article's two iptables rules"
 CONNTRACK = "(b+ct) explicit, conntrack on (our table loaded)"
 PORT_NAT = "(b+nat) explicit, through a loopback port redirect"
-MSS_FIX = "(g) (c) + advmss on the pod's routes + MSS clamp (not shipped)"
-RCVBUF_FIX = "(h) (g) + the pod's TCP receive buffers from 8 MiB (not shipped)"
+MSS_FIX = "(g) (c) with loopback-mss: true"
+RCVBUF_FIX = "(h) (g) with tcp-rmem: 4096 8388608 33554432"
 
 
 def _ms(value: float | None) -> str:
@@ -287,36 +287,37 @@ def _datapath_peers_lines(results: dict) -> list[str]:
             f"{row['lo_packets_per_request'] / run['bulk_mb']:.0f} | {row['app_mss'] or '-'} | "
             f"{_mib(row.get('app_rcvbuf'))} | {row['failed']:.0f} |"
         )
-    facts = run["facts"].get(MSS_FIX, {})
+    facts = {name: run["facts"].get(name, {}) for name in (MSS_FIX, RCVBUF_FIX)}
+    leaving = sum(f.get("syns_leaving_eth0", 0) for f in facts.values())
+    over = sum(f.get("syns_leaving_eth0_over_1460", 0) for f in facts.values())
     explicit_lo = loads[EXPLICIT][bulk]["lo_packets_per_request"]
     lines += [
         "",
         f"The loopback MSS. Every captured download carries {ours[bulk]['lo_packets_per_request'] / explicit_lo:.1f}x "
         "the explicit path's loopback packets: a SYN's MSS option comes from the route the socket looked up at "
-        "connect(), the pod's eth0 route (1460), not loopback's (65483), although NAT then sends the connection over "
+        "connect(), the pod's eth0 route (1460), not loopback's (65495), although NAT then sends the connection over "
         "loopback; the proxy's replies are cut to the app's MSS. nftables cannot fix it alone: its "
-        "`tcp option maxseg size set` only ever lowers an MSS (the kernel refuses an increase). Routing can: "
-        "`advmss 65483` on the pod's routes raises what the app's SYN offers, and a postrouting "
-        "`tcp option maxseg size set rt mtu` lowers every SYN that does leave through eth0 (the proxy's own, "
-        "excluded destinations, SYN-ACKs to inbound peers) back to what its path carries. Measured as (g): bulk "
+        "`tcp option maxseg size set` only ever lowers an MSS (the kernel refuses an increase). Routing can, and "
+        "since #37 the entry setting `loopback-mss: true` does it (docs/configuration.md): our advmss on the pod's "
+        "routes raises what the app's SYN offers, and a postrouting `tcp option maxseg size set rt mtu` in our table "
+        "lowers every SYN that does leave through eth0 (the proxy's own, excluded destinations, SYN-ACKs to inbound "
+        "peers) back to what its path carries. (g): bulk "
         f"**{fix[bulk]['mb_s_vs_explicit']:.2f}x** of (b) against {ours[bulk]['mb_s_vs_explicit']:.2f}x, "
         f"{fix[bulk]['lo_packets_per_request'] / explicit_lo:.1f}x the loopback packets; of "
-        f"{facts.get('syns_leaving_eth0', 0)} SYNs that left through eth0, "
-        f"{facts.get('syns_leaving_eth0_over_1460', 0)} offered more than 1460. "
+        f"{leaving} SYNs that left through eth0 in (g) and (h), {over} offered more than 1460. "
         "Against the NAT floor without the MSS problem: "
         f"(b+nat), the explicit path through a one-rule loopback port redirect (conntrack and NAT on every packet, "
         f"loopback's MSS from connect() on), is at {nat[bulk]['mb_s_vs_explicit']:.2f}x, and (b+ct), conntrack "
         f"without NAT, at {loads[CONNTRACK][bulk]['mb_s_vs_explicit']:.2f}x; (g) / (b+nat) is "
-        f"{fix[bulk]['mb_s'] / nat[bulk]['mb_s']:.2f}x. (h) adds larger receive buffers: with the pod's TCP "
-        "receive buffers starting at 8 MiB instead of 128 KiB (`net.ipv4.tcp_rmem`, a per-netns sysctl), a captured "
-        f"download is at **{rcvbuf[bulk]['mb_s_vs_explicit']:.2f}x** of (b) with the kernel's defaults, "
-        f"{rcvbuf[bulk]['mb_s'] / nat[bulk]['mb_s']:.2f}x of (b+nat). That (g)'s rest is the receive buffer's "
-        "autotuning we have not shown: the `app rcvbuf` column, one reading half a second into the download, "
-        f"has (g) at {_mib(fix[bulk].get('app_rcvbuf'))} against "
-        f"(b)'s {_mib(loads[EXPLICIT][bulk].get('app_rcvbuf'))}, and (b) with larger buffers was not measured. "
-        "Neither (g) nor (h) is shipped: "
-        "the advmss lives on the primary CNI's routes, which are not ours to change, and a pod's sysctls are its "
-        "spec's, not a CNI plugin's (see docs/mesh-profiles.md).",
+        f"{fix[bulk]['mb_s'] / nat[bulk]['mb_s']:.2f}x. (h) adds `tcp-rmem: 4096 8388608 33554432`, the pod's TCP "
+        "receive buffers starting at 8 MiB instead of 128 KiB (a per-netns sysctl, as the `tuning` plugin sets it): "
+        f"a captured download at **{rcvbuf[bulk]['mb_s_vs_explicit']:.2f}x** of (b) with the kernel's defaults, "
+        f"{rcvbuf[bulk]['mb_s'] / nat[bulk]['mb_s']:.2f}x of (b+nat); keep-alive "
+        f"{rcvbuf[keep]['rps_vs_explicit']:.2f}x and one request per connection "
+        f"{rcvbuf[close]['rps_vs_explicit']:.2f}x against (c)'s {ours[keep]['rps_vs_explicit']:.2f}x and "
+        f"{ours[close]['rps_vs_explicit']:.2f}x. Both settings are off by default: `loopback-mss` changes the "
+        "primary CNI's routes in the pod (their advmss only, taken off again at DEL), and a pod's sysctls are "
+        "otherwise its spec's; an admin turns them on in the entry's `defaults` (or a profile's).",
     ]
     return lines
 

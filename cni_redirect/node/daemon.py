@@ -93,8 +93,9 @@ class NodeAgent:
     def install(self) -> None:
         with self.ownership.installing():
             self.bundle.install()
-            if self.runtime_name:
-                self.ownership.record_runtime(self.runtime_name)
+            runtime = self.runtime_name or runtime_of_socket(self.options.cri_socket)
+            if runtime:
+                self.ownership.record_runtime(runtime)
 
     def reconcile(self) -> bool:
         """One pass: the plugin in the bin dir and our entry in the primary config. Returns readiness.
@@ -261,6 +262,13 @@ def _bind_with_retry(make, log: Callable[..., None], port: int, seconds: float =
                 raise
             log("info", "readiness port in use, retrying", port=port)
             time.sleep(0.5)
+
+
+def runtime_of_socket(cri_socket: str) -> str:
+    """The runtime the admin's CRI socket path names, where the agent did not ask it (an explicit chain mode, the
+    minimal install without the socket mounted): `uninstall` needs only containerd or CRI-O."""
+    name = cri_socket.rsplit("/", 1)[-1]
+    return "containerd" if "containerd" in name else "cri-o" if "crio" in name else ""
 
 
 def _runtime_version(cri_socket: str) -> tuple[str, str]:

@@ -134,6 +134,17 @@ class Processes:
             raise RuntimeError(f"listener {name} did not start: {detail}")
         return proc
 
+    def forward(
+        self, netns: Netns, port: int, uid: int, source: str | None = None, transparent: bool = False
+    ) -> subprocess.Popen:
+        """A stand-in sidecar that forwards each captured connection to its original destination (nettools)."""
+        cmd = [sys.executable, str(NETTOOLS), "--netns", netns.path, "--uid", str(uid), "forward", str(port)]
+        cmd += (["--source", source] if source else []) + (["--transparent"] if transparent else [])
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.running.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", "the forwarder did not start"
+        return proc
+
     @contextmanager
     def syns(self, netns: Netns, interface: str) -> Iterator[list[dict]]:
         """The TCP SYNs and SYN-ACKs seen on `interface` in netns while the block runs (read after it)."""
@@ -184,6 +195,16 @@ def connect(
         raise AssertionError(f"nettools connect {host} {port} failed ({proc.returncode}): {proc.stderr[-1500:]}")
     out = proc.stdout.strip()
     return json.loads(out) if out else {"error": "no answer"}
+
+
+def burst(
+    netns: Netns, host: str, port: int, count: int, uid: int = 1000, timeout: float = 2.0, rate: float = 0.0
+) -> dict:
+    """`count` short connections one after another from netns as uid (at most `rate` a second); how many failed
+    (by errno), how many were slow (over 0.5 s)."""
+    cmd = [sys.executable, str(NETTOOLS), "--netns", netns.path, "--uid", str(uid)]
+    cmd += ["burst", host, str(port), str(count), "--timeout", str(timeout), "--rate", str(rate)]
+    return json.loads(sh(*cmd, timeout=count * timeout + 60).stdout.strip().splitlines()[-1])
 
 
 def validate(netns: Netns, mesh: str, uid: int, timeout: float | None = None) -> tuple[int, dict]:

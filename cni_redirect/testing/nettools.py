@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import json
 import os
 import secrets
@@ -32,6 +33,7 @@ import string
 import struct
 import sys
 import threading
+import time
 from typing import cast
 
 SO_ORIGINAL_DST = 80
@@ -175,6 +177,73 @@ def _syn(packet: bytes) -> dict | None:
             "syn_ack": bool(tcp[13] & 0x10), "mss": mss}  # fmt: skip
 
 
+def forward(port: int, source: str | None, timeout: float, transparent: bool = False) -> None:
+    """A stand-in sidecar that forwards: accept a captured connection, dial its original destination (from
+    `source`, Istio's 127.0.0.6 for inbound, else the pod's own address), relay the one line the server sends.
+    One connection at a time."""
+    servers = []
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        server = socket.socket(family, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if transparent:  # TPROXY hands connections to a transparent socket: the local address is the dialled one
+            level, option = (
+                (socket.SOL_IP, IP_TRANSPARENT) if family == socket.AF_INET else (socket.IPPROTO_IPV6, IPV6_TRANSPARENT)
+            )
+            server.setsockopt(level, option, 1)
+        server.bind((address, port))
+        server.listen(512)
+        servers.append(server)
+    selector = selectors.DefaultSelector()
+    for server in servers:
+        selector.register(server, selectors.EVENT_READ)
+    print("ready", flush=True)
+    while True:
+        for key, _ in selector.select():
+            conn, _peer = cast(socket.socket, key.fileobj).accept()
+            with conn:
+                try:
+                    local = conn.getsockname()
+                    dialled = f"[{local[0]}]:{local[1]}" if conn.family == socket.AF_INET6 else f"{local[0]}:{local[1]}"
+                    target = dialled if transparent else original_dst(conn)
+                    host, _, dport = target.rpartition(":")
+                    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+                    with socket.socket(family, socket.SOCK_STREAM) as upstream:
+                        upstream.settimeout(timeout)
+                        if source:
+                            upstream.bind((source, 0))
+                        upstream.connect((host.strip("[]"), int(dport)))
+                        line = upstream.makefile("rb").readline()
+                    conn.sendall(line)
+                except OSError:
+                    continue  # the client sees its connection closed without a line: a failure it counts
+
+
+def burst(host: str, port: int, count: int, timeout: float, rate: float = 0.0) -> None:
+    """`count` short connections one after another (at most `rate` a second), each reading one line; a JSON
+    summary of how they went (failures by errno name)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    failures: dict[str, int] = {}
+    slow, start = 0, time.monotonic()
+    for n in range(count):
+        if rate:
+            time.sleep(max(0.0, start + n / rate - time.monotonic()))
+        began = time.monotonic()
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect((host, port))
+                if not sock.makefile("rb").readline():
+                    raise ConnectionResetError("closed without a line")
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            failures[name] = failures.get(name, 0) + 1
+        slow += time.monotonic() - began > 0.5
+    print(json.dumps({"count": count, "failed": sum(failures.values()), "failures": failures, "slow": slow,
+                      "seconds": round(time.monotonic() - start, 2)}))  # fmt: skip
+
+
 def istio_validate(timeout: float = 5.0) -> int:
     """Istio's check: the proxy UID's connection to 127.0.0.6:15002 arrives on 15001 or 15006 with
     original destination port 15002 (the own-IP rule works). 0 on success, 126 (Istio's code) otherwise."""
@@ -253,6 +322,17 @@ def main() -> None:
     sub.add_parser("istio-validate").add_argument("--timeout", type=float, default=5.0)
     sub.add_parser("linkerd-validate").add_argument("--timeout", type=float, default=10.0)
     sub.add_parser("sniff-syns").add_argument("interface")
+    fwd = sub.add_parser("forward")
+    fwd.add_argument("port", type=int)
+    fwd.add_argument("--source")
+    fwd.add_argument("--timeout", type=float, default=2.0)
+    fwd.add_argument("--transparent", action="store_true")
+    bur = sub.add_parser("burst")
+    bur.add_argument("host")
+    bur.add_argument("port", type=int)
+    bur.add_argument("count", type=int)
+    bur.add_argument("--timeout", type=float, default=2.0)
+    bur.add_argument("--rate", type=float, default=0.0)
     con = sub.add_parser("connect")
     con.add_argument("host")
     con.add_argument("port", type=int)
@@ -271,6 +351,10 @@ def main() -> None:
         sys.exit(linkerd_validate(args.timeout))
     elif args.mode == "sniff-syns":
         sniff_syns(args.interface)
+    elif args.mode == "forward":
+        forward(args.port, args.source, args.timeout, args.transparent)
+    elif args.mode == "burst":
+        burst(args.host, args.port, args.count, args.timeout, args.rate)
     else:
         connect(args.host, args.port, args.udp, args.source, args.timeout, args.mark)
 

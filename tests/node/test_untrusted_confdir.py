@@ -289,3 +289,71 @@ def test_uninstall_check_sees_what_a_killed_install_left(host):
     host.uninstall()
     assert leftovers(host.bin, host.conf) == ([], []), sorted(os.listdir(host.bin))
     assert sorted(os.listdir(host.bin)) == ["bridge"]
+
+
+# --- the DEL stub: only where a runtime may still run DEL of a pod from a cached config ---
+
+
+def _cache_naming_us(cache):
+    import base64
+
+    (cache / "results").mkdir(parents=True)
+    config = {
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "plugins": [{"type": "calico"}, {"type": "cni-redirect"}],
+    }
+    cached = {
+        "kind": "cniCacheV1",
+        "containerId": "c1",
+        "config": base64.b64encode(json.dumps(config).encode()).decode(),
+    }
+    (cache / "results" / "k8s-pod-network-c1-eth0").write_text(json.dumps(cached))
+
+
+SOCKETS = [("/run/containerd/containerd.sock", False), ("/var/run/crio/crio.sock", True), ("/run/other.sock", True)]
+
+
+@pytest.mark.parametrize(("cri_socket", "stub"), SOCKETS)
+def test_uninstall_leaves_a_del_stub_only_where_a_cached_sandbox_may_get_del_from_us(host, cri_socket, stub):
+    """CRI-O tears pods down with the config libcni cached at ADD; containerd with the one it loads now. The
+    agent records the runtime (CRI's answer, else its CRI socket's name); uninstall keeps a stub for CRI-O and
+    an unknown runtime while the cache names us, and a later uninstall removes it once nothing cached does."""
+    from cni_redirect.node.bundle import DEL_STUB
+    from cni_redirect.node.uninstall import uninstall
+
+    host.put("10-calico.conflist")
+    agent = host.agent(cri_socket=cri_socket)
+    agent.install()
+    assert agent.reconcile()
+    cache = host.root / "cni-cache"
+    _cache_naming_us(cache)
+    assert uninstall(host.bin, host.conf, JsonLog(host.log), grace=0.0, cache_dir=cache) == []
+    assert (host.bin / "cni-redirect").exists() == stub
+    left, kept = leftovers(host.bin, host.conf)
+    assert left == [] and kept == (["cni-redirect (the DEL stub)"] if stub else [])
+    if stub:
+        assert (host.bin / "cni-redirect").read_bytes() == DEL_STUB
+        (cache / "results" / "k8s-pod-network-c1-eth0").unlink()  # the pod is gone: its DEL ran
+        assert uninstall(host.bin, host.conf, JsonLog(host.log), grace=0.0, cache_dir=cache) == []
+    assert sorted(os.listdir(host.bin)) == ["bridge"]
+
+
+def test_the_del_stub_answers_version_and_del_and_refuses_the_rest(tmp_path):
+    import subprocess
+
+    from cni_redirect.node.bundle import DEL_STUB
+
+    stub = tmp_path / "cni-redirect"
+    stub.write_bytes(DEL_STUB)
+    stub.chmod(0o755)
+
+    def run(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(stub)], input=b'{"cniVersion": "1.0.0"}', capture_output=True,
+                              env={"CNI_COMMAND": command, "PATH": "/usr/bin:/bin"}, timeout=10)  # fmt: skip
+
+    version = run("VERSION")
+    assert version.returncode == 0 and json.loads(version.stdout)["supportedVersions"][-1] == "1.1.0"
+    assert run("DEL").returncode == 0 and run("DEL").stdout == b""
+    add = run("ADD")
+    assert add.returncode == 1 and json.loads(add.stdout)["code"] == 4

@@ -31,6 +31,7 @@ from .ruleset import (
     TCP,
     TCP_DPORT,
     TCP_SYN,
+    TCP_SYN_ONLY,
     TPROXY_MARK,
     UDP_DPORT,
     Chain,
@@ -203,8 +204,13 @@ def _redirect_inbound(spec: CaptureSpec, s: _Sets) -> list[Rule]:
 
 
 def _tproxy_inbound(spec: CaptureSpec, s: _Sets) -> tuple[Rule, ...]:
-    """TPROXY inbound (mangle prerouting): established flows to their socket, new ones to the proxy's port."""
-    established = (Match(L4PROTO, TCP), Match(SOCKET_TRANSPARENT, 1))
+    """TPROXY inbound (mangle prerouting): established flows to their socket, new ones to the proxy's port.
+
+    A new connection's SYN never takes the established path, even when a socket matches it: the proxy's
+    accepted socket lingers in TIME_WAIT with the dialled address as its own (transparent), and a client that
+    reuses its source port would match it, be routed locally untouched, and reach the app's own listener
+    through the TIME_WAIT: uncaptured (tests/integration/test_port_reuse.py)."""
+    established = (Match(TCP_SYN_ONLY, "syn", negate=True), Match(SOCKET_TRANSPARENT, 1))  # TCP: the flags say so
     rules = [*_inbound_exclusions(spec, s), Rule(established, MarkAccept(TPROXY_MARK), K.ESTABLISHED_INBOUND)]
     for version, family, kind in ((4, "ip", K.CAPTURE_INBOUND_IPV4), (6, "ip6", K.CAPTURE_INBOUND_IPV6)):
         if version in s.families:

@@ -111,6 +111,8 @@ TCP_DPORT = _payload("tcp", "dport")
 UDP_DPORT = _payload("udp", "dport")
 #: `tcp flags & (syn | rst) == syn`: a SYN (or SYN-ACK), never a reset.
 TCP_SYN = Selector({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "rst"]]})
+#: `tcp flags & (syn | ack) == syn`: a new connection's first packet (a SYN, not a SYN-ACK).
+TCP_SYN_ONLY = Selector({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]})
 
 
 def masked_mark(mask: int) -> Selector:

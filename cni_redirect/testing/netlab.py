@@ -135,11 +135,13 @@ class Processes:
         return proc
 
     def forward(
-        self, netns: Netns, port: int, uid: int, source: str | None = None, transparent: bool = False
-    ) -> subprocess.Popen:
+        self, netns: Netns, port: int, uid: int, source: str | None = None, transparent: bool = False,
+        to: str | None = None,
+    ) -> subprocess.Popen:  # fmt: skip
         """A stand-in sidecar that forwards each captured connection to its original destination (nettools)."""
         cmd = [sys.executable, str(NETTOOLS), "--netns", netns.path, "--uid", str(uid), "forward", str(port)]
         cmd += (["--source", source] if source else []) + (["--transparent"] if transparent else [])
+        cmd += ["--to", to] if to else []
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.running.append(proc)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", "the forwarder did not start"

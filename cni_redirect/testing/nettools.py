@@ -177,7 +177,7 @@ def _syn(packet: bytes) -> dict | None:
             "syn_ack": bool(tcp[13] & 0x10), "mss": mss}  # fmt: skip
 
 
-def forward(port: int, source: str | None, timeout: float, transparent: bool = False) -> None:
+def forward(port: int, source: str | None, timeout: float, transparent: bool = False, to: str | None = None) -> None:
     """A stand-in sidecar that forwards: accept a captured connection, dial its original destination (from
     `source`, Istio's 127.0.0.6 for inbound, else the pod's own address), relay the one line the server sends.
     One connection at a time."""
@@ -206,7 +206,7 @@ def forward(port: int, source: str | None, timeout: float, transparent: bool = F
                 try:
                     local = conn.getsockname()
                     dialled = f"[{local[0]}]:{local[1]}" if conn.family == socket.AF_INET6 else f"{local[0]}:{local[1]}"
-                    target = dialled if transparent else original_dst(conn)
+                    target = to or (dialled if transparent else original_dst(conn))
                     host, _, dport = target.rpartition(":")
                     family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
                     with socket.socket(family, socket.SOCK_STREAM) as upstream:
@@ -216,8 +216,9 @@ def forward(port: int, source: str | None, timeout: float, transparent: bool = F
                         upstream.connect((host.strip("[]"), int(dport)))
                         line = upstream.makefile("rb").readline()
                     conn.sendall(line)
-                except OSError:
-                    continue  # the client sees its connection closed without a line: a failure it counts
+                except OSError as exc:  # the client sees its connection closed without a line: a failure it counts
+                    print(json.dumps({"upstream": target, "error": errno.errorcode.get(exc.errno or 0, str(exc))}),
+                          file=sys.stderr, flush=True)  # fmt: skip
 
 
 def burst(host: str, port: int, count: int, timeout: float, rate: float = 0.0) -> None:
@@ -225,6 +226,7 @@ def burst(host: str, port: int, count: int, timeout: float, rate: float = 0.0) -
     summary of how they went (failures by errno name)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     failures: dict[str, int] = {}
+    answered: dict[str, int] = {}  # by the address the answering listener saw the connection come from
     slow, start = 0, time.monotonic()
     for n in range(count):
         if rate:
@@ -234,14 +236,17 @@ def burst(host: str, port: int, count: int, timeout: float, rate: float = 0.0) -
             with socket.socket(family, socket.SOCK_STREAM) as sock:
                 sock.settimeout(timeout)
                 sock.connect((host, port))
-                if not sock.makefile("rb").readline():
+                line = sock.makefile("rb").readline()
+                if not line:
                     raise ConnectionResetError("closed without a line")
+                peer = str(json.loads(line).get("peer"))
+                answered[peer] = answered.get(peer, 0) + 1
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
             failures[name] = failures.get(name, 0) + 1
         slow += time.monotonic() - began > 0.5
     print(json.dumps({"count": count, "failed": sum(failures.values()), "failures": failures, "slow": slow,
-                      "seconds": round(time.monotonic() - start, 2)}))  # fmt: skip
+                      "answered_from": answered, "seconds": round(time.monotonic() - start, 2)}))  # fmt: skip
 
 
 def istio_validate(timeout: float = 5.0) -> int:
@@ -327,6 +332,7 @@ def main() -> None:
     fwd.add_argument("--source")
     fwd.add_argument("--timeout", type=float, default=2.0)
     fwd.add_argument("--transparent", action="store_true")
+    fwd.add_argument("--to", help="HOST:PORT to dial for every connection (an explicit proxy)")
     bur = sub.add_parser("burst")
     bur.add_argument("host")
     bur.add_argument("port", type=int)
@@ -352,7 +358,7 @@ def main() -> None:
     elif args.mode == "sniff-syns":
         sniff_syns(args.interface)
     elif args.mode == "forward":
-        forward(args.port, args.source, args.timeout, args.transparent)
+        forward(args.port, args.source, args.timeout, args.transparent, args.to)
     elif args.mode == "burst":
         burst(args.host, args.port, args.count, args.timeout, args.rate)
     else:

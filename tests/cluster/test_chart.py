@@ -192,6 +192,8 @@ SAMPLES: dict[str, list[object]] = {
     "network-selection": ["*", "10.0.0.0/8", "*,10.0.0.0/8", "", "fd00::/8,10.1.0.0/16"],
     "interface-list": ["eth0", "eth0,net1", ".eth", "a" * 16, "tap+1", "", "*", True, 123, "eth0,,net1"],
     "inbound-mode": ["redirect", "TPROXY", " tproxy ", "nat", "", True],
+    "proxy-mark": ["", "0x539", "0x539/0xfff", " 1337 / 4095 ", "1337", 1337, "0x1ffffffff", "mark", "0x539/", True],
+    "tcp-buffers": ["", "4096 8388608 33554432", "1 2", "a b c", "4096\t87380 6291456", "1 2 3 4", 4096, True],
 }
 
 
@@ -252,11 +254,14 @@ def test_the_schema_and_the_agent_give_equal_verdicts_on_a_corpus():
 
 
 def test_what_a_pattern_cannot_say_the_agent_refuses_at_start():
-    """The two gaps the schema says it has (valueschema's docstring): an empty port range, and a list longer than
-    max_set_elements after merging. Helm lets them through; the agent refuses the entry, naming the field."""
+    """The gaps the schema says it has (valueschema's docstring): an empty port range, a list longer than
+    max_set_elements after merging, TCP buffer sizes out of order, a proxy mark of 0 or outside its mask. Helm
+    lets them through; the agent refuses the entry, naming the field."""
     long_list = ",".join(str(uid) for uid in range(1, 40))
     for entry in ({"defaults": {"exclude-inbound-ports": "90-80"}},
-                  {"defaults": {"exclude-uids": long_list}, "max_set_elements": 8}):  # fmt: skip
+                  {"defaults": {"exclude-uids": long_list}, "max_set_elements": 8},
+                  {"defaults": {"tcp-rmem": "8 4 2"}}, {"defaults": {"proxy-mark": "0x1539/0xfff"}},
+                  {"defaults": {"proxy-mark": "0"}}):  # fmt: skip
         assert _helm_accepts(entry)[0] and not _agent_accepts(entry), entry
 
 

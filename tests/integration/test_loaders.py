@@ -211,3 +211,50 @@ def test_add_and_del_through_each_loader_and_del_after_uninstall(tmp_path, mode)
         for pod in pods:
             pod.delete()
         node_ns.delete()
+
+
+@pytest.mark.parametrize("mode", ["dropin", "edit"])
+def test_a_primary_rewriting_its_file_judged_by_both_loaders(tmp_path, mode):
+    """The primary rewrites its conflist 60 times (by rename, as Calico's installer does), with the agent
+    running. Drop-in mode never writes the primary's file: both loaders hold our entry exactly once, last, at
+    every load. Edit mode loses the entry with each rewrite until the agent puts it back (that is edit mode):
+    at most once, last, at every load, and once again after the last rewrite."""
+    import subprocess
+
+    from tests.integration.nodeproc import ENV, terminate_agent
+
+    node = Node(tmp_path, "10-calico.conflist")
+    path = node.conf / "10-calico.conflist"
+    base = json.loads(path.read_bytes())
+    agent = subprocess.Popen(node.install_argv(ENTRY_A, mode), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=ENV)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not node.chained_with(ENTRY_A):
+            assert time.monotonic() < deadline and agent.poll() is None, "the agent never chained"
+            time.sleep(0.02)
+        with node.loaders.sampling() as samples:
+            start = time.time()
+            for version in range(60):
+                tmp = node.conf / f".calico-{version}.tmp"
+                tmp.write_text(json.dumps({**base, "x-primary-version": version}, indent=2))
+                os.replace(tmp, path)
+                time.sleep(0.05)
+            rewritten = time.time()
+            deadline = time.monotonic() + 5
+            while not node.chained_with(ENTRY_A) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.5)
+            end = time.time()
+    finally:
+        terminate_agent(agent)
+        agent.wait(timeout=30)
+    during = samples.within(start, rewritten)
+    after = samples.within(end - 0.4, end)
+    want = True if mode == "dropin" else None
+    problems = [p for load in during for p in load.problems(node.network, want)]
+    problems += [p for load in after for p in load.problems(node.network, True)]
+    print(f"\n[loaders] {mode}, the primary rewriting its file: {len(during)} loads during, {len(after)} after, "
+          f"{len(problems)} problems")  # fmt: skip
+    assert during and after and not problems, problems[:10]
+    assert not run_uninstall(node)

@@ -844,7 +844,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument(
         "--only",
-        choices=["repair", "backend", "idle", "idle-stack", "peers", "datapath-peers"],
+        choices=["repair", "backend", "idle", "idle-stack", "peers", "datapath-peers", "pod-start"],
         help="run one section and merge it into the last results",
     )
     parser.add_argument("--datapath-seconds", type=float, default=5.0, help="each wrk load, per variant and round")
@@ -862,6 +862,10 @@ def main() -> int:
             results["peers"] = bench_peers(args.bundle, args.runs, args.pod_runs)
         elif args.only == "datapath-peers":
             results["datapath_peers"] = bench_datapath_side_by_side(args.datapath_seconds)
+        elif args.only == "pod-start":
+            from bench.podstart import bench_pod_start
+
+            results["pod_start"] = bench_pod_start()
         else:
             results[args.only] = bench_repair() if args.only == "repair" else bench_backend(args.runs)
         (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1))
@@ -895,6 +899,10 @@ def main() -> int:
     results["peers"] = bench_peers(args.bundle, args.runs, args.pod_runs)
     print("the datapath side by side (haproxy, nginx, wrk) ...", flush=True)
     results["datapath_peers"] = bench_datapath_side_by_side(args.datapath_seconds)
+    print("pod start on a real cluster (the SLO's way) ...", flush=True)
+    from bench.podstart import bench_pod_start
+
+    results["pod_start"] = bench_pod_start()
     print(f"idle stack, {args.idle_minutes} minutes ...", flush=True)
     results["idle_stack"] = bench_idle_stack(args.bundle.parent, args.idle_minutes)
     args.out.mkdir(exist_ok=True)

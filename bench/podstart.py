@@ -46,9 +46,9 @@ SANDBOX = "kubelet_run_podsandbox_duration_seconds"
 
 def _agent_image(work: Path) -> Path:
     """install/build-image.sh as the README runs it (podman storage of the repo's build dir), saved as a tar."""
-    from tests.conftest import AGENT_IMAGE, _storage_env
+    from cni_redirect.testing.images import AGENT_IMAGE, storage_env
 
-    env = _storage_env()
+    env = storage_env()
     subprocess.run(["install/build-image.sh", AGENT_IMAGE], cwd=REPO, env=env, check=True, capture_output=True)
     tar = work / "cni-redirect.tar"
     subprocess.run(["podman", "save", "--quiet", "-o", str(tar), AGENT_IMAGE], env=env, check=True)
@@ -253,7 +253,7 @@ def _with_istio_cni(cluster: Cluster, work: Path) -> Path:
 
 
 def bench_pod_start(bursts: tuple[int, ...] = (30, 100)) -> dict:
-    from tests.cluster.conftest import helm, running_cluster
+    from cni_redirect.testing.cluster import helm, running_cluster
 
     work = Path(tempfile.mkdtemp(prefix="cnir-podstart-"))
     image = _agent_image(work)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from cni_redirect.testing.images import AGENT_IMAGE, storage_env
 from cni_redirect.testing.netlab import Processes
 
 # Every property test in the suite runs this many examples, without a deadline (the machine has 2 cores).
@@ -79,26 +80,14 @@ def host(tmp_path):
     return NodeHost(tmp_path)
 
 
-#: The agent's image, as the README builds it; both the DaemonSet tier and the cluster tier import it.
-AGENT_IMAGE = "localhost/cni-redirect:0.1.0"
-IMAGE_STORE = REPO / "build" / "image-store"  # podman's storage for the image: cached between runs here
 GLIBC_AND_ZLIB = r"^(ld-linux.*|libc|libm|libdl|libpthread|librt|libz)\.so(\.\d+)*$"
-
-
-def _storage_env() -> dict[str, str]:
-    IMAGE_STORE.mkdir(parents=True, exist_ok=True)
-    conf = IMAGE_STORE / "storage.conf"
-    conf.write_text(
-        f'[storage]\ndriver = "overlay"\ngraphroot = "{IMAGE_STORE}/graph"\nrunroot = "{IMAGE_STORE}/run"\n'
-    )
-    return {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf)}
 
 
 @pytest.fixture(scope="session")
 def agent_image(tmp_path_factory) -> Path:
     """install/build-image.sh, exactly as the README runs it, into a podman store of the suite's own; checked
     (root user, install entrypoint, nothing outside the bundle but glibc and zlib) and saved as an OCI tar."""
-    env = _storage_env()
+    env = storage_env()
     start = time.monotonic()
     build = subprocess.run(["install/build-image.sh", AGENT_IMAGE], cwd=REPO, env=env, capture_output=True, text=True)
     assert build.returncode == 0, f"install/build-image.sh failed:\n{build.stdout}\n{build.stderr[-4000:]}"

@@ -16,18 +16,25 @@ Node + RBAC, so our manifests' RBAC is exercised for real. The kubelet's host si
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..node.nodetaint import DEFAULT_TAINT
 from .containerd import Containerd, PodClient, mounts_under
+from .host import tear_down
+from .images import REPO, build_pause_image
+from .netlab import sh
 from .peers import peer
 
 NODE = "cnir-node"
@@ -384,3 +391,72 @@ class Cluster:
             for name, value in self.sysctls.items():
                 with contextlib.suppress(OSError):
                     (Path("/proc/sys") / name).write_text(value)
+
+
+# --- the cluster tier's node, shared with the pod-start bench (bench/podstart.py) ---
+
+#: Image names as the manifests and the chart write them (no registry: docker.io/library/ is what they mean).
+IMAGE = "docker.io/library/cni-redirect"
+BROKEN_TAG = "0.0.0-broken"
+CHART = REPO / "install" / "helm" / "cni-redirect"
+HELM_HOME = Path(tempfile.mkdtemp(prefix="cnir-helm-home-"))  # helm's caches and config: the run's own, not HOME's
+atexit.register(shutil.rmtree, HELM_HOME, True)
+
+
+def running_cluster(host_snapshot, agent_image, runtime_version: str = "2.4"):
+    """A node that has just joined (registered with the new-node taint), its images imported; torn down and the
+    host checked afterwards."""
+    sh("ip", "netns", "add", f"cnir-shared-{os.getpid()}")  # iproute2 makes /run/netns a shared mount, as on a node
+    sh("ip", "netns", "delete", f"cnir-shared-{os.getpid()}")
+    workdir = Path(tempfile.mkdtemp(prefix="cnir-k8s-", dir="/tmp"))
+    node = Cluster(workdir, taints=(f"{DEFAULT_TAINT}=true:NoSchedule",), runtime_version=runtime_version)
+
+    def import_images(runtime: Containerd) -> None:
+        ctr = ["ctr", "-a", str(runtime.socket), "-n", "k8s.io", "images"]
+        subprocess.run([*ctr, "import", str(agent_image)], check=True, capture_output=True)
+        for tag in ("0.1.0", "0.1.1"):  # 0.1.1: the same bytes under a new tag, for a rollout
+            subprocess.run(
+                [*ctr, "tag", "localhost/cni-redirect:0.1.0", f"{IMAGE}:{tag}"], check=True, capture_output=True
+            )
+        broken = build_pause_image(workdir, f"{IMAGE}:{BROKEN_TAG}")
+        subprocess.run([*ctr, "import", str(broken)], check=True, capture_output=True)
+
+    start = time.monotonic()
+    try:
+        node.start(import_images)
+        node.wait_node_ready()
+        wait_until(lambda: node.kubectl("get", "serviceaccount", "default", check=False).returncode == 0, 60,
+                   "the default service account")  # fmt: skip
+        wait_until(lambda: not kubernetes_taints(node), 60, "the node lifecycle controller's taints to go")
+        print(f"\n[cluster] API server, controllers, scheduler and kubelet up in {time.monotonic() - start:.1f} s")
+        yield node
+    finally:
+        tear_down(node, host_snapshot, workdir)
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The real helm (built by scripts/setup.sh); fails loudly when it is missing."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(HELM_HOME)}
+    run = subprocess.run([str(peer("helm")), *args], capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert run.returncode == 0, f"helm {' '.join(args)}:\n{run.stdout}\n{run.stderr}"
+    return run
+
+
+def node_taints(cluster: Cluster) -> list[str]:
+    return [t["key"] for t in cluster.get("node", NODE)["spec"].get("taints") or []]
+
+
+def kubernetes_taints(cluster: Cluster) -> list[str]:
+    """The node's taints set by Kubernetes itself (not-ready, unreachable, ...) while the node settles."""
+    return [key for key in node_taints(cluster) if key.startswith("node.kubernetes.io/")]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

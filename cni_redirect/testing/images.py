@@ -11,6 +11,10 @@ import tarfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+#: The agent's image, as the README builds it; the DaemonSet tier, the cluster tier and the pod-start bench use it.
+AGENT_IMAGE = "localhost/cni-redirect:0.1.0"
+IMAGE_STORE = REPO / "build" / "image-store"  # podman's storage for the image: cached between runs here
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
@@ -78,3 +82,15 @@ def build_pause_image(workdir: Path, name: str) -> Path:
         _file(tar, "index.json", json.dumps(index).encode())
         _file(tar, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
     return out
+
+
+def storage_env() -> dict[str, str]:
+    """podman's environment with the image store of the repo's build dir."""
+    import os
+
+    IMAGE_STORE.mkdir(parents=True, exist_ok=True)
+    conf = IMAGE_STORE / "storage.conf"
+    conf.write_text(
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{IMAGE_STORE}/graph"\nrunroot = "{IMAGE_STORE}/run"\n'
+    )
+    return {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf)}

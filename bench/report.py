@@ -362,14 +362,21 @@ def _pod_start_lines(results: dict) -> list[str]:
                 f"{_seconds(row['watch_p50_s'])} | {_seconds(row['watch_p99_s'])} | {cpu} | {rss} |"
             )
     lines.append("")
+    again = variants.get("no capture plugin, again")
     for pods in (str(n) for n in run["bursts"]):
         added = [(v[pods]["sli_p99_s"] or 0) - (none[pods]["sli_p99_s"] or 0) for v in (ours, istio)]
         watch = [v[pods]["watch_p99_s"] - none[pods]["watch_p99_s"] for v in (ours, istio)]
+        drift = f" The baseline run again last: watch p99 {again[pods]['watch_p99_s']:.3f} s." if again else ""
         lines.append(
-            f"Burst of {pods}: cni-redirect adds {added[0] * 1000:+.0f} ms to the SLI's p99 "
-            f"({added[0] / 5 * 100:+.1f} % of the 5 s SLO; watch p99 {watch[0] * 1000:+.0f} ms), istio-cni "
-            f"{added[1] * 1000:+.0f} ms (watch {watch[1] * 1000:+.0f} ms)."
+            f"Burst of {pods}: against the first baseline, cni-redirect adds {added[0] * 1000:+.0f} ms to the SLI's "
+            f"p99 ({added[0] / 5 * 100:+.1f} % of the 5 s SLO; watch p99 {watch[0] * 1000:+.0f} ms), istio-cni "
+            f"{added[1] * 1000:+.0f} ms (watch {watch[1] * 1000:+.0f} ms).{drift}"
         )
+    lines += [
+        "",
+        "Two cores making 30 or 100 pods at once is a saturating burst: the node alone misses the 5 s SLO at 100 "
+        "(the SLO is for a cluster's steady pod creation, not one small node swamped); read the differences.",
+    ]
     return lines
 
 

@@ -85,13 +85,13 @@ USERS = {
 }
 
 
-def _kubelet_config(d: Path, port: int, healthz: int) -> dict:
+def _kubelet_config(d: Path, port: int, healthz: int, read_only: int = 0) -> dict:
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
         "address": "127.0.0.1",
         "port": port,
-        "readOnlyPort": 0,
+        "readOnlyPort": read_only,  # 0: none; the pod-start bench reads /metrics there (loopback only)
         "healthzBindAddress": "127.0.0.1",
         "healthzPort": healthz,
         "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": False}},
@@ -130,6 +130,7 @@ class Cluster:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)
     api_port: int = 0
+    read_only_port: int = 0  # set before start: the kubelet's unauthenticated port (/metrics) on loopback
 
     @property
     def kubeconfig(self) -> Path:
@@ -232,7 +233,7 @@ class Cluster:
         for name in KERNEL_SYSCTLS:
             self.sysctls.setdefault(name, (Path("/proc/sys") / name).read_text().strip())
         config = d / "kubelet.yaml"
-        config.write_text(json.dumps(_kubelet_config(d, free_port(), free_port()), indent=1))
+        config.write_text(json.dumps(_kubelet_config(d, free_port(), free_port(), self.read_only_port), indent=1))
         args = [
             str(peer("kubelet")),
             f"--config={config}",
@@ -403,13 +404,14 @@ HELM_HOME = Path(tempfile.mkdtemp(prefix="cnir-helm-home-"))  # helm's caches an
 atexit.register(shutil.rmtree, HELM_HOME, True)
 
 
-def running_cluster(host_snapshot, agent_image, runtime_version: str = "2.4"):
+def running_cluster(host_snapshot, agent_image, runtime_version: str = "2.4", read_only_port: int = 0):
     """A node that has just joined (registered with the new-node taint), its images imported; torn down and the
     host checked afterwards."""
     sh("ip", "netns", "add", f"cnir-shared-{os.getpid()}")  # iproute2 makes /run/netns a shared mount, as on a node
     sh("ip", "netns", "delete", f"cnir-shared-{os.getpid()}")
     workdir = Path(tempfile.mkdtemp(prefix="cnir-k8s-", dir="/tmp"))
-    node = Cluster(workdir, taints=(f"{DEFAULT_TAINT}=true:NoSchedule",), runtime_version=runtime_version)
+    node = Cluster(workdir, taints=(f"{DEFAULT_TAINT}=true:NoSchedule",), runtime_version=runtime_version,
+                   read_only_port=read_only_port)  # fmt: skip
 
     def import_images(runtime: Containerd) -> None:
         ctr = ["ctr", "-a", str(runtime.socket), "-n", "k8s.io", "images"]

@@ -1,4 +1,4 @@
-"""Programming our table: a session bound to one pod netns, and the only code that talks to the kernel.
+"""Programming our table: a session bound to one pod netns, the one way our code reaches a pod's kernel state.
 
 A `Backend` opens a `Session` on one netns (`backend.session(netns)`, a
 context manager): the netns is reached and entered once, and apply, remove,
@@ -13,7 +13,9 @@ reaches a netns, bound to it when made (knftables' Interface and Fake):
 - `fake.FakeEdge`, made by `fake.MemoryBackend`: a fake that runs each
   transaction the way the kernel would, for logic tests.
 
-Every change is one libnftables transaction.
+Every change to the table is one libnftables transaction, except its removal:
+one netlink `NFT_MSG_DELTABLE` by handle (`nftsize.delete_table`), which never
+lists what a pod may have filled the table with.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `build_ruleset(spec)` declares the named sets the spec needs (`_declare`),
 then builds each base chain from them: `tproxy_prerouting` (TPROXY inbound),
 `prerouting` (rerouted interfaces, REDIRECT inbound) and `output`. The order
-of rules is the README's "Rule order", the order real sidecars rely on: the
+of rules is docs/contracts.md's "Rule order", the order real sidecars rely on: the
 first matching rule wins.
 """
 

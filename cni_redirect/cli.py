@@ -1,11 +1,15 @@
 """The `cni-redirect` command line; `front.main` runs it when the process is not a CNI call.
 
 CLI subcommands:
-  render   print the exact table a pod would get, without applying anything
-  install  the node agent: install the plugin, chain it into the node's CNI config, keep it there
-  agent    run the CNI server alone: serve the thin front's requests on a UNIX socket, install nothing
-  inspect  every pod sandbox on this node: captured or not, its table right or not, traffic on it
-  doctor   the traps that make a pod skip its proxy (the proxy-UID trap first); exit 1 when it finds one
+  render     print the exact table a pod would get, without applying anything
+  install    the node agent: install the plugin, chain it into the node's CNI config, keep it there
+  agent      run the CNI server alone: serve the thin front's requests on a UNIX socket, install nothing
+  ready      exec probe: exit 0 when this container's agent is installed and chained
+  healthy    exec probe: exit 0 when this container's agent can do its job
+             (both answered by `front.main` through node/probe.py, without loading this module)
+  uninstall  take the entry and the plugin off the node, the primary's files back as they were
+  inspect    every pod sandbox on this node: captured or not, its table right or not, traffic on it
+  doctor     the traps that make a pod skip its proxy (the proxy-UID trap first); exit 1 when it finds one
 """
 
 from __future__ import annotations

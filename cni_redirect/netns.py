@@ -6,7 +6,9 @@ Rules for this module, learned the hard way:
 - setns through pyroute2 with an fd, so nothing can create a missing netns file;
 - return to the original netns on exit, so a long-lived caller (tests, the
   node agent) is never left inside a pod.
-`setns` moves only the calling thread: callers stay single-threaded here.
+`setns` moves only the calling thread: the CNI server's workers and the repair
+thread each enter and leave on their own, and a thread that cannot come back
+stops the process (`stuck`) rather than run on inside a pod.
 """
 
 from __future__ import annotations

@@ -15,8 +15,10 @@ what paths can say:
 
 The request is checked as the dispatcher checks it (a JSON object, a
 supported `cniVersion` that allows the command; skel itself is not loaded:
-its imports cost as much as the rest of the answer); the entry's own fields
-are ADD's to validate.
+its imports cost as much as the rest of the answer), and the entry's own
+fields as ADD's parse would (`entry_problem`, with stdlib checks that
+tests/test_status.py holds to `config.parse_conf`): a STATUS that succeeds
+means ADD would not refuse the entry.
 """
 
 from __future__ import annotations

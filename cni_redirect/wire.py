@@ -9,10 +9,14 @@ Trust, both ways: the server only answers a root peer, the front only talks
 to a root server, and only through a socket path under root's socket
 directory (`trusted_socket_path`).
 
+Also here, for the front and STATUS: a config's top-level `agent_socket`
+found without a JSON parser, and a whole document read through the C scanner
+`json` uses, without importing the `json` package.
+
 Standard library only, and only os, sys and the C `_socket` module: the
 front imports this on every pod start (`import socket` alone costs ~14 ms).
 `errors.WireError` is loaded only when an exchange fails, so a pod start
-that goes through the CNI server loads two modules of ours, as before.
+that goes through the CNI server loads two modules of ours: `front` and this.
 """
 
 import _socket

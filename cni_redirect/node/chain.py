@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import ConfError, SettingsError
 from . import conflists
-from .confdir import BACKUP_PREFIX, DROPIN, EDIT, ConfDir, Primary, other_configs_warning, read_conf_dir
+from .confdir import BACKUP_PREFIX, ChainMode, ConfDir, Primary, other_configs_warning, read_conf_dir
 from .dropin import DropinChain, ModeChoice
 from .edit import JOURNAL, EditChain, Managed
 
@@ -94,12 +94,12 @@ class ChainInstaller:
         self.log = log
         self.conf_file = conf_file
         self.wait_log_interval = wait_log_interval
-        self.choice = choice or ModeChoice(EDIT, "chain_mode edit")
+        self.choice = choice or ModeChoice(ChainMode.EDIT, "chain_mode edit")
         self.dropin = DropinChain(conf_dir, entry, log)
         self.edit = EditChain(conf_dir, entry, log)
         self.ready_reason = "starting"
         self.warning = ""  # ready, but the runtime may not use our entry as we wrote it
-        self.mode = ""  # the mode in effect: DROPIN or EDIT once chained
+        self.mode: ChainMode | None = None  # the mode in effect, once chained
         self.fallback = ""  # why this primary is edited although drop-in mode was chosen ("" when it is not)
         self.fallbacks = 0  # how often the chosen drop-in mode fell back to editing (a primary that refuses it)
         self._last_problem = ""
@@ -135,7 +135,7 @@ class ChainInstaller:
         if primary is None:
             return self._waiting(snapshot)
         try:
-            if self.choice.mode == DROPIN:
+            if self.choice.mode == ChainMode.DROPIN:
                 refusal = primary.dropin_refusal()
                 if not refusal:
                     return self._reconcile_dropin(snapshot, primary)
@@ -164,7 +164,7 @@ class ChainInstaller:
         """Edit mode: our entry last in the primary's chain (a `.conf` converted), then what an earlier mode or
         primary left taken out: our drop-ins, our entry in a former primary. A drop-in of ours that the runtime
         loads now goes only while the primary's file loads no drop-in (our entry inlined, the flag set)."""
-        self._warn(snapshot, primary, EDIT if self.fallback or self.choice.mode == DROPIN else "")
+        self._warn(snapshot, primary, ChainMode.EDIT if self.fallback or self.choice.mode == ChainMode.DROPIN else None)
         loaded = snapshot.dropin()
         if loaded is not None:  # a switch from drop-in mode: inline (flagged) first, then the drop-in out
             if self.edit.place(primary, inline_only=True) is None:
@@ -180,14 +180,14 @@ class ChainInstaller:
         if any(d.plugin is not None for d in snapshot.dropins) and loaded is None:
             self.dropin.uninstall(snapshot)  # ours, but not loaded (another network's, a refused primary's)
         self.edit.release_old_primaries(primary.name, target)
-        self.mode = EDIT
+        self.mode = ChainMode.EDIT
         return self._ready(target)
 
     def _reconcile_dropin(self, snapshot: ConfDir, primary: Primary) -> bool:
         """Drop-in mode: our drop-in in place. An entry an earlier agent inlined is switched out without the
         runtime ever seeing both or neither: flagged inline-only first, then the drop-in, then the primary's own
         bytes back."""
-        self._warn(snapshot, primary, DROPIN)
+        self._warn(snapshot, primary, ChainMode.DROPIN)
         if self.fallback:
             self.log("info", "the primary allows drop-ins again: back to drop-in mode", was=self.fallback)
             self.fallback = ""
@@ -204,7 +204,7 @@ class ChainInstaller:
             self.edit.uninstall_inline(snapshot)  # the primary's own bytes: the drop-in is loaded from now on
         else:
             where = self.dropin.reconcile(snapshot)
-        self.mode = DROPIN
+        self.mode = ChainMode.DROPIN
         return self._ready(where)
 
     def _fall_back(self, refusal: str) -> None:
@@ -222,7 +222,7 @@ class ChainInstaller:
         self.edit.adopt(primary)
         return True
 
-    def _warn(self, snapshot: ConfDir, primary: Primary, mode: str) -> None:
+    def _warn(self, snapshot: ConfDir, primary: Primary, mode: ChainMode | None) -> None:
         """Ready, but: other network configs a runtime may pick by name; drop-ins of others that libcni runs
         after our entry (in edit mode only where the runtime loads drop-ins)."""
         others = snapshot.others(also=conflists.conflist_name(primary.name)) if self.conf_file is None else []

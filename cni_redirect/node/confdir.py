@@ -23,6 +23,7 @@ import os
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from ..errors import ConfError
@@ -32,7 +33,16 @@ from .files import read_regular
 #: Our drop-in's file name in `<conf dir>/<network name>/`: libcni runs drop-ins after the inlined plugins, in
 #: file name order, so a name late in that order keeps us after any other drop-in.
 DROPIN_NAME = "99-cni-redirect.conf"
-DROPIN, EDIT = "drop-in", "edit"
+
+
+class ChainMode(StrEnum):
+    """How our entry reaches the runtime: as the primary network's libcni drop-in, or inlined into its conflist.
+    The `chain_mode` setting spells the first `dropin` (a flag value: node.CHAIN_MODES); logs and metrics, this."""
+
+    DROPIN = "drop-in"
+    EDIT = "edit"
+
+
 BACKUP_PREFIX = ".cni-redirect-original-"
 BACKUP_SUFFIX = ".bak"  # no CNI suffix at the end: libcni loads hidden files too, and would take a backup for one
 #: libcni's key that turns drop-ins off; also what we set for the instant of a mode switch (`Primary.switching`).
@@ -143,11 +153,11 @@ class Primary:
             return self.dropin_dir
         return ""
 
-    def foreign_dropins_after(self, mode: str) -> list[str]:
+    def foreign_dropins_after(self, mode: ChainMode) -> list[str]:
         """Drop-ins of others that libcni runs after our entry: after every inlined plugin (edit mode), or
         after ours by file name (drop-in mode). Our entry is then not last."""
         others = [name for name in self.dropins if name != DROPIN_NAME]
-        return [name for name in others if mode == EDIT or name > DROPIN_NAME]
+        return [name for name in others if mode == ChainMode.EDIT or name > DROPIN_NAME]
 
     def inline_entry(self) -> dict | None:
         ours = [plugin for plugin in self.document["plugins"] if conflists.is_ours(plugin)]
@@ -191,18 +201,18 @@ class ConfDir:
         current = self.dropin()
         return [d for d in self.dropins if d != current]
 
-    def mode(self) -> str:
-        """How our entry reaches the runtime now: EDIT (inlined), DROPIN, or "" (not chained)."""
+    def mode(self) -> ChainMode | None:
+        """How our entry reaches the runtime now; None: not chained."""
         if self.primary is not None and self.primary.inline_entry() is not None:
-            return EDIT
-        return DROPIN if self.dropin() is not None else ""
+            return ChainMode.EDIT
+        return ChainMode.DROPIN if self.dropin() is not None else None
 
     def describe_mode(self) -> str:
         """For people (`inspect`, `doctor`): how our entry reaches the runtime, and where."""
         mode, primary, dropin = self.mode(), self.primary, self.dropin()
-        if mode == EDIT and primary is not None:
+        if mode == ChainMode.EDIT and primary is not None:
             return f"edit: our entry inlined in {primary.name}"
-        if mode == DROPIN and primary is not None and dropin is not None:
+        if mode == ChainMode.DROPIN and primary is not None and dropin is not None:
             return f"drop-in: {dropin.path.relative_to(self.path)}, {primary.name} untouched"
         return "not chained"
 

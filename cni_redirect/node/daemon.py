@@ -585,8 +585,5 @@ def _start_repair(
         sessions=kernel_sessions(server.locks if server is not None else None),
         on_pass=passed,
     )
-    thread = threading.Thread(
-        target=repairer.loop, args=(stop, wake, options.repair_interval), name="repair", daemon=True
-    )
-    thread.start()
+    repairer.start(stop, wake, options.repair_interval)
     return repairer

@@ -29,7 +29,7 @@ from ..errors import WireError
 from ..evaluation import Outcome
 from . import conflists
 from .chain import installed_entry
-from .confdir import EDIT, other_configs_warning, read_conf_dir
+from .confdir import ChainMode, other_configs_warning, read_conf_dir
 from .inspect import printable
 from .procs import Process, descendants, processes
 from .survey import DRIFTED, MISSING, PodView
@@ -67,7 +67,7 @@ def node_findings(conf_dir: Path, conf_file: str | None = None) -> list[Finding]
     if not mode:
         message = f"cni-redirect is not in {primary.name}'s chain: pods start uncaptured; is the node agent running?"
         return [Finding("chained", TRAP, message)]
-    if mode == EDIT:
+    if mode == ChainMode.EDIT:
         plugins = primary.document["plugins"]
         index = max(i for i, plugin in enumerate(plugins) if conflists.is_ours(plugin))
         findings = _entry_findings(primary.name, plugins, index) + _server_findings(plugins[index])

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import conflists
-from .confdir import DROPIN, DROPIN_NAME, EDIT, ConfDir
+from .confdir import DROPIN_NAME, ChainMode, ConfDir
 from .files import Folder, write_atomic
 
 RELOAD_MARKER = ".cni-redirect-reload"  # hidden, no CNI suffix: libcni never loads it as a config
@@ -49,23 +49,23 @@ def loads_dropins(runtime_name: str, runtime_version: str) -> bool:
 class ModeChoice:
     """The chain mode this agent uses where the primary allows drop-ins, and why."""
 
-    mode: str  # DROPIN or EDIT
+    mode: ChainMode
     why: str
 
 
 def choose_mode(setting: str, runtime: Callable[[], tuple[str, str]]) -> ModeChoice:
     """`chain_mode` as set; `auto` asks the runtime (CRI Version) and edits when it cannot tell."""
     if setting == "dropin":
-        return ModeChoice(DROPIN, "chain_mode dropin")
+        return ModeChoice(ChainMode.DROPIN, "chain_mode dropin")
     if setting == "edit":
-        return ModeChoice(EDIT, "chain_mode edit")
+        return ModeChoice(ChainMode.EDIT, "chain_mode edit")
     try:
         name, version = runtime()
     except Exception as exc:  # the CRI socket missing, refused, slow: editing works with every runtime
-        return ModeChoice(EDIT, f"chain_mode auto: the runtime did not say its version ({exc}); editing")
+        return ModeChoice(ChainMode.EDIT, f"chain_mode auto: the runtime did not say its version ({exc}); editing")
     if loads_dropins(name, version):
-        return ModeChoice(DROPIN, f"chain_mode auto: {name} {version} loads libcni drop-ins")
-    return ModeChoice(EDIT, f"chain_mode auto: {name} {version} does not load libcni drop-ins")
+        return ModeChoice(ChainMode.DROPIN, f"chain_mode auto: {name} {version} loads libcni drop-ins")
+    return ModeChoice(ChainMode.EDIT, f"chain_mode auto: {name} {version} does not load libcni drop-ins")
 
 
 def signal_reload(conf_dir: Path) -> None:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..skel import REQUIRED_ENV
+from .confdir import ChainMode
 
 #: Every CNI error code we answer with (errors.py), and 0 for success.
 CNI_CODES = frozenset({0, 1, 2, 4, 6, 7, 11, 50, 999})
@@ -116,9 +117,9 @@ class Metrics:
         for reason, count in repaired.items():
             self.repairs.labels(reason).inc(count)
 
-    def set_chain_mode(self, mode: str) -> None:
-        for known in ("drop-in", "edit"):
-            self.chain_mode.labels(mode=known).set(1 if mode == known else 0)
+    def set_chain_mode(self, mode: ChainMode | None) -> None:
+        for known in ChainMode:
+            self.chain_mode.labels(mode=known.value).set(1 if mode == known else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,6 +17,7 @@ mid-pass is not an error.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -85,6 +86,7 @@ class Repairer:
         self.repairs: Counter = Counter()  # by reason: missing, drifted
         self.memo = SurveyMemo()  # what earlier passes learnt: an idle node's pass costs almost nothing
         self._last_error = ""
+        self._thread: threading.Thread | None = None
 
     def run_once(self) -> PassResult:
         """One pass over the node's ready sandboxes."""
@@ -104,7 +106,7 @@ class Repairer:
         except CriError as exc:
             result.error = str(exc)
         finally:
-            self.close()  # an idle gRPC channel costs CPU between passes; a new one costs a millisecond
+            self._close_channel()  # an idle gRPC channel costs CPU between passes; a new one costs a millisecond
         return self._finish(result, start)
 
     def _repair(self, survey: Survey, view: PodView, result: PassResult) -> PodView:
@@ -152,7 +154,22 @@ class Repairer:
                 self.log("error", f"repair pass crashed: {type(exc).__name__}: {exc}")
             wake.wait(interval)
 
-    def close(self) -> None:
+    def start(self, stop: threading.Event, wake: threading.Event, interval: float) -> None:
+        """`loop` in a thread of its own, which `close` waits for."""
+        self._thread = threading.Thread(target=self.loop, args=(stop, wake, interval), name="repair", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Once `stop` is set: wait for a pass under way to end (bounded: a pod's kernel reads are), then close
+        the CRI channel, never under a pass that still uses it."""
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                self.log("warning", "the repair pass did not end in time; closing its CRI channel under it")
+        self._close_channel()
+
+    def _close_channel(self) -> None:
         close = getattr(self.cri, "close", None)
         if callable(close):
             close()

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from cni_redirect.node.nodetaint import DEFAULT_TAINT
+from cni_redirect.testing.cluster import NODE
 from cni_redirect.testing.istio import run_validation
 from cni_redirect.testing.netlab import enabled
 from tests.cluster.conftest import (
@@ -273,6 +274,50 @@ def test_a_new_node_keeps_opted_in_pods_off_until_the_agent_serves_then_captures
         assert chained == "cni-redirect", "edit mode: our entry is inlined, last in the chain"
     else:
         assert (cluster.runtime.conf_dir / primary).read_bytes() == state["original"][primary], "drop-in: untouched"
+
+
+def test_the_agents_token_may_take_only_our_taint_off_only_its_own_node(cluster, admin, state):
+    """RBAC can only say "patch nodes"; the shipped admission policy narrows the agent's token to the guard's one
+    change. A token bound to the agent's pod (as the kubelet gives it) names its node; with it the real API server
+    refuses a label, another taint, and (impersonating an agent on another node) a patch of this node, and takes
+    our taint off."""
+    (agent,) = agent_pods(cluster)
+    meta = agent["metadata"]
+    token = cluster.kubectl(
+        "create", "token", "cni-redirect", "-n", NAMESPACE, "--bound-object-kind=Pod",
+        f"--bound-object-name={meta['name']}", f"--bound-object-uid={meta['uid']}",
+    ).stdout.strip()  # fmt: skip
+    whoami = json.loads(cluster.kubectl("auth", "whoami", "-o", "json", f"--token={token}").stdout)["status"]
+    assert whoami["userInfo"]["extra"]["authentication.kubernetes.io/node-name"] == [NODE], whoami
+
+    def as_agent(*args: str, on_node: str = ""):
+        """With the agent's token; with `on_node`, the admin impersonating an agent whose token names that node."""
+        who = [f"--token={token}"]
+        if on_node:
+            account = f"system:serviceaccount:{NAMESPACE}:cni-redirect"
+            who = [f"--as={account}", f"--as-user-extra=authentication.kubernetes.io/node-name={on_node}"]
+        return cluster.kubectl(*args, *who, check=False)
+
+    refused = {
+        "a label": as_agent("label", "node", NODE, "cni-redirect.io/owned=yes"),
+        "another taint": as_agent("taint", "node", NODE, "example.com/other=x:NoSchedule"),
+        "unschedulable": as_agent("cordon", NODE),
+    }
+    cluster.kubectl("taint", "node", NODE, f"{DEFAULT_TAINT}=true:NoSchedule")
+    try:
+        refused["another node's agent"] = as_agent("taint", "node", NODE, f"{DEFAULT_TAINT}-", on_node="node-b")
+        for what, run in refused.items():
+            assert run.returncode != 0 and "cni-redirect: an agent may" in run.stderr, (what, run.stdout, run.stderr)
+        node = cluster.get("node", NODE)
+        assert not node["spec"].get("unschedulable") and "cni-redirect.io/owned" not in node["metadata"]["labels"]
+        kept = node_taints(cluster)
+        assert DEFAULT_TAINT in kept and "example.com/other" not in kept, "nothing refused was applied"
+
+        removed = as_agent("taint", "node", NODE, f"{DEFAULT_TAINT}-")
+        assert removed.returncode == 0, removed.stderr
+        assert DEFAULT_TAINT not in node_taints(cluster)
+    finally:
+        cluster.kubectl("taint", "node", NODE, f"{DEFAULT_TAINT}-", check=False)
 
 
 def test_an_annotated_pod_is_captured_and_an_unannotated_one_is_not(cluster, state, procs):

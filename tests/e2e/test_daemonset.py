@@ -1,7 +1,7 @@
 """The image and the DaemonSet really run: the image built here, the DaemonSet's pod run on containerd as kubelet
 would (its securityContext, volumes, probes, seccomp RuntimeDefault), for the base and the minimal overlay.
 
-The commands are the README's "Installing on a cluster": `install/build-image.sh TAG`, then what
+The commands are docs/install.md's "Installing on a cluster": `install/build-image.sh TAG`, then what
 `kubectl apply -k DIR` applies, rendered by `kubectl kustomize DIR`; only the registry push is left out
 (the image is imported into containerd instead).
 """

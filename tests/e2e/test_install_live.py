@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cni_redirect.node.confdir import DROPIN, DROPIN_NAME, EDIT, read_conf_dir
+from cni_redirect.node.confdir import DROPIN_NAME, ChainMode, read_conf_dir
 from cni_redirect.testing.netlab import Netns
 from tests.support import free_port, wait_for
 
@@ -60,7 +60,7 @@ def readiness() -> int:
 
 def test_agent_installs_into_containerd_keeps_it_on_sigterm_and_uninstall_removes_it(bare_containerd, bundle, tmp_path):
     runtime = bare_containerd.runtime
-    mode = DROPIN if runtime.version == "2.4" else EDIT
+    mode = ChainMode.DROPIN if runtime.version == "2.4" else ChainMode.EDIT
     (conflist_path,) = runtime.conf_dir.glob("*.conflist")
     original = conflist_path.read_bytes()
     watcher = Watcher(conflist_path)
@@ -94,7 +94,7 @@ def test_agent_installs_into_containerd_keeps_it_on_sigterm_and_uninstall_remove
         assert view.mode() == mode, view.describe_mode()
         assert (runtime.bin_dir / "cni-redirect").resolve().is_file()
         assert view.entry()["agent_socket"] == str(agent_socket), "pods go through the warm agent"
-        if mode == DROPIN:
+        if mode == ChainMode.DROPIN:
             assert (runtime.conf_dir / json.loads(original)["name"] / DROPIN_NAME).is_file()
 
         bare_containerd.wait_for_reload(expect_plugin=True)
@@ -125,7 +125,7 @@ def test_agent_installs_into_containerd_keeps_it_on_sigterm_and_uninstall_remove
     assert sorted(os.listdir(runtime.conf_dir)) == [conflist_path.name], "nothing of ours is left in the conf dir"
     seen = watcher.close()
     print(f"\n[live {mode}] {watcher.reads} reads of the primary, {len(seen)} distinct contents")
-    if mode == DROPIN:
+    if mode == ChainMode.DROPIN:
         assert seen == {original}, "drop-in mode never writes the primary's file"
     else:
         assert all(json.loads(content) for content in seen), "valid JSON at every read"

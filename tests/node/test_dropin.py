@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from cni_redirect.node.confdir import DROPIN, DROPIN_NAME, EDIT, read_conf_dir
+from cni_redirect.node.confdir import DROPIN_NAME, ChainMode, read_conf_dir
 from cni_redirect.node.doctor import node_findings
 from cni_redirect.node.dropin import RELOAD_MARKER, choose_mode, loads_dropins
 from cni_redirect.node.uninstall import leftovers
@@ -29,7 +29,7 @@ def test_dropin_mode_writes_our_drop_in_and_never_the_primary(host):
     original = host.put("10-calico.conflist")
     agent = host.agent(chain_mode="dropin")
     agent.install()
-    assert agent.reconcile() and agent.chain.mode == DROPIN
+    assert agent.reconcile() and agent.chain.mode == ChainMode.DROPIN
     network = json.loads(original)["name"]
     assert (host.conf / "10-calico.conflist").read_bytes() == original
     plugin = json.loads(dropin_path(host, network).read_bytes())
@@ -37,7 +37,8 @@ def test_dropin_mode_writes_our_drop_in_and_never_the_primary(host):
     assert "cniVersion" not in plugin and "name" not in plugin, "a drop-in holds one plugin object"
     assert (host.conf / RELOAD_MARKER).exists(), "the runtime is told to reload through the top dir"
     view = read_conf_dir(host.conf)
-    assert view.mode() == DROPIN and view.entry()["name"] == network and view.entry()["type"] == "cni-redirect"
+    assert view.mode() == ChainMode.DROPIN
+    assert view.entry()["name"] == network and view.entry()["type"] == "cni-redirect"
     marker = (host.conf / RELOAD_MARKER).stat().st_mtime_ns
     writes = agent.chain.writes
     for _ in range(3):
@@ -60,11 +61,11 @@ def test_a_primary_that_refuses_drop_ins_is_edited_with_a_log_line_and_a_count(h
         host.put(name, json.dumps({**json.loads(data), **change}).encode())
     agent = host.agent(chain_mode="dropin")
     agent.install()
-    assert agent.reconcile() and agent.chain.mode == EDIT
+    assert agent.reconcile() and agent.chain.mode == ChainMode.EDIT
     assert why in agent.chain.fallback and agent.chain.fallbacks == 1
     (warning,) = [e for e in host.events() if e["level"] == "warning" and "refuses drop-ins" in e["msg"]]
     assert why in warning["why"]
-    assert read_conf_dir(host.conf).mode() == EDIT and not [p for p in host.conf.rglob(DROPIN_NAME)]
+    assert read_conf_dir(host.conf).mode() == ChainMode.EDIT and not [p for p in host.conf.rglob(DROPIN_NAME)]
     assert agent.reconcile() and agent.chain.fallbacks == 1, "counted once, not once per pass"
 
 
@@ -74,7 +75,7 @@ def test_switching_from_edit_to_drop_in_restores_the_primary_byte_for_byte(host)
     edit.install()
     assert edit.reconcile() and host.entries("10-calico.conflist")
     dropin = host.agent(chain_mode="dropin")  # an upgraded agent on a runtime that loads drop-ins
-    assert dropin.reconcile() and dropin.chain.mode == DROPIN
+    assert dropin.reconcile() and dropin.chain.mode == ChainMode.DROPIN
     assert (host.conf / "10-calico.conflist").read_bytes() == original
     assert not [n for n in os.listdir(host.conf) if n.startswith(".cni-redirect-original-")], "no backup left"
     assert read_conf_dir(host.conf).files_naming_us() == [f"k8s-pod-network/{DROPIN_NAME}"]
@@ -86,7 +87,7 @@ def test_switching_from_drop_in_to_edit_takes_the_drop_in_out(host):
     dropin.install()
     assert dropin.reconcile()
     edit = host.agent(chain_mode="edit")
-    assert edit.reconcile() and edit.chain.mode == EDIT
+    assert edit.reconcile() and edit.chain.mode == ChainMode.EDIT
     assert len(host.entries("10-calico.conflist")) == 1
     assert not dropin_path(host).exists() and not (host.conf / "k8s-pod-network").exists()
     assert read_conf_dir(host.conf).files_naming_us() == ["10-calico.conflist"]
@@ -142,15 +143,16 @@ def test_which_runtimes_load_drop_ins(runtime, version, loads):
 
 
 def test_auto_asks_the_runtime_and_edits_when_it_cannot_tell():
-    assert choose_mode("auto", lambda: ("containerd", "v2.4.2")).mode == DROPIN
-    assert choose_mode("auto", lambda: ("containerd", "1.6.20~ds1")).mode == EDIT
+    assert choose_mode("auto", lambda: ("containerd", "v2.4.2")).mode == ChainMode.DROPIN
+    assert choose_mode("auto", lambda: ("containerd", "1.6.20~ds1")).mode == ChainMode.EDIT
 
     def unreachable() -> tuple[str, str]:
         raise OSError("no CRI socket")
 
     choice = choose_mode("auto", unreachable)
-    assert choice.mode == EDIT and "no CRI socket" in choice.why
-    assert choose_mode("dropin", unreachable).mode == DROPIN and choose_mode("edit", unreachable).mode == EDIT
+    assert choice.mode == ChainMode.EDIT and "no CRI socket" in choice.why
+    assert choose_mode("dropin", unreachable).mode == ChainMode.DROPIN
+    assert choose_mode("edit", unreachable).mode == ChainMode.EDIT
 
 
 def test_doctor_and_inspect_say_which_mode_the_node_is_in(host):

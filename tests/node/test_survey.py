@@ -174,6 +174,36 @@ def test_not_chained_is_a_failed_pass(node, tmp_path):
     assert repair.run_once().error == "cni-redirect is not chained into the node's CNI config"
 
 
+def test_closing_the_repairer_waits_for_the_pass_under_way_before_closing_its_cri_channel(tmp_path):
+    """A stop in the middle of a pass: the CRI channel is closed after the pass ends, never under it."""
+    import threading
+
+    listing, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    class SlowCri(FakeCri):
+        def ready_sandboxes(self):
+            listing.set()
+            release.wait(10)
+            order.append("listed")
+            return super().ready_sandboxes()
+
+        def close(self) -> None:
+            order.append("closed")
+            super().close()
+
+    cri = SlowCri()
+    repair = Repairer(cri, installed(tmp_path), lambda *a, **k: None)
+    stop, wake = threading.Event(), threading.Event()
+    repair.start(stop, wake, 30.0)
+    assert listing.wait(10)
+    stop.set()
+    wake.set()
+    threading.Timer(0.3, release.set).start()
+    repair.close()
+    assert order[0] == "listed" and set(order[1:]) == {"closed"}, order  # the pass closes it too, at its end
+
+
 # --- inspect shows what ADD does, also where a mesh profile decides ---
 
 

@@ -15,7 +15,7 @@ from cni_redirect.errors import SettingsError
 from cni_redirect.logs import JsonLog
 from cni_redirect.node import files
 from cni_redirect.node.chain import check_entry
-from cni_redirect.node.confdir import DROPIN_NAME, EDIT, libcni_bool, read_conf_dir
+from cni_redirect.node.confdir import DROPIN_NAME, ChainMode, libcni_bool, read_conf_dir
 from cni_redirect.node.edit import JOURNAL
 from cni_redirect.node.files import Folder, remove_stale_temps, write_atomic
 from cni_redirect.node.ownership import State
@@ -203,7 +203,7 @@ def test_load_only_inlined_plugins_in_any_spelling_means_editing(host, value):
     host.put("10-calico.conflist", json.dumps({**data, "loadOnlyInlinedPlugins": value}).encode())
     agent = host.agent(chain_mode="dropin")
     agent.install()
-    assert agent.reconcile() and agent.chain.mode == EDIT
+    assert agent.reconcile() and agent.chain.mode == ChainMode.EDIT
     assert not list(host.conf.rglob(DROPIN_NAME)), "no drop-in the runtime would not load"
 
 
@@ -214,7 +214,7 @@ def test_a_network_dir_that_is_a_link_or_a_file_is_never_written_through(host, t
     os.symlink(outside, host.conf / data["name"])
     agent = host.agent(chain_mode="dropin")
     agent.install()
-    assert agent.reconcile() and agent.chain.mode == EDIT
+    assert agent.reconcile() and agent.chain.mode == ChainMode.EDIT
     assert "symlink" in agent.chain.fallback and list(outside.iterdir()) == []
     for _ in range(5):
         assert agent.reconcile()
@@ -252,7 +252,7 @@ def test_an_agent_refuses_to_chain_an_entry_that_fails_unannotated_pods(host, tm
     assert run(host.options(entry_file=entry), JsonLog(host.log)) == 2
     (error,) = [e for e in host.events() if e["level"] == "error"]
     assert "enabled" in error["error"] and "a pod without annotations" in error["error"]
-    assert read_conf_dir(host.conf).mode() == "", "nothing chained"
+    assert read_conf_dir(host.conf).mode() is None, "nothing chained"
 
 
 # --- the bin dir: the link is the running agent's, and nothing of ours is missed ---

@@ -111,6 +111,7 @@ KERNEL = {"cni_redirect.backend", "cni_redirect.netns", "cni_redirect.cniserver"
 LAB = "cni_redirect.testing"
 NODE = {"cni_redirect.node", "cni_redirect.node.bundle", "cni_redirect.node.chain", "cni_redirect.node.conflists",
         "cni_redirect.node.daemon", "cni_redirect.node.files"}  # fmt: skip
+AGENT = {"cni_redirect.node.daemon", "cni_redirect.node.chain"}
 OURS_BUT_ERRORS = {f"cni_redirect.{m}" for m in ("spec", "config", "plugin", "backend", "netns", "wire", "skel")}
 
 RULES = [
@@ -141,6 +142,7 @@ RULES = [
     ("cni_redirect.node.conflists", KERNEL, False, "the installer never enters a netns or runs nft"),
     ("cni_redirect.node.files", KERNEL, False, "the installer never enters a netns or runs nft"),
     ("cni_redirect.node.nodetaint", HEAVY | KERNEL, False, "the API edge is stdlib HTTP, off the CNI path"),
+    ("cni_redirect.node.httpport", KERNEL | AGENT, False, "the HTTP port is given callables, not the agent"),
     ("cni_redirect.skel", {"cni_redirect.backend", "cni_redirect.netns"}, False, "the dispatcher knows no kernel"),
     ("cni_redirect.plugin", NODE | {"cni_redirect.cniserver"}, False, "the plugin knows no node agent"),
     ("cni_redirect.cniserver", NODE, False, "the CNI server is not the node agent"),

@@ -105,7 +105,7 @@ def test_a_successor_that_cannot_start_never_takes_the_socket(host, socket_dir, 
             squatter.listen(1)
             from unittest import mock
 
-            with mock.patch("cni_redirect.node.daemon._bind_with_retry", lambda make, log, port: make()):
+            with mock.patch("cni_redirect.node.httpport._bind_with_retry", lambda make, log, port: make()):
                 new = Agent(host, agent_socket=path, readiness_port=18395)
                 new.thread.join(timeout=30)
         assert new.terminate() == 1

@@ -210,7 +210,7 @@ def test_a_port_squatter_stops_the_agent_before_it_claims_anything(host):
     squatter.bind(("::", port))
     squatter.listen(1)
     try:
-        with mock.patch("cni_redirect.node.daemon._bind_with_retry", lambda make, log, port: make()):
+        with mock.patch("cni_redirect.node.httpport._bind_with_retry", lambda make, log, port: make()):
             agent = Agent(host, readiness_port=port)
             assert agent.terminate() == 1
     finally:
@@ -325,7 +325,7 @@ def test_clients_dripping_their_request_hold_no_slot_past_the_whole_request_dead
     import socket
     import threading
 
-    from cni_redirect.node.daemon import REQUEST_DEADLINE
+    from cni_redirect.node.httpport import REQUEST_DEADLINE
 
     port = free_port()
     agent = Agent(host, readiness_port=port)
@@ -435,43 +435,3 @@ def test_the_new_node_taint_comes_off_once_chained_and_a_refusal_is_retried_and_
     assert calls == [("n1", "example.com/not-ready")] * 3
     errors = [e for e in host.events() if e["msg"].startswith("cannot take the new-node taint off")]
     assert len(errors) == 1 and "HTTP 403" in errors[0]["error"], errors
-
-
-def _context_switches(thread) -> int:
-    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("voluntary_ctxt_switches")))
-
-
-def test_the_http_port_sleeps_while_idle_and_stops_at_once():
-    """socketserver's own loop wakes twice a second to look for a shutdown (the largest share of an idle agent's
-    CPU); ours sleeps until a connection or the shutdown, and still answers and stops."""
-    import http.server
-    import threading
-
-    from cni_redirect.node.daemon import _probe_server
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            return None
-
-    port = free_port()
-    server = _probe_server(port, Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status == 200
-        time.sleep(0.2)
-        before = _context_switches(thread)
-        time.sleep(2.0)
-        assert _context_switches(thread) - before == 0  # socketserver's loop: 4 wakes in these 2 s
-        assert urllib.request.urlopen(f"http://[::1]:{port}/", timeout=5).status == 200
-    finally:
-        server.shutdown()
-        server.server_close()
-    thread.join(timeout=5)
-    assert not thread.is_alive()

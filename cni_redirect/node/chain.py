@@ -19,6 +19,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfError, SettingsError
 from . import conflists
@@ -29,7 +30,7 @@ from .edit import JOURNAL, EditChain, Managed
 __all__ = ["BACKUP_PREFIX", "JOURNAL", "ChainInstaller", "Managed", "check_entry", "load_entry_settings"]
 
 
-def load_entry_settings(path: Path | None) -> dict:
+def load_entry_settings(path: Path | None) -> dict[str, Any]:
     """Our conflist entry from the admin's settings (ConfigMap), checked by `check_entry`."""
     settings: object = {}
     if path is not None:
@@ -44,7 +45,7 @@ def load_entry_settings(path: Path | None) -> dict:
     return check_entry(settings, str(path or "entry settings"))
 
 
-def check_entry(settings: dict, where: str, cni_version: str = "1.0.0") -> dict:
+def check_entry(settings: dict[str, Any], where: str, cni_version: str = "1.0.0") -> dict[str, Any]:
     """Our entry from its settings, checked as ADD would evaluate it; SettingsError naming the field if not.
 
     The entry is evaluated (`evaluation.entry_check_pods`) for every kind of pod a node starts: one without
@@ -72,7 +73,7 @@ def check_entry(settings: dict, where: str, cni_version: str = "1.0.0") -> dict:
     return ours
 
 
-def installed_entry(conf_dir: Path, conf_file: str | None = None) -> dict | None:
+def installed_entry(conf_dir: Path, conf_file: str | None = None) -> dict[str, Any] | None:
     """Our entry as the runtime hands it to ADD (inlined or a drop-in); None if not chained."""
     return read_conf_dir(conf_dir, conf_file).entry()
 
@@ -83,7 +84,7 @@ class ChainInstaller:
     def __init__(
         self,
         conf_dir: Path,
-        entry: dict,
+        entry: dict[str, Any],
         log: Callable[..., None],
         conf_file: str | None = None,
         wait_log_interval: float = 5.0,

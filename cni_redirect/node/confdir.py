@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfError
 from . import conflists
@@ -97,7 +98,7 @@ class Primary:
     name: str  # its file name in the conf dir
     path: Path  # where its bytes are (a symlink inside the dir followed)
     data: bytes
-    document: dict  # as a conflist (a single-plugin config lifted into one)
+    document: dict[str, Any]  # as a conflist (a single-plugin config lifted into one)
     single: bool  # a single-plugin `.conf`/`.json`
     backup: bytes | None = None  # the primary's own bytes we keep (edit mode), if any
     converted_from: str = ""  # the single-plugin config we made this conflist from ("" if we did not)
@@ -123,7 +124,7 @@ class Primary:
             return False
         return not libcni_bool(theirs, INLINE_ONLY)[0]
 
-    def theirs(self) -> dict:
+    def theirs(self) -> dict[str, Any]:
         """The document as its owner wrote it: our entry out, and our switch flag out."""
         document = conflists.without_entry(self.document)
         if self.switching:
@@ -159,7 +160,7 @@ class Primary:
         others = [name for name in self.dropins if name != DROPIN_NAME]
         return [name for name in others if mode == ChainMode.EDIT or name > DROPIN_NAME]
 
-    def inline_entry(self) -> dict | None:
+    def inline_entry(self) -> dict[str, Any] | None:
         ours = [plugin for plugin in self.document["plugins"] if conflists.is_ours(plugin)]
         return ours[-1] if ours else None
 
@@ -170,7 +171,7 @@ class Dropin:
 
     path: Path
     data: bytes
-    plugin: dict | None  # None: not a plugin object of ours (a broken or foreign file under our name)
+    plugin: dict[str, Any] | None  # None: not a plugin object of ours (a broken or foreign file under our name)
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ class ConfDir:
             return f"drop-in: {dropin.path.relative_to(self.path)}, {primary.name} untouched"
         return "not chained"
 
-    def entry(self) -> dict | None:
+    def entry(self) -> dict[str, Any] | None:
         """Our entry as the runtime hands it to ADD (with the list's cniVersion and name); None if not chained.
         Inlined wins: libcni runs the inlined plugins first."""
         if self.primary is None:
@@ -357,7 +358,7 @@ def _dropins(conf_dir: Path, names: tuple[str, ...]) -> list[Dropin]:
     return found
 
 
-def _our_plugin(data: bytes) -> dict | None:
+def _our_plugin(data: bytes) -> dict[str, Any] | None:
     try:
         plugin = json.loads(data)
     except (ValueError, UnicodeDecodeError):

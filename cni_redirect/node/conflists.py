@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from ..config import ANNOTATIONS_CAPABILITY, PLUGIN_TYPE
 from ..errors import ConfError
@@ -23,13 +24,13 @@ def pick_primary(names: Iterable[str], conf_file: str | None = None) -> str | No
     return names[0] if names else None
 
 
-def entry(settings: dict) -> dict:
+def entry(settings: dict[str, Any]) -> dict[str, Any]:
     """Our conflist entry: type and capability first, then the admin's settings."""
     extra = {k: v for k, v in settings.items() if k not in ("type", "capabilities")}
     return {"type": PLUGIN_TYPE, "capabilities": {ANNOTATIONS_CAPABILITY: True}, **extra}
 
 
-def parse(name: str, data: bytes) -> tuple[dict, bool]:
+def parse(name: str, data: bytes) -> tuple[dict[str, Any], bool]:
     """Parse a primary config as a conflist document; a single-plugin config is lifted into one.
 
     Returns the document and whether it was a single-plugin config.
@@ -49,31 +50,31 @@ def parse(name: str, data: bytes) -> tuple[dict, bool]:
     raise ConfError(f"{name}: neither a conflist (no 'plugins') nor a single plugin config (no 'type')")
 
 
-def conf_to_conflist(conf: dict) -> dict:
+def conf_to_conflist(conf: dict[str, Any]) -> dict[str, Any]:
     plugin = {k: v for k, v in conf.items() if k not in ("cniVersion", "name")}
     return {"cniVersion": conf.get("cniVersion", "0.4.0"), "name": conf.get("name", ""), "plugins": [plugin]}
 
 
-def is_ours(plugin: dict) -> bool:
+def is_ours(plugin: dict[str, Any]) -> bool:
     return plugin.get("type") == PLUGIN_TYPE
 
 
-def names_us(document: dict) -> bool:
+def names_us(document: dict[str, Any]) -> bool:
     """Whether a conflist document holds an entry of ours."""
     return any(is_ours(plugin) for plugin in document["plugins"])
 
 
-def with_entry(document: dict, ours: dict) -> dict:
+def with_entry(document: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
     """The document with exactly one entry of ours, last in the chain."""
     plugins = [p for p in document["plugins"] if not is_ours(p)]
     return {**document, "plugins": [*plugins, ours]}
 
 
-def without_entry(document: dict) -> dict:
+def without_entry(document: dict[str, Any]) -> dict[str, Any]:
     return {**document, "plugins": [p for p in document["plugins"] if not is_ours(p)]}
 
 
-def render(document: dict) -> bytes:
+def render(document: dict[str, Any]) -> bytes:
     return (json.dumps(document, indent=2) + "\n").encode()
 
 

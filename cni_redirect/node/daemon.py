@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from ..errors import CniRedirectError, NodeApiError, SettingsError
@@ -57,7 +57,7 @@ def check_agent_socket(path: str) -> str:
 class NodeAgent:
     """The bundle and the chain on one node, reconciled together, and this agent's place among the node's agents."""
 
-    def __init__(self, options: Options, log: Callable[..., None], entry: dict) -> None:
+    def __init__(self, options: Options, log: Callable[..., None], entry: dict[str, Any]) -> None:
         self.options = options
         self.log = log
         self.bundle = Bundle(options.plugin_source, options.cni_bin_dir, log)
@@ -142,7 +142,7 @@ def _runtime_version(cri_socket: str) -> tuple[str, str]:
         client.close()
 
 
-def checked_entry(options: Options) -> dict:
+def checked_entry(options: Options) -> dict[str, Any]:
     """Our conflist entry from the admin's settings and flags, or SettingsError naming what is wrong."""
     ours = load_entry_settings(options.entry_file)
     if options.agent_socket is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from ..config import ANNOTATIONS_CAPABILITY
@@ -48,7 +48,7 @@ class Finding:
     message: str
     pod: str | None = None
 
-    def json(self) -> dict:
+    def json(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -82,7 +82,7 @@ def node_findings(conf_dir: Path, conf_file: str | None = None) -> list[Finding]
     return findings
 
 
-def _entry_findings(name: str, plugins: list[dict], index: int) -> list[Finding]:
+def _entry_findings(name: str, plugins: list[dict[str, Any]], index: int) -> list[Finding]:
     """Our entry (at `index` of the chain in file `name`): its capability, its place."""
     findings = []
     if not (plugins[index].get("capabilities") or {}).get(ANNOTATIONS_CAPABILITY):
@@ -101,7 +101,7 @@ def _entry_findings(name: str, plugins: list[dict], index: int) -> list[Finding]
     return findings
 
 
-def _server_findings(entry: dict) -> list[Finding]:
+def _server_findings(entry: dict[str, Any]) -> list[Finding]:
     """The CNI server our entry names, asked VERSION as the front would."""
     socket = entry.get("agent_socket")
     if not isinstance(socket, str) or not socket:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import conflists
 from .confdir import DROPIN_NAME, ChainMode, ConfDir
@@ -76,7 +77,7 @@ def signal_reload(conf_dir: Path) -> None:
 class DropinChain:
     """Our entry as the drop-in of the primary's network; `ready_reason` "" when it is in place."""
 
-    def __init__(self, conf_dir: Path, entry: dict, log: Callable[..., None]) -> None:
+    def __init__(self, conf_dir: Path, entry: dict[str, Any], log: Callable[..., None]) -> None:
         self.conf_dir = conf_dir
         self.entry = entry
         self.log = log

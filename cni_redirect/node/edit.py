@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfError
 from . import conflists
@@ -88,7 +89,7 @@ def _plain(name: str) -> bool:
 class EditChain:
     """Our entry inlined in the primary's file, in one conf dir; what we wrote, to undo exactly that."""
 
-    def __init__(self, conf_dir: Path, entry: dict, log: Callable[..., None]) -> None:
+    def __init__(self, conf_dir: Path, entry: dict[str, Any], log: Callable[..., None]) -> None:
         self.conf_dir = conf_dir
         self.entry = entry
         self.log = log
@@ -117,7 +118,7 @@ class EditChain:
     def _manages(self, name: str) -> bool:
         return self.managed is not None and self.managed.name == name
 
-    def _write(self, primary: Primary, desired: dict) -> str | None:
+    def _write(self, primary: Primary, desired: dict[str, Any]) -> str | None:
         name, data, single = primary.name, primary.data, primary.single
         rendered = conflists.render(desired)
         source = real_path(self.conf_dir, name)
@@ -158,7 +159,7 @@ class EditChain:
         self.writes += 1
         return target
 
-    def _backup_matching(self, name: str, theirs: dict) -> bytes | None:
+    def _backup_matching(self, name: str, theirs: dict[str, Any]) -> bytes | None:
         """The backup of `name` if it holds the primary's document as it is now (our entry aside)."""
         try:
             kept = read_regular(self.conf_dir / backup_name(name), follow=False)

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 #: The most we read of one file of the conf dir: a CNI config is a few KiB, a hostile one may be anything.
 MAX_FILE_BYTES = 1 << 20
@@ -178,7 +179,12 @@ class Folder:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def write_atomic(
-        self, name: str, data: bytes, mode: int | None = None, expect: bytes | None = None, held: list | None = None
+        self,
+        name: str,
+        data: bytes,
+        mode: int | None = None,
+        expect: bytes | None = None,
+        held: list[Any] | None = None,
     ) -> bool:
         """Write beside the target, fsync, rename: readers see the old file or the new one, never half.
 
@@ -232,7 +238,7 @@ class Folder:
         fcntl.flock(fd, fcntl.LOCK_EX)  # for an agent of an earlier version, which looks at this lock only
         return fd, named
 
-    def _swap_in(self, tmp: str, name: str, expect: bytes, held: list | None) -> bool:
+    def _swap_in(self, tmp: str, name: str, expect: bytes, held: list[Any] | None) -> bool:
         """`tmp` in place of `name` only if `name` held `expect` at the instant of the swap; tmp is gone after.
         Runs under `writing()`: what is swapped out sits under our temp name, and no cleanup of ours takes it."""
         if not self.exchange(tmp, name):  # no RENAME_EXCHANGE here: check, then rename (a narrow window remains)

@@ -187,7 +187,9 @@ def serve_readiness(
     return http_server
 
 
-def _bind_with_retry(make, log: Callable[..., None], port: int, seconds: float = 30.0):
+def _bind_with_retry(
+    make: Callable[[], http.server.ThreadingHTTPServer], log: Callable[..., None], port: int, seconds: float = 30.0
+) -> http.server.ThreadingHTTPServer:
     """A predecessor without SO_REUSEPORT holds the port until it exits: wait for it."""
     deadline = time.monotonic() + seconds
     while True:

@@ -9,16 +9,18 @@ Read only.
 
 from __future__ import annotations
 
+from typing import Any
+
+from ..errors import show
 from ..evaluation import Outcome
 from ..nfttext import nft_text
 from ..ruleset import counters
-from ..values import show
 from .survey import PodView
 
 COLUMNS = ("NAMESPACE/NAME", "DECISION", "STATE", "OUT", "IN", "DNS", "EXEMPT", "DETAIL")
 
 
-def view_json(view: PodView) -> dict:
+def view_json(view: PodView) -> dict[str, Any]:
     """One sandbox as `inspect --json` prints it (the keys are a contract)."""
     return {
         "namespace": view.namespace,
@@ -44,7 +46,7 @@ def table(views: list[PodView]) -> str:
     for view in views:
         numbers = counters(view.listing)
 
-        def packets(kind: str, numbers: dict = numbers) -> str:
+        def packets(kind: str, numbers: dict[str, Any] = numbers) -> str:
             return str(numbers[kind]["packets"]) if kind in numbers else "-"
 
         drift = view.drift.message if view.drift is not None else ""

@@ -101,7 +101,7 @@ class Metrics:
         self.requests.labels(known, outcome, str(cni_code)).inc()
         self.duration.labels(known).observe(seconds)
 
-    def pass_done(self, states: Tally, repaired: dict[str, int], error: str = "", failed: int = 0) -> None:
+    def pass_done(self, states: Tally[str], repaired: dict[str, int], error: str = "", failed: int = 0) -> None:
         """One repair pass. A failed pass counts as one and sets no pod gauge (they would be the last good
         pass's, or nothing): `cni_redirect_repair_last_pass_ok` says whether they are current."""
         self.sandbox_failures.inc(failed)

@@ -16,6 +16,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import NodeApiError
 
@@ -45,7 +46,7 @@ class NodeApi:
             raise NodeApiError(f"no API server in the environment (KUBERNETES_SERVICE_HOST={host!r}, PORT={port!r})")
         return cls(host, int(port), node)
 
-    def _request(self, method: str, body: object = None) -> tuple[int, dict]:
+    def _request(self, method: str, body: object = None) -> tuple[int, dict[str, Any]]:
         try:
             token = self.token_file.read_text().strip()  # re-read every time: the kubelet rotates it
             context = ssl.create_default_context(cafile=str(self.ca_file))

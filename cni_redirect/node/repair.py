@@ -40,9 +40,9 @@ if TYPE_CHECKING:
 class PassResult:
     """One pass: how many sandboxes in each state, what was repaired, how long it took."""
 
-    states: Counter = field(default_factory=Counter)
+    states: Counter[str] = field(default_factory=Counter)
     repaired: list[str] = field(default_factory=list)
-    reasons: Counter = field(default_factory=Counter)  # what was wrong with the repaired ones
+    reasons: Counter[str] = field(default_factory=Counter)  # what was wrong with the repaired ones
     seconds: float = 0.0
     error: str = ""
     failed: int = 0  # sandboxes whose status, netns or repair failed (each recorded, the pass went on)
@@ -83,7 +83,7 @@ class Repairer:
         self.on_pass = on_pass
         self.passes = 0
         self.last: PassResult | None = None
-        self.repairs: Counter = Counter()  # by reason: missing, drifted
+        self.repairs: Counter[str] = Counter()  # by reason: missing, drifted
         self.memo = SurveyMemo()  # what earlier passes learnt: an idle node's pass costs almost nothing
         self._last_error = ""
         self._thread: threading.Thread | None = None
@@ -116,7 +116,7 @@ class Repairer:
         if self.mode == "report":
             self.log("warning", f"repair needed: {what}", pod=view.ref, state=view.state, mode="report")
             return view
-        reason = view.state
+        reason = str(view.state)  # MISSING or DRIFTED: _repair is called for those only
         assert view.netns is not None
         try:
             with self.sessions(view.netns) as session:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import PodRef
 from ..errors import CriError, HostNetns, InvalidEnvironment
@@ -107,7 +107,7 @@ class PodView:
         return MISSING if self.drift.kind is DriftKind.MISSING else DRIFTED
 
     @property
-    def listing(self) -> list[dict] | None:
+    def listing(self) -> list[dict[str, Any]] | None:
         return self.observed.listing if self.observed is not None else None
 
 
@@ -150,7 +150,7 @@ class Survey:
     def __init__(
         self,
         cri: SandboxSource,
-        entry: dict,
+        entry: dict[str, Any],
         sessions: SessionFactory | None = None,
         memo: SurveyMemo | None = None,
     ) -> None:

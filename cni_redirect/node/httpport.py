@@ -144,8 +144,6 @@ def serve_readiness(
     /metrics: Prometheus text (node/metrics.py). The port is shared by every agent on the node (host network):
     the DaemonSet probes each pod's own agent with `cni-redirect ready|healthy` instead; these are for people."""
 
-    warning_now = warning
-
     class Handler(http.server.BaseHTTPRequestHandler):
         timeout = 5  # seconds between two reads of the request: an idle connection is closed then
         #: seconds a whole exchange may take, however the client paces it: a request line dripped a byte every
@@ -157,10 +155,10 @@ def serve_readiness(
             self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self.timeout, self.deadline))
 
         def do_GET(self) -> None:
-            warning = ""
+            note = ""
             content_type = "text/plain"
             if self.path == "/readyz":
-                reason, warning = answer("ready"), warning_now()
+                reason, note = answer("ready"), warning()
             elif self.path == "/healthz":
                 reason = answer("healthy")
             elif self.path == "/metrics" and metrics is not None:
@@ -169,7 +167,7 @@ def serve_readiness(
             else:
                 self.send_error(404)
                 return
-            body = (reason or "ok" + (f"\nwarning: {warning}" if warning else "")).encode() + b"\n"
+            body = (reason or "ok" + (f"\nwarning: {note}" if note else "")).encode() + b"\n"
             self._answer(200 if not reason else 503, body, content_type)
 
         def _answer(self, status: int, body: bytes, content_type: str) -> None:

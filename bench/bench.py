@@ -564,6 +564,19 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _threads_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds by OS thread name (the agent names its threads: cni_redirect.threads) of the live threads."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def bench_idle_stack(bundle_dir: Path, minutes: float, pods: int = 100, status_every: float = 5.0) -> dict:
     """The whole idle stack on a real containerd: the bundle's node agent (CNI server, repair at the default 30 s
     interval, its dirs watched) with `pods` ready sandboxes, and kubelet's STATUS cadence simulated (a STATUS
@@ -588,6 +601,7 @@ def bench_idle_stack(bundle_dir: Path, minutes: float, pods: int = 100, status_e
             status_conf = json.dumps({**ours, "cniVersion": "1.1.0", "name": conflist_doc["name"]}).encode()
             front = runtime.bin_dir / "cni-redirect"
             time.sleep(35)  # past the next (remembered) pass before measuring
+            threads_start = _threads_cpu(agent.proc.pid)
             agent_start, fronts_start, start = _proc_cpu(agent.proc.pid), _child_cpu(), time.monotonic()
             statuses = failures = 0
             while time.monotonic() - start < minutes * 60:
@@ -597,6 +611,9 @@ def bench_idle_stack(bundle_dir: Path, minutes: float, pods: int = 100, status_e
                 time.sleep(max(0.0, start + statuses * status_every - time.monotonic()))
             seconds = time.monotonic() - start
             agent_cpu, fronts_cpu = _proc_cpu(agent.proc.pid) - agent_start, _child_cpu() - fronts_start
+            threads_end = _threads_cpu(agent.proc.pid)
+            by_thread = {name: cpu - threads_start.get(name, 0.0) for name, cpu in threads_end.items()}
+            by_thread["threads that ended (one per CNI request)"] = agent_cpu - sum(by_thread.values())
             passes = sum(1 for line in agent.lines if line.get("msg", "").startswith("repair"))
             assert agent.terminate() == 0
             agent = None
@@ -614,6 +631,7 @@ def bench_idle_stack(bundle_dir: Path, minutes: float, pods: int = 100, status_e
         "fronts_core_share": fronts_cpu / seconds,
         "total_core_share": (agent_cpu + fronts_cpu) / seconds,
         "repair_log_lines": passes,
+        "agent_cpu_by_thread_s": dict(sorted(by_thread.items(), key=lambda item: -item[1])),
     }
 
 

@@ -451,6 +451,17 @@ def _idle_lines(results: dict) -> list[str]:
             f"| STATUS fronts | {stack['fronts_cpu_s']:.2f} s | {stack['fronts_core_share'] * 100:.3f} % |",
             f"| total | {stack['agent_cpu_s'] + stack['fronts_cpu_s']:.2f} s | "
             f"{stack['total_core_share'] * 100:.3f} % |",
+        ]
+        by_thread = stack.get("agent_cpu_by_thread_s")
+        if by_thread:
+            lines += ["", "The node agent's CPU by thread (the OS names of its threads, /proc/<pid>/task):", "",
+                      "| thread | CPU | share of the agent's |", "|---|---|---|"]  # fmt: skip
+            lines += [
+                f"| {name} | {cpu:.3f} s | {cpu / stack['agent_cpu_s'] * 100:.0f} % |"
+                for name, cpu in by_thread.items()
+                if stack["agent_cpu_s"] > 0
+            ]
+        lines += [
             "",
             "| target | measured | |",
             "|---|---|---|",

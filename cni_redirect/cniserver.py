@@ -39,6 +39,7 @@ from .logs import EventLog
 from .netns import own_netns, received_fd
 from .plugin import RedirectPlugin
 from .skel import Reply, answer
+from .threads import NamedThread
 
 
 def kernel_backend(netns_fd: int | None) -> Backend:
@@ -146,7 +147,7 @@ class CniServer:
         self._staging = staging
         self.sock = sock
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._accept_loop, name="cni-server", daemon=True)
+        self._thread = NamedThread(self._accept_loop, "cni-server")
         self._thread.start()
 
     def publish(self) -> None:
@@ -227,7 +228,7 @@ class CniServer:
                 backoff = 0.0
                 self.slots.acquire()
                 try:
-                    threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+                    NamedThread(self._serve, "cni-request", (conn,)).start()
                 except BaseException:
                     self.slots.release()
                     conn.close()

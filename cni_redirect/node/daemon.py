@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .. import wire
 from ..errors import CniRedirectError, NodeApiError, SettingsError
 from ..logs import JsonLog
+from ..threads import NamedThread
 from . import CHAIN_MODES, REPAIR_MODES
 from .bundle import Bundle
 from .chain import ChainInstaller, load_entry_settings
@@ -184,7 +185,7 @@ def run(options: Options, log: Callable[..., None] | None = None, stop: threadin
             stop.wait()
             watch.wake()
 
-        threading.Thread(target=wake_on_stop, name="stop-waker", daemon=True).start()
+        NamedThread(wake_on_stop, "stop-waker").start()
         log("info", "agent started", bin_dir=str(options.cni_bin_dir), conf_dir=str(options.cni_conf_dir))
         while not stop.is_set():
             services.step()

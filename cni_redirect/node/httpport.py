@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..threads import NamedThread
+
 if TYPE_CHECKING:
     from .metrics import Metrics
 
@@ -181,7 +183,7 @@ def serve_readiness(
             return None
 
     http_server = _bind_with_retry(lambda: _probe_server(port, Handler), log, port)
-    threading.Thread(target=http_server.serve_forever, name="readyz", daemon=True).start()
+    NamedThread(http_server.serve_forever, "readyz").start()
     return http_server
 
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from ..threads import NamedThread
 from .files import write_atomic
 
 OWNER_FILE = ".cni-redirect-owner"
@@ -132,7 +133,7 @@ class Ownership:
                 os.close(fd)
             then()
 
-        thread = threading.Thread(target=wait, name="owner-watch", daemon=True)
+        thread = NamedThread(wait, "owner-watch")
         thread.start()
         return thread
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+
+from ..threads import NamedThread
 
 QUESTIONS = ("ready", "healthy")
 TIMEOUT = 3.0
@@ -77,7 +78,7 @@ class ProbeServer:
             os.umask(old_umask)
         sock.listen(16)
         self.sock = sock
-        threading.Thread(target=self._loop, args=(sock,), name="probe", daemon=True).start()
+        NamedThread(self._loop, "probe", (sock,)).start()
 
     def _loop(self, sock: socket.socket) -> None:
         while True:

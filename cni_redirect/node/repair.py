@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CriError, SettingsError
+from ..threads import NamedThread
 from . import REPAIR_MODES
 from .chain import installed_entry
 from .survey import DRIFTED, MISSING, PodView, SandboxSource, SessionFactory, Survey, SurveyMemo, kernel_sessions
@@ -156,7 +157,7 @@ class Repairer:
 
     def start(self, stop: threading.Event, wake: threading.Event, interval: float) -> None:
         """`loop` in a thread of its own, which `close` waits for."""
-        self._thread = threading.Thread(target=self.loop, args=(stop, wake, interval), name="repair", daemon=True)
+        self._thread = NamedThread(self.loop, "repair", (stop, wake, interval))
         self._thread.start()
 
     def close(self, timeout: float = 10.0) -> None:

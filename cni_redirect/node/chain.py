@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from .confdir import BACKUP_PREFIX, ChainMode, ConfDir, Primary, other_configs_w
 from .dropin import DropinChain, ModeChoice
 from .edit import JOURNAL, EditChain, Managed
 
-__all__ = ["BACKUP_PREFIX", "JOURNAL", "ChainInstaller", "Managed", "check_entry", "load_entry_settings"]
+__all__ = ["BACKUP_PREFIX", "JOURNAL", "ChainInstaller", "ChainPass", "Managed", "check_entry", "load_entry_settings"]
 
 
 def load_entry_settings(path: Path | None) -> dict[str, Any]:
@@ -78,6 +79,21 @@ def installed_entry(conf_dir: Path, conf_file: str | None = None) -> dict[str, A
     return read_conf_dir(conf_dir, conf_file).entry()
 
 
+@dataclass(frozen=True)
+class ChainPass:
+    """What one pass did: ready or why not, how often it (re-)inserted our entry (each may follow pods started
+    without us), whether the chosen drop-in mode fell back to editing, the mode in effect. True when ready."""
+
+    ready: bool
+    reason: str = ""
+    wrote: int = 0
+    fell_back: bool = False
+    mode: ChainMode | None = None
+
+    def __bool__(self) -> bool:
+        return self.ready
+
+
 class ChainInstaller:
     """Our entry in one conf dir, and whether it is in place (`ready_reason` is "" when it is)."""
 
@@ -122,8 +138,13 @@ class ChainInstaller:
     def recover(self, finish: bool) -> None:
         self.edit.recover(finish)
 
-    def reconcile(self, snapshot: ConfDir | None = None) -> bool:
-        """One pass: make sure our entry is in place. Returns readiness."""
+    def reconcile(self, snapshot: ConfDir | None = None) -> ChainPass:
+        """One pass: make sure our entry is in place."""
+        writes, fallbacks = self.writes, self.fallbacks
+        ready = self._reconcile(snapshot)
+        return ChainPass(ready, self.ready_reason, self.writes - writes, self.fallbacks > fallbacks, self.mode)
+
+    def _reconcile(self, snapshot: ConfDir | None) -> bool:
         if snapshot is None:
             try:
                 self.edit.recover(finish=True)

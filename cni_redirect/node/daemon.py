@@ -34,7 +34,7 @@ from ..logs import JsonLog
 from ..threads import NamedThread
 from . import CHAIN_MODES, REPAIR_MODES
 from .bundle import Bundle
-from .chain import ChainInstaller, load_entry_settings
+from .chain import ChainInstaller, ChainPass, load_entry_settings
 from .dropin import choose_mode
 from .httpport import serve_readiness
 from .options import Options
@@ -96,8 +96,8 @@ class NodeAgent:
             if runtime:
                 self.ownership.record_runtime(runtime)
 
-    def reconcile(self) -> bool:
-        """One pass: the plugin in the bin dir and our entry in the primary config. Returns readiness.
+    def reconcile(self) -> ChainPass:
+        """One pass: the plugin in the bin dir and our entry in the primary config.
 
         A failure is this iteration's, not the agent's: it is logged once, makes the agent unready with the
         reason, and the next iteration tries again."""
@@ -106,19 +106,19 @@ class NodeAgent:
             if not self.bundle.installed():  # gone, or not ours (a successor's that went away): ours again
                 with self.ownership.installing():
                     self.bundle.ensure()
-            ready = self.chain.reconcile()
+            result = self.chain.reconcile()
         except Exception as exc:  # a full disk, EROFS, EIO, or a bug: never a reason to stop
             problem = f"cannot keep the plugin installed: {type(exc).__name__}: {exc}"
             if problem != self.problem:
                 self.log("error", problem)
             self.problem = problem
-            return False
+            return ChainPass(False, problem, mode=self.chain.mode)
         finally:
             self.pass_started = None
         if self.problem:
             self.log("info", "recovered", was=self.problem)
         self.problem = ""
-        return ready
+        return result
 
 
 #: A pass over the CNI dirs takes milliseconds; one running longer is reported by readiness, then by liveness.
@@ -275,16 +275,15 @@ class _Services:
             self.reconcile()
 
     def reconcile(self) -> None:
-        chain = self.agent.chain
-        writes, fallbacks = chain.writes, chain.fallbacks
-        self.agent.reconcile()
-        if chain.writes != writes:
+        first_insert = self.agent.chain.writes == 0
+        result = self.agent.reconcile()
+        if result.wrote:
             self.repair_wake.set()  # pods may have started while our entry was gone
-            if writes and self.metrics is not None:  # not the first insert: the entry had gone
-                self.metrics.reinsertions.inc(chain.writes - writes)
+            if not first_insert and self.metrics is not None:  # the first pass that wrote is the install
+                self.metrics.reinsertions.inc(result.wrote)
         if self.metrics is not None:
-            self.metrics.chain_fallbacks.inc(chain.fallbacks - fallbacks)
-            self.metrics.set_chain_mode(chain.mode)
+            self.metrics.chain_fallbacks.inc(int(result.fell_back))
+            self.metrics.set_chain_mode(result.mode)
         if self.tainted and self.state == State.OWNER and not self.agent.ready_reason:
             self.untaint()
 

@@ -42,8 +42,12 @@ def test_dropin_mode_writes_our_drop_in_and_never_the_primary(host):
     marker = (host.conf / RELOAD_MARKER).stat().st_mtime_ns
     writes = agent.chain.writes
     for _ in range(3):
-        assert agent.reconcile()
+        idle = agent.reconcile()
+        assert idle.ready and idle.wrote == 0 and idle.reason == "" and idle.mode == ChainMode.DROPIN
     assert agent.chain.writes == writes and (host.conf / RELOAD_MARKER).stat().st_mtime_ns == marker, "idle: no write"
+    dropin_path(host, network).unlink()
+    repaired = agent.reconcile()
+    assert repaired.ready and repaired.wrote == 1, "a pass that put the entry back says so"
 
 
 @pytest.mark.parametrize(
@@ -61,12 +65,14 @@ def test_a_primary_that_refuses_drop_ins_is_edited_with_a_log_line_and_a_count(h
         host.put(name, json.dumps({**json.loads(data), **change}).encode())
     agent = host.agent(chain_mode="dropin")
     agent.install()
-    assert agent.reconcile() and agent.chain.mode == ChainMode.EDIT
+    first = agent.reconcile()
+    assert first.ready and first.mode == ChainMode.EDIT and first.fell_back and first.wrote == 1
     assert why in agent.chain.fallback and agent.chain.fallbacks == 1
     (warning,) = [e for e in host.events() if e["level"] == "warning" and "refuses drop-ins" in e["msg"]]
     assert why in warning["why"]
     assert read_conf_dir(host.conf).mode() == ChainMode.EDIT and not [p for p in host.conf.rglob(DROPIN_NAME)]
-    assert agent.reconcile() and agent.chain.fallbacks == 1, "counted once, not once per pass"
+    again = agent.reconcile()
+    assert again and not again.fell_back and not again.wrote and agent.chain.fallbacks == 1, "counted once"
 
 
 def test_switching_from_edit_to_drop_in_restores_the_primary_byte_for_byte(host):

@@ -19,11 +19,12 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import Field, fields
+from pathlib import Path
 from typing import Any
 
-from .node import CHAIN_MODES, CONTAINERD_SOCKET, CRIO_SOCKET, REPAIR_MODES
-from .node.options import Options
+from .node import CONTAINERD_SOCKET, CRIO_SOCKET
+from .node.options import INSTALL, REMOVED_FLAGS, UNINSTALL, Flag, Options
 from .profiles import PROFILE_NAMES
 from .wire import DEFAULT_SOCKET
 
@@ -40,6 +41,12 @@ def run_cli(argv: Sequence[str]) -> int:
     _add_render_parser(commands)
     _add_install_parser(commands)
     _add_node_readers(commands)
+    try:
+        if argv and argv[0] in (INSTALL, UNINSTALL):
+            _refuse_removed_flags(argv[0], argv[1:])
+    except CliError as error:
+        print(f"cni-redirect: {error}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = {
         "install": _install,
@@ -101,7 +108,54 @@ def _typed(name: str, parse: Callable[[str], Any], what: str) -> Callable[[str],
     return convert
 
 
-DEFAULTS = {f.name: f.default for f in fields(Options)}
+def _path_or_none(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
+#: How a setting's text becomes its value, by the field's declared type.
+_PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "Path": (Path, "a path"),
+    "Path | None": (_path_or_none, "a path"),
+    "str": (str, "a string"),
+    "str | None": (lambda text: text or None, "a string"),
+    "int": (int, "a whole number"),
+    "float": (float, "a number"),
+}
+
+
+def _option_fields(command: str) -> list[Field]:
+    return [f for f in fields(Options) if "flag" in f.metadata and command in f.metadata["flag"].commands]
+
+
+def _add_option_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """One flag per setting of `Options` that `command` takes (node/options.py), each defaulting to its
+    UPPER_SNAKE environment variable, else the setting's default."""
+    for setting in _option_fields(command):
+        flag: Flag = setting.metadata["flag"]
+        env = setting.name.upper()
+        parse, what = _PARSERS[str(setting.type)]
+        if flag.choices:
+            parse, what = _one_of(flag.choices), f"one of {', '.join(flag.choices)}"
+        default = setting.default if not isinstance(setting.default, Path) else str(setting.default)
+        parser.add_argument(
+            f"--{setting.name.replace('_', '-')}",
+            dest=setting.name,
+            type=_typed(env, parse, flag.what or what),
+            default=_env(env, default),
+            help=flag.help,
+            metavar=flag.metavar,
+        )
+
+
+def _options(args: argparse.Namespace, command: str) -> Options:
+    return Options(**{setting.name: getattr(args, setting.name) for setting in _option_fields(command)})
+
+
+def _refuse_removed_flags(command: str, argv: Sequence[str]) -> None:
+    for given in argv:
+        why = REMOVED_FLAGS.get((command, given.split("=", 1)[0]))
+        if why is not None:
+            raise CliError(f"{given.split('=', 1)[0]} was removed from `{command}`: {why}; drop it")
 
 
 def _add_install_parser(commands: Any) -> None:
@@ -109,68 +163,7 @@ def _add_install_parser(commands: Any) -> None:
         "install",
         help="node agent: install the plugin and keep it chained (each flag also reads its UPPER_SNAKE env var)",
     )
-
-    def flag(name: str, parse: Callable[[str], Any] | None = None, what: str = "", **kwargs: Any) -> None:
-        dest = name.replace("-", "_")
-        env = dest.upper()
-        if parse is not None:
-            kwargs["type"] = _typed(env, parse, what)
-        install.add_argument(f"--{name}", default=_env(env, DEFAULTS[dest]), **kwargs)
-
-    flag("cni-bin-dir")
-    flag("cni-conf-dir")
-    flag("conf-file", help="the primary conflist's file name")
-    flag("plugin-source", help="the bundle folder (or a single executable) to install")
-    flag("entry-file", help="JSON object with our conflist entry's settings (defaults, exclude_namespaces, ...)")
-    flag("readiness-port", int, "a port number")
-    flag("uninstall-grace", float, "a number of seconds", help="kept for compatibility: see `uninstall`")
-    flag(
-        "handover-wait",
-        float,
-        "a number of seconds",
-        help="no effect: stopping never uninstalls (`cni-redirect uninstall` does); kept for compatibility",
-    )
-    flag(
-        "probe-socket",
-        help="answer `cni-redirect ready|healthy` (the pod's exec probes) on this UNIX socket, a path private "
-        "to the agent's container",
-    )
-    flag("poll-interval", float, "a number of seconds", help="re-check interval where a dir cannot be watched")
-    flag(
-        "recheck-interval",
-        float,
-        "a number of seconds",
-        help="the dirs are watched (inotify); this is the slow periodic re-check beside it",
-    )
-    flag(
-        "agent-socket",
-        help=f"serve CNI requests on this UNIX socket, the fast path (default {DEFAULT_SOCKET}; empty: off)",
-    )
-    flag(
-        "cri-socket",
-        help=f"the container runtime's CRI socket (default containerd's {CONTAINERD_SOCKET}; CRI-O: {CRIO_SOCKET})",
-    )
-    flag(
-        "chain-mode",
-        _one_of(CHAIN_MODES),
-        f"one of {', '.join(CHAIN_MODES)}",
-        help="dropin: our entry as libcni's drop-in <conf dir>/<network>/99-cni-redirect.conf, the primary's file "
-        "untouched (containerd >= 2.1, CRI-O >= 1.33); edit: inlined into the primary's file; auto: dropin where "
-        "the runtime's CRI Version says it loads drop-ins, else edit",
-    )
-    flag(
-        "repair",
-        _one_of(REPAIR_MODES),
-        f"one of {', '.join(REPAIR_MODES)}",
-        help="pods whose table is missing or drifted: program it, only log it, or do nothing",
-    )
-    flag("repair-interval", float, "a number of seconds", metavar="SECONDS")
-    flag("node-name", help="this node's name (the manifest passes spec.nodeName): where --not-ready-taint comes off")
-    flag(
-        "not-ready-taint",
-        help="take the NoSchedule taint with this key off this node once installed and chained, so opted-in pods "
-        "never start on a new node before the agent (the node registers with it); empty: off",
-    )
+    _add_option_flags(install, INSTALL)
     agent = commands.add_parser("agent", help="run the CNI server alone: serve the thin front on a UNIX socket")
     agent.add_argument("--socket", default=_env("AGENT_SOCKET") or DEFAULT_SOCKET)
     _add_uninstall_parser(commands)
@@ -185,15 +178,7 @@ def _add_uninstall_parser(commands: Any) -> None:
         help="remove cni-redirect from this node: entry out (the primary's file restored), then the plugin; "
         "run once no agent runs here (each flag also reads its UPPER_SNAKE env var)",
     )
-    remove.add_argument("--cni-bin-dir", default=_env("CNI_BIN_DIR", DEFAULTS["cni_bin_dir"]))
-    remove.add_argument("--cni-conf-dir", default=_env("CNI_CONF_DIR", DEFAULTS["cni_conf_dir"]))
-    remove.add_argument("--conf-file", default=_env("CONF_FILE"), help="the primary conflist's file name")
-    remove.add_argument(
-        "--uninstall-grace",
-        type=_typed("UNINSTALL_GRACE", float, "a number of seconds"),
-        default=_env("UNINSTALL_GRACE", DEFAULTS["uninstall_grace"]),
-        help="seconds between taking the entry out and removing the plugin (a runtime may still exec it)",
-    )
+    _add_option_flags(remove, UNINSTALL)
     remove.add_argument(
         "--cni-cache-dir",
         default=_env("CNI_CACHE_DIR") or _node_cache_dir(),
@@ -310,30 +295,9 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .node.daemon import run
 
-    options = Options(
-        cni_bin_dir=Path(args.cni_bin_dir),
-        cni_conf_dir=Path(args.cni_conf_dir),
-        conf_file=args.conf_file or None,
-        plugin_source=Path(args.plugin_source),
-        entry_file=Path(args.entry_file) if args.entry_file else None,
-        readiness_port=args.readiness_port,
-        poll_interval=args.poll_interval,
-        recheck_interval=args.recheck_interval,
-        uninstall_grace=args.uninstall_grace,
-        handover_wait=args.handover_wait,
-        probe_socket=Path(args.probe_socket) if args.probe_socket else None,
-        agent_socket=Path(args.agent_socket) if args.agent_socket else None,
-        cri_socket=args.cri_socket,
-        chain_mode=args.chain_mode,
-        repair=args.repair,
-        repair_interval=args.repair_interval,
-        node_name=args.node_name,
-        not_ready_taint=args.not_ready_taint,
-    )
+    options = _options(args, INSTALL)
     return run(options)
 
 
@@ -358,7 +322,8 @@ def _uninstall(args: argparse.Namespace) -> int:
     from .logs import JsonLog
     from .node.uninstall import leftovers, uninstall
 
-    bin_dir, conf_dir = Path(args.cni_bin_dir), Path(args.cni_conf_dir)
+    options = _options(args, UNINSTALL)
+    bin_dir, conf_dir = options.cni_bin_dir, options.cni_conf_dir
     for flag, path in (("--cni-bin-dir", bin_dir), ("--cni-conf-dir", conf_dir)):
         if not path.is_dir():
             raise CliError(f"{flag} {path} is not a directory")
@@ -373,8 +338,8 @@ def _uninstall(args: argparse.Namespace) -> int:
             bin_dir,
             conf_dir,
             JsonLog(),
-            args.conf_file or None,
-            args.uninstall_grace,
+            options.conf_file,
+            options.uninstall_grace,
             args.force,
             Path(args.cni_cache_dir),
         )

@@ -203,7 +203,6 @@ class NodeHost:
             poll_interval=0.02,
             uninstall_grace=0.0,
             wait_log_interval=0.1,
-            handover_wait=0.0,
             agent_socket=None,  # the CNI server binds under /run: the root tier's business
             repair="off",  # no container runtime in the unit tier
         )

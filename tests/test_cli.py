@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,13 +73,56 @@ def test_an_install_only_variable_does_not_break_other_commands():
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("REPAIR_INTERVAL", "30s"), ("READINESS_PORT", "http"), ("REPAIR", "fix"), ("HANDOVER_WAIT", "soon")],
+    [("REPAIR_INTERVAL", "30s"), ("READINESS_PORT", "http"), ("REPAIR", "fix"), ("POLL_INTERVAL", "soon")],
 )
 def test_a_bad_environment_default_is_a_usage_error_naming_the_variable(variable, value):
     run = cli("install", **{variable: value})
     assert run.returncode == 2 and "Traceback" not in run.stderr
     (error,) = [line for line in run.stderr.splitlines() if "error:" in line]
     assert f"{value!r}" in error and f"environment variable {variable}" in error
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["install", "--handover-wait=5"], "--handover-wait was removed from `install`: it had no effect"),
+        (["install", "--uninstall-grace", "2"], "--uninstall-grace was removed from `install`: it had no effect here"),
+    ],
+)
+def test_a_removed_flag_is_one_line_saying_so(argv, words):
+    run = cli(*argv)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert words in run.stderr and "drop it" in run.stderr
+
+
+def test_install_and_uninstall_take_their_flags_from_the_options_table():
+    """Every setting with a flag appears on the commands it names, with its default from Options, and nothing
+    else of Options does."""
+    from dataclasses import fields
+
+    from cni_redirect.node.options import Options
+
+    install, uninstall = cli("install", "--help").stdout, cli("uninstall", "--help").stdout
+    for setting in fields(Options):
+        name = f"--{setting.name.replace('_', '-')}"
+        how = setting.metadata.get("flag")
+        assert (name in install) == (how is not None and "install" in how.commands), name
+        assert (name in uninstall) == (how is not None and "uninstall" in how.commands), name
+    assert "--force" in uninstall and "--cni-cache-dir" in uninstall
+
+
+def test_docs_install_lists_every_install_flag_with_its_variable():
+    """docs/install.md's flag table against the options table: an added setting must be documented there."""
+    from dataclasses import fields
+
+    from cni_redirect.node.options import Options
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "install.md").read_text()
+    for setting in fields(Options):
+        how = setting.metadata.get("flag")
+        if how is not None and "install" in how.commands:
+            row = f"| `--{setting.name.replace('_', '-')}` | `{setting.name.upper()}` |"
+            assert row in page, f"docs/install.md lacks the row {row}"
 
 
 @pytest.mark.parametrize(

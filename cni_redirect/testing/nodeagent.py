@@ -50,7 +50,6 @@ class NodeAgentProcess:
             f"--readiness-port={self.port}",
             f"--agent-socket={self.socket}",
             f"--cri-socket={cri_socket}",
-            "--uninstall-grace=0.5",
             *extra,
         ]
         self.lines: list[dict] = []

@@ -44,7 +44,7 @@ def node(bare_containerd, bundle, tmp_path):
             entry,
             tmp_path,
             str(runtime.socket),
-            extra=(f"--repair-interval={INTERVAL}", "--handover-wait=1", *extra),
+            extra=(f"--repair-interval={INTERVAL}", *extra),
             **kwargs,
         )
         agents.append(agent)

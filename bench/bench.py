@@ -50,6 +50,8 @@ from bench.datapath import bench_datapath_side_by_side  # noqa: E402
 from cni_redirect.backend import KernelBackend  # noqa: E402
 from cni_redirect.config import PodRef, parse_conf  # noqa: E402
 from cni_redirect.evaluation import evaluate  # noqa: E402
+from cni_redirect.node.repair import PassResult  # noqa: E402
+from cni_redirect.ruleset import Ruleset  # noqa: E402
 from cni_redirect.testing.netlab import PEER_V4, POD_V4, Netns, PodNetwork, enabled, plugin_conf  # noqa: E402
 from cni_redirect.testing.sessions import at  # noqa: E402
 
@@ -289,7 +291,7 @@ def bench_datapath(seconds: float, sizes: tuple[int, ...]) -> list[dict]:
         for ns, uid in ((net.pod, "1337"), (net.peer, "0")):
             port = "15001" if ns is net.pod else "8080"
             proc = helper("sink", ns.path, uid, port)
-            assert proc.stdout.readline().strip() == "ready"
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         measure("warm-up (discarded)", "none", 0)
         rows.clear()
         measure("direct, no capture", "none", 0)
@@ -301,6 +303,7 @@ def bench_datapath(seconds: float, sizes: tuple[int, ...]) -> list[dict]:
                 enabled(exclude_outbound_cidrs=",".join(cidrs), exclude_outbound_ports=",".join(map(str, ports)))
             )
             ruleset = evaluate(parse_conf(conf), PodRef("default", "b", None)).ruleset
+            assert ruleset is not None
             at(backend, net.pod.path).apply(ruleset)
             measure(f"nft sets, {size} CIDRs + {size} ports excluded", "nft", size)
             at(backend, net.pod.path).remove()
@@ -525,7 +528,7 @@ def bench_idle_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
             made = size
             repairer = Repairer(CriClient(str(runtime.socket)), runtime.conf_dir, lambda *a, **k: None)
 
-            def timed_pass(repairer: Repairer = repairer) -> tuple[float, float, object]:
+            def timed_pass(repairer: Repairer = repairer) -> tuple[float, float, PassResult]:
                 cpu, start = time.process_time(), time.perf_counter()
                 result = repairer.run_once()
                 return (time.process_time() - cpu) * 1000, (time.perf_counter() - start) * 1000, result
@@ -639,10 +642,13 @@ def bench_backend(runs: int = 200) -> dict:
     """The kernel work of one ADD and one DEL as the warm CNI server does it (in this process, a fresh netns
     each): REDIRECT against TPROXY, whose ADD also adds policy routing and whose DEL removes it. Baseline:
     the REDIRECT ADD, in the same process, interleaved."""
-    rulesets = {
-        mode: evaluate(parse_conf(plugin_conf(enabled(inbound_mode=mode))), PodRef("default", "bench", None)).ruleset
-        for mode in ("redirect", "tproxy")
-    }
+    rulesets: dict[str, Ruleset] = {}
+    for mode in ("redirect", "tproxy"):
+        ruleset = evaluate(
+            parse_conf(plugin_conf(enabled(inbound_mode=mode))), PodRef("default", "bench", None)
+        ).ruleset
+        assert ruleset is not None
+        rulesets[mode] = ruleset
 
     class NoRouting:
         """Routing that is never there and costs nothing: the REDIRECT path as it was before TPROXY."""
@@ -662,8 +668,20 @@ def bench_backend(runs: int = 200) -> dict:
         def delete(self, objects: list[dict]) -> None:
             return None
 
-    backends = {"redirect": KernelBackend(), "tproxy": KernelBackend(), "redirect, no routing code": None}
-    backends["redirect, no routing code"] = KernelBackend(routes=NoRouting)
+        def without_mss(self) -> list[str]:
+            return []
+
+        def set_mss(self, advmss: dict[str, int]) -> int:
+            return 0
+
+        def clear_mss(self, advmss: dict[str, int]) -> int:
+            return 0
+
+    backends = {
+        "redirect": KernelBackend(),
+        "tproxy": KernelBackend(),
+        "redirect, no routing code": KernelBackend(routes=NoRouting),
+    }
     samples: dict[str, list[float]] = {}
     order = list(backends)
     for index in range(runs):
@@ -870,7 +888,7 @@ def main() -> int:
     args = parser.parse_args()
     assert os.geteuid() == 0, "benchmarks need root"
     if args.only:
-        results = json.loads((args.out / "benchmarks.json").read_text())
+        results: dict = json.loads((args.out / "benchmarks.json").read_text())
         if args.only == "idle":
             results["idle_front"] = bench_idle_front(args.bundle, min(args.runs, 60))
             results["idle_repair"] = bench_idle_repair()
@@ -892,7 +910,7 @@ def main() -> int:
         write_report(results, args.out)
         print(f"wrote {args.out / 'benchmarks.md'}")
         return 0
-    results: dict = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release}}
+    results = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release}}
     agent = Agent(args.bundle)
     try:
         print("ADD latency ...", flush=True)

@@ -204,7 +204,7 @@ def burst(cluster: Cluster, pods: int, agent: bool) -> dict:
     time.sleep(2)  # the kubelet's metrics catch up with the last pods
     after = _metrics(cluster)
     startup = sorted(watch.running[name] - watch.seen[name] for name in watch.running)
-    result = {
+    result: dict[str, float | None] = {
         "pods": pods,
         "seconds": round(seconds, 2),
         "watch_p50_s": round(startup[len(startup) // 2], 3),

@@ -545,7 +545,7 @@ def _plot(results: dict, path: Path) -> None:
     right.set_ylabel("new connections / s")
     right.set_title("Datapath through capture")
     right.legend()
-    if panels == 3:
+    if stack and repair:
         _plot_idle(axes[2], stack, repair)
     fig.tight_layout()
     fig.savefig(path)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fast loop: lint, the formatter check, mypy over the package, and the root-free unit tier.
+# The fast loop: lint, the formatter check, mypy over the package, the tests, the benchmarks and the scripts, and the root-free unit tier.
 # Needs no root and no apt (scripts/venv.sh makes .venv if it is missing); under a minute here.
 # The heavy unit tests (marked slow) and every root tier run in scripts/test.sh, which calls this first.
 # Extra arguments go to pytest (e.g. scripts/check.sh -k render).

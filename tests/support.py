@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cni_redirect.config import PluginConf, PodRef, parse_conf
 from cni_redirect.evaluation import Evaluation, evaluate
@@ -51,7 +52,8 @@ class Call:
     backend: MemoryBackend
 
     @property
-    def out(self) -> dict | None:
+    def out(self) -> Any:
+        """The JSON the command printed (a result or an error object), None when it printed nothing."""
         return json.loads(self.stdout) if self.stdout else None
 
 
@@ -245,6 +247,7 @@ class AgentThread:
     def terminate(self) -> int:
         self.stop.set()
         self.thread.join(timeout=30)
+        assert self.rc is not None, "the agent did not stop within 30 s"
         return self.rc
 
 

@@ -119,12 +119,11 @@ def test_a_failed_table_takes_its_new_routing_back_out():
 
 
 def test_routing_already_there_is_kept_when_the_table_fails():
-    routes = FakeRoutes()
-    ops = TableOps(FakeEdge(FakeNft(), routes))
-    ops.apply(render("tproxy"))
+    routes, nft = FakeRoutes(), FakeNft()
+    TableOps(FakeEdge(nft, routes)).apply(render("tproxy"))
     present = list(routes.objects)
     with pytest.raises(InternalError):
-        TableOps(FakeEdge(RejectingNft(tables=ops.edge.kernel.tables), routes)).apply(render("tproxy"))
+        TableOps(FakeEdge(RejectingNft(tables=nft.tables), routes)).apply(render("tproxy"))
     assert routes.objects == present  # the previous, working table still needs it
 
 

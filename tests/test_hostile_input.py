@@ -25,7 +25,8 @@ ENV = {**DEFAULT_ENV, "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=p"}
 
 
 def run_add(stdin: bytes, env: dict[str, str] = ENV):
-    run = call("ADD", stdin, **{k: env.get(k) for k in DEFAULT_ENV})
+    variables: dict[str, str | None] = {k: env.get(k) for k in DEFAULT_ENV}
+    run = call("ADD", stdin, None, **variables)
     return run.rc, run.stdout, run.stderr, run.backend
 
 

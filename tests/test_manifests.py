@@ -135,7 +135,7 @@ def test_every_env_var_is_one_the_cli_reads(base, monkeypatch):
     """A renamed flag or env var would be ignored silently by the agent: each manifest value must land in Options."""
     from cni_redirect import cli
 
-    captured = {}
+    captured: dict[str, object] = {}
     monkeypatch.setattr("cni_redirect.node.daemon.run", lambda options: captured.setdefault("options", options) and 0)
     values = env(base)
     for name, value in values.items():

@@ -97,8 +97,14 @@ def test_restricted_policy_keeps_admin_exclusions(plugin):
 
 
 def test_normalize_ignores_handles_counters_and_hash_order():
-    a = [{"set": {"name": "s", "elem": ["b", "a"], "handle": 3}}, {"rule": {"expr": [{"counter": {"packets": 5}}]}}]
-    b = [{"set": {"name": "s", "elem": ["a", "b"]}}, {"rule": {"expr": [{"counter": {"packets": 0, "bytes": 0}}]}}]
+    a: list[dict] = [
+        {"set": {"name": "s", "elem": ["b", "a"], "handle": 3}},
+        {"rule": {"expr": [{"counter": {"packets": 5}}]}},
+    ]
+    b: list[dict] = [
+        {"set": {"name": "s", "elem": ["a", "b"]}},
+        {"rule": {"expr": [{"counter": {"packets": 0, "bytes": 0}}]}},
+    ]
     assert normalize(a) == normalize(b)
 
 

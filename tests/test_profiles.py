@@ -14,7 +14,7 @@ from cni_redirect.errors import InvalidConfig
 from cni_redirect.profiles import ISTIO, LINKERD
 from cni_redirect.ruleset import PolicyRouting
 from cni_redirect.settings import merge_settings
-from cni_redirect.spec import ALL
+from cni_redirect.spec import ALL, CaptureSpec
 from cni_redirect.testing.netlab import plugin_conf
 from tests.support import call, decide, injected
 
@@ -154,13 +154,19 @@ def test_restricted_policy_applies_to_the_meshes_keys_too():
     settings, ignored = merge_settings(conf.defaults, conf.annotations(), "restricted", (), ISTIO)
     assert settings["enabled"].value == "true"  # the mesh's opt-in is still an opt-in
     assert "traffic.sidecar.istio.io/excludeOutboundIPRanges" in ignored
-    assert decide(conf, POD).spec.exclude_outbound_cidrs == ()
+    assert captured_spec(conf).exclude_outbound_cidrs == ()
     conf = parse_conf(
         plugin_conf(
             annotations, profile="istio", annotation_policy="restricted", pod_settable=["exclude-outbound-cidrs"]
         )
     )
-    assert [str(n) for n in decide(conf, POD).spec.exclude_outbound_cidrs] == ["0.0.0.0/0"]
+    assert [str(n) for n in captured_spec(conf).exclude_outbound_cidrs] == ["0.0.0.0/0"]
+
+
+def captured_spec(conf) -> CaptureSpec:
+    spec = decide(conf, POD).spec
+    assert spec is not None, "the pod is captured"
+    return spec
 
 
 def test_without_a_profile_the_meshes_annotations_mean_nothing():

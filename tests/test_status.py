@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from typing import get_args
 
 import pytest
 from hypothesis import given, settings
@@ -28,8 +29,8 @@ def test_the_constants_are_the_catalogue_the_profiles_and_the_entry_model():
     assert status.PROFILE_NAMES == PROFILE_NAMES
     assert tuple(CATALOGUE) == status.CATALOGUE_KEYS
     fields = PluginConf.model_fields
-    assert fields["log_level"].annotation.__args__ == status.LOG_LEVELS
-    assert fields["annotation_policy"].annotation.__args__ == status.ANNOTATION_POLICIES
+    assert get_args(fields["log_level"].annotation) == status.LOG_LEVELS
+    assert get_args(fields["annotation_policy"].annotation) == status.ANNOTATION_POLICIES
     checked = [name for name, _, _ in status._ENTRY_FIELDS]
     wire_names = [field.alias or name for name, field in fields.items()]
     assert checked == [n for n in wire_names if n != "cniVersion"], "every field of the entry, in the model's order"

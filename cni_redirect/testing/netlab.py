@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 NETTOOLS = Path(__file__).resolve().parent / "nettools.py"
 PLUGIN = Path(sys.executable).parent / "cni-redirect"
@@ -239,7 +240,7 @@ def plugin_conf(
     annotations: dict[str, str] | None = None,
     version: str = "1.0.0",
     prev: bool = True,
-    **entry: object,
+    **entry: Any,
 ) -> dict:
     conf: dict = {
         "cniVersion": version,

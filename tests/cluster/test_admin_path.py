@@ -17,6 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -68,7 +69,7 @@ def kustomization(directory: Path, resources: list[str], components: list[str], 
 def node_paths(runtime, daemonset: str, env: dict[str, str] | None = None) -> str:
     """A DaemonSet patch with this node's CNI dirs (as the k3s or gke components patch theirs) and env."""
     container = {"name": "install", "env": [{"name": k, "value": v} for k, v in (env or {}).items()]}
-    spec = {
+    spec: dict[str, list[dict[str, Any]]] = {
         "volumes": [
             {"name": "cni-bin", "hostPath": {"path": str(runtime.bin_dir)}},
             {"name": "cni-conf", "hostPath": {"path": str(runtime.conf_dir)}},
@@ -402,7 +403,7 @@ def test_a_rollout_with_max_surge_keeps_every_new_pod_captured(cluster, admin, s
     (old,) = agent_pods(cluster)
     sampler = Sampler(lambda: node.entry() is not None)
     admin.set_image("0.1.1")
-    both_seen, names = False, []
+    both_seen, names = False, list[str]()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         pods = agent_pods(cluster)

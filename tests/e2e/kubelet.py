@@ -19,6 +19,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cni_redirect.cri import pb
 
@@ -60,8 +61,8 @@ class Probe:
 class PodRun:
     """A translated pod: the configs to send, the probes to poll, and what the node had to prepare."""
 
-    sandbox: object
-    container: object
+    sandbox: Any  # runtime_pb2.PodSandboxConfig
+    container: Any  # runtime_pb2.ContainerConfig
     readiness: Probe
     liveness: Probe | None
     grace_seconds: int

@@ -59,7 +59,7 @@ def test_bad_annotation_fails_run_pod_sandbox_and_leaves_nothing(containerd):
     before = {p.id for p in containerd.list_sandboxes()}
     with pytest.raises(grpc.RpcError) as info:
         containerd.run_pod("broken", annotations=enabled(proxy_uid="nginx"))
-    message = info.value.details()
+    message = info.value.details() or ""
     assert 'plugin type="cni-redirect" failed (add)' in message
     assert 'annotation cni-redirect.io/proxy-uid: invalid value "nginx"' in message
     assert {p.id for p in containerd.list_sandboxes()} == before

@@ -30,7 +30,8 @@ class Watcher:
     """Reads a file every few milliseconds while the test runs: every distinct content it ever saw."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.seen, self.reads = path, set(), 0
+        self.path, self.reads = path, 0
+        self.seen: set[bytes] = set()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
@@ -93,7 +94,8 @@ def test_agent_installs_into_containerd_keeps_it_on_sigterm_and_uninstall_remove
         view = read_conf_dir(runtime.conf_dir)
         assert view.mode() == mode, view.describe_mode()
         assert (runtime.bin_dir / "cni-redirect").resolve().is_file()
-        assert view.entry()["agent_socket"] == str(agent_socket), "pods go through the warm agent"
+        entry = view.entry()
+        assert entry is not None and entry["agent_socket"] == str(agent_socket), "pods go through the warm agent"
         if mode == ChainMode.DROPIN:
             assert (runtime.conf_dir / json.loads(original)["name"] / DROPIN_NAME).is_file()
 

@@ -184,7 +184,7 @@ def test_handover_under_continuous_pod_creation(node):
             try:
                 created.append(client.run_pod(f"surge-{worker}-{index}", annotations=enabled()))
             except grpc.RpcError as exc:
-                failures.append(exc.details())
+                failures.append(exc.details() or str(exc))
             index += 1
 
     threads = [threading.Thread(target=sample), *(threading.Thread(target=create, args=(w,)) for w in range(3))]

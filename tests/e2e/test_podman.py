@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
 
 import pytest
 
@@ -20,7 +21,7 @@ def network(podman, cni_version: str | None = None, **entry) -> tuple[str, str]:
     return name, f"10.98.{index}.1"
 
 
-def run_container(podman, net: str, name: str) -> str:
+def run_container(podman, net: str, name: str) -> subprocess.CompletedProcess:
     return podman.podman("run", "-d", "--name", name, "--network", net, "localhost/cnir-busybox:e2e", "sleep", "600")
 
 

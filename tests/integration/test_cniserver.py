@@ -11,6 +11,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,7 @@ def agent(host_unchanged):
     log = Log()
     server = CniServer(path, log)
     server.start()
-    server.log_lines = log.lines
+    server.log_lines = log.lines  # type: ignore[attr-defined]  # the tests read what the server logged
     yield server
     server.stop()
     assert not path.exists()
@@ -238,7 +239,11 @@ def test_a_front_that_has_its_reply_finds_the_request_counted_and_its_fd_closed(
             assert code == 0, out
             if (agent.served, _fd_count()) != (index + 1, fds):
                 lagging.append((index, agent.served, _fd_count() - fds))
-            wait_for(lambda index=index: agent.served == index + 1 and agent.in_flight == 0, timeout=10)
+
+            def caught_up(served: int = index + 1) -> bool:
+                return agent.served == served and agent.in_flight == 0
+
+            wait_for(caught_up, timeout=10)
     finally:
         os.close(netns_fd)
     assert lagging == [], f"{len(lagging)} of 300 replies ended before the server was done: {lagging[:3]}"
@@ -296,7 +301,9 @@ def test_the_accept_loop_survives_running_out_of_fds(pod, host_unchanged):
     path = f"/run/cni-redirect/squeeze-{os.getpid()}.sock"
     server = subprocess.Popen([str(PLUGIN), "agent", "--socket", path], stdout=subprocess.PIPE, text=True)
     lines: list[dict] = []
-    reader = threading.Thread(target=lambda: lines.extend(json.loads(line) for line in server.stdout), daemon=True)
+    stdout = server.stdout
+    assert stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(json.loads(line) for line in stdout), daemon=True)
     reader.start()
     try:
         wait_for(lambda: any(line["msg"] == "agent serving CNI requests" for line in lines), timeout=30)
@@ -346,7 +353,7 @@ def test_a_server_whose_socket_was_taken_away_reports_a_problem(agent):
 def test_racing_adds_on_one_netns_leave_exactly_one_table(pod, agent, mode):
     from concurrent.futures import ThreadPoolExecutor
 
-    entry = {"agent_socket": str(agent.path)} if mode == "agent" else {}
+    entry: dict[str, Any] = {"agent_socket": str(agent.path)} if mode == "agent" else {}
     conf = plugin_conf(enabled(exclude_outbound_ports="22"), **entry)
     for _ in range(3):
         pod.run("nft", "delete", "table", "inet", "cni_redirect", check=False)

@@ -74,6 +74,7 @@ def test_sigkill_mid_add_then_add_again_is_consistent(pod):
         proc = subprocess.Popen(
             [str(PLUGIN)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
         )
+        assert proc.stdin is not None
         proc.stdin.write(conf.encode())
         proc.stdin.close()
         time.sleep(rng.uniform(0.2, 0.6))  # around the moment the transaction is sent
@@ -139,6 +140,7 @@ def test_real_kernel_holds_the_expected_table_or_the_previous_one(annotations):
         conf = plugin_conf(enabled(**{k.replace("-", "_"): v for k, v in annotations.items()}))
         try:
             decision = decide(parse_conf(conf), PodRef("default", "p", None))
+            assert decision.ruleset is not None
             at(backend, ns.path).apply(decision.ruleset)
             expected = decision.ruleset
         except CniError as error:

@@ -65,7 +65,8 @@ def test_a_table_the_pod_filled_is_counted_never_listed_and_then_replaced(pod, t
     with backend.session(pod.path) as session:
         session.apply(ruleset)  # what repair does with the drift: replace, never list
         observed = session.observe(True, bound)
-    assert observed.oversized == "" and normalize(observed.listing) == normalize(ruleset.objects())
+    assert observed.oversized == "" and observed.listing is not None
+    assert normalize(observed.listing) == normalize(ruleset.objects())
 
 
 def test_policy_routing_is_read_as_a_stream_keeping_only_ours(pod, tmp_path):
@@ -77,6 +78,7 @@ def test_policy_routing_is_read_as_a_stream_keeping_only_ours(pod, tmp_path):
     with backend.session(pod.path) as session:
         routing, peak = _peak_kib(session.routing)
     print(f"\n[hostile] routing read among {RULES} foreign rules: {peak} KiB peak (Python heap)")
+    assert ruleset.routing is not None
     assert sorted(map(str, routing)) == sorted(map(str, ruleset.routing.objects(ipv6=True)))
     assert peak < 2048
     with backend.session(pod.path) as session:
@@ -106,7 +108,8 @@ def test_a_table_the_pod_filled_with_empty_chains_is_counted_never_listed(pod, t
     with backend.session(pod.path) as session:
         session.apply(ruleset)  # repair replaces the table whole: the chains go with it
         observed = session.observe(False, bound)
-    assert observed.oversized == "" and normalize(observed.listing) == normalize(ruleset.objects())
+    assert observed.oversized == "" and observed.listing is not None
+    assert normalize(observed.listing) == normalize(ruleset.objects())
 
 
 def test_inspect_shows_whatever_a_pod_wrote_into_our_table_escaped(pod):

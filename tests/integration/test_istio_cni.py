@@ -31,7 +31,7 @@ from tests.support import injected
 APP_UID = 1000
 APP_PORTS = (53, 8080, 9000, 15008, 15020, 15021, 15090)
 PEER_PORTS = (53, 80, 81, 3306, 15020)
-TPROXY = {"sidecar.istio.io/interceptionMode": "TPROXY"}
+TPROXY: dict[str, str | None] = {"sidecar.istio.io/interceptionMode": "TPROXY"}
 DUAL_STACK = {"ISTIO_DUAL_STACK": "true"}  # the proxy's env in a mesh installed dual-stack
 #: (uid, gid, family, udp, destination) of each probe kind; "in" kinds dial the pod from the peer netns.
 KINDS = {

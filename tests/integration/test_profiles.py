@@ -90,7 +90,9 @@ def check_row(net, mesh: str, annotations: dict[str, str], expected: list[tuple[
 
 # --- Istio: annotations -> traffic ---
 
-ISTIO_ROWS = {
+#: row -> (annotation changes over the injected fixture, [(direction, port, who answers)])
+Rows = dict[str, tuple[dict[str, str | None], list[tuple[str, int, str]]]]
+ISTIO_ROWS: Rows = {
     "injected pod: all captured but istio's always-excluded ports": (
         {},
         [("out", 80, "proxy-out"), ("out", 15020, "peer"), ("in", 8080, "proxy-in"), ("in", 15008, "app"),
@@ -181,7 +183,7 @@ def test_istio_case_table(istio_lab, row):
 
 # --- Linkerd: annotations -> traffic ---
 
-LINKERD_ROWS = {
+LINKERD_ROWS: Rows = {
     "injected pod: all captured but the proxy's admin and control ports": (
         {},
         [("out", 80, "proxy-out"), ("in", 8080, "proxy-in"), ("in", 4190, "app"), ("in", 4191, "app")],

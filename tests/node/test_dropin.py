@@ -38,7 +38,8 @@ def test_dropin_mode_writes_our_drop_in_and_never_the_primary(host):
     assert (host.conf / RELOAD_MARKER).exists(), "the runtime is told to reload through the top dir"
     view = read_conf_dir(host.conf)
     assert view.mode() == ChainMode.DROPIN
-    assert view.entry()["name"] == network and view.entry()["type"] == "cni-redirect"
+    entry = view.entry()
+    assert entry is not None and entry["name"] == network and entry["type"] == "cni-redirect"
     marker = (host.conf / RELOAD_MARKER).stat().st_mtime_ns
     writes = agent.chain.writes
     for _ in range(3):

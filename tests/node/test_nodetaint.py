@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,8 @@ class ApiServer:
     server does; `conflicts` makes the next PATCHes fail their test (another writer got there first)."""
 
     def __init__(self, tmp_path: Path, taints: list[dict]) -> None:
-        self.taints, self.requests, self.conflicts, self.status = list(taints), [], 0, 200
+        self.taints, self.conflicts, self.status = list(taints), 0, 200
+        self.requests: list[tuple[str, str, str | None, Any]] = []  # method, path, a header, the body
         cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",

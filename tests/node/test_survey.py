@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,7 +38,7 @@ def mesh_annotations(name: str) -> dict[str, str]:
     return json.loads((MESH / f"{name}-injected.json").read_text())["annotations"]
 
 
-def ruleset_for(annotations: dict[str, str], **entry: object):
+def ruleset_for(annotations: dict[str, str], **entry: Any):
     evaluation = evaluate(parse_conf(plugin_conf(annotations, **entry)), PodRef("default", "p", None))
     assert evaluation.ruleset is not None, evaluation.reason
     return evaluation.ruleset
@@ -245,7 +246,9 @@ def test_inspect_escapes_what_a_pod_controls(node):
 def test_counters_come_from_rule_kinds(node):
     cri, backend = node
     path = cri.add("p", enabled(capture_dns="true"))
-    ruleset = build_ruleset(evaluate(parse_conf(plugin_conf(enabled(capture_dns="true"))), PodRef("d", "p", None)).spec)
+    spec = evaluate(parse_conf(plugin_conf(enabled(capture_dns="true"))), PodRef("d", "p", None)).spec
+    assert spec is not None
+    ruleset = build_ruleset(spec)
     at(backend, path).apply(ruleset)
     (view,) = survey(cri, backend).values()
     assert view.observed is not None and view.observed.listing is not None
@@ -354,7 +357,7 @@ def test_a_pass_counts_the_sandboxes_it_could_not_check(node, tmp_path):
     cri.add("first", enabled(), error="UNAVAILABLE")
     backend.gone.add(cri.add("second", enabled()))
     cri.add("third", enabled())
-    passes = []
+    passes: list[object] = []
     repair = Repairer(cri, installed(tmp_path), lambda *a, **k: None, sessions=backend.session, on_pass=passes.append)
     result = repair.run_once()
     assert result.error == "" and result.failed == 2 and result.repaired == ["default/third"]

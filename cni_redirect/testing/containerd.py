@@ -42,7 +42,10 @@ def mounts_under(prefix: str) -> list[str]:
     return points
 
 
-def conflist(workdir: Path, with_plugin: bool = True, cni_version: str = "1.0.0", **entry: object) -> dict:
+def conflist(
+    workdir: Path, with_plugin: bool = True, cni_version: str = "1.0.0", subnet: str = SUBNET, gateway: str = GATEWAY,
+    **entry: object,
+) -> dict:  # fmt: skip
     plugins: list[dict] = [
         {
             "type": "bridge",
@@ -51,7 +54,7 @@ def conflist(workdir: Path, with_plugin: bool = True, cni_version: str = "1.0.0"
             "ipMasq": False,
             "ipam": {
                 "type": "host-local",
-                "ranges": [[{"subnet": SUBNET, "gateway": GATEWAY}]],
+                "ranges": [[{"subnet": subnet, "gateway": gateway}]],
                 "routes": [{"dst": "0.0.0.0/0"}],
                 "dataDir": str(workdir / "ipam"),
             },
@@ -158,6 +161,9 @@ class Containerd:
     with_plugin: bool = True  # False: a node before cni-redirect is installed
     node_netns: bool = False  # True: pod netns under /var/run/netns, as on a real node (the DaemonSet tier)
     version: str = "1.6"  # "1.6": Debian's containerd and CNI plugins; "2.4": built by scripts/peers.sh
+    subnet: str = SUBNET  # the pods' addresses (host-local) and their gateway, the bridge's
+    gateway: str = GATEWAY
+    enter: tuple[str, ...] = ()  # a command prefix: the namespaces containerd runs in (a node of `nodes.NodeFleet`)
     process: subprocess.Popen | None = None
     pods: list[str] = field(default_factory=list)
 
@@ -216,13 +222,17 @@ class Containerd:
             (bin_dir / plugin.name).symlink_to(plugin)
         if self.with_plugin:
             (bin_dir / "cni-redirect").symlink_to(PLUGIN)
-        self.write_conflist(conflist(d, with_plugin=self.with_plugin, cni_version=self.cni_version))
+        self.write_conflist(self.conflist(with_plugin=self.with_plugin))
         config = d / "containerd.toml"
         netns_private = "false" if self.node_netns else "true"
         config.write_text(template.format(d=d, image=PAUSE_IMAGE, netns_private=netns_private))
         log = (d / "containerd.log").open("w")
         self.process = subprocess.Popen(
-            [binary, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            [*self.enter, binary, "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
         )
         log.close()
         self._wait_for_socket()
@@ -252,7 +262,7 @@ class Containerd:
 
     def conflist(self, with_plugin: bool = True, **entry: object) -> dict:
         """The tier's conflist for this runtime (its cniVersion), with our entry's settings."""
-        return conflist(self.workdir, with_plugin=with_plugin, cni_version=self.cni_version, **entry)
+        return conflist(self.workdir, with_plugin, self.cni_version, self.subnet, self.gateway, **entry)
 
     def write_conflist(self, document: dict) -> None:
         """Replace the one conflist atomically; containerd reloads it live."""

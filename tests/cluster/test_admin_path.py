@@ -23,24 +23,26 @@ import pytest
 import yaml
 
 from cni_redirect.node.nodetaint import DEFAULT_TAINT
-from cni_redirect.testing.cluster import NODE
-from cni_redirect.testing.istio import run_validation
-from cni_redirect.testing.netlab import enabled
-from tests.cluster.conftest import (
+from cni_redirect.testing.cluster import (
     BROKEN_TAG,
     CHART,
     IMAGE,
+    NODE,
+    helm,
+    node_taints,
+    running_cluster,
+    wait_until,
+)
+from cni_redirect.testing.istio import run_validation
+from cni_redirect.testing.netlab import enabled
+from tests.cluster.support import (
     REPO,
     NodeView,
     app_pod,
     apply,
-    helm,
-    node_taints,
     outbound_goes_to_proxy,
     pod_phase,
-    running_cluster,
     wait_running,
-    wait_until,
 )
 from tests.support import Sampler, free_port, injected
 

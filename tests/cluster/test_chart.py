@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cluster.conftest import CHART, helm
+from cni_redirect.testing.cluster import CHART, helm
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "install" / "kubernetes"

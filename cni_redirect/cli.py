@@ -224,24 +224,21 @@ def _add_node_readers(commands) -> None:
             reader.add_argument("--proc", default="/proc", help="the host's /proc (host PID namespace)")
 
 
-def _readers(args: argparse.Namespace) -> tuple[Any, dict | None]:
-    from pathlib import Path
-
+def _readers(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The CRI client, and the conf dir read once: every answer of the command comes from that one read."""
     from .cri import CriClient
-    from .node.chain import installed_entry
+    from .node.confdir import read_conf_dir
 
-    return CriClient(args.cri_socket), installed_entry(Path(args.cni_conf_dir), args.conf_file or None)
+    return CriClient(args.cri_socket), read_conf_dir(Path(args.cni_conf_dir), args.conf_file or None)
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .errors import CriError
-    from .node.confdir import read_conf_dir
     from .node.inspect import pod_detail, table, view_json
     from .node.survey import Survey
 
-    cri, entry = _readers(args)
+    cri, snapshot = _readers(args)
+    entry = snapshot.entry()
     if entry is None:
         cri.close()
         print(f"cni-redirect: not chained into a CNI config in {args.cni_conf_dir}", file=sys.stderr)
@@ -262,23 +259,18 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([view_json(v) for v in views], indent=2))
     else:
-        sys.stdout.write(
-            f"chain mode: {read_conf_dir(Path(args.cni_conf_dir), args.conf_file or None).describe_mode()}\n"
-        )
+        sys.stdout.write(f"chain mode: {snapshot.describe_mode()}\n")
         sys.stdout.write(table(views))
     return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .errors import CriError
-    from .node.confdir import read_conf_dir
     from .node.doctor import TRAP, diagnose
 
-    cri, _ = _readers(args)
+    cri, snapshot = _readers(args)
     try:
-        findings = diagnose(cri, Path(args.cni_conf_dir), args.conf_file or None, Path(args.proc))
+        findings = diagnose(cri, snapshot, Path(args.proc))
     except CriError as error:
         raise CliError(str(error)) from None
     finally:
@@ -287,7 +279,7 @@ def _doctor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([f.json() for f in findings], indent=2))
     else:
-        print(f"chain mode: {read_conf_dir(Path(args.cni_conf_dir), args.conf_file or None).describe_mode()}")
+        print(f"chain mode: {snapshot.describe_mode()}")
         for finding in findings:
             print(f"{'FOUND' if finding.severity == TRAP else 'note '}  {finding.message}")
         print(f"{len(traps)} trap(s) found" if traps else "no trap found")

@@ -28,8 +28,7 @@ from ..config import ANNOTATIONS_CAPABILITY
 from ..errors import WireError
 from ..evaluation import Outcome
 from . import conflists
-from .chain import installed_entry
-from .confdir import ChainMode, other_configs_warning, read_conf_dir
+from .confdir import ChainMode, ConfDir, other_configs_warning, read_conf_dir
 from .inspect import printable
 from .procs import Process, descendants, processes
 from .survey import DRIFTED, MISSING, PodView
@@ -55,7 +54,12 @@ class Finding:
 def node_findings(conf_dir: Path, conf_file: str | None = None) -> list[Finding]:
     """What is wrong with how the node runs us: the primary config, our entry in it (or its drop-in), its CNI
     server."""
-    snapshot = read_conf_dir(conf_dir, conf_file)
+    return snapshot_findings(read_conf_dir(conf_dir, conf_file))
+
+
+def snapshot_findings(snapshot: ConfDir) -> list[Finding]:
+    """`node_findings` of a conf dir already read (a command reads it once)."""
+    conf_dir, conf_file = snapshot.path, snapshot.conf_file
     primary = snapshot.primary
     if primary is None:
         if snapshot.problem.startswith("primary config left untouched"):
@@ -185,11 +189,12 @@ def _ref(view: PodView) -> str:
     return printable(view.ref)
 
 
-def diagnose(cri: CriClient, conf_dir: Path, conf_file: str | None, proc: Path) -> list[Finding]:
+def diagnose(cri: CriClient, snapshot: ConfDir, proc: Path) -> list[Finding]:
+    """Every finding on the node, from one read of its conf dir."""
     from .survey import Survey
 
-    findings = node_findings(conf_dir, conf_file)
-    entry = installed_entry(conf_dir, conf_file)
+    findings = snapshot_findings(snapshot)
+    entry = snapshot.entry()
     if entry is None:
         return findings
     procs = processes(proc)

@@ -82,7 +82,6 @@ def test_agent_installs_into_containerd_keeps_it_on_sigterm_and_uninstall_remove
             f"--plugin-source={bundle}",
             f"--entry-file={entry_file}",
             f"--readiness-port={READINESS_PORT}",
-            "--uninstall-grace=1",
             f"--agent-socket={agent_socket}",
             f"--cri-socket={runtime.socket}",
         ],

@@ -391,17 +391,17 @@ class Cluster:
     def get(self, *args: str) -> dict:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
-    def wait_node_ready(self, timeout: float = 120) -> None:
+    def wait_node_ready(self, timeout: float = 120, node: str = NODE, kubelet_log: str = "kubelet") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
-            found = self.kubectl("get", "node", NODE, "-o", "json", check=False)
+            found = self.kubectl("get", "node", node, "-o", "json", check=False)
             if found.returncode == 0:
                 conditions = {c["type"]: c["status"] for c in json.loads(found.stdout)["status"].get("conditions", [])}
                 if conditions.get("Ready") == "True":
                     return
             time.sleep(0.5)
-        raise RuntimeError(f"node {NODE} not Ready within {timeout:.0f} s:\n{self.log_tail('kubelet')}")
+        raise RuntimeError(f"node {node} not Ready within {timeout:.0f} s:\n{self.log_tail(kubelet_log)}")
 
     def stop_kubelet(self) -> None:
         self._stop("kubelet")

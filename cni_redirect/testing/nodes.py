@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,16 +239,7 @@ class NodeFleet:
         cluster._spawn(f"kubelet-{node.name}", args, env={"PATH": str(path)}, enter=list(node.enter))
 
     def wait_ready(self, name: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.cluster._check_alive()
-            found = self.cluster.kubectl("get", "node", name, "-o", "json", check=False)
-            if found.returncode == 0:
-                conditions = {c["type"]: c["status"] for c in json.loads(found.stdout)["status"].get("conditions", [])}
-                if conditions.get("Ready") == "True":
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"node {name} not Ready within {timeout:.0f} s:\n{self.cluster.log_tail(f'kubelet-{name}')}")
+        self.cluster.wait_node_ready(timeout, name, f"kubelet-{name}")
 
     def memory_kib(self) -> dict[str, int]:
         """Resident memory of what each node runs (kubelet, containerd, shims and pods are in its cgroups or are

@@ -50,7 +50,7 @@ from bench.datapath import bench_datapath_side_by_side  # noqa: E402
 from cni_redirect.backend import KernelBackend  # noqa: E402
 from cni_redirect.config import PodRef, parse_conf  # noqa: E402
 from cni_redirect.evaluation import evaluate  # noqa: E402
-from cni_redirect.node.repair import PassResult  # noqa: E402
+from cni_redirect.node.pods.repair import PassResult  # noqa: E402
 from cni_redirect.ruleset import Ruleset  # noqa: E402
 from cni_redirect.testing.netlab import PEER_V4, POD_V4, Netns, PodNetwork, enabled, plugin_conf  # noqa: E402
 from cni_redirect.testing.sessions import at  # noqa: E402
@@ -429,7 +429,7 @@ def bench_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
     """One repair pass over N ready sandboxes on a real containerd: all missing, then all ok; baseline: the
     CRI calls alone (list + one status per sandbox) in the same process."""
     from cni_redirect.cri import CriClient
-    from cni_redirect.node.repair import Repairer
+    from cni_redirect.node.pods.repair import Repairer
     from cni_redirect.testing.containerd import conflist
 
     rows = []
@@ -515,7 +515,7 @@ def bench_idle_repair(sizes: tuple[int, ...] = (10, 50, 100)) -> list[dict]:
     every thread) when it remembers earlier passes, against the first pass that compares every pod in full, a full
     pass (every `full_every`-th), and a pass after every table was deleted by hand (all need repair)."""
     from cni_redirect.cri import CriClient
-    from cni_redirect.node.repair import Repairer
+    from cni_redirect.node.pods.repair import Repairer
     from cni_redirect.testing.containerd import conflist
 
     rows = []

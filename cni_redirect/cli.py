@@ -6,7 +6,7 @@ CLI subcommands:
   agent      run the CNI server alone: serve the thin front's requests on a UNIX socket, install nothing
   ready      exec probe: exit 0 when this container's agent is installed and chained
   healthy    exec probe: exit 0 when this container's agent can do its job
-             (both answered by `front.main` through node/probe.py, without loading this module)
+             (both answered by `front.main` through node/agent/probe.py, without loading this module)
   uninstall  take the entry and the plugin off the node, the primary's files back as they were
   inspect    every pod sandbox on this node: captured or not, its table right or not, traffic on it
   doctor     the traps that make a pod skip its proxy (the proxy-UID trap first); exit 1 when it finds one
@@ -227,15 +227,15 @@ def _add_node_readers(commands) -> None:
 def _readers(args: argparse.Namespace) -> tuple[Any, Any]:
     """The CRI client, and the conf dir read once: every answer of the command comes from that one read."""
     from .cri import CriClient
-    from .node.confdir import read_conf_dir
+    from .node.chaining.confdir import read_conf_dir
 
     return CriClient(args.cri_socket), read_conf_dir(Path(args.cni_conf_dir), args.conf_file or None)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from .errors import CriError
-    from .node.inspect import pod_detail, table, view_json
-    from .node.survey import Survey
+    from .node.admin.inspect import pod_detail, table, view_json
+    from .node.pods.survey import Survey
 
     cri, snapshot = _readers(args)
     entry = snapshot.entry()
@@ -266,7 +266,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     from .errors import CriError
-    from .node.doctor import TRAP, diagnose
+    from .node.admin.doctor import TRAP, diagnose
 
     cri, snapshot = _readers(args)
     try:
@@ -287,7 +287,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from .node.daemon import run
+    from .node.agent.daemon import run
 
     options = _options(args, INSTALL)
     return run(options)
@@ -300,7 +300,7 @@ def _node_cache_dir() -> str:
 
 def _probe(args: argparse.Namespace) -> int:
     """The same as the front's fast path (`front.main`), for a `cni-redirect` run another way."""
-    from .node.probe import main as probe
+    from .node.agent.probe import main as probe
 
     return probe([args.command, *(["--probe-socket", args.probe_socket] if args.probe_socket else [])])
 
@@ -312,7 +312,7 @@ def _uninstall(args: argparse.Namespace) -> int:
 
     from .errors import CniRedirectError
     from .logs import JsonLog
-    from .node.uninstall import leftovers, uninstall
+    from .node.admin.uninstall import leftovers, uninstall
 
     options = _options(args, UNINSTALL)
     bin_dir, conf_dir = options.cni_bin_dir, options.cni_conf_dir
@@ -353,7 +353,7 @@ def _agent(args: argparse.Namespace) -> int:
 
     from .cniserver import CniServer
     from .logs import JsonLog
-    from .node.daemon import check_agent_socket
+    from .node.agent.daemon import check_agent_socket
 
     log = JsonLog()
     try:

@@ -43,7 +43,7 @@ def main() -> int:
     command = env.get("CNI_COMMAND")
     if command is None:
         if sys.argv[1:2] in (["ready"], ["healthy"]):  # the exec probes, every few seconds: nothing else loaded
-            from .node.probe import main as probe
+            from .node.agent.probe import main as probe
 
             return probe(sys.argv[1:])
         from .cli import run_cli

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cni_redirect.config import OTHER_ENTRY_KEYS, PluginConf  # noqa: E402
-from cni_redirect.node.metrics import Metrics  # noqa: E402
+from cni_redirect.node.agent.metrics import Metrics  # noqa: E402
 from cni_redirect.spec import ANNOTATION_PREFIX, CaptureSpec  # noqa: E402
 from cni_redirect.valueschema import defaults_schema, kind_schemas, root_consent  # noqa: E402
 

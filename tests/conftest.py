@@ -36,11 +36,22 @@ TESTS = REPO / "tests"
 MARKERS = {"integration": ("root",), "e2e": ("root", "e2e"), "cluster": ("root", "e2e", "cluster")}
 
 
+#: `CNIR_TEST_ORDER=reverse` runs each module's tests last to first: no test may rely on another's order (each
+#: starts from a state its fixtures ensure), and this is how that is checked (docs/CONTRIBUTING.md).
+ORDER = os.environ.get("CNIR_TEST_ORDER", "file")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    assert ORDER in ("file", "reverse"), f"CNIR_TEST_ORDER={ORDER!r}: file or reverse"
     for item in items:
         tier = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
         for marker in MARKERS.get(tier, ()):
             item.add_marker(getattr(pytest.mark, marker))
+    if ORDER == "reverse":
+        modules: dict[str, list[pytest.Item]] = {}
+        for item in items:
+            modules.setdefault(str(item.fspath), []).append(item)
+        items[:] = [item for group in modules.values() for item in reversed(group)]
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,8 @@ from cni_redirect.config import PluginConf, PodRef, parse_conf
 from cni_redirect.evaluation import Evaluation, evaluate
 from cni_redirect.fake import MemoryBackend
 from cni_redirect.logs import EventLog, JsonLog
-from cni_redirect.node import conflists
-from cni_redirect.node.daemon import NodeAgent, Options, run
+from cni_redirect.node.agent.daemon import NodeAgent, Options, run
+from cni_redirect.node.chaining import conflists
 from cni_redirect.plugin import RedirectPlugin
 from cni_redirect.ruleset import Ruleset
 from cni_redirect.skel import dispatch
@@ -215,7 +215,7 @@ class NodeHost:
 
     def uninstall(self) -> list[str]:
         """`cni-redirect uninstall` on this node: a new process, knowing only what is on disk."""
-        from cni_redirect.node.uninstall import uninstall
+        from cni_redirect.node.admin.uninstall import uninstall
 
         return uninstall(self.bin, self.conf, JsonLog(self.log), grace=0.0, cache_dir=self.root / "cni-cache")
 

@@ -38,7 +38,7 @@ def test_the_readme_is_short_and_every_local_link_resolves():
 
 
 def test_every_catalogue_key_and_metric_is_documented():
-    from cni_redirect.node.metrics import Metrics
+    from cni_redirect.node.agent.metrics import Metrics
     from cni_redirect.spec import ANNOTATION_PREFIX, CATALOGUE
 
     configuration = (REPO / "docs" / "configuration.md").read_text()

@@ -109,9 +109,11 @@ KERNEL = {"cni_redirect.backend", "cni_redirect.netns", "cni_redirect.cniserver"
           "cni_redirect.netlink", "cni_redirect.nftsize", "cni_redirect.nftgen", "cni_redirect.routing", "nftables",
           "pyroute2"}  # fmt: skip
 LAB = "cni_redirect.testing"
-NODE = {"cni_redirect.node", "cni_redirect.node.bundle", "cni_redirect.node.chain", "cni_redirect.node.conflists",
-        "cni_redirect.node.daemon", "cni_redirect.node.files"}  # fmt: skip
-AGENT = {"cni_redirect.node.daemon", "cni_redirect.node.chain"}
+#: The node agent: every module of cni_redirect.node, whichever wing.
+NODE = {_module_name(p) for p in (PACKAGE / "node").rglob("*.py")}
+AGENT = {"cni_redirect.node.agent.daemon", "cni_redirect.node.chaining.chain"}
+#: The node's wings, in the one direction data flows: a wing may reach those before it, never those after.
+WINGS = ("chaining", "pods", "agent", "admin")
 OURS_BUT_ERRORS = {f"cni_redirect.{m}" for m in ("spec", "config", "plugin", "backend", "netns", "wire", "skel")}
 
 RULES = [
@@ -134,15 +136,15 @@ RULES = [
     ("cni_redirect.routing", NODE | {"nftables"}, False, "policy routing is netlink, not nftables or the node agent"),
     ("cni_redirect.front", HEAVY, True, "the front loads on every pod start: stdlib only"),
     ("cni_redirect.status", HEAVY | KERNEL, False, "STATUS without a server loads nothing heavy"),
-    ("cni_redirect.node.watch", HEAVY | KERNEL, False, "watching dirs is inotify and select only"),
+    ("cni_redirect.node.agent.watch", HEAVY | KERNEL, False, "watching dirs is inotify and select only"),
     ("cni_redirect.wire", HEAVY | {"cni_redirect.spec", "cni_redirect.plugin"}, False, "the protocol is stdlib only"),
     ("cni_redirect.errors", HEAVY | {"cni_redirect.spec"}, False, "errors import nothing"),
-    ("cni_redirect.node.bundle", KERNEL, False, "the installer never enters a netns or runs nft"),
-    ("cni_redirect.node.chain", KERNEL, False, "the installer never enters a netns or runs nft"),
-    ("cni_redirect.node.conflists", KERNEL, False, "the installer never enters a netns or runs nft"),
+    ("cni_redirect.node.chaining.bundle", KERNEL, False, "the installer never enters a netns or runs nft"),
+    ("cni_redirect.node.chaining.chain", KERNEL, False, "the installer never enters a netns or runs nft"),
+    ("cni_redirect.node.chaining.conflists", KERNEL, False, "the installer never enters a netns or runs nft"),
     ("cni_redirect.node.files", KERNEL, False, "the installer never enters a netns or runs nft"),
-    ("cni_redirect.node.nodetaint", HEAVY | KERNEL, False, "the API edge is stdlib HTTP, off the CNI path"),
-    ("cni_redirect.node.httpport", KERNEL | AGENT, False, "the HTTP port is given callables, not the agent"),
+    ("cni_redirect.node.agent.nodetaint", HEAVY | KERNEL, False, "the API edge is stdlib HTTP, off the CNI path"),
+    ("cni_redirect.node.agent.httpport", KERNEL | AGENT, False, "the HTTP port is given callables, not the agent"),
     ("cni_redirect.skel", {"cni_redirect.backend", "cni_redirect.netns"}, False, "the dispatcher knows no kernel"),
     ("cni_redirect.plugin", NODE | {"cni_redirect.cniserver"}, False, "the plugin knows no node agent"),
     ("cni_redirect.cniserver", NODE, False, "the CNI server is not the node agent"),
@@ -159,6 +161,27 @@ def test_layering_rule(module, forbidden, module_level, why):
     assert module in graph, f"{module} is gone: update the rule and docs/CONTRIBUTING.md's Code layout"
     reached = closure(graph, module)
     assert not reached & forbidden, f"{module} reaches {sorted(reached & forbidden)}: {why}"
+
+
+def _wing(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 3 and parts[:2] == ["cni_redirect", "node"] and parts[2] in WINGS else None
+
+
+@pytest.mark.parametrize("wing", WINGS)
+def test_a_node_wing_reaches_only_the_wings_before_it(wing):
+    graph = import_graph()
+    later = set(WINGS[WINGS.index(wing) + 1 :])
+    members = [m for m in graph if _wing(m) == wing]
+    assert members, f"the wing {wing} is empty: update WINGS and cni_redirect/node/__init__.py"
+    for module in members:
+        reached = {m for m in closure(graph, module) if _wing(m) in later}
+        assert not reached, f"{module} reaches {sorted(reached)}: the {wing} wing comes before {sorted(later)}"
+
+
+def test_every_node_module_but_the_shared_ones_is_in_a_wing():
+    top = {m for m in NODE if _wing(m) is None and m.count(".") == 2} - {f"cni_redirect.node.{w}" for w in WINGS}
+    assert top == {"cni_redirect.node.options", "cni_redirect.node.files"}
 
 
 def test_the_fronts_whole_module_level_closure_is_ours_and_the_c_socket_module():
@@ -207,7 +230,7 @@ def test_settings_are_layered_in_one_place_and_compared_in_one_place():
     assert _callers("build_spec") == {"cni_redirect.evaluation"}
     assert _callers("build_ruleset") == {"cni_redirect.evaluation"}
     assert _callers("_table_drift") == {"cni_redirect.evaluation"}
-    assert _callers("compare") == {"cni_redirect.plugin", "cni_redirect.node.survey"}
+    assert _callers("compare") == {"cni_redirect.plugin", "cni_redirect.node.pods.survey"}
 
 
 def test_every_module_that_opens_a_kernel_socket_is_in_the_kernel_set():
@@ -219,4 +242,6 @@ def test_every_module_that_opens_a_kernel_socket_is_in_the_kernel_set():
         for path in PACKAGE.rglob("*.py")
         if not _module_name(path).startswith(LAB) and any(marker in path.read_text() for marker in markers)
     }
-    assert opening - {"cni_redirect.wire", "cni_redirect.node.probe"} <= KERNEL, "AF_UNIX only: the front and the probe"
+    assert opening - {"cni_redirect.wire", "cni_redirect.node.agent.probe"} <= KERNEL, (
+        "AF_UNIX only: the front and the probe"
+    )

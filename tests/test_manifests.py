@@ -14,9 +14,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cni_redirect.node.chain import load_entry_settings
-from cni_redirect.node.daemon import check_agent_socket
-from cni_redirect.node.nodetaint import DEFAULT_TAINT
+from cni_redirect.node.agent.daemon import check_agent_socket
+from cni_redirect.node.agent.nodetaint import DEFAULT_TAINT
+from cni_redirect.node.chaining.chain import load_entry_settings
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "install" / "kubernetes"
@@ -136,7 +136,9 @@ def test_every_env_var_is_one_the_cli_reads(base, monkeypatch):
     from cni_redirect import cli
 
     captured: dict[str, object] = {}
-    monkeypatch.setattr("cni_redirect.node.daemon.run", lambda options: captured.setdefault("options", options) and 0)
+    monkeypatch.setattr(
+        "cni_redirect.node.agent.daemon.run", lambda options: captured.setdefault("options", options) and 0
+    )
     values = env(base)
     for name, value in values.items():
         monkeypatch.setenv(name, value)

@@ -47,5 +47,5 @@ def test_the_built_wheel_holds_no_test_lab(tmp_path):
     )
     (wheel,) = tmp_path.glob("cni_redirect-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "cni_redirect/front.py" in names and "cni_redirect/node/daemon.py" in names
+    assert "cni_redirect/front.py" in names and "cni_redirect/node/agent/daemon.py" in names
     assert not [n for n in names if n.startswith("cni_redirect/testing/")]

@@ -9,7 +9,7 @@ import pytest
 
 from cni_redirect.config import ANNOTATIONS_CAPABILITY
 from cni_redirect.errors import SettingsError
-from cni_redirect.node.chain import check_entry
+from cni_redirect.node.chaining.chain import check_entry
 
 CONFLISTS = sorted((Path(__file__).resolve().parents[1] / "conflist").glob("*.conflist"))
 

@@ -108,7 +108,7 @@ class CriClient:
         request = pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id, verbose=verbose)
         return self.stub.PodSandboxStatus(request, timeout=self.timeout)
 
-    # --- the survey's view (node/survey.py `SandboxSource`): typed values, CriError on failure ---
+    # --- the survey's view (node/pods/survey.py `SandboxSource`): typed values, CriError on failure ---
 
     def ready_sandboxes(self) -> list[Sandbox]:
         items = _call("ListPodSandbox", self.socket, lambda: self.list_sandboxes(ready_only=True))

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..node.nodetaint import DEFAULT_TAINT
+from ..node.agent.nodetaint import DEFAULT_TAINT
 from .containerd import Containerd, PodClient, mounts_under
 from .host import tear_down
 from .images import REPO, build_pause_image

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cni_redirect.cri import CriClient, sandbox_netns
-from cni_redirect.node.confdir import read_conf_dir
+from cni_redirect.node.chaining.confdir import read_conf_dir
 from cni_redirect.testing.cluster import Cluster, wait_until
 from cni_redirect.testing.containerd import GATEWAY, PAUSE_IMAGE, Containerd
 from cni_redirect.testing.netlab import HOST, Netns, connect

@@ -7,8 +7,10 @@
 
 Then, the same steps for both: the real kubelet's exec probes, a rollout by the real DaemonSet controller with
 maxSurge, an image that cannot start, a deleted agent pod, the uninstall. Each step is checked with real TCP from
-pods the real scheduler placed. The tests run in file order on one cluster per path: each starts from the state
-the one before left.
+pods the real scheduler placed. The tests share one cluster per path, and none relies on another's order: each
+starts from a state its fixture ensures (`new_node`: the node as it registered, tainted, nothing of ours on it;
+`installed`: the agent's DaemonSet rolled out), reaching it from whatever the test before left; in file order that
+costs nothing. `CNIR_TEST_ORDER=reverse` runs them last to first.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from cni_redirect.node.nodetaint import DEFAULT_TAINT
+from cni_redirect.node.agent.nodetaint import DEFAULT_TAINT
 from cni_redirect.testing.cluster import (
     BROKEN_TAG,
     CHART,
@@ -140,6 +143,14 @@ class KubectlAdmin:
         self.cluster.kubectl("apply", "-k", str(self.overlay))
         wait_rollout(self.cluster)
 
+    def installed(self) -> bool:
+        return daemonset_exists(self.cluster)
+
+    def remove(self) -> None:
+        """Whatever of ours a test left, gone the documented way (the uninstall DaemonSet cleans the node)."""
+        if self.installed() or self.cluster.kubectl("get", "namespace", NAMESPACE, check=False).returncode == 0:
+            self.uninstall()
+
     def set_image(self, tag: str) -> None:
         self.cluster.kubectl("set", "image", "-n", NAMESPACE, DAEMONSET, f"install={IMAGE}:{tag}")
 
@@ -147,12 +158,12 @@ class KubectlAdmin:
         self.cluster.kubectl("rollout", "undo", "-n", NAMESPACE, DAEMONSET)
         wait_rollout(self.cluster)
 
-    def uninstall(self, check) -> None:
-        """Delete the agent's DaemonSet (entry and plugin stay, working in-process), apply the uninstall DaemonSet,
-        wait for it to be Ready (`check` runs then), delete both."""
+    def uninstall(self, check: Callable[[], None] = lambda: None, agentless: Callable[[], None] = lambda: None) -> None:
+        """Delete the agent's DaemonSet (entry and plugin stay, working in-process: `agentless` runs then), apply
+        the uninstall DaemonSet, wait for it to be Ready (`check` runs then), delete both."""
         cluster = self.cluster
-        cluster.kubectl("delete", "-n", NAMESPACE, DAEMONSET, "--wait=true", timeout=120)
-        check_entry_stays(cluster)
+        cluster.kubectl("delete", "-n", NAMESPACE, DAEMONSET, "--ignore-not-found", "--wait=true", timeout=120)
+        agentless()
         uninstall = uninstall_overlay(cluster, self.work / "uninstall")
         cluster.kubectl("apply", "-k", str(uninstall))
         cluster.kubectl(
@@ -199,7 +210,17 @@ class HelmAdmin:
         helm("rollback", *self.release, "--wait", "--timeout", "180s")
         wait_rollout(self.cluster)
 
-    def uninstall(self, check) -> None:
+    def installed(self) -> bool:
+        return daemonset_exists(self.cluster)
+
+    def remove(self) -> None:
+        """Whatever of ours a test left, gone the documented way (the uninstall DaemonSet cleans the node)."""
+        if helm("status", *self.release, check=False).returncode == 0:
+            self.uninstall()
+
+    def uninstall(self, check: Callable[[], None] = lambda: None, agentless: Callable[[], None] = lambda: None) -> None:
+        """`helm upgrade --set uninstall=true` (the agents and the uninstall DaemonSet at once: `agentless` has no
+        moment of its own), `check`, then `helm uninstall`."""
         helm("upgrade", *self.release, str(CHART), "--reuse-values", "--set", "uninstall=true",
              "--wait", "--timeout", "180s")  # fmt: skip
         assert not agent_pods(self.cluster), "uninstall=true: the agent's DaemonSet is gone"
@@ -210,6 +231,15 @@ class HelmAdmin:
 
 def check_entry_stays(cluster) -> None:
     assert NodeView(cluster).entry() is not None, "deleting the DaemonSet is not an uninstall"
+
+
+def daemonset_exists(cluster) -> bool:
+    return cluster.kubectl("get", "-n", NAMESPACE, DAEMONSET, check=False).returncode == 0
+
+
+def current_tag(cluster) -> str:
+    found = cluster.get("daemonset", "-n", NAMESPACE, DAEMONSET.split("/")[1])
+    return found["spec"]["template"]["spec"]["containers"][0]["image"].rsplit(":", 1)[1]
 
 
 #: (admin path, the node's containerd): helm also on containerd 1.6, where the agent edits the primary's file.
@@ -237,17 +267,40 @@ def admin(path, cluster, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def state(cluster, admin):
-    """What the tests share: the node's view, the conf dir as the primary left it."""
+def state(cluster):
+    """What the tests share: the node's view, the conf dir as the primary left it (read before any install: the
+    fixtures that install ask for this one first)."""
     runtime = cluster.runtime
     tree = {p.relative_to(runtime.conf_dir): p.read_bytes() for p in runtime.conf_dir.rglob("*") if p.is_file()}
     return {"node": NodeView(cluster), "original": tree}
 
 
-def test_a_new_node_keeps_opted_in_pods_off_until_the_agent_serves_then_captures_them(cluster, admin, state, procs):
+@pytest.fixture
+def new_node(cluster, admin, state):
+    """The node as it registered: our taint on, nothing of ours installed (uninstalled if it was)."""
+    admin.remove()
+    if DEFAULT_TAINT not in node_taints(cluster):
+        cluster.kubectl("taint", "node", NODE, f"{DEFAULT_TAINT}=true:NoSchedule")
+    return state
+
+
+@pytest.fixture
+def installed(cluster, admin, state):
+    """The agent's DaemonSet rolled out and the node's taint off (installed if it was not, after removing what a
+    half-done uninstall left)."""
+    if not admin.installed():
+        admin.remove()
+        admin.install()
+    wait_rollout(cluster)
+    wait_until(lambda: DEFAULT_TAINT not in node_taints(cluster), 60, "the agent to take the taint off")
+    return state
+
+
+def test_a_new_node_keeps_opted_in_pods_off_until_the_agent_serves_then_captures_them(cluster, admin, new_node, procs):
     """The node registered with the taint: an opted-in pod waits (the real scheduler); the admin installs; the
     agent's exec readiness probe passes on the real kubelet, the agent takes the taint off, the pod is scheduled
     and captured."""
+    state = new_node
     node = state["node"]
     assert node_taints(cluster) == [DEFAULT_TAINT]
     apply(cluster, app_pod("early", enabled()))
@@ -279,7 +332,7 @@ def test_a_new_node_keeps_opted_in_pods_off_until_the_agent_serves_then_captures
         assert (cluster.runtime.conf_dir / primary).read_bytes() == state["original"][primary], "drop-in: untouched"
 
 
-def test_the_agents_token_may_take_only_our_taint_off_only_its_own_node(cluster, admin, state):
+def test_the_agents_token_may_take_only_our_taint_off_only_its_own_node(cluster, admin, installed):
     """RBAC can only say "patch nodes"; the shipped admission policy narrows the agent's token to the guard's one
     change. A token bound to the agent's pod (as the kubelet gives it) names its node; with it the real API server
     refuses a label, another taint, and (impersonating an agent on another node) a patch of this node, and takes
@@ -324,8 +377,8 @@ def test_the_agents_token_may_take_only_our_taint_off_only_its_own_node(cluster,
         cluster.kubectl("taint", "node", NODE, f"{DEFAULT_TAINT}-", check=False)
 
 
-def test_an_annotated_pod_is_captured_and_an_unannotated_one_is_not(cluster, state, procs):
-    node = state["node"]
+def test_an_annotated_pod_is_captured_and_an_unannotated_one_is_not(cluster, installed, procs):
+    node = installed["node"]
     apply(cluster, app_pod("annotated", enabled()), app_pod("plain"))
     wait_running(cluster, "annotated")
     wait_running(cluster, "plain")
@@ -334,11 +387,11 @@ def test_an_annotated_pod_is_captured_and_an_unannotated_one_is_not(cluster, sta
     assert not outbound_goes_to_proxy(node, "plain", procs, free_port())
 
 
-def test_a_pod_as_istios_injector_writes_it_passes_istios_own_validator(cluster, state, procs):
+def test_a_pod_as_istios_injector_writes_it_passes_istios_own_validator(cluster, installed, procs):
     """With `"profile": "istio"` in the entry, a pod carrying the annotations Istio's injector writes
     (tests/fixtures/mesh/istio-injected.json) is captured, and Istio's own validator (pilot-agent istio-iptables
     --run-validation, as the istio-validation init container runs it) passes in the netns the kubelet made."""
-    node = state["node"]
+    node = installed["node"]
     annotations = injected("istio")
     apply(cluster, app_pod("istio-app", annotations))
     wait_running(cluster, "istio-app")
@@ -349,11 +402,11 @@ def test_a_pod_as_istios_injector_writes_it_passes_istios_own_validator(cluster,
     assert add["outcome"] == "captured", add
 
 
-def test_an_app_team_annotates_its_deployment_and_its_new_pods_are_captured(cluster, state, procs):
+def test_an_app_team_annotates_its_deployment_and_its_new_pods_are_captured(cluster, installed, procs):
     """The app team's path: a Deployment (the real controllers) starts uncaptured; `kubectl annotate` of a running
     pod changes nothing (annotations are read when the pod's sandbox is made); `kubectl patch` of the template
     rolls new pods, which are captured."""
-    node = state["node"]
+    node = installed["node"]
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -380,10 +433,12 @@ def test_an_app_team_annotates_its_deployment_and_its_new_pods_are_captured(clus
     cluster.kubectl("delete", "deployment", "shop", "--wait=false")
 
 
-def test_deleting_the_agent_pod_keeps_the_entry_and_the_capture(cluster, state, procs):
+def test_deleting_the_agent_pod_keeps_the_entry_and_the_capture(cluster, installed, procs):
     """`kubectl delete pod`: the DaemonSet controller makes a new one; the entry stays in every sample read, pods
     captured before stay captured, pods after are captured."""
-    node = state["node"]
+    node = installed["node"]
+    apply(cluster, app_pod("before-restart", enabled()))
+    wait_running(cluster, "before-restart")
     (old,) = agent_pods(cluster)
     sampler = Sampler(lambda: node.entry() is not None)
     cluster.kubectl("delete", "pod", "-n", NAMESPACE, old["metadata"]["name"], "--wait=true", timeout=120)
@@ -391,20 +446,21 @@ def test_deleting_the_agent_pod_keeps_the_entry_and_the_capture(cluster, state, 
     samples, misses = sampler.end()
     assert new[0]["metadata"]["name"] != old["metadata"]["name"]
     assert samples > 100 and misses == 0, (samples, misses)
-    assert outbound_goes_to_proxy(node, "annotated", procs, free_port())
+    assert outbound_goes_to_proxy(node, "before-restart", procs, free_port())
     apply(cluster, app_pod("after-restart", enabled()))
     wait_running(cluster, "after-restart")
     assert outbound_goes_to_proxy(node, "after-restart", procs, free_port())
 
 
-def test_a_rollout_with_max_surge_keeps_every_new_pod_captured(cluster, admin, state, procs):
+def test_a_rollout_with_max_surge_keeps_every_new_pod_captured(cluster, admin, installed, procs):
     """A new image tag (`kubectl set image`, `helm upgrade`): the real DaemonSet controller surges (maxSurge 1):
     the new agent pod runs beside the old one until Ready, then the old one goes. Pods created all along are
     captured, and our entry is in every sample read of the conf dir."""
-    node = state["node"]
+    node = installed["node"]
     (old,) = agent_pods(cluster)
     sampler = Sampler(lambda: node.entry() is not None)
-    admin.set_image("0.1.1")
+    tag = "0.1.0" if current_tag(cluster) == "0.1.1" else "0.1.1"  # the same bytes under the other tag
+    admin.set_image(tag)
     both_seen, names = False, list[str]()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -419,7 +475,7 @@ def test_a_rollout_with_max_surge_keeps_every_new_pod_captured(cluster, admin, s
     wait_rollout(cluster)
     samples, misses = sampler.end()
     (new,) = agent_pods(cluster)
-    assert new["spec"]["containers"][0]["image"] == f"{IMAGE}:0.1.1" and is_ready(new)
+    assert new["spec"]["containers"][0]["image"] == f"{IMAGE}:{tag}" and is_ready(new)
     assert both_seen, "maxSurge: the new agent pod ran beside the old one"
     assert samples > 100 and misses == 0, (samples, misses)
     for name in names:
@@ -430,8 +486,10 @@ def test_a_rollout_with_max_surge_keeps_every_new_pod_captured(cluster, admin, s
     cluster.kubectl("delete", "pod", *names, "--wait=false")
 
 
-def test_an_image_that_cannot_start_never_becomes_ready_and_the_old_agent_keeps_the_node(cluster, admin, state, procs):
-    node = state["node"]
+def test_an_image_that_cannot_start_never_becomes_ready_and_the_old_agent_keeps_the_node(
+    cluster, admin, installed, procs
+):
+    node = installed["node"]
     (old,) = agent_pods(cluster)
     admin.set_image(BROKEN_TAG)
     new = wait_until(
@@ -452,22 +510,24 @@ def test_an_image_that_cannot_start_never_becomes_ready_and_the_old_agent_keeps_
     assert [p["metadata"]["name"] for p in agent_pods(cluster)] == [old["metadata"]["name"]]
 
 
-def test_the_uninstall_restores_the_conf_dir_byte_for_byte(cluster, admin, state):
+def test_the_uninstall_restores_the_conf_dir_byte_for_byte(cluster, admin, installed):
     """docs/operations.md's uninstall: the uninstall DaemonSet is Ready once nothing of ours is left on the node;
     then nothing of ours is in the cluster either. Pods captured before keep running."""
-    node = state["node"]
+    node = installed["node"]
     runtime = cluster.runtime
 
     def check() -> None:
         now = {p.relative_to(runtime.conf_dir): p.read_bytes() for p in runtime.conf_dir.rglob("*") if p.is_file()}
-        assert now == state["original"], sorted(map(str, set(now) ^ set(state["original"])))
+        assert now == installed["original"], sorted(map(str, set(now) ^ set(installed["original"])))
         ours = [p.name for p in runtime.bin_dir.iterdir() if p.name.startswith(("cni-redirect", ".cni-redirect"))]
         assert ours == []
 
-    admin.uninstall(check)
+    apply(cluster, app_pod("before-uninstall", enabled()))
+    wait_running(cluster, "before-uninstall")
+    admin.uninstall(check, agentless=lambda: check_entry_stays(cluster))
     assert cluster.kubectl("get", "namespace", NAMESPACE, check=False).returncode != 0
     assert not cluster.get("clusterroles", "-l", "app.kubernetes.io/name=cni-redirect")["items"]
     apply(cluster, app_pod("after-uninstall", enabled()))
     wait_running(cluster, "after-uninstall")
     assert not node.has_table("after-uninstall")
-    assert pod_phase(cluster, "annotated") == "Running"
+    assert pod_phase(cluster, "before-uninstall") == "Running"

@@ -206,7 +206,7 @@ def _kinds() -> dict[str, str]:
 
 def _agent_accepts(entry: dict) -> bool:
     from cni_redirect.errors import SettingsError
-    from cni_redirect.node.chain import check_entry
+    from cni_redirect.node.chaining.chain import check_entry
 
     try:
         check_entry(entry, "entry")

@@ -4,8 +4,10 @@ containerd 2.4 (their agents drop in), node-c on 1.6 (its agent edits the primar
 rollout. The chart is installed once, with the new-node guard, by the real helm; pods are placed by the real
 scheduler (a nodeSelector names the node) and checked with real TCP.
 
-The tests run in file order on one installation (install, cross-node traffic, a rollout that a node joins, a
-drain, the uninstall): each one's docstring says what it starts from.
+The tests share one fleet, and none relies on another's order: each starts from a state its fixture ensures
+(`new_nodes`: every joined node tainted and nothing of ours on it; `installed`: the chart installed and every
+joined node's agent Ready), reaching it from whatever the test before left. In file order, that costs nothing;
+`CNIR_TEST_ORDER=reverse` runs them last to first.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from cni_redirect.cri import CriClient, sandbox_netns
-from cni_redirect.node.confdir import read_conf_dir
-from cni_redirect.node.nodetaint import DEFAULT_TAINT
+from cni_redirect.node.agent.nodetaint import DEFAULT_TAINT
+from cni_redirect.node.chaining.confdir import read_conf_dir
 from cni_redirect.testing.cluster import (
     CHART,
     IMAGE,
@@ -91,9 +94,9 @@ def helm_values(fleet: NodeFleet) -> list[str]:
     return [arg for value in values for arg in ("--set", value)]
 
 
-def run_helm(fleet: NodeFleet, *args: str):
+def run_helm(fleet: NodeFleet, *args: str, check: bool = True):
     release = ["cni-redirect", "--namespace", NAMESPACE, "--kubeconfig", str(fleet.cluster.kubeconfig)]
-    return helm(args[0], *release, *args[1:], enter=fleet.cluster.enter)
+    return helm(args[0], *release, *args[1:], check=check, enter=fleet.cluster.enter)
 
 
 def placed(name: str, node: str, annotations: dict[str, str] | None = None) -> dict:
@@ -166,10 +169,62 @@ def is_ready(pod: dict) -> bool:
     return {c["type"]: c["status"] for c in pod["status"].get("conditions", [])}.get("Ready") == "True"
 
 
-def test_helm_install_takes_each_nodes_taint_off_only_once_its_own_agent_chained(fleet, procs):
+def release_exists(fleet: NodeFleet) -> bool:
+    return run_helm(fleet, "status", check=False).returncode == 0
+
+
+def daemonset_exists(fleet: NodeFleet) -> bool:
+    found = fleet.cluster.kubectl("get", "-n", NAMESPACE, "daemonset/cni-redirect-node", check=False)
+    return found.returncode == 0
+
+
+def uninstall(fleet: NodeFleet, check: Callable[[], None] = lambda: None) -> None:
+    """docs/operations.md's uninstall: `helm upgrade --set uninstall=true` (the agents' DaemonSet goes, the
+    uninstall DaemonSet cleans every node; `check` runs then), then `helm uninstall` and the namespace."""
+    run_helm(fleet, "upgrade", str(CHART), "--reuse-values", "--set", "uninstall=true", "--wait",
+             "--timeout", "240s")  # fmt: skip
+    assert not agent_pods(fleet)
+    check()
+    run_helm(fleet, "uninstall", "--wait", "--timeout", "120s")
+    fleet.cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=true", timeout=180)
+
+
+@pytest.fixture
+def new_nodes(fleet: NodeFleet) -> NodeFleet:
+    """Every joined node as it registered: our taint on, nothing of ours installed (uninstalled if it was)."""
+    if release_exists(fleet):
+        uninstall(fleet)
+    for name in fleet.nodes:
+        if DEFAULT_TAINT not in node_taints(fleet.cluster, name):
+            fleet.cluster.kubectl("taint", "node", name, TAINT)
+    return fleet
+
+
+@pytest.fixture
+def installed(fleet: NodeFleet) -> NodeFleet:
+    """The chart installed with the guard, every joined node's agent Ready and its taint off (installed if not)."""
+    if release_exists(fleet) and not daemonset_exists(fleet):  # a test left it half uninstalled
+        uninstall(fleet)
+    if not release_exists(fleet):
+        run_helm(fleet, "install", str(CHART), "--create-namespace", *helm_values(fleet), "--wait",
+                 "--timeout", "240s")  # fmt: skip
+    fleet.cluster.kubectl("rollout", "status", "-n", NAMESPACE, "daemonset/cni-redirect-node", "--timeout=240s",
+                          timeout=260)  # fmt: skip
+    for name in fleet.nodes:
+        wait_until(lambda n=name: DEFAULT_TAINT not in node_taints(fleet.cluster, n), 60, f"{name}'s taint to go")
+    return fleet
+
+
+def current_tag(fleet: NodeFleet) -> str:
+    found = fleet.cluster.get("daemonset", "-n", NAMESPACE, "cni-redirect-node")
+    return found["spec"]["template"]["spec"]["containers"][0]["image"].rsplit(":", 1)[1]
+
+
+def test_helm_install_takes_each_nodes_taint_off_only_once_its_own_agent_chained(new_nodes, procs):
     """From three tainted nodes: an opted-in pod placed on each waits; `helm install` with the guard. While it runs,
     every node is sampled: its taint is never off while its conf dir lacks our entry. Then each pod runs on its
     node, captured; node-c (containerd 1.6) edited its primary, node-a and node-b left theirs byte-identical."""
+    fleet = new_nodes
     cluster = fleet.cluster
     assert all(DEFAULT_TAINT in node_taints(cluster, name) for name in FIRST)
     apply(cluster, *(placed(f"early-{name}", name, enabled()) for name in FIRST))
@@ -204,7 +259,7 @@ def test_helm_install_takes_each_nodes_taint_off_only_once_its_own_agent_chained
         assert cluster.get("pod", pod)["spec"]["nodeName"] == name
         assert has_table(fleet, pod), pod
         assert outbound_captured(fleet, pod, procs), pod
-    assert {agent["spec"]["nodeName"] for agent in agent_pods(fleet)} == set(FIRST)
+    assert {agent["spec"]["nodeName"] for agent in agent_pods(fleet)} == set(fleet.nodes)
     for name in FIRST:
         node = fleet.nodes[name]
         assert node.runtime is not None
@@ -214,11 +269,12 @@ def test_helm_install_takes_each_nodes_taint_off_only_once_its_own_agent_chained
         assert edited == (NODES[name] == "1.6"), f"{name}: containerd {NODES[name]}, primary edited: {edited}"
 
 
-def test_a_pod_calls_a_pod_on_another_node_through_capture_on_both_sides(fleet, procs):
+def test_a_pod_calls_a_pod_on_another_node_through_capture_on_both_sides(installed, procs):
     """From the installation: a pod on node-a dials a pod on node-b. node-a's outbound capture hands the connection
     to the caller's proxy (a stand-in that dials the original destination as the proxy's UID); node-b's inbound
     capture hands it to the callee's inbound proxy port, which sees the original destination and the caller's
     address: nothing NATed between the nodes."""
+    fleet = installed
     cluster = fleet.cluster
     apply(cluster, placed("caller", "node-a", enabled()), placed("callee", "node-b", enabled()))
     wait_running(fleet, "caller", "callee")
@@ -238,16 +294,18 @@ def test_a_pod_calls_a_pod_on_another_node_through_capture_on_both_sides(fleet, 
     cluster.kubectl("delete", "pod", "caller", "callee", "--wait=false")
 
 
-def test_a_rollout_walks_the_nodes_and_a_node_joining_during_it_runs_no_pod_uncaptured(fleet, procs, agent_image):
+def test_a_rollout_walks_the_nodes_and_a_node_joining_during_it_runs_no_pod_uncaptured(installed, procs, agent_image):
     """From the installation: `helm upgrade` to a new tag (maxSurge 1) walks node-a, -b, -c. While it rolls, every
     node's conf dir is sampled (our entry in every read) and opted-in pods are created on the nodes in turn.
     node-d joins meanwhile, with the taint; a pod placed on it waits for its agent. Every pod runs captured."""
+    fleet = installed
     cluster = fleet.cluster
     old = {pod["metadata"]["name"] for pod in agent_pods(fleet)}
     sampler = Sampler(lambda: all(entry_of(fleet.nodes[name]) is not None for name in FIRST))
     apply(cluster, placed("joiner", "node-d", enabled()))
+    tag = "0.1.0" if current_tag(fleet) == "0.1.1" else "0.1.1"  # the same bytes under the other tag
     run_helm(fleet, "upgrade", str(CHART), "--reuse-values", "--set", f"image.repository={IMAGE}",
-             "--set", "image.tag=0.1.1")  # fmt: skip
+             "--set", f"image.tag={tag}")  # fmt: skip
     joining = threading.Thread(target=join, args=(fleet, "node-d", agent_image))
     joining.start()
     created: list[str] = []
@@ -279,10 +337,11 @@ def test_a_rollout_walks_the_nodes_and_a_node_joining_during_it_runs_no_pod_unca
     cluster.kubectl("delete", "pod", "joiner", *created, "--wait=false")
 
 
-def test_a_drained_node_comes_back_and_its_pods_are_captured_wherever_they_move(fleet, procs):
-    """From the rolled-out installation: a Deployment of opted-in pods spread over the nodes; `kubectl drain
+def test_a_drained_node_comes_back_and_its_pods_are_captured_wherever_they_move(installed, procs):
+    """From the installation: a Deployment of opted-in pods spread over the nodes; `kubectl drain
     node-b` moves its pods (captured where they land) and leaves the agent (a DaemonSet pod) and our entry on it;
     `kubectl uncordon`: a pod placed there again is captured."""
+    fleet = installed
     cluster = fleet.cluster
     spec = app_pod("x", enabled())["spec"]
     spec["topologySpreadConstraints"] = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
@@ -319,21 +378,20 @@ def test_a_drained_node_comes_back_and_its_pods_are_captured_wherever_they_move(
     cluster.kubectl("delete", "pod", "after-drain", "--wait=false")
 
 
-def test_the_uninstall_leaves_every_nodes_conf_dir_byte_identical_and_its_bin_dir_clean(fleet):
-    """From the installation on four nodes: `helm upgrade --set uninstall=true`, then `helm uninstall`. Every
-    node's conf dir is byte-identical to what its primary left before we came, and its bin dir holds what it held."""
-    run_helm(fleet, "upgrade", str(CHART), "--reuse-values", "--set", "uninstall=true", "--wait",
-             "--timeout", "240s")  # fmt: skip
-    assert not agent_pods(fleet)
-    for name, node in fleet.nodes.items():
-        assert node.runtime is not None
-        after = node.cni_dirs()
-        assert after.conf == node.before.conf, f"{name}: conf dir differs after the uninstall: {sorted(after.conf)}"
-        assert after.bins == node.before.bins, (
-            f"{name}: bin dir not clean: {sorted(set(after.bins) - set(node.before.bins))}"
-        )
-    run_helm(fleet, "uninstall", "--wait", "--timeout", "120s")
-    fleet.cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=true", timeout=180)
+def test_the_uninstall_leaves_every_nodes_conf_dir_byte_identical_and_its_bin_dir_clean(installed):
+    """From the installation on every joined node: `helm upgrade --set uninstall=true`, then `helm uninstall`.
+    Every node's conf dir is byte-identical to what its primary left before we came, and its bin dir holds what
+    it held."""
+    fleet = installed
+
+    def check() -> None:
+        for name, node in fleet.nodes.items():
+            assert node.runtime is not None
+            after = node.cni_dirs()
+            assert after.conf == node.before.conf, f"{name}: conf dir differs: {sorted(after.conf)}"
+            assert after.bins == node.before.bins, f"{name}: bin dir: {sorted(set(after.bins) - set(node.before.bins))}"
+
+    uninstall(fleet, check)
 
 
 def test_the_nodes_mount_and_network_namespaces_keep_each_nodes_paths_its_own(fleet):

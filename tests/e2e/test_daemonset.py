@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from cni_redirect.cri import pb
-from cni_redirect.node.confdir import read_conf_dir
+from cni_redirect.node.chaining.confdir import read_conf_dir
 from cni_redirect.testing.containerd import GATEWAY, VERSIONS, Containerd
 from cni_redirect.testing.netlab import HOST, Netns, connect, enabled, sh
 from tests.e2e.conftest import running_containerd

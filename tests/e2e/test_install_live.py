@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cni_redirect.node.confdir import DROPIN_NAME, ChainMode, read_conf_dir
+from cni_redirect.node.chaining.confdir import DROPIN_NAME, ChainMode, read_conf_dir
 from cni_redirect.testing.netlab import Netns
 from tests.support import free_port, wait_for
 

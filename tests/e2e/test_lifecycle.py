@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from cni_redirect.cri import CriClient
-from cni_redirect.node.confdir import read_conf_dir
-from cni_redirect.node.repair import Repairer
+from cni_redirect.node.chaining.confdir import read_conf_dir
+from cni_redirect.node.pods.repair import Repairer
 from cni_redirect.testing.containerd import GATEWAY
 from cni_redirect.testing.netlab import HOST, Netns, connect, enabled, host_ruleset
 from cni_redirect.testing.nodeagent import NodeAgentProcess

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from cni_redirect.node.confdir import read_conf_dir
+from cni_redirect.node.chaining.confdir import read_conf_dir
 from cni_redirect.testing.loaders import Loaders, plugin_types, stub_plugins
 from cni_redirect.testing.netlab import PLUGIN
 from tests.support import PRIMARY_DIR

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from cni_redirect.node import conflists
+from cni_redirect.node.chaining import conflists
 from tests.integration.nodeproc import ENV, Node, run_agent, run_uninstall, terminate_agent, tree
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -259,7 +259,7 @@ def test_a_successor_whose_claim_fails_on_a_full_disk_leaves_the_running_agent_i
     as in a surge) cannot write the owner file (ENOSPC) and exits 1 without taking anything; the running agent
     keeps the owner file, its socket (the same inode) and answers."""
     from cni_redirect import wire
-    from cni_redirect.node.ownership import OWNER_FILE
+    from cni_redirect.node.agent.ownership import OWNER_FILE
 
     node = Node(tmp_path / "node", "10-calico.conflist")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "cnir-full", str(node.bin)], check=True)

@@ -115,8 +115,8 @@ def test_a_table_the_pod_filled_with_empty_chains_is_counted_never_listed(pod, t
 def test_inspect_shows_whatever_a_pod_wrote_into_our_table_escaped(pod):
     """A pod with NET_ADMIN adds a chain without a hook, statements we never write, a set of its own and comments
     holding terminal escapes: `inspect --pod` shows all of it, escaped, and no traceback."""
-    from cni_redirect.node.inspect import pod_detail, table
-    from cni_redirect.node.survey import DRIFTED, Survey, kernel_sessions
+    from cni_redirect.node.admin.inspect import pod_detail, table
+    from cni_redirect.node.pods.survey import DRIFTED, Survey, kernel_sessions
     from cni_redirect.testing.netlab import enabled
     from tests.node.fakecri import FakeCri
 

@@ -86,7 +86,7 @@ def test_a_successor_that_cannot_start_never_takes_the_socket(host, socket_dir, 
     the shared socket path is still the old agent's, which stays healthy and keeps the node."""
     import socket
 
-    from cni_redirect.node.probe import ask
+    from cni_redirect.node.agent.probe import ask
 
     path = socket_dir / f"agent-{os.getpid()}.sock"
     host.put("10-calico.conflist")
@@ -105,7 +105,7 @@ def test_a_successor_that_cannot_start_never_takes_the_socket(host, socket_dir, 
             squatter.listen(1)
             from unittest import mock
 
-            with mock.patch("cni_redirect.node.httpport._bind_with_retry", lambda make, log, port: make()):
+            with mock.patch("cni_redirect.node.agent.httpport._bind_with_retry", lambda make, log, port: make()):
                 new = Agent(host, agent_socket=path, readiness_port=18395)
                 new.thread.join(timeout=30)
         assert new.terminate() == 1
@@ -121,7 +121,7 @@ def test_a_successor_that_cannot_start_never_takes_the_socket(host, socket_dir, 
 
 def test_the_old_agent_serves_the_socket_again_after_an_undone_handover(host, socket_dir, tmp_path):
     """A successor took the socket and the node, then went away: the old agent publishes a new socket."""
-    from cni_redirect.node.probe import ask
+    from cni_redirect.node.agent.probe import ask
 
     path = socket_dir / f"agent-{os.getpid()}.sock"
     host.put("10-calico.conflist")

@@ -1,0 +1,246 @@
+"""What every pod sandbox on the node should have, and what its netns holds: for repair, inspect and doctor.
+
+The sandboxes come from a `SandboxSource` (the runtime's CRI, or a fake);
+each is evaluated exactly as ADD would evaluate it now, with the entry
+installed in the node's conflist and the sandbox's own annotations
+(`evaluation.evaluate_sandbox`), and its netns is compared exactly as CHECK
+compares (`evaluation.compare`), in a session a `SessionFactory` opens.
+Reading only: nothing here changes a netns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ...config import PodRef
+from ...errors import CriError, HostNetns, InvalidEnvironment
+from ...evaluation import Drift, DriftKind, Evaluation, Outcome, compare, evaluate_sandbox
+
+if TYPE_CHECKING:
+    from ...backend import Observed, Session
+    from ...cniserver import NetnsLocks
+    from ...cri import Sandbox, SandboxDetails
+
+
+class TableState(StrEnum):
+    """A pod's netns against what ADD would give it now (a table or routing where none belongs is drifted)."""
+
+    OK = "ok"
+    MISSING = "missing"
+    DRIFTED = "drifted"
+
+
+OK, MISSING, DRIFTED = TableState.OK, TableState.MISSING, TableState.DRIFTED
+Who = tuple[str, str, str, str, dict[str, str]]  # a sandbox's id, namespace, name, uid, annotations
+
+#: Opens a session on a pod netns by its path (vetted, entered; under the CNI server's lock when there is one).
+SessionFactory = Callable[[str], AbstractContextManager["Session"]]
+
+
+class SandboxSource(Protocol):
+    """What the survey needs from the runtime (cri.CriClient; a fake in tests)."""
+
+    def ready_sandboxes(self) -> list[Sandbox]: ...
+
+    def sandbox_details(self, sandbox_id: str) -> SandboxDetails | None:
+        """None when the sandbox is gone since it was listed; CriError when the runtime fails."""
+
+
+def kernel_sessions(locks: NetnsLocks | None = None) -> SessionFactory:
+    """Sessions on real pod netns: opened and vetted by path, held under the CNI server's per-netns lock."""
+    from ...backend import KernelBackend
+    from ...netns import open_netns, received_fd
+
+    @contextmanager
+    def session(netns: str) -> Iterator[Session]:
+        fd = open_netns(netns)
+        try:
+            with (
+                locks.held(fd) if locks is not None else nullcontext(),
+                KernelBackend(received_fd(fd)).session(netns) as opened,
+            ):
+                yield opened
+        finally:
+            os.close(fd)
+
+    return session
+
+
+@dataclass(frozen=True)
+class PodView:
+    """One sandbox's report: who it is, what ADD would give it now (its decision, and why), and how its netns
+    compares. Frozen: a later look (after a repair) is a new report."""
+
+    sandbox_id: str
+    namespace: str
+    name: str
+    uid: str
+    annotations: dict[str, str]
+    decision: Outcome
+    reason: str = ""
+    netns: str | None = None
+    evaluation: Evaluation | None = None
+    observed: Observed | None = None
+    drift: Drift | None = None
+    problems: tuple[str, ...] = ()
+
+    def with_problem(self, problem: str) -> PodView:
+        return replace(self, problems=(*self.problems, problem))
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def state(self) -> TableState | None:
+        """OK, MISSING, DRIFTED (also: a table or routing where none belongs); None: nothing expected, none there."""
+        if self.observed is None:
+            return None
+        if self.drift is None:
+            return OK if self.evaluation is not None and self.evaluation.ruleset is not None else None
+        return MISSING if self.drift.kind is DriftKind.MISSING else DRIFTED
+
+    @property
+    def listing(self) -> list[dict[str, Any]] | None:
+        return self.observed.listing if self.observed is not None else None
+
+
+@dataclass
+class Seen:
+    """What earlier passes learnt of one sandbox (its status never changes; its evaluation only with the entry)."""
+
+    details: SandboxDetails
+    entry_key: str = ""
+    evaluation: Evaluation | None = None
+    generation: int | None = None  # the netns's nftables generation when its table was last compared
+    observed: Observed | None = None
+    drift: Drift | None = None
+
+
+@dataclass
+class SurveyMemo:
+    """Kept by the repair loop across passes, so a pass over a node where nothing changed costs almost nothing:
+    one ListPodSandbox, and per pod one netns entry and one netlink round trip (the nftables generation).
+
+    `full_every`: every so many passes (20: every 10 minutes at the default interval), every pod is compared
+    in full anyway (routing a pod changed itself without an nftables transaction shows then)."""
+
+    seen: dict[str, Seen] = field(default_factory=dict)
+    full_every: int = 20
+    remember: bool = True  # False: a one-off look (inspect, doctor): every pod compared in full, nothing kept
+    passes: int = 0
+    status_calls: int = 0  # PodSandboxStatus calls made
+    full: int = 0  # pods compared in full (table listed)
+    quick: int = 0  # pods found unchanged by their generation alone
+
+    @classmethod
+    def forgetful(cls) -> SurveyMemo:
+        return cls(full_every=1, remember=False)
+
+
+class Survey:
+    """Walk the node's ready sandboxes and compare each netns with what ADD would program."""
+
+    def __init__(
+        self,
+        cri: SandboxSource,
+        entry: dict[str, Any],
+        sessions: SessionFactory | None = None,
+        memo: SurveyMemo | None = None,
+    ) -> None:
+        self.cri = cri
+        self.entry = entry
+        self.sessions = sessions or kernel_sessions()
+        self.memo = memo or SurveyMemo.forgetful()
+        self.entry_key = json.dumps(entry, sort_keys=True)
+        self.full_pass = self.memo.passes % self.memo.full_every == 0
+        self.memo.passes += 1
+
+    def pods(self) -> Iterator[PodView]:
+        """Every ready sandbox; one whose status the runtime cannot give is reported, and the walk goes on."""
+        sandboxes = self.cri.ready_sandboxes()
+        listed = {sandbox.id for sandbox in sandboxes}
+        for gone in set(self.memo.seen) - listed:
+            del self.memo.seen[gone]
+        for sandbox in sandboxes:
+            who: Who = (sandbox.id, sandbox.namespace, sandbox.name, sandbox.uid, sandbox.annotations)
+            try:
+                details = self._details(sandbox.id)
+            except CriError as error:
+                yield PodView(*who, Outcome.UNKNOWN, str(error), problems=(str(error),))
+                continue
+            if details is not None:  # None: removed since we listed it
+                yield self._classify(who, details)
+
+    def _details(self, sandbox_id: str) -> SandboxDetails | None:
+        seen = self.memo.seen.get(sandbox_id)
+        if seen is not None:
+            return seen.details
+        details = self.cri.sandbox_details(sandbox_id)
+        self.memo.status_calls += 1
+        if details is not None and self.memo.remember:
+            self.memo.seen[sandbox_id] = Seen(details)
+        return details
+
+    def _evaluate(self, sandbox_id: str, pod: PodRef, annotations: dict[str, str]) -> Evaluation:
+        """ADD's evaluation of the sandbox; remembered until the entry changes (its annotations never do)."""
+        seen = self.memo.seen.get(sandbox_id)
+        if seen is not None and seen.evaluation is not None and seen.entry_key == self.entry_key:
+            return seen.evaluation
+        evaluation = evaluate_sandbox(self.entry, pod, annotations)
+        if seen is not None:
+            seen.evaluation, seen.entry_key, seen.generation = evaluation, self.entry_key, None
+        return evaluation
+
+    def _classify(self, who: Who, details: SandboxDetails) -> PodView:
+        if details.host_network:
+            return PodView(*who, Outcome.HOST_NETWORK, "uses the node's network namespace")
+        sandbox_id, namespace, name, uid, annotations = who
+        evaluation = self._evaluate(sandbox_id, PodRef(namespace, name, uid), annotations)
+        view = PodView(*who, evaluation.outcome, evaluation.reason, evaluation=evaluation)
+        if evaluation.outcome in (Outcome.INVALID, Outcome.EXCLUDED_NAMESPACE):
+            return view  # never touched, never read
+        if details.netns is None:
+            return view.with_problem("the runtime reports no network namespace path for this sandbox")
+        return self.examine(replace(view, netns=details.netns))
+
+    def examine(self, view: PodView, fresh: bool = False) -> PodView:
+        """The report with the pod's table and routing read and compared exactly as CHECK does. A netns whose
+        nftables generation (and routing, where the pod has or had some) is as at the last comparison the memo
+        kept is not listed again. `fresh`: compare in full whatever the memo says (after a repair)."""
+        evaluation = view.evaluation
+        assert evaluation is not None and view.netns is not None
+        seen = self.memo.seen.get(view.sandbox_id)
+        try:
+            with self.sessions(view.netns) as session:
+                generation = session.generation() if seen is not None else None
+                if seen is not None and not fresh and not self.full_pass and self._unchanged(seen, generation, session):
+                    self.memo.quick += 1
+                    return replace(view, observed=seen.observed, drift=seen.drift)
+                observed = session.observe(evaluation.wants_routing, evaluation.read_bound, evaluation.tuning)
+        except HostNetns:
+            return replace(view, decision=Outcome.HOST_NETWORK, reason="its netns is the node's own")
+        except InvalidEnvironment as error:
+            return view.with_problem(error.msg)  # gone since we listed it, or not a netns
+        drift = compare(evaluation, observed)
+        if seen is not None:
+            self.memo.full += 1
+            seen.generation, seen.observed, seen.drift = generation, observed, drift
+        return replace(view, observed=observed, drift=drift)
+
+    @staticmethod
+    def _unchanged(seen: Seen, generation: int | None, session: Session) -> bool:
+        if seen.observed is None or seen.generation is None or seen.generation != generation:
+            return False
+        assert seen.evaluation is not None
+        if seen.evaluation.tuning is not None:
+            return False  # routes and sysctls change without an nftables transaction: read them every pass
+        if seen.evaluation.wants_routing or seen.observed.routing:
+            return session.routing() == seen.observed.routing  # a filtered dump: our mark and table only
+        return True

@@ -84,6 +84,16 @@ def received_fd(netns_fd: int | None) -> NetnsOpener:
     return open_received
 
 
+def vetted_fd(netns_fd: int) -> NetnsOpener:
+    """An opener for a netns this thread opened and vetted itself (`open_netns`): a dup, not vetted again (the
+    repair pass's case: a second ioctl, fstat and stat per pod per pass bought nothing)."""
+
+    def open_vetted(label: str) -> int:
+        return os.dup(netns_fd)
+
+    return open_vetted
+
+
 _libc = None
 
 

@@ -7,8 +7,8 @@ re-insertion of our entry and every `--repair-interval` seconds, decides for
 each exactly as ADD would and compares exactly as CHECK would (`survey`).
 Passes share a `SurveyMemo`: a sandbox's status is asked once, its evaluation
 is redone only when the entry changes, and a netns whose nftables generation
-is unchanged since its last comparison is not listed again (every twentieth
-pass compares everything in full).
+is unchanged since its last comparison is not listed again (every sixtieth
+pass, 30 minutes at the default interval, compares everything in full).
 A missing or drifted table is programmed (`in-place`), or only logged
 (`report`); `off` does nothing. Never touched: host-network sandboxes,
 excluded namespaces, the agent's own netns; a sandbox that disappears

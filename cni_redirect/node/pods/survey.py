@@ -55,15 +55,15 @@ class SandboxSource(Protocol):
 def kernel_sessions(locks: NetnsLocks | None = None) -> SessionFactory:
     """Sessions on real pod netns: opened and vetted by path, held under the CNI server's per-netns lock."""
     from ...backend import KernelBackend
-    from ...netns import open_netns, received_fd
+    from ...netns import open_netns, vetted_fd
 
     @contextmanager
     def session(netns: str) -> Iterator[Session]:
-        fd = open_netns(netns)
+        fd = open_netns(netns)  # vetted here, once: the backend's opener only dups it
         try:
             with (
                 locks.held(fd) if locks is not None else nullcontext(),
-                KernelBackend(received_fd(fd)).session(netns) as opened,
+                KernelBackend(vetted_fd(fd)).session(netns) as opened,
             ):
                 yield opened
         finally:
@@ -128,11 +128,14 @@ class SurveyMemo:
     """Kept by the repair loop across passes, so a pass over a node where nothing changed costs almost nothing:
     one ListPodSandbox, and per pod one netns entry and one netlink round trip (the nftables generation).
 
-    `full_every`: every so many passes (20: every 10 minutes at the default interval), every pod is compared
-    in full anyway (routing a pod changed itself without an nftables transaction shows then)."""
+    `full_every`: every so many passes (60: every 30 minutes at the default interval), every pod is compared
+    in full anyway. Every other pass already sees any nftables transaction (the generation), our routing where
+    a pod has or wants some, and its tuning; the full pass adds our routing appearing in a pod that has none, and
+    is the belt over that reasoning. At 100 pods it costs about 14 remembered passes (docs/benchmarks.md
+    §8), so 60 rather than 20: the idle agent's largest single cost, a third as often."""
 
     seen: dict[str, Seen] = field(default_factory=dict)
-    full_every: int = 20
+    full_every: int = 60
     remember: bool = True  # False: a one-off look (inspect, doctor): every pod compared in full, nothing kept
     passes: int = 0
     status_calls: int = 0  # PodSandboxStatus calls made
@@ -203,12 +206,12 @@ class Survey:
             return PodView(*who, Outcome.HOST_NETWORK, "uses the node's network namespace")
         sandbox_id, namespace, name, uid, annotations = who
         evaluation = self._evaluate(sandbox_id, PodRef(namespace, name, uid), annotations)
-        view = PodView(*who, evaluation.outcome, evaluation.reason, evaluation=evaluation)
-        if evaluation.outcome in (Outcome.INVALID, Outcome.EXCLUDED_NAMESPACE):
-            return view  # never touched, never read
+        if evaluation.outcome in (Outcome.INVALID, Outcome.EXCLUDED_NAMESPACE):  # never touched, never read
+            return PodView(*who, evaluation.outcome, evaluation.reason, evaluation=evaluation)
+        view = PodView(*who, evaluation.outcome, evaluation.reason, netns=details.netns, evaluation=evaluation)
         if details.netns is None:
             return view.with_problem("the runtime reports no network namespace path for this sandbox")
-        return self.examine(replace(view, netns=details.netns))
+        return self.examine(view)
 
     def examine(self, view: PodView, fresh: bool = False) -> PodView:
         """The report with the pod's table and routing read and compared exactly as CHECK does. A netns whose

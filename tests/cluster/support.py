@@ -98,3 +98,14 @@ def outbound_goes_to_proxy(node: NodeView, pod: str, procs, port: int) -> bool:
         return True
     assert answer.get("listener") == "node-peer", answer
     return False
+
+
+def agent_daemonset_exists(cluster, namespace: str = "cni-redirect") -> bool:
+    """Whether the agent's DaemonSet is in the cluster (the installed state the order-free fixtures ensure)."""
+    return cluster.kubectl("get", "-n", namespace, "daemonset/cni-redirect-node", check=False).returncode == 0
+
+
+def agent_image_tag(cluster, namespace: str = "cni-redirect") -> str:
+    """The image tag the agent's DaemonSet runs: a rollout goes to the other one."""
+    found = cluster.get("daemonset", "-n", namespace, "cni-redirect-node")
+    return found["spec"]["template"]["spec"]["containers"][0]["image"].rsplit(":", 1)[1]

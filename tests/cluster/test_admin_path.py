@@ -41,6 +41,8 @@ from cni_redirect.testing.netlab import enabled
 from tests.cluster.support import (
     REPO,
     NodeView,
+    agent_daemonset_exists,
+    agent_image_tag,
     app_pod,
     apply,
     outbound_goes_to_proxy,
@@ -144,7 +146,7 @@ class KubectlAdmin:
         wait_rollout(self.cluster)
 
     def installed(self) -> bool:
-        return daemonset_exists(self.cluster)
+        return agent_daemonset_exists(self.cluster)
 
     def remove(self) -> None:
         """Whatever of ours a test left, gone the documented way (the uninstall DaemonSet cleans the node)."""
@@ -211,7 +213,7 @@ class HelmAdmin:
         wait_rollout(self.cluster)
 
     def installed(self) -> bool:
-        return daemonset_exists(self.cluster)
+        return agent_daemonset_exists(self.cluster)
 
     def remove(self) -> None:
         """Whatever of ours a test left, gone the documented way (the uninstall DaemonSet cleans the node)."""
@@ -231,15 +233,6 @@ class HelmAdmin:
 
 def check_entry_stays(cluster) -> None:
     assert NodeView(cluster).entry() is not None, "deleting the DaemonSet is not an uninstall"
-
-
-def daemonset_exists(cluster) -> bool:
-    return cluster.kubectl("get", "-n", NAMESPACE, DAEMONSET, check=False).returncode == 0
-
-
-def current_tag(cluster) -> str:
-    found = cluster.get("daemonset", "-n", NAMESPACE, DAEMONSET.split("/")[1])
-    return found["spec"]["template"]["spec"]["containers"][0]["image"].rsplit(":", 1)[1]
 
 
 #: (admin path, the node's containerd): helm also on containerd 1.6, where the agent edits the primary's file.
@@ -459,7 +452,7 @@ def test_a_rollout_with_max_surge_keeps_every_new_pod_captured(cluster, admin, i
     node = installed["node"]
     (old,) = agent_pods(cluster)
     sampler = Sampler(lambda: node.entry() is not None)
-    tag = "0.1.0" if current_tag(cluster) == "0.1.1" else "0.1.1"  # the same bytes under the other tag
+    tag = "0.1.0" if agent_image_tag(cluster) == "0.1.1" else "0.1.1"  # the same bytes under the other tag
     admin.set_image(tag)
     both_seen, names = False, list[str]()
     deadline = time.monotonic() + 180

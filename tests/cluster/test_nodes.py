@@ -35,7 +35,7 @@ from cni_redirect.testing.cluster import (
 from cni_redirect.testing.host import tear_down
 from cni_redirect.testing.netlab import Netns, connect, enabled
 from cni_redirect.testing.nodes import API_HOST, Node, NodeFleet
-from tests.cluster.support import app_pod, apply, pod_phase
+from tests.cluster.support import agent_daemonset_exists, agent_image_tag, app_pod, apply, pod_phase
 from tests.support import Sampler, free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -173,11 +173,6 @@ def release_exists(fleet: NodeFleet) -> bool:
     return run_helm(fleet, "status", check=False).returncode == 0
 
 
-def daemonset_exists(fleet: NodeFleet) -> bool:
-    found = fleet.cluster.kubectl("get", "-n", NAMESPACE, "daemonset/cni-redirect-node", check=False)
-    return found.returncode == 0
-
-
 def uninstall(fleet: NodeFleet, check: Callable[[], None] = lambda: None) -> None:
     """docs/operations.md's uninstall: `helm upgrade --set uninstall=true` (the agents' DaemonSet goes, the
     uninstall DaemonSet cleans every node; `check` runs then), then `helm uninstall` and the namespace."""
@@ -203,7 +198,7 @@ def new_nodes(fleet: NodeFleet) -> NodeFleet:
 @pytest.fixture
 def installed(fleet: NodeFleet) -> NodeFleet:
     """The chart installed with the guard, every joined node's agent Ready and its taint off (installed if not)."""
-    if release_exists(fleet) and not daemonset_exists(fleet):  # a test left it half uninstalled
+    if release_exists(fleet) and not agent_daemonset_exists(fleet.cluster):  # a test left it half uninstalled
         uninstall(fleet)
     if not release_exists(fleet):
         run_helm(fleet, "install", str(CHART), "--create-namespace", *helm_values(fleet), "--wait",
@@ -213,11 +208,6 @@ def installed(fleet: NodeFleet) -> NodeFleet:
     for name in fleet.nodes:
         wait_until(lambda n=name: DEFAULT_TAINT not in node_taints(fleet.cluster, n), 60, f"{name}'s taint to go")
     return fleet
-
-
-def current_tag(fleet: NodeFleet) -> str:
-    found = fleet.cluster.get("daemonset", "-n", NAMESPACE, "cni-redirect-node")
-    return found["spec"]["template"]["spec"]["containers"][0]["image"].rsplit(":", 1)[1]
 
 
 def test_helm_install_takes_each_nodes_taint_off_only_once_its_own_agent_chained(new_nodes, procs):
@@ -303,7 +293,7 @@ def test_a_rollout_walks_the_nodes_and_a_node_joining_during_it_runs_no_pod_unca
     old = {pod["metadata"]["name"] for pod in agent_pods(fleet)}
     sampler = Sampler(lambda: all(entry_of(fleet.nodes[name]) is not None for name in FIRST))
     apply(cluster, placed("joiner", "node-d", enabled()))
-    tag = "0.1.0" if current_tag(fleet) == "0.1.1" else "0.1.1"  # the same bytes under the other tag
+    tag = "0.1.0" if agent_image_tag(fleet.cluster) == "0.1.1" else "0.1.1"  # the same bytes under the other tag
     run_helm(fleet, "upgrade", str(CHART), "--reuse-values", "--set", f"image.repository={IMAGE}",
              "--set", f"image.tag={tag}")  # fmt: skip
     joining = threading.Thread(target=join, args=(fleet, "node-d", agent_image))

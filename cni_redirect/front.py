@@ -20,6 +20,11 @@ exit code.
 - DEL of a netns that is gone is forwarded without an fd: the server answers
   "nothing to do", as in-process DEL does, without the in-process start.
 - Not a CNI call (no CNI_COMMAND): the command-line interface.
+
+In the bundle, this front runs only when the compiled one (install/front, the `cni-redirect` the runtime
+executes) hands a request over: it answers VERSION and forwards to the CNI server itself, ~10x faster to
+start, and execs this (`cni-redirect-py`) for everything else, saying in CNIR_FORWARD_FAILED why when the
+server did not answer, so the work is done in-process without asking the server twice.
 """
 
 import os
@@ -30,6 +35,8 @@ from . import wire
 VERSIONS = b'{"cniVersion": "1.1.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}'
 FORWARDED = ("ADD", "CHECK", "DEL", "STATUS", "GC")  # to the CNI server, when the entry names one
 WITH_NETNS = ("ADD", "CHECK", "DEL")
+#: Set by the compiled front (install/front) when it exec's this one after the CNI server did not answer: why.
+FORWARD_FAILED = "CNIR_FORWARD_FAILED"
 
 
 def _write(fd: int, data: bytes) -> None:
@@ -55,7 +62,10 @@ def main() -> int:
     stdin = sys.stdin.buffer.read()
     path = wire.config_agent_socket(stdin) if command in FORWARDED else None
     fallback = None
-    if path is not None:
+    failed = env.get(FORWARD_FAILED)
+    if path is not None and failed is not None:  # the compiled front asked the server already: not twice
+        fallback = f"CNI server at {path} did not answer ({failed}): doing the work in-process"
+    elif path is not None:
         try:
             code, out, err = _forward(path, command, env, stdin)
         except _NotForwarded:

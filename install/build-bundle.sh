@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Build the self-contained plugin bundle (PyInstaller one-folder, never one-file: one-file
 # unpacks itself to /tmp on every run). Output: <out>/cni-redirect/ with the executable
-# `cni-redirect`, its `_internal/` (interpreter, our code, pyroute2, pydantic, the nftables
+# `cni-redirect` (the compiled front, install/front: a static Go binary that forwards CNI requests
+# to the CNI server and execs the Python front for everything else), the frozen Python front
+# `cni-redirect-py`, its `_internal/` (interpreter, our code, pyroute2, pydantic, the nftables
 # bindings, libnftables.so.1 and the libraries it links) and `LICENSES/`.
 # The node needs only the kernel and glibc >= the build machine's (2.36 on Debian 12).
+# Needs Go >= 1.19 (GO=path/to/go to choose one; Debian 12's golang-go will do).
 # Usage: install/build-bundle.sh [out-dir]   (default build/bundle)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +22,11 @@ mkdir -p "$WORK/libs" && cp -L "$lib" "$WORK/libs/libnftables.so.1"
 
 "$PY" -m PyInstaller --version >/dev/null 2>&1 || "$PY" -m pip install -q --disable-pip-version-check "pyinstaller>=6,<7"
 
+install/front/build.sh "$WORK/front/cni-redirect"  # first: a missing Go fails the build before PyInstaller runs
 rm -rf "$OUT/cni-redirect"
 CNIR_LIBNFTABLES="$WORK/libs/libnftables.so.1" "$PY" -m PyInstaller --noconfirm --clean --log-level WARN \
   --distpath "$OUT" --workpath "$WORK" install/cni-redirect.spec
+cp "$WORK/front/cni-redirect" "$OUT/cni-redirect/cni-redirect"
 
 # libnftables is GPL-2.0: ship its license and where its source is, with those of every
 # shared library the bundle carries from the build machine's packages.
@@ -37,8 +42,11 @@ cat > "$licenses/README" <<TXT
 This bundle contains libnftables.so.1 from Debian package libnftables1 $(dpkg-query -W -f='${Version}' libnftables1),
 licensed GPL-2.0 (see libnftables1.copyright). Its complete source is the Debian source package
 "nftables" of that version (apt-get source nftables), and upstream at https://netfilter.org/projects/nftables/.
-The other *.copyright files cover the shared libraries shipped next to it. The Python interpreter
+The other *.copyright files cover the shared libraries shipped next to it. The executable cni-redirect
+is compiled Go: the Go runtime and standard library it contains are BSD-3-Clause (go.LICENSE). The Python interpreter
 is covered by the Python Software Foundation License; pyroute2 (Apache-2.0/GPL-2.0+ dual), pydantic
 (MIT) and the nftables Python bindings (GPL-2.0) are included as Python modules.
 TXT
+GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
+cp "$("$GO" env GOROOT)/LICENSE" "$licenses/go.LICENSE"
 echo "build-bundle: $OUT/cni-redirect ($(du -sh "$OUT/cni-redirect" | cut -f1))" >&2

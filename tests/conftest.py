@@ -83,6 +83,44 @@ def bundle(tmp_path_factory) -> Path:
     return out / "cni-redirect"
 
 
+@pytest.fixture(scope="session")
+def go() -> str:
+    """The Go toolchain that builds the compiled front: go on PATH, else where this machine kind has it."""
+    import shutil
+
+    found = shutil.which("go") or "/usr/local/go/bin/go"
+    assert os.access(found, os.X_OK), (
+        "Go is needed to build the compiled front (install/front); ./scripts/setup.sh checks"
+    )
+    return found
+
+
+@pytest.fixture(scope="session")
+def compiled_front(go, tmp_path_factory) -> Path:
+    """The compiled front alone, built by the script build-bundle.sh runs (a few seconds, not the whole bundle)."""
+    out = tmp_path_factory.mktemp("front") / "cni-redirect"
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "GO": go, "HOME": os.environ.get("HOME", "/root")}
+    proc = subprocess.run(
+        [str(REPO / "install" / "front" / "build.sh"), str(out)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, f"install/front/build.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def fronts(compiled_front, tmp_path_factory) -> dict[str, Path]:
+    """Both fronts by name: "python", this checkout's console script, and "compiled", laid out as in the bundle
+    with that console script beside it as `cni-redirect-py` (what it execs for what it does not answer)."""
+    import shutil
+
+    from cni_redirect.testing.netlab import PLUGIN
+
+    folder = tmp_path_factory.mktemp("fronts")
+    shutil.copy2(compiled_front, folder / "cni-redirect")  # a copy: it finds its Python front beside its real path
+    (folder / "cni-redirect-py").symlink_to(PLUGIN)
+    return {"python": PLUGIN, "compiled": folder / "cni-redirect"}
+
+
 @pytest.fixture
 def host(tmp_path):
     """A temp node for the node agent: CNI bin and conf dirs, a bundle to install."""

@@ -1,4 +1,7 @@
-"""The bundle runs with nothing but the kernel, glibc and zlib: a real ADD from a bare chroot."""
+"""The bundle runs with nothing but the kernel, glibc and zlib: a real ADD from a bare chroot.
+
+The runtime execs the compiled front; with no CNI server named, it execs the frozen Python front beside it,
+stdin handed over whole (a memfd: nothing else in the chroot)."""
 
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ def test_bundle_needs_only_glibc_and_zlib_and_programs_rules_from_a_bare_chroot(
     foreign = sorted(str(p) for p in libraries if not GLIBC_AND_ZLIB.match(p.name))
     assert not foreign, f"the bundle depends on host libraries beyond glibc and zlib: {foreign}"
     assert (bundle / "LICENSES" / "libnftables1.copyright").exists()
+    assert (bundle / "LICENSES" / "go.LICENSE").exists() and (bundle / "cni-redirect-py").is_file()
+    static = subprocess.run(["ldd", str(bundle / "cni-redirect")], capture_output=True, text=True)
+    assert "not a dynamic executable" in static.stdout + static.stderr, "the compiled front needs nothing from the node"
     assert "apt-get source nftables" in (bundle / "LICENSES" / "README").read_text()
 
     root = tmp_path / "node"

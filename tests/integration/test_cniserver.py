@@ -19,7 +19,7 @@ from cni_redirect import wire
 from cni_redirect.backend import KernelBackend, libnftables
 from cni_redirect.cniserver import CniServer
 from cni_redirect.netns import received_fd
-from cni_redirect.testing.netlab import PEER_V4, PLUGIN, connect, enabled, plugin_conf, run_plugin
+from cni_redirect.testing.netlab import PEER_V4, PLUGIN, PluginRun, connect, enabled, plugin_conf, run_plugin
 from tests.support import wait_for
 
 
@@ -45,6 +45,22 @@ def agent(host_unchanged):
     assert not path.exists()
 
 
+class Front:
+    """One of the two fronts a runtime may exec (the Python one, the bundle's compiled one): the warm path's
+    behaviour must not depend on which."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def run(self, command: str, netns: str, conf: dict | bytes, **kwargs: Any) -> PluginRun:
+        return run_plugin(command, netns, conf, plugin=self.path, **kwargs)
+
+
+@pytest.fixture(params=["python", "compiled"])
+def front(request, fronts) -> Front:
+    return Front(fronts[request.param])
+
+
 def via(agent, annotations=None, **entry):
     return plugin_conf(annotations, agent_socket=str(agent.path), **entry)
 
@@ -55,52 +71,52 @@ def test_socket_is_root_only(agent):
     assert (agent.path.parent.stat().st_mode & 0o777) == 0o700
 
 
-def test_add_check_del_through_the_agent_match_in_process(agent, pod):
+def test_add_check_del_through_the_agent_match_in_process(front, agent, pod):
     conf = via(agent, enabled(exclude_outbound_ports="22"))
-    add = run_plugin("ADD", pod.path, conf)
+    add = front.run("ADD", pod.path, conf)
     assert add.rc == 0, add.stdout + add.stderr
     via_agent = pod.ruleset()
     assert "elements = { 22 }" in via_agent
-    assert run_plugin("CHECK", pod.path, conf).rc == 0
-    assert run_plugin("DEL", pod.path, conf).rc == 0
+    assert front.run("CHECK", pod.path, conf).rc == 0
+    assert front.run("DEL", pod.path, conf).rc == 0
     assert agent.served == 3 and agent.failed == 0
 
-    in_process = run_plugin("ADD", pod.path, plugin_conf(enabled(exclude_outbound_ports="22")))
+    in_process = front.run("ADD", pod.path, plugin_conf(enabled(exclude_outbound_ports="22")))
     assert in_process.stdout == add.stdout, "the same result bytes either way"
     assert pod.ruleset() == via_agent
 
 
-def test_errors_through_the_agent_are_the_same_cni_errors(agent, pod):
-    bad = run_plugin("ADD", pod.path, via(agent, enabled(proxy_uid="root")))
+def test_errors_through_the_agent_are_the_same_cni_errors(front, agent, pod):
+    bad = front.run("ADD", pod.path, via(agent, enabled(proxy_uid="root")))
     assert bad.rc == 1
     error = bad.json
     assert error["code"] == 7 and "cni-redirect.io/proxy-uid" in error["msg"]
     assert "cni_redirect" not in pod.ruleset()
-    host = run_plugin("ADD", f"/proc/{os.getpid()}/ns/net", via(agent, enabled()))
+    host = front.run("ADD", f"/proc/{os.getpid()}/ns/net", via(agent, enabled()))
     assert host.rc == 1 and "host network namespace" in host.json["msg"], "the agent refuses its own netns"
 
 
-def test_server_down_means_slower_never_uncaptured(pod, tmp_path):
+def test_server_down_means_slower_never_uncaptured(front, pod, tmp_path):
     log = tmp_path / "log"
     conf = plugin_conf(enabled(), agent_socket="/run/cni-redirect/nobody-listens.sock", log_file=str(log))
-    add = run_plugin("ADD", pod.path, conf)
+    add = front.run("ADD", pod.path, conf)
     assert add.rc == 0, add.stdout
     assert "table inet cni_redirect" in pod.ruleset(), "done in-process"
     assert add.stderr.count("warning") == 1 and "did not answer" in add.stderr and "in-process" in add.stderr
     event = json.loads(log.read_text().splitlines()[-1])
     assert event["outcome"] == "captured" and "nobody-listens.sock did not answer" in event["fallback"]
-    assert run_plugin("CHECK", pod.path, conf).rc == 0
-    assert run_plugin("DEL", pod.path, conf).rc == 0
-    assert run_plugin("DEL", "", plugin_conf(None, prev=False, agent_socket="/run/cni-redirect/x.sock")).rc == 0
+    assert front.run("CHECK", pod.path, conf).rc == 0
+    assert front.run("DEL", pod.path, conf).rc == 0
+    assert front.run("DEL", "", plugin_conf(None, prev=False, agent_socket="/run/cni-redirect/x.sock")).rc == 0
 
 
-def test_a_server_that_never_answers_is_given_up_on_after_the_timeout(pod, host_unchanged, socket_dir):
+def test_a_server_that_never_answers_is_given_up_on_after_the_timeout(front, pod, host_unchanged, socket_dir):
     path = f"{socket_dir}/hung-{os.getpid()}.sock"
     hung = socket.socket(socket.AF_UNIX)
     hung.bind(path)
     hung.listen(8)  # accepts into the backlog, never replies
     try:
-        add = run_plugin("ADD", pod.path, plugin_conf(enabled(), agent_socket=path))
+        add = front.run("ADD", pod.path, plugin_conf(enabled(), agent_socket=path))
     finally:
         hung.close()
         os.unlink(path)
@@ -109,12 +125,12 @@ def test_a_server_that_never_answers_is_given_up_on_after_the_timeout(pod, host_
     assert "timed out" in add.stderr
 
 
-def test_a_request_its_front_gave_up_on_is_never_run_late(agent, pod):
+def test_a_request_its_front_gave_up_on_is_never_run_late(front, agent, pod):
     conf = plugin_conf(enabled(exclude_outbound_ports="2222"), agent_socket=str(agent.path))
     fd = os.open(pod.path, os.O_RDONLY)
     try:
         with agent.locks.held(fd):  # the server is busy with this netns past the front's timeout
-            add = run_plugin("ADD", pod.path, conf)
+            add = front.run("ADD", pod.path, conf)
             assert add.rc == 0 and "did not answer" in add.stderr, "the front did it in-process"
             wait_for(lambda: agent.locks._locks, timeout=5)
     finally:
@@ -159,10 +175,10 @@ def test_non_root_callers_are_refused_by_the_socket_mode_and_by_the_server(agent
     assert agent.served == 0 and "cni_redirect" not in pod.ruleset()
 
 
-def test_traffic_is_captured_when_the_agent_programmed_the_rules(agent, net, procs):
+def test_traffic_is_captured_when_the_agent_programmed_the_rules(front, agent, net, procs):
     procs.listen(net.pod, "proxy-out", 15001, uid=1337)
     procs.listen(net.peer, "peer", 80)
-    assert run_plugin("ADD", net.pod.path, via(agent, enabled())).rc == 0
+    assert front.run("ADD", net.pod.path, via(agent, enabled())).rc == 0
     answer = connect(net.pod, PEER_V4, 80, uid=1000)
     assert (answer["listener"], answer["original_dst"]) == ("proxy-out", f"{PEER_V4}:80")
 
@@ -350,7 +366,7 @@ def test_a_server_whose_socket_was_taken_away_reports_a_problem(agent):
 
 
 @pytest.mark.parametrize("mode", ["in-process", "agent"])
-def test_racing_adds_on_one_netns_leave_exactly_one_table(pod, agent, mode):
+def test_racing_adds_on_one_netns_leave_exactly_one_table(front, pod, agent, mode):
     from concurrent.futures import ThreadPoolExecutor
 
     entry: dict[str, Any] = {"agent_socket": str(agent.path)} if mode == "agent" else {}
@@ -358,24 +374,24 @@ def test_racing_adds_on_one_netns_leave_exactly_one_table(pod, agent, mode):
     for _ in range(3):
         pod.run("nft", "delete", "table", "inet", "cni_redirect", check=False)
         with ThreadPoolExecutor(max_workers=16) as pool:
-            runs = list(pool.map(lambda _: run_plugin("ADD", pod.path, conf), range(16)))
+            runs = list(pool.map(lambda _: front.run("ADD", pod.path, conf), range(16)))
         assert all(run.rc == 0 for run in runs), [run.stdout for run in runs if run.rc]
         assert pod.ruleset().count("table inet cni_redirect") == 1
-        check = run_plugin("CHECK", pod.path, conf)
+        check = front.run("CHECK", pod.path, conf)
         assert check.rc == 0, f"duplicated rules after racing ADDs: {check.stdout}"
     if mode == "agent":
         assert len(agent.locks) == 0, "per-netns locks are released"
 
 
-def test_status_gc_and_del_of_a_vanished_netns_are_served_by_the_server(agent, pod, tmp_path):
+def test_status_gc_and_del_of_a_vanished_netns_are_served_by_the_server(front, agent, pod, tmp_path):
     """What an idle node asks over and over (STATUS, GC) and what a node reboot asks (DEL of a netns that is gone)
     are answered by the warm server, never by an in-process start."""
     log = tmp_path / "plugin.log"
     conf = via(agent, enabled(), cniVersion="1.1.0", log_file=str(log), log_level="info")
     for command in ("STATUS", "GC"):
-        run = run_plugin(command, "", conf)
+        run = front.run(command, "", conf)
         assert (run.rc, run.stdout) == (0, ""), run.stderr
-    gone = run_plugin("DEL", "/run/netns/cni-redirect-never-was", conf)
+    gone = front.run("DEL", "/run/netns/cni-redirect-never-was", conf)
     assert gone.rc == 0 and "in-process" not in gone.stderr, gone.stderr
     assert agent.served == 3 and agent.failed == 0
     events = [json.loads(line) for line in log.read_text().splitlines()]
@@ -385,14 +401,34 @@ def test_status_gc_and_del_of_a_vanished_netns_are_served_by_the_server(agent, p
         ("DEL", "cni-server"),
     ]
     assert events[-1]["outcome"] == "nothing to do: no table"
-    in_process = run_plugin("DEL", "/run/netns/cni-redirect-never-was", plugin_conf(enabled(), log_file=str(log)))
+    in_process = front.run("DEL", "/run/netns/cni-redirect-never-was", plugin_conf(enabled(), log_file=str(log)))
     assert in_process.rc == 0 and json.loads(log.read_text().splitlines()[-1])["outcome"] == events[-1]["outcome"]
 
 
-def test_del_of_what_is_not_a_netns_answers_the_same_either_way(agent, pod, tmp_path):
+def test_del_of_what_is_not_a_netns_answers_the_same_either_way(front, agent, pod, tmp_path):
     not_a_netns = tmp_path / "dir"
     not_a_netns.mkdir()
-    served = run_plugin("DEL", str(not_a_netns), via(agent, enabled()))
-    in_process = run_plugin("DEL", str(not_a_netns), plugin_conf(enabled()))
+    served = front.run("DEL", str(not_a_netns), via(agent, enabled()))
+    in_process = front.run("DEL", str(not_a_netns), plugin_conf(enabled()))
     assert agent.served == 1
     assert (served.rc, served.stdout) == (in_process.rc, in_process.stdout) == (0, ""), "its table went with it"
+
+
+def test_the_compiled_front_serves_the_warm_path_without_its_python_front(agent, pod, compiled_front, tmp_path):
+    """Every forwarded command is answered by the compiled front alone: the Python front beside it refuses to run."""
+    import shutil
+
+    shutil.copy2(compiled_front, tmp_path / "cni-redirect")
+    tripwire = tmp_path / "cni-redirect-py"
+    tripwire.write_text("#!/bin/sh\necho 'the Python front was run' >&2\nexit 97\n")
+    tripwire.chmod(0o755)
+    compiled = Front(tmp_path / "cni-redirect")
+    conf = via(agent, enabled(exclude_outbound_ports="22"), version="1.1.0")  # 1.1.0: STATUS and GC too
+    for command in ("ADD", "CHECK", "DEL"):
+        run = compiled.run(command, pod.path, conf)
+        assert run.rc == 0, (command, run.stdout, run.stderr)
+    for command in ("STATUS", "GC"):
+        run = compiled.run(command, "", conf)
+        assert run.rc == 0, (command, run.stdout, run.stderr)
+    assert agent.served == 5 and agent.failed == 0
+    assert compiled.run("ADD", pod.path, plugin_conf(enabled())).rc == 97, "the tripwire itself works"

@@ -1,0 +1,3 @@
+module cni-redirect/front
+
+go 1.19

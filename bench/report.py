@@ -327,13 +327,40 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _runs(bursts: dict, pods: str) -> list[dict]:
+    """A variant's runs of one burst size (a run of the format before repeats is one run)."""
+    runs = bursts[pods]
+    return runs if isinstance(runs, list) else [runs]
+
+
+def _ms_list(values: list[float]) -> str:
+    return ", ".join(f"{value * 1000:+.0f}" for value in values)
+
+
+def _med(runs: list[dict], key: str) -> float | None:
+    values = [run[key] for run in runs if run.get(key) is not None]
+    return _median(values) if values else None
+
+
+def _p99_range(runs: list[dict], key: str) -> str:
+    values = [run[key] for run in runs if run.get(key) is not None]
+    if len(values) < 2:
+        return _seconds(values[0] if values else None)
+    return f"{_seconds(_median(values))} ({min(values):.2f}-{max(values):.2f})"
+
+
 def _pod_start_lines(results: dict) -> list[str]:
     """Section 11: pod start on a real cluster, the SLO's way (bench/podstart.py)."""
     run = results.get("pod_start")
     if not run:
         return []
     variants = run["variants"]
-    none, ours, istio = (variants[v] for v in ("no capture plugin", "cni-redirect (helm)", "istio-cni (chained)"))
     lines = [
         "",
         "## 11. Pod start on a real cluster, the way the SLO measures it",
@@ -341,36 +368,54 @@ def _pod_start_lines(results: dict) -> list[str]:
         "The SIG-scalability SLO: p99 of stateless pods' start-up (creation to every container started, observed "
         "through a watch; no image pull, no init container) at most 5 s. CNI ADD runs inside RunPodSandbox and "
         "counts in full; an init container's capture does not count at all. One single-node cluster (the cluster "
-        "tier's: kubelet 1.37 on containerd 2.4, bridge + host-local), three variants one after another; each a "
-        "Deployment scaled from none to the burst at once, the same pod spec (two pause containers, annotated as "
-        "our opt-in and as Istio's injector). `SLI` and `sandbox` are the kubelet's own histograms "
-        "(`kubelet_pod_start_sli_duration_seconds`, `kubelet_run_podsandbox_duration_seconds`) over the burst, "
-        "percentiles interpolated within their buckets; `watch` is creation-to-running from a watch's receive "
-        "times, as clusterloader2 takes them. Seconds.",
+        "tier's: kubelet 1.37 on containerd 2.4, bridge + host-local); rounds of the three variants back to back "
+        "(a node changes over a run: each variant is compared with the baseline of its own round), each a burst "
+        "of each size: a Deployment scaled from none to the burst at once, the same pod spec (two pause containers, "
+        "annotated as our opt-in and as Istio's injector), its sandboxes removed after it. `SLI` and `sandbox` are "
+        "the kubelet's own histograms (`kubelet_pod_start_sli_duration_seconds`, "
+        "`kubelet_run_podsandbox_duration_seconds`) over the burst, percentiles interpolated within their buckets "
+        "(coarse: the SLI's buckets above 5 s are 6, 8, 10, 20 s); `watch` is creation-to-running from a watch's "
+        "receive times, as clusterloader2 takes them, exact. Seconds: the median over the runs, with the runs' "
+        "range for the p99s. cni-redirect runs the image's bundle: the compiled front and the node agent's CNI "
+        "server.",
         "",
-        "| variant | pods | burst wall | SLI p50 | SLI p99 | sandbox p50 | sandbox p99 | watch p50 | watch p99 | "
-        "agent CPU | agent RSS peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | pods | runs | burst wall | SLI p50 | SLI p99 | sandbox p50 | sandbox p99 | watch p50 | "
+        "watch p99 | agent CPU | agent RSS peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, bursts in variants.items():
-        for pods, row in bursts.items():
-            cpu = f"{row['agent_cpu_percent']:.1f} %" if "agent_cpu_percent" in row else "-"
-            rss = f"{row['agent_rss_peak_mib']:.0f} MiB" if "agent_rss_peak_mib" in row else "-"
+        for pods in bursts:
+            runs = _runs(bursts, pods)
+            cpu = _med(runs, "agent_cpu_percent")
+            rss = _med(runs, "agent_rss_peak_mib")
             lines.append(
-                f"| {name} | {pods} | {row['seconds']:.1f} | {_seconds(row['sli_p50_s'])} | "
-                f"{_seconds(row['sli_p99_s'])} | {_seconds(row['sandbox_p50_s'])} | {_seconds(row['sandbox_p99_s'])} | "
-                f"{_seconds(row['watch_p50_s'])} | {_seconds(row['watch_p99_s'])} | {cpu} | {rss} |"
+                f"| {name} | {pods} | {len(runs)} | {_med(runs, 'seconds') or 0:.1f} | "
+                f"{_seconds(_med(runs, 'sli_p50_s'))} | "
+                f"{_p99_range(runs, 'sli_p99_s')} | {_seconds(_med(runs, 'sandbox_p50_s'))} | "
+                f"{_p99_range(runs, 'sandbox_p99_s')} | {_seconds(_med(runs, 'watch_p50_s'))} | "
+                f"{_p99_range(runs, 'watch_p99_s')} | {'-' if cpu is None else f'{cpu:.1f} %'} | "
+                f"{'-' if rss is None else f'{rss:.0f} MiB'} |"
             )
     lines.append("")
-    again = variants.get("no capture plugin, again")
+    ours, istio = variants["cni-redirect (helm)"], variants["istio-cni (chained)"]
+    baseline = variants["no capture plugin"]
     for pods in (str(n) for n in run["bursts"]):
-        added = [(v[pods]["sli_p99_s"] or 0) - (none[pods]["sli_p99_s"] or 0) for v in (ours, istio)]
-        watch = [v[pods]["watch_p99_s"] - none[pods]["watch_p99_s"] for v in (ours, istio)]
-        drift = f" The baseline run again last: watch p99 {again[pods]['watch_p99_s']:.3f} s." if again else ""
+        paired = {}
+        for name, variant in (("ours", ours), ("istio", istio)):
+            for key in ("watch_p99_s", "sli_p99_s", "sandbox_p99_s"):
+                pairs = zip(_runs(variant, pods), _runs(baseline, pods), strict=False)
+                paired[name, key] = [(a[key] or 0.0) - (b[key] or 0.0) for a, b in pairs]
+        watch = paired["ours", "watch_p99_s"]
         lines.append(
-            f"Burst of {pods}: against the first baseline, cni-redirect adds {added[0] * 1000:+.0f} ms to the SLI's "
-            f"p99 ({added[0] / 5 * 100:+.1f} % of the 5 s SLO; watch p99 {watch[0] * 1000:+.0f} ms), istio-cni "
-            f"{added[1] * 1000:+.0f} ms (watch {watch[1] * 1000:+.0f} ms).{drift}"
+            f"Burst of {pods}, each variant against the baseline of its own round (the median "
+            f"of {len(watch)} rounds; each round's own difference follows it): cni-redirect adds "
+            f"**{_median(watch) * 1000:+.0f} ms** to the watch p99 "
+            f"({_median(watch) / 5 * 100:+.1f} % of the 5 s SLO; {_ms_list(watch)}), istio-cni "
+            f"{_median(paired['istio', 'watch_p99_s']) * 1000:+.0f} ms ({_ms_list(paired['istio', 'watch_p99_s'])}); "
+            f"to the SLI's p99 {_median(paired['ours', 'sli_p99_s']) * 1000:+.0f} ms and "
+            f"{_median(paired['istio', 'sli_p99_s']) * 1000:+.0f} ms, to the sandbox p99 "
+            f"{_median(paired['ours', 'sandbox_p99_s']) * 1000:+.0f} ms and "
+            f"{_median(paired['istio', 'sandbox_p99_s']) * 1000:+.0f} ms."
         )
     lines += [
         "",

@@ -48,5 +48,9 @@ is covered by the Python Software Foundation License; pyroute2 (Apache-2.0/GPL-2
 (MIT) and the nftables Python bindings (GPL-2.0) are included as Python modules.
 TXT
 GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
-cp "$("$GO" env GOROOT)/LICENSE" "$licenses/go.LICENSE"
+goroot=$("$GO" env GOROOT)  # an upstream toolchain has LICENSE there; Debian's golang-go ships its copyright file
+for license in "$goroot/LICENSE" "$goroot/../LICENSE" /usr/share/doc/golang-*-go/copyright /usr/share/doc/golang-go/copyright; do
+  [ -f "$license" ] && { cp "$license" "$licenses/go.LICENSE"; break; }
+done
+[ -f "$licenses/go.LICENSE" ] || { echo "build-bundle: the Go toolchain's license was not found (GOROOT $goroot)" >&2; exit 1; }
 echo "build-bundle: $OUT/cni-redirect ($(du -sh "$OUT/cni-redirect" | cut -f1))" >&2

@@ -107,7 +107,7 @@ HEAVY = {"pydantic", "pyroute2", "nftables", "grpc", "google", "prometheus_clien
 #: Every module that reaches the kernel (a netns, nftables, netlink), and the libraries that do.
 KERNEL = {"cni_redirect.backend", "cni_redirect.netns", "cni_redirect.cniserver", "cni_redirect.fake",
           "cni_redirect.netlink", "cni_redirect.nftsize", "cni_redirect.nftgen", "cni_redirect.routing", "nftables",
-          "pyroute2"}  # fmt: skip
+          "pyroute2", "cni_redirect.node.pods.nftevents"}  # fmt: skip
 LAB = "cni_redirect.testing"
 #: The node agent: every module of cni_redirect.node, whichever wing.
 NODE = {_module_name(p) for p in (PACKAGE / "node").rglob("*.py")}

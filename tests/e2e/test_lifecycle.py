@@ -18,6 +18,7 @@ import pytest
 
 from cni_redirect.cri import CriClient
 from cni_redirect.node.chaining.confdir import read_conf_dir
+from cni_redirect.node.pods.nftevents import NftablesEvents
 from cni_redirect.node.pods.repair import Repairer
 from cni_redirect.testing.containerd import GATEWAY
 from cni_redirect.testing.netlab import HOST, Netns, connect, enabled, host_ruleset
@@ -279,6 +280,36 @@ def test_repair_of_a_hundred_sandboxes_in_one_pass(node):
         f"\n[lifecycle] repair pass over 100 sandboxes: {first.seconds:.2f} s repairing all "
         f"({first.seconds * 10:.1f} ms per pod), {second.seconds:.2f} s when all are ok"
     )
+    assert agent.terminate() == 0
+
+
+def test_repair_hears_which_pods_had_a_transaction_and_enters_no_other(node):
+    """Real containerd pods (bridge: a veth to the node gives each netns an id there): once every pod was read
+    after the last transaction, a pass enters no netns at all; a table deleted in one pod is heard, and only
+    that pod is read and put right."""
+    client, start = node
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        pods = list(pool.map(lambda i: client.run_pod(f"heard-{i}", annotations=enabled()), range(10)))
+    agent = start("--repair=off")
+    agent.wait_ready()
+    events = NftablesEvents.open()
+    repairer = Repairer(CriClient(str(client.runtime.socket)), client.runtime.conf_dir, lambda *a, **k: None,
+                        events=events)  # fmt: skip
+    try:
+        assert len(repairer.run_once().repaired) == 10
+        repairer.run_once()  # our own repairs were heard: each pod read once more
+        quick = repairer.memo.quick
+        quiet = repairer.run_once()
+        assert quiet.repaired == [] and quiet.states["ok"] == 10
+        assert repairer.memo.heard == 10 and repairer.memo.quick == quick, "not one netns entered"
+        Netns.at(client.netns(pods[4])).run("nft", "delete", "table", "inet", "cni_redirect")
+        healed = repairer.run_once()
+        assert healed.repaired == ["default/heard-4"] and healed.reasons == {"missing": 1}
+        assert repairer.memo.heard == 19, "the other nine were not entered"
+    finally:
+        repairer.close()
+        events.close()
+    assert all(has_table(client, pod) for pod in pods)
     assert agent.terminate() == 0
 
 

@@ -43,6 +43,7 @@ from .watch import DirWatch
 
 if TYPE_CHECKING:
     from ...cniserver import CniServer
+    from ..pods.nftevents import NftablesEvents
     from ..pods.repair import Repairer
     from .metrics import Metrics
     from .probe import ProbeServer
@@ -387,6 +388,21 @@ def _metrics() -> Metrics:
     return Metrics()
 
 
+def _nftables_events(log: Callable[..., None]) -> NftablesEvents | None:
+    """Hear nftables transactions from the node's netns, so quiet pods are not entered; None (every pod's
+    generation read, as before) where this kernel does not deliver them across netns."""
+    from ...errors import KernelError
+    from ..pods.nftevents import NftablesEvents
+
+    try:
+        events = NftablesEvents.open()
+    except KernelError as exc:
+        log("info", f"repair reads every pod's nftables generation: {exc}")
+        return None
+    log("info", "repair hears nftables transactions: a pod whose netns had none is not entered")
+    return events
+
+
 def _start_repair(
     options: Options,
     log: Callable[..., None],
@@ -413,6 +429,7 @@ def _start_repair(
         conf_file=options.conf_file,
         sessions=kernel_sessions(server.locks if server is not None else None),
         on_pass=passed,
+        events=_nftables_events(log),
     )
     repairer.start(stop, wake, options.repair_interval)
     return repairer

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import threading
 
     from ...backend import Session
+    from .nftevents import TransactionEvents
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Repairer:
         conf_file: str | None = None,
         sessions: SessionFactory | None = None,
         on_pass: Callable[[PassResult], None] | None = None,
+        events: TransactionEvents | None = None,
     ) -> None:
         if mode not in REPAIR_MODES:
             raise SettingsError(f"--repair {mode!r} must be one of {', '.join(REPAIR_MODES)}")
@@ -82,6 +84,7 @@ class Repairer:
         self.mode = mode
         self.sessions = sessions or kernel_sessions()
         self.on_pass = on_pass
+        self.events = events  # nftables transactions heard from the node's netns: quiet pods are not entered
         self.passes = 0
         self.last: PassResult | None = None
         self.repairs: Counter[str] = Counter()  # by reason: missing, drifted
@@ -97,7 +100,7 @@ class Repairer:
         if entry is None:
             result.error, result.chained = "cni-redirect is not chained into the node's CNI config", False
             return self._finish(result, start)
-        survey = Survey(self.cri, entry, self.sessions, self.memo)
+        survey = Survey(self.cri, entry, self.sessions, self.memo, self.events)
         try:
             for view in survey.pods():
                 if view.state in (MISSING, DRIFTED):
@@ -169,6 +172,9 @@ class Repairer:
             if thread.is_alive():
                 self.log("warning", "the repair pass did not end in time; closing its CRI channel under it")
         self._close_channel()
+        close_events = getattr(self.events, "close", None)
+        if callable(close_events) and (thread is None or not thread.is_alive()):
+            close_events()  # a pass still running keeps its socket: the process is ending anyway
 
     def _close_channel(self) -> None:
         close = getattr(self.cri, "close", None)

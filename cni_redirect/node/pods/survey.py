@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ...backend import Observed, Session
     from ...cniserver import NetnsLocks
     from ...cri import Sandbox, SandboxDetails
+    from .nftevents import Heard, TransactionEvents
 
 
 class TableState(StrEnum):
@@ -121,12 +122,16 @@ class Seen:
     generation: int | None = None  # the netns's nftables generation when its table was last compared
     observed: Observed | None = None
     drift: Drift | None = None
+    read_in: int = 0  # the pass that last read that generation (by the events' count)
+    heard: Heard | None = None  # how nftables events name its netns; None: not heard (no id) or not asked yet
+    unheard_in: int = -1  # the full pass that last found it cannot be heard (asked again at the next full one)
 
 
 @dataclass
 class SurveyMemo:
     """Kept by the repair loop across passes, so a pass over a node where nothing changed costs almost nothing:
-    one ListPodSandbox, and per pod one netns entry and one netlink round trip (the nftables generation).
+    one ListPodSandbox, and per pod one netns entry and one netlink round trip (the nftables generation), or,
+    where the node agent hears nftables transactions (`nftevents`), not even that for a pod whose netns had none.
 
     `full_every`: every so many passes (60: every 30 minutes at the default interval), every pod is compared
     in full anyway. Every other pass already sees any nftables transaction (the generation), our routing where
@@ -141,6 +146,7 @@ class SurveyMemo:
     status_calls: int = 0  # PodSandboxStatus calls made
     full: int = 0  # pods compared in full (table listed)
     quick: int = 0  # pods found unchanged by their generation alone
+    heard: int = 0  # pods found unchanged by the nftables events alone, their netns not entered
 
     @classmethod
     def forgetful(cls) -> SurveyMemo:
@@ -156,6 +162,7 @@ class Survey:
         entry: dict[str, Any],
         sessions: SessionFactory | None = None,
         memo: SurveyMemo | None = None,
+        events: TransactionEvents | None = None,
     ) -> None:
         self.cri = cri
         self.entry = entry
@@ -164,6 +171,8 @@ class Survey:
         self.entry_key = json.dumps(entry, sort_keys=True)
         self.full_pass = self.memo.passes % self.memo.full_every == 0
         self.memo.passes += 1
+        self.events = events if self.memo.remember else None
+        self.pass_number = self.events.advance() if self.events is not None else 0  # before any read of this pass
 
     def pods(self) -> Iterator[PodView]:
         """Every ready sandbox; one whose status the runtime cannot give is reported, and the walk goes on."""
@@ -220,9 +229,16 @@ class Survey:
         evaluation = view.evaluation
         assert evaluation is not None and view.netns is not None
         seen = self.memo.seen.get(view.sandbox_id)
+        if seen is not None and not fresh and not self.full_pass and self._quiet(seen, view.netns):
+            self.memo.heard += 1
+            return replace(view, observed=seen.observed, drift=seen.drift)
+        if seen is not None:
+            self._identify(seen, view.netns)
         try:
             with self.sessions(view.netns) as session:
                 generation = session.generation() if seen is not None else None
+                if seen is not None:
+                    seen.read_in = self.pass_number
                 if seen is not None and not fresh and not self.full_pass and self._unchanged(seen, generation, session):
                     self.memo.quick += 1
                     return replace(view, observed=seen.observed, drift=seen.drift)
@@ -236,6 +252,26 @@ class Survey:
             self.memo.full += 1
             seen.generation, seen.observed, seen.drift = generation, observed, drift
         return replace(view, observed=observed, drift=drift)
+
+    def _quiet(self, seen: Seen, netns: str) -> bool:
+        """Unchanged by what the kernel told us: no nftables transaction in that netns since its generation was
+        read, and nothing compared that a transaction does not announce (routing, tuning)."""
+        if self.events is None or seen.heard is None or seen.observed is None or seen.generation is None:
+            return False
+        assert seen.evaluation is not None
+        if seen.evaluation.tuning is not None or seen.evaluation.wants_routing or seen.observed.routing:
+            return False
+        return self.events.quiet(netns, seen.heard, seen.read_in)
+
+    def _identify(self, seen: Seen, netns: str) -> None:
+        """Learn how the events name the netns, before its generation is read; asked again at each full pass
+        for one that cannot be heard (a primary may give it an id later)."""
+        if self.events is None or seen.heard is not None:
+            return
+        if seen.unheard_in >= 0 and not self.full_pass:
+            return
+        seen.heard = self.events.identify(netns)
+        seen.unheard_in = self.memo.passes if seen.heard is None else -1
 
     @staticmethod
     def _unchanged(seen: Seen, generation: int | None, session: Session) -> bool:

@@ -16,6 +16,7 @@ from cni_redirect.config import ANNOTATIONS_CAPABILITY, PodRef, parse_conf
 from cni_redirect.evaluation import DriftKind, Outcome, evaluate
 from cni_redirect.fake import MemoryBackend
 from cni_redirect.node.admin.inspect import pod_detail, table, view_json
+from cni_redirect.node.pods.nftevents import Heard
 from cni_redirect.node.pods.repair import Repairer
 from cni_redirect.node.pods.survey import DRIFTED, MISSING, OK, PodView, Survey
 from cni_redirect.ruleset import TPROXY_MARK, TPROXY_TABLE, PolicyRouting
@@ -362,3 +363,106 @@ def test_a_pass_counts_the_sandboxes_it_could_not_check(node, tmp_path):
     result = repair.run_once()
     assert result.error == "" and result.failed == 2 and result.repaired == ["default/third"]
     assert passes == [result], "every pass is reported, failed sandboxes and all"
+
+
+# --- passes that hear nftables transactions: a quiet pod's netns is not even entered ---
+class MemoryEvents:
+    """`nftevents.TransactionEvents` over a `MemoryBackend`, as the kernel would tell them: each pass takes in
+    the netns whose transaction count moved since the last one. `unheard` holds netns paths without an id
+    (never heard; their generation is read)."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self.backend = backend
+        self.pass_number = 0
+        self.counted: dict[str, int] = {}
+        self.heard_in: dict[str, int] = {}
+        self.unheard: set[str] = set()
+        self.identified: list[str] = []
+
+    def advance(self) -> int:
+        self.pass_number += 1
+        for netns, kernel in self.backend.kernels.items():
+            if self.counted.get(netns, 0) != kernel.transactions:
+                self.counted[netns] = kernel.transactions
+                self.heard_in[netns] = self.pass_number
+        return self.pass_number
+
+    def identify(self, netns: str) -> Heard | None:
+        self.identified.append(netns)
+        if netns in self.unheard or netns in self.backend.gone:
+            return None
+        return Heard(sorted(self.backend.kernels).index(netns) if netns in self.backend.kernels else -1, (0, 0))
+
+    def quiet(self, netns: str, heard: Heard, read_in: int) -> bool:
+        return netns not in self.backend.gone and self.heard_in.get(netns, 0) <= read_in
+
+
+def heard_node(tmp_path: Path, pods: int = 5):
+    cri, backend, repair, paths = idle_node(tmp_path, pods)
+    repair.events = events = MemoryEvents(backend)
+    repair.run_once()  # identifies each netns and reads its generation with the events' count
+    return cri, backend, repair, paths, events
+
+
+def test_a_pass_where_nothing_was_heard_enters_no_netns(tmp_path):
+    _cri, backend, repair, _paths, _events = heard_node(tmp_path)
+    calls = len(backend.calls)
+    result = repair.run_once()
+    assert result.repaired == [] and result.states == {"ok": 5}
+    assert backend.calls[calls:] == [], "no session at all"
+    assert repair.memo.heard == 5
+
+
+@pytest.mark.parametrize("what", ["deleted table", "edited rule"])
+def test_a_heard_transaction_is_read_and_put_right_in_the_next_pass(tmp_path, what):
+    _cri, backend, repair, paths, _events = heard_node(tmp_path)
+    ops = backend.ops(paths[3])
+    if what == "deleted table":
+        assert ops.remove()
+    else:
+        ops.apply(ruleset_for(enabled(exclude_outbound_ports="22")))
+    calls = len(backend.calls)
+    assert repair.run_once().repaired == ["default/p3"]
+    assert {netns for _, netns in backend.calls[calls:]} == {paths[3]}, "only the pod that was heard"
+    repair.run_once()  # our own repair was heard too: that pod's generation is read once more
+    calls = len(backend.calls)
+    assert repair.run_once().repaired == [] and backend.calls[calls:] == []
+
+
+def test_a_netns_that_cannot_be_heard_is_read_every_pass(tmp_path):
+    _cri, backend, repair, paths = idle_node(tmp_path)
+    repair.events = events = MemoryEvents(backend)
+    events.unheard.add(paths[0])
+    repair.run_once()
+    for _ in range(3):
+        calls = len(backend.calls)
+        repair.run_once()
+        assert backend.calls[calls:] == [("generation", paths[0])]
+    assert events.identified.count(paths[0]) == 1, "asked again only at the next full pass"
+
+
+def test_routing_and_tuning_are_read_every_pass_whatever_was_heard(tmp_path):
+    cri, backend = FakeCri(), MemoryBackend()
+    tproxy = cri.add("t", enabled(inbound_mode="tproxy"))
+    tuned = cri.add("m", enabled(tcp_rmem="4096 131072 6291456"))
+    plain = cri.add("p", enabled())
+    repair, _ = repairer(tmp_path, cri, backend)
+    repair.events = MemoryEvents(backend)
+    repair.run_once()
+    repair.run_once()
+    calls = len(backend.calls)
+    assert repair.run_once().repaired == []
+    entered = {netns for _, netns in backend.calls[calls:]}
+    assert entered == {tproxy, tuned}, "routes and sysctls change without a transaction; the plain pod is quiet"
+    backend.routing[tproxy].objects.pop()  # a route gone, nftables untouched: nothing to hear
+    assert repair.run_once().repaired == ["default/t"]
+    assert plain not in {netns for _, netns in backend.calls[calls:]}
+
+
+def test_the_full_pass_reads_every_pod_whatever_was_heard(tmp_path):
+    _cri, backend, repair, paths, events = heard_node(tmp_path)
+    repair.memo.full_every = 3
+    backend.ops(paths[1]).remove()
+    events.counted[paths[1]] = backend.kernels[paths[1]].transactions  # a message lost: the kernel never tells
+    found = [repair.run_once().repaired for _ in range(3)]
+    assert found == [[], ["default/p1"], []], "not heard, not read; the full pass (the third) is the belt"

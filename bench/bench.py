@@ -163,6 +163,16 @@ def bench_add(bundle: Path, agent: Agent, runs: int) -> dict:
         "bundle: bare start (VERSION)": ([str(bundle)], "VERSION", b'{"cniVersion":"1.0.0"}'),
         "bundle: ADD via agent": ([str(bundle)], "ADD", via_agent),
         "bundle: ADD in-process": ([str(bundle)], "ADD", in_process),
+        "bundle's Python front (cni-redirect-py): bare start (VERSION)": (
+            [str(bundle.parent / "cni-redirect-py")],
+            "VERSION",
+            b'{"cniVersion":"1.0.0"}',
+        ),
+        "bundle's Python front (cni-redirect-py): ADD via agent": (
+            [str(bundle.parent / "cni-redirect-py")],
+            "ADD",
+            via_agent,
+        ),
         "python3 -I -S: bare start (VERSION)": (["/usr/bin/python3", "-I", "-S", str(launcher)], "VERSION", b"{}"),
         "python3 -I -S: ADD via agent": (["/usr/bin/python3", "-I", "-S", str(launcher)], "ADD", via_agent),
         "venv console script: ADD via agent": ([str(REPO / ".venv/bin/cni-redirect")], "ADD", via_agent),
@@ -880,7 +890,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument(
         "--only",
-        choices=["repair", "backend", "idle", "idle-stack", "peers", "datapath-peers", "pod-start"],
+        choices=["add", "repair", "backend", "idle", "idle-stack", "peers", "datapath-peers", "pod-start"],
         help="run one section and merge it into the last results",
     )
     parser.add_argument("--datapath-seconds", type=float, default=5.0, help="each wrk load, per variant and round")
@@ -889,7 +899,16 @@ def main() -> int:
     assert os.geteuid() == 0, "benchmarks need root"
     if args.only:
         results: dict = json.loads((args.out / "benchmarks.json").read_text())
-        if args.only == "idle":
+        if args.only == "add":  # sections 1 to 3 and the front's profile: what a pod start pays
+            agent = Agent(args.bundle)
+            try:
+                results["add"] = bench_add(args.bundle, agent, args.runs)
+                results["burst"] = bench_burst(args.bundle, agent)
+                results["profile"] = profile_front(agent)
+            finally:
+                agent.stop()
+            results["run_pod_sandbox"] = bench_run_pod_sandbox(args.bundle, args.pod_runs)
+        elif args.only == "idle":
             results["idle_front"] = bench_idle_front(args.bundle, min(args.runs, 60))
             results["idle_repair"] = bench_idle_repair()
         elif args.only == "idle-stack":

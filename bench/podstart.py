@@ -184,8 +184,30 @@ def _deployment(replicas: int) -> dict:
     }
 
 
+def _cpu_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def quiet_node(share: float = 0.10, window: float = 2.0, timeout: float = 90.0) -> float:
+    """Wait until the machine's CPU is at most `share` busy over `window` seconds (an agent just installed copies
+    and hashes its bundle, a pass after a burst reads every pod): each burst starts on a node at rest. Returns
+    the busy share seen last."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy0, total0 = _cpu_busy()
+        time.sleep(window)
+        busy1, total1 = _cpu_busy()
+        seen = (busy1 - busy0) / max(1.0, total1 - total0)
+        if seen <= share or time.monotonic() > deadline:
+            return seen
+
+
 def burst(cluster: Cluster, pods: int, agent: bool) -> dict:
     """Scale a Deployment from none to `pods` at once; the SLI's and the sandboxes' percentiles over it."""
+    rest = quiet_node()
     before = _metrics(cluster)
     pids = _agent_pids() if agent else []
     cpu_before, rss_peak = _cpu_seconds(pids), _rss_mib(pids)
@@ -206,6 +228,7 @@ def burst(cluster: Cluster, pods: int, agent: bool) -> dict:
     startup = sorted(watch.running[name] - watch.seen[name] for name in watch.running)
     result: dict[str, float | None] = {
         "pods": pods,
+        "node_busy_before": round(rest, 3),
         "seconds": round(seconds, 2),
         "watch_p50_s": round(startup[len(startup) // 2], 3),
         "watch_p99_s": round(startup[min(len(startup) - 1, int(len(startup) * 0.99))], 3),

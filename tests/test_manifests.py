@@ -85,7 +85,7 @@ def test_least_privilege_of_the_default_install(base):
     assert "hostPID" not in spec and "hostIPC" not in spec
     security = container(base)["securityContext"]
     assert security["privileged"] is False and security["allowPrivilegeEscalation"] is False
-    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN"]}
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN", "NET_BROADCAST"]}
     assert security["readOnlyRootFilesystem"] is True and security["seccompProfile"] == {"type": "RuntimeDefault"}
     assert host_paths(base) == {
         "cni-bin": "/opt/cni/bin",

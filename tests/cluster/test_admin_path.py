@@ -426,6 +426,21 @@ def test_an_app_team_annotates_its_deployment_and_its_new_pods_are_captured(clus
     cluster.kubectl("delete", "deployment", "shop", "--wait=false")
 
 
+def test_the_agent_hears_a_pods_nftables_transaction_and_repairs_its_table(cluster, installed):
+    """With the DaemonSet's capabilities (NET_BROADCAST among them), repair listens for nftables transactions
+    instead of entering every pod; a table deleted in a pod is heard and put back within a repair interval."""
+    node = installed["node"]
+    apply(cluster, app_pod("heard", enabled()))
+    wait_running(cluster, "heard")
+    assert node.has_table("heard")
+    (agent,) = agent_pods(cluster)
+    logs = cluster.kubectl("logs", "-n", NAMESPACE, agent["metadata"]["name"], "-c", "install").stdout
+    assert "repair hears nftables transactions" in logs, logs[-3000:]
+    node.netns("heard").run("nft", "delete", "table", "inet", "cni_redirect")
+    assert not node.has_table("heard")
+    wait_until(lambda: node.has_table("heard"), 60, "the deleted table put back by repair")
+
+
 def test_deleting_the_agent_pod_keeps_the_entry_and_the_capture(cluster, installed, procs):
     """`kubectl delete pod`: the DaemonSet controller makes a new one; the entry stays in every sample read, pods
     captured before stay captured, pods after are captured."""

@@ -397,7 +397,7 @@ def _nftables_events(log: Callable[..., None]) -> NftablesEvents | None:
     try:
         events = NftablesEvents.open()
     except KernelError as exc:
-        log("info", f"repair reads every pod's nftables generation: {exc}")
+        log("info", f"repair reads every pod's nftables generation: {exc.msg}: {exc.details}")
         return None
     log("info", "repair hears nftables transactions: a pod whose netns had none is not entered")
     return events

@@ -213,6 +213,7 @@ def burst(cluster: Cluster, pods: int, agent: bool) -> dict:
     cpu_before, rss_peak = _cpu_seconds(pids), _rss_mib(pids)
     watch = Watch(cluster)
     time.sleep(1)  # the watch is established
+    busy_before, _ = _cpu_busy()
     start = time.time()
     cluster.kubectl("apply", "-f", "-", input=json.dumps(_deployment(pods)))
     deadline = time.monotonic() + 600
@@ -221,6 +222,7 @@ def burst(cluster: Cluster, pods: int, agent: bool) -> dict:
         rss_peak = max(rss_peak, _rss_mib(pids))
         time.sleep(0.2)
     seconds = time.time() - start
+    node_cpu = (_cpu_busy()[0] - busy_before) / os.sysconf("SC_CLK_TCK")
     cpu = _cpu_seconds(pids) - cpu_before
     watch.close()
     time.sleep(2)  # the kubelet's metrics catch up with the last pods
@@ -229,6 +231,7 @@ def burst(cluster: Cluster, pods: int, agent: bool) -> dict:
     result: dict[str, float | None] = {
         "pods": pods,
         "node_busy_before": round(rest, 3),
+        "node_cpu_s": round(node_cpu, 2),  # every process's CPU, creation to the last pod running
         "seconds": round(seconds, 2),
         "watch_p50_s": round(startup[len(startup) // 2], 3),
         "watch_p99_s": round(startup[min(len(startup) - 1, int(len(startup) * 0.99))], 3),

@@ -413,6 +413,11 @@ def _pod_start_lines(results: dict) -> list[str]:
             for key in ("watch_p99_s", "sli_p99_s", "sandbox_p99_s"):
                 pairs = zip(_runs(variant, pods), _runs(baseline, pods), strict=False)
                 paired[name, key] = [(a[key] or 0.0) - (b[key] or 0.0) for a, b in pairs]
+        added_cpu = {
+            name: [(a.get("node_cpu_s") or 0.0) - (b.get("node_cpu_s") or 0.0)
+                   for a, b in zip(_runs(variant, pods), _runs(baseline, pods), strict=False)]
+            for name, variant in (("ours", ours), ("istio", istio))
+        }  # fmt: skip
         watch = paired["ours", "watch_p99_s"]
         lines.append(
             f"Burst of {pods}, each variant against the baseline of its own round (the median "
@@ -425,6 +430,15 @@ def _pod_start_lines(results: dict) -> list[str]:
             f"{_median(paired['ours', 'sandbox_p99_s']) * 1000:+.0f} ms and "
             f"{_median(paired['istio', 'sandbox_p99_s']) * 1000:+.0f} ms."
         )
+        if all(added_cpu.values()) and all("node_cpu_s" in r for r in _runs(baseline, pods)):
+            ours_cpu, istio_cpu = _median(added_cpu["ours"]), _median(added_cpu["istio"])
+            rounds = ", ".join(f"{v:+.2f}" for v in added_cpu["ours"])
+            lines.append(
+                "The node's CPU over the burst (every process, creation to the last pod running), against the same "
+                f"round's baseline: cni-redirect {ours_cpu:+.2f} s ({ours_cpu / int(pods) * 1000:+.1f} ms per pod; "
+                f"{rounds}), istio-cni {istio_cpu:+.2f} s ({istio_cpu / int(pods) * 1000:+.1f} ms per pod). On two "
+                "saturated cores, CPU a variant adds is latency its pods wait for."
+            )
     lines += [
         "",
         "Two cores making 30 or 100 pods at once is a saturating burst: the node alone misses the 5 s SLO at 100 "

@@ -31,6 +31,7 @@ class Sandbox:
     name: str
     uid: str
     annotations: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0  # seconds since the epoch, as the runtime lists it (0: not said)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class SandboxDetails:
 
     host_network: bool
     netns: str | None  # None: the runtime reports no path
+
+
+def _sandbox(listed: pb.PodSandbox) -> Sandbox:
+    meta = listed.metadata
+    return Sandbox(listed.id, meta.namespace, meta.name, meta.uid, dict(listed.annotations), listed.created_at / 1e9)
 
 
 def _cri_error(what: str, socket: str, exc: grpc.RpcError) -> CriError:
@@ -112,9 +118,7 @@ class CriClient:
 
     def ready_sandboxes(self) -> list[Sandbox]:
         items = _call("ListPodSandbox", self.socket, lambda: self.list_sandboxes(ready_only=True))
-        return [
-            Sandbox(s.id, s.metadata.namespace, s.metadata.name, s.metadata.uid, dict(s.annotations)) for s in items
-        ]
+        return [_sandbox(s) for s in items]
 
     def sandbox_details(self, sandbox_id: str) -> SandboxDetails | None:
         """None when the sandbox is gone since it was listed."""

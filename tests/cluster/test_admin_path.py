@@ -444,7 +444,8 @@ def test_the_agent_hears_a_pods_nftables_transaction_and_repairs_its_table(clust
     assert "repair hears nftables transactions" in logs, logs[-3000:]
     node.netns("heard").run("nft", "delete", "table", "inet", "cni_redirect")
     assert not node.has_table("heard")
-    wait_until(lambda: node.has_table("heard"), 60, "the deleted table put back by repair")
+    # Within two intervals (30 s): a pod younger than one waits for the next pass's first look.
+    wait_until(lambda: node.has_table("heard"), 90, "the deleted table put back by repair")
 
 
 def test_deleting_the_agent_pod_keeps_the_entry_and_the_capture(cluster, installed, procs):

@@ -30,10 +30,11 @@ class FakeCri:
         host_network: bool = False,
         gone: bool = False,
         error: str = "",
+        created_at: float = 0.0,
     ) -> str:
         """A ready sandbox; its netns path is /run/netns/<name> unless given. Returns the path."""
         path = netns if netns is not None else f"/run/netns/{name}"
-        sandbox = Sandbox(f"id-{name}", namespace, name, f"uid-{name}", dict(annotations or {}))
+        sandbox = Sandbox(f"id-{name}", namespace, name, f"uid-{name}", dict(annotations or {}), created_at)
         details = None if gone else SandboxDetails(host_network, path)
         self.sandboxes.append(FakeSandbox(sandbox, details, error))
         return path

@@ -49,6 +49,7 @@ class PassResult:
     error: str = ""
     failed: int = 0  # sandboxes whose status, netns or repair failed (each recorded, the pass went on)
     chained: bool = True  # False: our entry is not in the node's config (yet), so there was nothing to walk
+    deferred: int = 0  # new sandboxes left for the next pass (younger than the pass's `settle`)
 
 
 def put_right(session: Session, view: PodView) -> None:
@@ -92,15 +93,16 @@ class Repairer:
         self._last_error = ""
         self._thread: threading.Thread | None = None
 
-    def run_once(self) -> PassResult:
-        """One pass over the node's ready sandboxes."""
+    def run_once(self, settle: float = 0.0) -> PassResult:
+        """One pass over the node's ready sandboxes; those first listed and younger than `settle` seconds wait for
+        the next pass (0: none waits)."""
         result = PassResult()
         start = time.monotonic()
         entry = installed_entry(self.conf_dir, self.conf_file)
         if entry is None:
             result.error, result.chained = "cni-redirect is not chained into the node's CNI config", False
             return self._finish(result, start)
-        survey = Survey(self.cri, entry, self.sessions, self.memo, self.events)
+        survey = Survey(self.cri, entry, self.sessions, self.memo, self.events, settle)
         try:
             for view in survey.pods():
                 if view.state in (MISSING, DRIFTED):
@@ -110,6 +112,7 @@ class Repairer:
         except CriError as exc:
             result.error = str(exc)
         finally:
+            result.deferred = survey.deferred
             self._close_channel()  # an idle gRPC channel costs CPU between passes; a new one costs a millisecond
         return self._finish(result, start)
 
@@ -147,16 +150,19 @@ class Repairer:
         return result
 
     def loop(self, stop: threading.Event, wake: threading.Event, interval: float) -> None:
-        """Run passes until stop: one now, then each interval or when woken (our entry was re-inserted)."""
+        """Run passes until stop: one now, then each interval or when woken (our entry was re-inserted). A pass
+        on the interval leaves sandboxes younger than the interval to the next one (`run_once`'s settle): their
+        ADD set them up moments ago, and a burst of pod starts is not slowed by their first look."""
         if self.mode == "off":
             return
+        settle = 0.0  # the first pass, and one our entry's return woke, look at every sandbox at once
         while not stop.is_set():
             wake.clear()
             try:
-                self.run_once()
+                self.run_once(settle)
             except Exception as exc:  # never let the repair thread die silently
                 self.log("error", f"repair pass crashed: {type(exc).__name__}: {exc}")
-            wake.wait(interval)
+            settle = 0.0 if wake.wait(interval) else interval
 
     def start(self, stop: threading.Event, wake: threading.Event, interval: float) -> None:
         """`loop` in a thread of its own, which `close` waits for."""

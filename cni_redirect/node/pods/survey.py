@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -163,6 +164,7 @@ class Survey:
         sessions: SessionFactory | None = None,
         memo: SurveyMemo | None = None,
         events: TransactionEvents | None = None,
+        settle: float = 0.0,
     ) -> None:
         self.cri = cri
         self.entry = entry
@@ -173,6 +175,8 @@ class Survey:
         self.memo.passes += 1
         self.events = events if self.memo.remember else None
         self.pass_number = self.events.advance() if self.events is not None else 0  # before any read of this pass
+        self.settle = settle if self.memo.remember else 0.0
+        self.deferred = 0  # sandboxes too young for their first look in this pass
 
     def pods(self) -> Iterator[PodView]:
         """Every ready sandbox; one whose status the runtime cannot give is reported, and the walk goes on."""
@@ -180,7 +184,11 @@ class Survey:
         listed = {sandbox.id for sandbox in sandboxes}
         for gone in set(self.memo.seen) - listed:
             del self.memo.seen[gone]
+        now = time.time()
         for sandbox in sandboxes:
+            if self._settling(sandbox, now):
+                self.deferred += 1
+                continue
             who: Who = (sandbox.id, sandbox.namespace, sandbox.name, sandbox.uid, sandbox.annotations)
             try:
                 details = self._details(sandbox.id)
@@ -189,6 +197,17 @@ class Survey:
                 continue
             if details is not None:  # None: removed since we listed it
                 yield self._classify(who, details)
+
+    def _settling(self, sandbox: Sandbox, now: float) -> bool:
+        """Not seen before and younger than `settle`: its first look (a status call, an evaluation, its table
+        listed) waits for the next pass. A burst of pod starts is then not slowed by a pass reading each new pod
+        while the node is busiest; the pod's ADD set it up a moment ago."""
+        return (
+            self.settle > 0
+            and sandbox.id not in self.memo.seen
+            and sandbox.created_at > 0
+            and now - sandbox.created_at < self.settle
+        )
 
     def _details(self, sandbox_id: str) -> SandboxDetails | None:
         seen = self.memo.seen.get(sandbox_id)

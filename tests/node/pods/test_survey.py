@@ -466,3 +466,37 @@ def test_the_full_pass_reads_every_pod_whatever_was_heard(tmp_path):
     events.counted[paths[1]] = backend.kernels[paths[1]].transactions  # a message lost: the kernel never tells
     found = [repair.run_once().repaired for _ in range(3)]
     assert found == [[], ["default/p1"], []], "not heard, not read; the full pass (the third) is the belt"
+
+
+# --- a burst of pod starts is not slowed by the pass: new sandboxes wait for their first look ---
+
+
+def test_a_new_sandbox_younger_than_settle_waits_for_the_next_pass_once(tmp_path):
+    import time
+
+    cri, backend = FakeCri(), MemoryBackend()
+    cri.add("old", enabled(), created_at=time.time() - 120)
+    cri.add("new", enabled(), created_at=time.time())
+    repair, _ = repairer(tmp_path, cri, backend)
+    settled = repair.run_once(settle=30)
+    assert settled.repaired == ["default/old"] and settled.deferred == 1
+    assert repair.run_once(settle=0).repaired == ["default/new"], "a pass without settle looks at every sandbox"
+    assert repair.run_once(settle=30).deferred == 0, "a sandbox seen before is never deferred"
+
+
+def test_the_loop_settles_only_on_passes_the_interval_started(tmp_path):
+    import threading
+
+    repair, _ = repairer(tmp_path, FakeCri(), MemoryBackend())
+    stop, wake, settles = threading.Event(), threading.Event(), []
+
+    def run_once(settle: float = 0.0):
+        settles.append(settle)
+        if len(settles) == 2:
+            wake.set()  # our entry came back: the next pass looks at everything at once
+        if len(settles) == 4:
+            stop.set()
+
+    repair.run_once = run_once  # the loop's schedule is what is tested
+    repair.loop(stop, wake, interval=0.01)
+    assert settles == [0.0, 0.01, 0.0, 0.01], "the first pass and a woken one settle nothing"

@@ -902,10 +902,21 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument(
         "--only",
-        choices=["add", "repair", "backend", "idle", "idle-stack", "peers", "datapath-peers", "pod-start"],
+        choices=[
+            "add",
+            "repair",
+            "backend",
+            "idle",
+            "idle-stack",
+            "peers",
+            "datapath-peers",
+            "pod-start",
+            "pod-start-30",
+        ],
         help="run one section and merge it into the last results",
     )
     parser.add_argument("--datapath-seconds", type=float, default=5.0, help="each wrk load, per variant and round")
+    parser.add_argument("--pod-start-rounds", type=int, default=10, help="rounds of --only pod-start-30")
     parser.add_argument("--idle-minutes", type=float, default=10.0, help="how long the idle stack is measured")
     args = parser.parse_args()
     assert os.geteuid() == 0, "benchmarks need root"
@@ -929,6 +940,10 @@ def main() -> int:
             results["peers"] = bench_peers(args.bundle, args.runs, args.pod_runs)
         elif args.only == "datapath-peers":
             results["datapath_peers"] = bench_datapath_side_by_side(args.datapath_seconds)
+        elif args.only == "pod-start-30":  # the 30-pod burst alone, capture against none, many rounds
+            from bench.podstart import VARIANTS, bench_pod_start
+
+            results["pod_start_30"] = bench_pod_start((30,), args.pod_start_rounds, VARIANTS[:2])
         elif args.only == "pod-start":
             from bench.podstart import bench_pod_start
 

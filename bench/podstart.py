@@ -303,7 +303,7 @@ def _with_istio_cni(cluster: Cluster, work: Path) -> Path:
 VARIANTS = ("no capture plugin", "cni-redirect (helm)", "istio-cni (chained)")
 
 
-def bench_pod_start(bursts: tuple[int, ...] = (30, 100), rounds: int = 3) -> dict:
+def bench_pod_start(bursts: tuple[int, ...] = (30, 100), rounds: int = 3, variants: tuple[str, ...] = VARIANTS) -> dict:
     """`rounds` rounds, each running the three variants back to back (a burst of each size apiece): the node
     changes over a run, so a variant is compared with the baseline of its own round, and the report gives the
     median of those paired differences with their range."""
@@ -313,13 +313,13 @@ def bench_pod_start(bursts: tuple[int, ...] = (30, 100), rounds: int = 3) -> dic
     image = _agent_image(work)
     nodes = running_cluster(HostSnapshot.take(), image, read_only_port=free_port())
     cluster = next(nodes)
-    results: dict[str, dict[str, list[dict]]] = {v: {str(n): [] for n in bursts} for v in VARIANTS}
+    results: dict[str, dict[str, list[dict]]] = {v: {str(n): [] for n in bursts} for v in variants}
     try:
         cluster.kubectl("taint", "nodes", NODE, "cni-redirect.io/agent-not-ready-", check=False)
         cluster.kubectl("create", "namespace", NAMESPACE)
         release = ["cni-redirect", "--namespace", "cni-redirect", "--kubeconfig", str(cluster.kubeconfig)]
         for round_number in range(1, rounds + 1):
-            for variant in VARIANTS:
+            for variant in variants:
                 print(f"pod start, round {round_number} of {rounds}: {variant} ...", flush=True)
                 conflist = None
                 if variant.startswith("cni-redirect"):
